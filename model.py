@@ -1,8 +1,390 @@
-"""SAM-encoder VAE for 128x128 ear crops. (Work in progress: shared pieces first.)"""
+"""SAM-encoder VAE for 128x128 ear crops.
+
+    x (B, 3, 128, 128) in [0, 1]
+      -> Encoder: resize to input_size, normalise, ViT (SAM ViT-B or DINOv2) -> pyramid of feature maps
+      -> VAEHead: fuse the pyramid -> mu, logvar (B, latent_dim)
+      -> z = mu + sigma * eps (training) or mu (eval)
+      -> Decoder: z -> recon (B, 3, 128, 128) in [0, 1]   (no skip connections: the latent carries the whole image)
+
+The backbones come from transformers (`SamVisionModel`, `Dinov2Model`); this file drives their blocks one by one so
+that the frozen prefix runs under `torch.no_grad()` (no activations kept) and the hidden states of chosen blocks
+can be returned as a multi-scale pyramid for students to distil from.
+"""
 from __future__ import annotations
 
+import math
+import pickle
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # exp() of either end is finite in fp16 and fp32
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM and DINOv2 both normalise with ImageNet statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be loaded. The message says what was tried and how to fix it."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, unsafe or does not fit its model. str(e) names the file."""
+
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class VAEConfig:
+    encoder: str = "sam"                      # "sam" (SAM ViT-B vision encoder) or "dinov2"
+    weights: str = "facebook/sam-vit-base"    # hub id or local directory (save_pretrained layout) of the backbone
+    pretrained: bool = True                   # False: random backbone (explicit; never a silent fallback)
+    encoder_config: dict | None = None        # backbone's transformers config; filled at build so checkpoints rebuild offline
+    input_size: int = 1024                    # side the 128x128 crop is resized to (SAM: 1024 = original, 512, 256)
+    freeze_blocks: int = 6                    # patch/pos embedding and the first N blocks are frozen (0: train all)
+    feature_blocks: tuple[int, ...] = (2, 5, 8, 11)  # blocks whose hidden states join the pyramid (SAM's global blocks)
+    fuse_channels: int = 256                  # channels of the fused pyramid in the VAE head
+    head_pool: int = 8                        # fused map is pooled to head_pool x head_pool before the linear to mu/logvar
+    latent_dim: int = 1024
+    decoder_channels: tuple[int, ...] = (512, 256, 128, 64, 32)  # per stage, 8x8 -> 16 -> 32 -> 64 -> 128
+    image_size: int = 128                     # ear crop side, input and output
+    attn_implementation: str = "sdpa"         # "sdpa" (fused kernels) or "eager" (the original's attention)
+    grad_checkpointing: bool = False          # recompute trainable blocks in backward: big batches in little memory
+
+
+def sam_config(**overrides) -> VAEConfig:
+    """The original design: SAM ViT-B at 1024, first 6 of 12 blocks frozen, latent 1024."""
+    return VAEConfig(**overrides)
+
+
+def dinov2_config(**overrides) -> VAEConfig:
+    """The previous backbone, DINOv2-base, behind the same interface (patch 14: 224 -> 16x16 tokens)."""
+    kw = dict(encoder="dinov2", weights="facebook/dinov2-base", input_size=224)
+    return VAEConfig(**{**kw, **overrides})
+
+
+def tiny_config(encoder: str = "sam", **overrides) -> VAEConfig:
+    """Same code path, seconds on a CPU: 4 blocks of width 64 at input 128 (16x16 tokens), small decoder."""
+    common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, patch_size=8, image_size=128)
+    if encoder == "sam":
+        enc = dict(common, mlp_dim=256, output_channels=32, window_size=4, global_attn_indexes=[1, 3])
+        weights = "facebook/sam-vit-base"
+    elif encoder == "dinov2":
+        enc = dict(common, mlp_ratio=4)
+        weights = "facebook/dinov2-base"
+    else:
+        raise ValueError(f"encoder must be 'sam' or 'dinov2', got {encoder!r}")
+    kw = dict(encoder=encoder, weights=weights, pretrained=False, encoder_config=enc, input_size=128,
+              freeze_blocks=2, feature_blocks=(1, 3), fuse_channels=32, head_pool=8,
+              decoder_channels=(128, 128, 64, 32, 16))
+    return VAEConfig(**{**kw, **overrides})
+
+
+# -----------------------------------------------------------------------------
+# backbones
+
+def _backbone_classes(encoder: str):
+    from transformers import Dinov2Config, Dinov2Model, SamVisionConfig, SamVisionModel
+    if encoder == "sam":
+        return SamVisionConfig, SamVisionModel
+    if encoder == "dinov2":
+        return Dinov2Config, Dinov2Model
+    raise ValueError(f"encoder must be 'sam' or 'dinov2', got {encoder!r}")
+
+
+def load_backbone(cfg: VAEConfig) -> nn.Module:
+    """The transformers backbone: pretrained from `cfg.weights`, or random from `cfg.encoder_config` (or the
+    architecture's defaults, which are ViT-B for both) when `cfg.pretrained` is False."""
+    config_cls, model_cls = _backbone_classes(cfg.encoder)
+    if not cfg.pretrained:
+        config = config_cls(**(cfg.encoder_config or {}))
+        config._attn_implementation = cfg.attn_implementation
+        return model_cls(config)
+    try:
+        model, info = model_cls.from_pretrained(cfg.weights, attn_implementation=cfg.attn_implementation,
+                                                use_safetensors=True, output_loading_info=True)
+    except OSError as e:
+        where = "local directory" if Path(cfg.weights).exists() else "Hugging Face hub id (online or cached)"
+        reason = str(e).strip().splitlines()[0]
+        raise WeightsUnavailableError(
+            f"could not load {cfg.encoder} weights from {cfg.weights!r} ({where}, safetensors): {reason}\n"
+            f"Fixes: (1) while online, download them once: `hf download {cfg.weights}` "
+            f"(or `huggingface-cli download {cfg.weights}`), then run with HF_HUB_OFFLINE=1; "
+            f"(2) point at a local copy: --weights /path/to/dir (config.json + model.safetensors); "
+            f"(3) train from random initialisation on purpose: --no-pretrained (pretrained=False)."
+        ) from e
+    if info["missing_keys"]:
+        # transformers would initialise these at random and carry on; a half-random backbone is not pretrained
+        raise WeightsUnavailableError(
+            f"{cfg.weights!r} does not hold a complete {cfg.encoder} backbone: {len(info['missing_keys'])} weights "
+            f"missing (e.g. {sorted(info['missing_keys'])[:3]}). Use the matching checkpoint, or --no-pretrained.")
+    return model
+
+
+class Encoder(nn.Module):
+    """A ViT backbone behind one interface. Input (B, 3, image_size, image_size) in [0, 1]; `features(x)` returns
+    the pyramid {"block{i}": (B, hidden, g, g) for i in feature_blocks, "neck" (SAM) or "norm" (DINOv2): (B, C, g, g)}
+    with g = input_size / patch_size (SAM ViT-B at 1024: 64)."""
+
+    def __init__(self, cfg: VAEConfig, backbone: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        c = backbone.config
+        self.patch_size = c.patch_size
+        self.grid = cfg.input_size // c.patch_size
+        if cfg.input_size % c.patch_size:
+            raise ValueError(f"input_size {cfg.input_size} is not a multiple of the patch size {c.patch_size}")
+        if not 0 <= cfg.freeze_blocks <= c.num_hidden_layers:
+            raise ValueError(f"freeze_blocks must be in 0..{c.num_hidden_layers}, got {cfg.freeze_blocks}")
+        bad = [i for i in cfg.feature_blocks if not 0 <= i < c.num_hidden_layers]
+        if bad:
+            raise ValueError(f"feature_blocks {bad} out of range 0..{c.num_hidden_layers - 1}")
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+        if cfg.encoder == "sam":
+            vit = backbone.vision_encoder
+            if vit.pos_embed is not None and vit.pos_embed.shape[1] != self.grid:
+                # absolute position embedding: interpolated once here; the relative position tables of the global
+                # blocks are interpolated by transformers at every call (get_rel_pos)
+                pe = vit.pos_embed.data.permute(0, 3, 1, 2)  # (1, C, G, G)
+                pe = F.interpolate(pe, size=(self.grid, self.grid), mode="bicubic", align_corners=False)
+                vit.pos_embed = nn.Parameter(pe.permute(0, 2, 3, 1).contiguous())  # (1, g, g, C)
+            self.embed, self.blocks, self.final = vit.patch_embed, vit.layers, vit.neck
+            self.final_name, final_channels = "neck", c.output_channels
+            self.pos_embed = vit.pos_embed
+        else:
+            self.embed, self.blocks, self.final = backbone.embeddings, backbone.encoder.layer, backbone.layernorm
+            self.final_name, final_channels = "norm", c.hidden_size
+            self.num_prefix = 1 + getattr(c, "num_register_tokens", 0)  # CLS (+ registers) come before patches
+        self.feature_channels = {f"block{i}": c.hidden_size for i in cfg.feature_blocks}
+        self.feature_channels[self.final_name] = final_channels
+        self.hidden_size = c.hidden_size
+
+        if cfg.freeze_blocks > 0:
+            for m in self.frozen_modules():
+                m.requires_grad_(False)
+            if cfg.encoder == "sam" and self.pos_embed is not None:
+                self.pos_embed.requires_grad_(False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        k = self.cfg.freeze_blocks
+        return [self.embed, *self.blocks[:k]] if k > 0 else []
+
+    def train(self, mode: bool = True) -> "Encoder":
+        super().train(mode)
+        for m in self.frozen_modules():  # frozen modules stay in eval mode whatever the parent does
+            m.eval()
+        return self
+
+    def _run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        block = self.blocks[i]
+        if self.cfg.grad_checkpointing and self.training and i >= self.cfg.freeze_blocks:
+            return checkpoint(block, h, use_reentrant=False)
+        return block(h)
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (B, 3, H, W) in [0, 1] -> pyramid of (B, C, g, g) maps (see class docstring)."""
+        x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        x = (x - self.pixel_mean) / self.pixel_std  # (B, 3, S, S)
+        k = self.cfg.freeze_blocks
+        out = {}
+        with torch.no_grad() if k > 0 else nullcontext():
+            if self.cfg.encoder == "sam":
+                h = self.embed.projection(x).permute(0, 2, 3, 1)  # (B, g, g, C); bypasses the fixed-size check
+                if self.pos_embed is not None:
+                    h = h + self.pos_embed
+            else:
+                h = self.embed(x)  # (B, prefix + g*g, C), position embedding interpolated by transformers
+        for i in range(len(self.blocks)):
+            with torch.no_grad() if i < k else nullcontext():
+                h = self._run_block(i, h)
+            if i in self.cfg.feature_blocks:
+                out[f"block{i}"] = self._to_map(h)
+        if self.cfg.encoder == "sam":
+            out[self.final_name] = self.final(h)  # (B, 256, g, g)
+        else:
+            out[self.final_name] = self._to_map(self.final(h))
+        return out
+
+    def _to_map(self, h: torch.Tensor) -> torch.Tensor:
+        if self.cfg.encoder == "sam":
+            return h.permute(0, 3, 1, 2)  # (B, g, g, C) -> (B, C, g, g)
+        h = h[:, self.num_prefix:]  # drop CLS / register tokens
+        return h.transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)  # (B, C, g, g)
+
+
+# -----------------------------------------------------------------------------
+# VAE head and decoder
+
+def group_norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, c), c)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
+                                  group_norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class VAEHead(nn.Module):
+    """Pyramid -> (mu, logvar). Each map is projected to `fuse` channels (1x1), resized to the finest grid and
+    summed, mixed by a 3x3 conv, average-pooled to pool x pool, and mapped linearly to 2 * latent_dim."""
+
+    def __init__(self, in_channels: dict[str, int], fuse: int, pool: int, latent_dim: int):
+        super().__init__()
+        self.proj = nn.ModuleDict({k: nn.Conv2d(c, fuse, 1) for k, c in in_channels.items()})
+        self.mix = nn.Sequential(group_norm(fuse), nn.SiLU(), nn.Conv2d(fuse, fuse, 3, padding=1),
+                                 group_norm(fuse), nn.SiLU())
+        self.pool = pool
+        self.fc = nn.Linear(fuse * pool * pool, 2 * latent_dim)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        size = max(f.shape[-1] for f in feats.values())
+        x = sum(F.interpolate(self.proj[k](f), size=size) if f.shape[-1] != size else self.proj[k](f)
+                for k, f in feats.items())  # (B, fuse, g, g)
+        x = F.adaptive_avg_pool2d(self.mix(x), self.pool)  # (B, fuse, pool, pool)
+        mu, logvar = self.fc(x.flatten(1)).chunk(2, dim=1)  # (B, D) each
+        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+
+class Decoder(nn.Module):
+    """z (B, D) -> image (B, 3, S, S) in [0, 1]: linear to an s0 x s0 map, then per stage nearest-upsample x2,
+    3x3 conv and a residual block (GroupNorm + SiLU); s0 = S / 2 ** (stages - 1)."""
+
+    def __init__(self, latent_dim: int, channels: tuple[int, ...], image_size: int):
+        super().__init__()
+        self.s0 = image_size // 2 ** (len(channels) - 1)
+        if self.s0 * 2 ** (len(channels) - 1) != image_size:
+            raise ValueError(f"image_size {image_size} is not {len(channels)} - 1 doublings of an integer")
+        self.fc = nn.Linear(latent_dim, channels[0] * self.s0 ** 2)
+        layers = [ResBlock(channels[0])]
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1),
+                       ResBlock(c_out)]
+        layers += [group_norm(channels[-1]), nn.SiLU(), nn.Conv2d(channels[-1], 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.fc(z).view(z.shape[0], -1, self.s0, self.s0)  # (B, C0, s0, s0)
+        return torch.sigmoid(self.net(x))  # (B, 3, S, S)
+
+
+class EarVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig, encoder: Encoder):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.head = VAEHead(encoder.feature_channels, cfg.fuse_channels, cfg.head_pool, cfg.latent_dim)
+        self.decoder = Decoder(cfg.latent_dim, cfg.decoder_channels, cfg.image_size)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 3, 128, 128) in [0, 1] -> mu, logvar (B, latent_dim)."""
+        return self.head(self.encoder.features(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, latent_dim) -> (B, 3, 128, 128) in [0, 1]."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters: {"encoder": the trainable ViT blocks + neck, "vae": head + decoder}."""
+        return {"encoder": [p for p in self.encoder.parameters() if p.requires_grad],
+                "vae": [p for m in (self.head, self.decoder) for p in m.parameters()]}
+
+
+def build_model(cfg: VAEConfig) -> EarVAE:
+    """Build from a config (pretrained backbone when cfg.pretrained). The returned model's cfg has encoder_config
+    filled in, so the checkpoints it writes rebuild without the network."""
+    backbone = load_backbone(cfg)
+    cfg = replace(cfg, encoder_config=backbone.config.to_diff_dict())
+    return EarVAE(cfg, Encoder(cfg, backbone))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints (written by train.py)
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load with weights_only=True (a pickle in the file cannot run code), never retried without it.
+    Any problem -> CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refused, it is not a plain tensor checkpoint ({first})") from e
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({first})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{path}: not an ear-teacher checkpoint (expected keys 'model' and 'model_config')")
+    return ckpt
+
+
+def config_from_checkpoint(ckpt: dict) -> VAEConfig:
+    d = dict(ckpt["model_config"])
+    for k in ("feature_blocks", "decoder_channels"):
+        d[k] = tuple(d[k])
+    return replace(VAEConfig(**d), pretrained=False)  # the weights come from the checkpoint, not the hub
+
+
+def load_state(model: nn.Module, state: dict, path: str | Path) -> None:
+    """Strict load: a checkpoint of another configuration fails loudly instead of loading half."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(lines[1:3])[:300]})") from e
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[EarVAE, VAEConfig]:
+    """Rebuild a trained model from a train.py checkpoint alone (config inside). EMA weights when the run kept them."""
+    ckpt = read_checkpoint(path, map_location)
+    cfg = config_from_checkpoint(ckpt)
+    model = build_model(cfg)
+    load_state(model, ckpt.get("ema") or ckpt["model"], path)
+    return model.to(map_location).eval(), model.cfg
+
+
+# -----------------------------------------------------------------------------
+# parameter report
+
+def count(module: nn.Module) -> tuple[int, int]:
+    """-> (total, trainable) parameters, each counted once."""
+    params = {id(p): p for p in module.parameters()}.values()
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def parameter_report(parts: dict[str, nn.Module]) -> str:
+    """The seed's table: totals, then one line per part. parts e.g. {"EarVAE": model, "PerceptualLoss": loss}."""
+    def m(n: int) -> str:
+        return f"{n / 1e6:.1f}M"
+    totals = [count(p) for p in parts.values()]
+    total, trainable = sum(t for t, _ in totals), sum(t for _, t in totals)
+    pct = lambda n: f"{100 * n / max(total, 1):.1f}%"
+    lines = [f"Total params:     {m(total)}",
+             f"Trainable params: {m(trainable)} ({pct(trainable)})",
+             f"Frozen params:    {m(total - trainable)} ({pct(total - trainable)})", "", "Breakdown:"]
+    for (name, part), (t, tr) in zip(parts.items(), totals):
+        lines.append(f"  - {name + ':':<18} {m(t):>7} ({m(tr)} trainable)")
+        if isinstance(part, EarVAE):
+            for sub in ("encoder", "head", "decoder"):
+                st, str_ = count(getattr(part, sub))
+                lines.append(f"      {sub + ':':<14} {m(st):>7} ({m(str_)} trainable)")
+    return "\n".join(lines)
+

@@ -1,0 +1,251 @@
+"""Tests of the SAM-encoder VAE (model.py) with the loss on top; `python test_sam_model.py --bench` prints the
+seed's speed/memory table for the full ViT-B configuration (see bench.py for the full benchmark)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up would otherwise retry the network for ~30 s
+
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import Dinov2Config, Dinov2Model, SamConfig, SamModel, SamVisionConfig, SamVisionModel
+
+from model import (CheckpointError, LOGVAR_MAX, WeightsUnavailableError, build_model, dinov2_config, load_model,
+                   parameter_report, sam_config, tiny_config)
+
+TINY_SAM = tiny_config("sam").encoder_config
+TINY_DINO = tiny_config("dinov2").encoder_config
+
+
+def tiny_batch(b: int = 4) -> torch.Tensor:
+    return torch.rand(b, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def saved_sam(tmp_path_factory):
+    """A tiny SamVisionModel written with save_pretrained, as a user's local weights directory would be."""
+    path = tmp_path_factory.mktemp("sam")
+    torch.manual_seed(0)
+    ref = SamVisionModel(SamVisionConfig(**TINY_SAM))
+    with torch.no_grad():  # random, non-zero position embeddings so that loading them can be checked
+        ref.vision_encoder.pos_embed.normal_()
+    ref.save_pretrained(path)
+    return path, ref
+
+
+def test_pretrained_sam_loads_through_the_real_path(saved_sam):
+    path, ref = saved_sam
+    model = build_model(tiny_config("sam", pretrained=True, weights=str(path)))
+    torch.testing.assert_close(model.encoder.blocks[3].attn.qkv.weight, ref.vision_encoder.layers[3].attn.qkv.weight)
+    torch.testing.assert_close(model.encoder.final.conv2.weight, ref.vision_encoder.neck.conv2.weight)
+    # encoder features equal transformers' own forward on the same (resized, normalised) pixels
+    x = tiny_batch(2)
+    pixels = (x - model.encoder.pixel_mean) / model.encoder.pixel_std
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder.features(x)["neck"], ref(pixels).last_hidden_state)
+
+
+def test_full_sam_checkpoint_layout_loads_vision_encoder(tmp_path):
+    """facebook/sam-vit-base is a whole SamModel (prompt encoder, mask decoder): its vision part must load."""
+    torch.manual_seed(1)
+    full = SamModel(SamConfig(vision_config=TINY_SAM))
+    full.save_pretrained(tmp_path)
+    model = build_model(tiny_config("sam", pretrained=True, weights=str(tmp_path)))
+    torch.testing.assert_close(model.encoder.blocks[0].mlp.lin1.weight, full.vision_encoder.layers[0].mlp.lin1.weight)
+
+
+def test_pretrained_dinov2_loads_and_matches_transformers(tmp_path):
+    torch.manual_seed(2)
+    ref = Dinov2Model(Dinov2Config(**TINY_DINO)).eval()
+    ref.save_pretrained(tmp_path)
+    model = build_model(tiny_config("dinov2", pretrained=True, weights=str(tmp_path))).eval()
+    x = tiny_batch(2)
+    pixels = (x - model.encoder.pixel_mean) / model.encoder.pixel_std
+    with torch.no_grad():
+        ours = model.encoder.features(x)["norm"]  # (B, C, g, g)
+        theirs = ref(pixels).last_hidden_state[:, 1:]  # (B, g*g, C) without CLS
+    torch.testing.assert_close(ours.flatten(2).transpose(1, 2), theirs)
+
+
+def test_unreachable_weights_raise_one_clear_error():
+    with pytest.raises(WeightsUnavailableError) as e:
+        build_model(sam_config(weights="facebook/sam-vit-base"))  # not cached here, and offline
+    msg = str(e.value)
+    for needle in ("facebook/sam-vit-base", "hf download", "--weights", "--no-pretrained"):
+        assert needle in msg, needle
+    with pytest.raises(WeightsUnavailableError, match="/no/such/dir"):
+        build_model(tiny_config("dinov2", pretrained=True, weights="/no/such/dir"))
+
+
+def test_incomplete_weights_are_refused_not_randomly_filled(saved_sam, tmp_path):
+    path, _ = saved_sam
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    state = load_file(tmp_path / "model.safetensors")
+    del state[next(k for k in state if "layers.2" in k)]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsUnavailableError, match="missing"):
+        build_model(tiny_config("sam", pretrained=True, weights=str(tmp_path)))
+
+
+def test_frozen_prefix_and_trainable_counts():
+    model = build_model(tiny_config("sam"))
+    enc = model.encoder
+    frozen = {id(p) for m in (enc.embed, enc.blocks[0], enc.blocks[1]) for p in m.parameters()} | {id(enc.pos_embed)}
+    for p in model.parameters():
+        assert p.requires_grad == (id(p) not in frozen)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert n_frozen == sum(p.numel() for m in (enc.embed, enc.blocks[0], enc.blocks[1]) for p in m.parameters()) \
+        + enc.pos_embed.numel()
+    model.train()
+    assert all(not m.training for m in enc.frozen_modules()) and enc.blocks[2].training
+    assert "Frozen params:" in parameter_report({"EarVAE": model})
+
+
+def test_full_vit_b_parameter_breakdown():
+    """The original design: SAM ViT-B, first 6 of 12 blocks frozen (patch + position embedding too)."""
+    model = build_model(sam_config(pretrained=False, input_size=256))
+    enc = model.encoder
+    first6 = sum(p.numel() for b in enc.blocks[:6] for p in b.parameters())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    embed = sum(p.numel() for p in enc.embed.parameters())
+    pos_1024 = 64 * 64 * 768  # counted at the original 1024 input
+    assert frozen == embed + 16 * 16 * 768 + first6
+    assert 42e6 < embed + pos_1024 + first6 < 47e6  # seed: ~44M frozen
+    assert 85e6 < sum(p.numel() for p in enc.parameters()) - enc.pos_embed.numel() + pos_1024 < 95e6  # ViT-B ~90M
+
+
+@pytest.mark.parametrize("encoder", ["sam", "dinov2"])
+def test_forward_shapes_and_ranges(encoder):
+    model = build_model(tiny_config(encoder)).train()
+    out = model(tiny_batch(4))
+    assert out["mu"].shape == out["logvar"].shape == out["z"].shape == (4, 1024)
+    assert out["recon"].shape == (4, 3, 128, 128)
+    assert 0 <= out["recon"].min() and out["recon"].max() <= 1
+    assert not torch.equal(out["z"], out["mu"])  # sampled in training
+    model.eval()
+    with torch.no_grad():
+        a, b = model(tiny_batch(4)), model(tiny_batch(4))
+    assert torch.equal(a["z"], a["mu"]) and torch.equal(a["recon"], b["recon"])  # mu in eval, deterministic
+    torch.testing.assert_close(model.decode(a["mu"]), a["recon"])
+    torch.testing.assert_close(model.encode(tiny_batch(4))[0], a["mu"])
+
+
+def test_pyramid_shapes_full_vit_b_and_tiny():
+    model = build_model(sam_config(pretrained=False, input_size=256)).eval()
+    with torch.no_grad():
+        feats = model.encoder.features(tiny_batch(2))
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {
+        "block2": (2, 768, 16, 16), "block5": (2, 768, 16, 16), "block8": (2, 768, 16, 16),
+        "block11": (2, 768, 16, 16), "neck": (2, 256, 16, 16)}
+    tiny = build_model(tiny_config("dinov2")).eval()
+    with torch.no_grad():
+        feats = tiny.encoder.features(tiny_batch(2))
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {
+        "block1": (2, 64, 16, 16), "block3": (2, 64, 16, 16), "norm": (2, 64, 16, 16)}
+
+
+@pytest.mark.parametrize("input_size,grid", [(256, 32), (64, 8)])
+def test_other_input_sizes_interpolate_position_embedding_once(saved_sam, input_size, grid):
+    """Same weights at another SAM input size (the 1024 -> 512 / 256 trade-off, here on the tiny model)."""
+    path, ref = saved_sam
+    model = build_model(tiny_config("sam", pretrained=True, weights=str(path), input_size=input_size)).eval()
+    pe = ref.vision_encoder.pos_embed.permute(0, 3, 1, 2)
+    expect = F.interpolate(pe, size=(grid, grid), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(model.encoder.pos_embed, expect)
+    with torch.no_grad():
+        out = model(tiny_batch(2))
+        feats = model.encoder.features(tiny_batch(2))
+    assert feats["neck"].shape == (2, 32, grid, grid) and out["recon"].shape == (2, 3, 128, 128)
+
+
+def test_one_optimizer_step_changes_trainable_and_not_frozen_parameters():
+    torch.manual_seed(0)
+    model = build_model(tiny_config("sam")).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x = tiny_batch(4)
+    (model(x)["recon"] - x).abs().mean().backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is None) == (not p.requires_grad), n  # no gradient (nor activations) for the frozen prefix
+    opt.step()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]), n
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_config("sam", grad_checkpointing=ckpt)).train()
+        torch.manual_seed(1)
+        x = tiny_batch(2)
+        (model(x)["recon"] - x).pow(2).mean().backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_sdpa_and_eager_attention_agree():
+    outs = []
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = build_model(tiny_config("sam", attn_implementation=impl)).eval()
+        with torch.no_grad():
+            outs.append(model.encoder.features(tiny_batch(2))["neck"])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_logvar_is_clamped():
+    model = build_model(tiny_config("sam")).eval()
+    with torch.no_grad():
+        model.head.fc.bias[1024:] = 1e4
+        _, logvar = model.encode(tiny_batch(2))
+    assert logvar.max() == LOGVAR_MAX
+
+
+def test_checkpoint_rebuilds_model_without_flags(tmp_path):
+    model = build_model(tiny_config("dinov2", latent_dim=64)).eval()
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg)}, tmp_path / "m.pt")
+    loaded, cfg = load_model(tmp_path / "m.pt")
+    assert cfg.latent_dim == 64 and cfg.encoder == "dinov2" and not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tiny_batch(2))["recon"], model(tiny_batch(2))["recon"])
+
+
+def test_checkpoint_of_another_configuration_fails_loudly(tmp_path):
+    model = build_model(tiny_config("sam", latent_dim=64))
+    cfg = asdict(tiny_config("sam", latent_dim=32))  # config says 32, weights are for 64
+    torch.save({"model": model.state_dict(), "model_config": cfg}, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="m.pt"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_vae_loss_terms_finite_with_gradients_into_the_model(tmp_path):
+    from torchvision.models import vgg16
+    from losses import VAELoss
+    torch.save(vgg16().features.state_dict(), tmp_path / "vgg.pth")
+    model = build_model(tiny_config("sam")).train()
+    criterion = VAELoss(vgg_weights=str(tmp_path / "vgg.pth"))
+    x = tiny_batch(3)
+    out = model(x)
+    loss, logs = criterion(out["recon"], x, out["mu"], out["logvar"], mu2=model(x.flip(-1))["mu"])
+    assert set(logs) == {"loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive"}
+    assert all(torch.isfinite(v) for v in logs.values())
+    loss.backward()
+    for part in (model.head, model.decoder, model.encoder.blocks[3]):
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in part.parameters())
+
+
+if __name__ == "__main__":
+    if "--bench" in sys.argv:
+        import bench
+        bench.seed_table()
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))
