@@ -112,7 +112,7 @@ def load_backbone(cfg: VAEConfig) -> nn.Module:
         where = "local directory" if Path(cfg.weights).exists() else "Hugging Face hub id (online or cached)"
         reason = str(e).strip().splitlines()[0]
         raise WeightsUnavailableError(
-            f"could not load {cfg.encoder} weights from {cfg.weights!r} ({where}, safetensors): {reason}\n"
+            f"could not load {cfg.encoder} weights from {cfg.weights!r} ({where}, safetensors): {reason}. "
             f"Fixes: (1) while online, download them once: `hf download {cfg.weights}` "
             f"(or `huggingface-cli download {cfg.weights}`), then run with HF_HUB_OFFLINE=1; "
             f"(2) point at a local copy: --weights /path/to/dir (config.json + model.safetensors); "
@@ -295,9 +295,15 @@ class EarVAE(nn.Module):
         """z (B, latent_dim) -> (B, 3, 128, 128) in [0, 1]."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x (B, 3, 128, 128) -> {"recon": (B, 3, 128, 128), "mu", "logvar", "z": (B, latent_dim)}. In training
+        z = mu + sigma * eps, with eps (B, latent_dim) given (train.py keys it by sample) or drawn here."""
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        if self.training:
+            eps = torch.randn_like(mu) if eps is None else eps.to(mu)
+            z = mu + eps * torch.exp(0.5 * logvar)
+        else:
+            z = mu
         return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -1,0 +1,268 @@
+"""Losses and image metrics for the ear-teacher VAE.
+
+`VAELoss` is the one training objective (taming-transformers style: named weights in the constructor, `forward`
+returns `(loss, logs)` with detached 0-dim tensors). The functions below it are its terms and the eval metrics
+(`psnr`, `ssim` match scikit-image). Every loss term is computed in float32, also when its inputs come from a
+bf16/fp16 autocast region; only the frozen VGG of `PerceptualLoss` runs under the caller's autocast.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torchvision.models import vgg
+
+from model import LOGVAR_MAX, LOGVAR_MIN, WeightsUnavailableError
+
+
+class VAELoss(nn.Module):
+    """Weighted sum of reconstruction, KL, perceptual, SSIM, edge and contrastive terms.
+
+    A term whose weight is 0 is not computed and does not appear in the logs; with `perceptual == 0` the VGG is
+    not even built (so no weights are needed).
+    """
+
+    def __init__(
+        self,
+        pixel: float = 1.0,  # centre-weighted L1
+        kl: float = 1e-6,  # KL(q(z|x) || N(0, I)), summed over latent dims
+        perceptual: float = 1.5,  # VGG16 feature L1
+        ssim: float = 0.6,  # 1 - SSIM
+        edge: float = 0.3,  # L1 between Sobel gradients
+        contrastive: float = 0.1,  # NT-Xent between the mu of two augmented views
+        center_weight: float = 3.0,  # pixel-loss weight at the image centre relative to the corners
+        temperature: float = 0.1,  # NT-Xent temperature
+        image_size: int = 128,  # H == W of recon/target; sizes the centre-weight map
+        vgg_weights: str = "imagenet",  # "imagenet" (torchvision) or a path to a local VGG16 state dict
+    ) -> None:
+        super().__init__()
+        self.weights = {"pixel": pixel, "kl": kl, "perceptual": perceptual, "ssim": ssim, "edge": edge,
+                        "contrastive": contrastive}
+        for name, w in self.weights.items():
+            if not (w >= 0 and math.isfinite(w)):
+                raise ValueError(f"loss weight {name}={w}: expected a finite value >= 0")
+        if not any(w > 0 for w in self.weights.values()):
+            raise ValueError(f"all loss weights are 0 ({self.weights}): nothing to train on")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature}: expected > 0")
+        self.temperature = temperature
+        self.image_size = image_size
+        self.register_buffer("center_map", center_weight_map(image_size, center_weight), persistent=False)
+        self.perceptual_loss = PerceptualLoss(vgg_weights) if perceptual > 0 else None
+
+    def forward(
+        self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, views: int = 1
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """recon, target: (N, 3, H, W) in [0, 1]; mu, logvar: (N, D). With views=2 the batch holds two augmented
+        views of the same B = N / 2 images stacked as [view 0; view 1], and the contrastive term pairs
+        mu[:B] with mu[B:]; with views=1 the contrastive term is skipped. Every other term uses all N images.
+
+        Returns (total, logs): total is the 0-dim weighted sum; logs maps 'loss' and each computed term to its
+        detached, unweighted 0-dim float32 value.
+        """
+        size = (self.image_size, self.image_size)
+        if recon.shape != target.shape or recon.shape[-2:] != size:
+            raise ValueError(f"recon {tuple(recon.shape)} and target {tuple(target.shape)}: expected equal shapes "
+                             f"(B, 3, {self.image_size}, {self.image_size}) (image_size={self.image_size})")
+        recon, target = recon.float(), target.float()  # (B, 3, H, W)
+        w = self.weights
+        terms: dict[str, Tensor] = {}
+        if w["pixel"] > 0:
+            terms["pixel"] = (self.center_map * (recon - target).abs()).mean()
+        if w["kl"] > 0:
+            terms["kl"] = kl_divergence(mu, logvar)
+        if self.perceptual_loss is not None:
+            terms["perceptual"] = self.perceptual_loss(recon, target)
+        if w["ssim"] > 0:
+            terms["ssim"] = 1.0 - ssim(recon, target).mean()
+        if w["edge"] > 0:
+            terms["edge"] = (sobel(recon) - sobel(target)).abs().mean()
+        if w["contrastive"] > 0 and views == 2:
+            terms["contrastive"] = info_nce(*mu.chunk(2), self.temperature)
+        elif views != 1:
+            raise ValueError(f"views={views}: expected 1, or 2 with a contrastive weight > 0")
+        if not terms:
+            raise ValueError("no loss term to compute: contrastive is the only weight > 0 but views == 1")
+        total = sum(w[name] * value for name, value in terms.items())
+        logs = {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
+        return total, logs
+
+
+class PerceptualLoss(nn.Module):
+    """L1 distance between frozen VGG16 features (relu1_2, relu2_2, relu3_3, relu4_3), averaged over the 4 layers.
+
+    `weights="imagenet"` loads torchvision's `VGG16_Weights.IMAGENET1K_V1` (cached under $TORCH_HOME/hub/checkpoints);
+    any other string is a path to a local `.pth` or `.safetensors` file holding a full torchvision vgg16 state dict
+    or only its `features.*` keys. Raises `WeightsUnavailableError` if the weights cannot be loaded; it never falls
+    back to random weights. The VGG stays in eval mode with frozen parameters; gradients flow to `x`.
+    """
+
+    TAPS = (3, 8, 15, 22)  # indices of relu1_2, relu2_2, relu3_3, relu4_3 in vgg16.features
+
+    def __init__(self, weights: str = "imagenet") -> None:
+        super().__init__()
+        features = vgg.make_layers(vgg.cfgs["D"])  # vgg16.features, randomly initialised until loaded below
+        _load_vgg16_features(features, weights)
+        self.vgg = features[: self.TAPS[-1] + 1].to(memory_format=torch.channels_last)
+        self.vgg.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> PerceptualLoss:
+        """Switch this module's mode but keep the frozen VGG in eval mode."""
+        super().train(mode)
+        self.vgg.eval()
+        return self
+
+    def _features(self, x: Tensor) -> list[Tensor]:
+        """x: (B, 3, H, W) in [0, 1] -> the 4 tapped activations, (B, C_l, H_l, W_l)."""
+        h = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        feats = []
+        for i, layer in enumerate(self.vgg):
+            h = layer(h)
+            if i in self.TAPS:
+                feats.append(h)
+        return feats
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """x: (B, 3, H, W) reconstruction, y: (B, 3, H, W) target (a constant: no gradient), both in [0, 1]
+        -> 0-dim float32 loss."""
+        with torch.no_grad():
+            fy = self._features(y)
+        fx = self._features(x)
+        return torch.stack([(a.float() - b.float()).abs().mean() for a, b in zip(fx, fy)]).mean()
+
+
+# Errors torch.load / safetensors raise on a missing, unreadable, truncated or non-checkpoint file
+# (a pickle of random bytes can fail with KeyError, EOFError, ValueError, UnpicklingError, ...).
+_LOAD_ERRORS = (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, SafetensorError)
+
+_FIXES = (
+    "Fixes: (1) while online run `python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` "
+    "to fill the cache, or copy vgg16-397923af.pth into $TORCH_HOME/hub/checkpoints/; "
+    "(2) pass a local VGG16 state dict (.pth or .safetensors) with `--vgg-weights PATH`; "
+    "(3) pass `--perceptual-weight 0` to train without the perceptual term."
+)
+
+
+def _load_vgg16_features(features: nn.Sequential, weights: str) -> None:
+    """Load VGG16 weights ("imagenet" or a file path) into `features` (a fresh `vgg16.features`), strictly.
+
+    Raises WeightsUnavailableError saying what was tried, why it failed and how to fix it.
+    """
+    if weights == "imagenet":
+        w = vgg.VGG16_Weights.IMAGENET1K_V1
+        source = f"torchvision VGG16_Weights.IMAGENET1K_V1 from {w.url} (cache dir " \
+                 f"{os.path.join(torch.hub.get_dir(), 'checkpoints')})"
+    else:
+        source = f"local file {weights}"
+    try:
+        if weights == "imagenet":
+            state = w.get_state_dict(progress=False)
+        elif Path(weights).suffix == ".safetensors":
+            state = load_file(weights)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"the file holds a {type(state).__name__}, expected a vgg16 state dict")
+        # a full vgg16 state dict or only its features.* keys; anything else is reported by the strict load
+        features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
+                                  if not k.startswith("classifier.")})
+    except _LOAD_ERRORS as e:
+        message = " ".join(str(e).split()).rstrip(".")
+        message = message if len(message) <= 1000 else message[:1000] + " ..."  # key lists can be long
+        raise WeightsUnavailableError(
+            f"Could not load VGG16 weights for the perceptual loss: tried {source}; failed with "
+            f"{type(e).__name__}: {message}. {_FIXES}") from e
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+    """Peak signal-to-noise ratio per image, in dB (inf for identical images); matches
+    `skimage.metrics.peak_signal_noise_ratio`. x, y: (B, C, H, W) -> (B,) float32 (float64 for float64 inputs)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)  # half/bf16 inputs are cast up
+    mse = (x.to(dtype) - y.to(dtype)).square().mean(dim=(1, 2, 3))  # (B,)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+    """Mean structural similarity per image (11x11 Gaussian window, sigma 1.5, population covariance), differentiable.
+
+    Matches `skimage.metrics.structural_similarity(a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=data_range)`: skimage filters with reflect padding and then crops the
+    5-pixel border before averaging, which is exactly a 'valid' convolution. x, y: (B, C, H, W), H, W >= 11
+    -> (B,) float32 (float64 for float64 inputs).
+    """
+    if x.shape != y.shape or x.dim() != 4 or min(x.shape[-2:]) < 11:
+        raise ValueError(f"ssim inputs {tuple(x.shape)}, {tuple(y.shape)}: expected equal (B, C, H, W), H, W >= 11")
+    B, C, H, W = x.shape
+    sigma, radius = 1.5, 5  # radius = int(truncate * sigma + 0.5) with skimage's truncate = 3.5
+    dtype = torch.promote_types(x.dtype, torch.float32)  # half/bf16 inputs are cast up
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=x.device)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()  # (11,)
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = x.to(dtype), y.to(dtype)
+        stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5C, H, W)
+        n = stack.shape[1]
+        stack = F.conv2d(stack, g.view(1, 1, -1, 1).expand(n, 1, -1, 1), groups=n)  # (B, 5C, H-10, W)
+        stack = F.conv2d(stack, g.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n)  # (B, 5C, H-10, W-10)
+        ux, uy, uxx, uyy, uxy = stack.chunk(5, dim=1)  # each (B, C, H-10, W-10)
+        vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+        return s.mean(dim=(1, 2, 3))  # (B,): mean over channels of per-channel means (all the same size)
+
+
+def center_weight_map(size: int, center_weight: float) -> Tensor:
+    """Smooth centre-weighted map: a Gaussian bump (sigma = size / 4) rescaled so that its centre value is
+    `center_weight` times its corner value, then normalised to mean 1. center_weight = 1 gives all ones.
+    -> (1, 1, size, size) float32."""
+    if size < 1 or center_weight <= 0:
+        raise ValueError(f"center_weight_map(size={size}, center_weight={center_weight}): expected size >= 1, "
+                         f"center_weight > 0")
+    t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g1 = torch.exp(-0.5 * (t / (size / 4)) ** 2)
+    g = g1[:, None] * g1[None, :]  # (size, size), separable bump
+    span = g.max() - g.min()
+    g = (g - g.min()) / span if span > 0 else torch.zeros_like(g)  # 0 at the corners, 1 at the centre
+    m = 1.0 + (center_weight - 1.0) * g
+    return (m / m.mean()).float().view(1, 1, size, size)
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dims, mean over the batch; float32, logvar clamped to
+    [LOGVAR_MIN, LOGVAR_MAX] so extreme values stay finite. mu, logvar: (B, D) -> 0-dim."""
+    mu, logvar = mu.float(), logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1).mean()
+
+
+def sobel(x: Tensor) -> Tensor:
+    """Sobel gradients with replicate padding, float32. x: (B, C, H, W) -> (B, 2C, H, W), channel 2c is the
+    x-gradient (right minus left) of input channel c and 2c + 1 its y-gradient (bottom minus top)."""
+    C = x.shape[1]
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
+    k = torch.stack([kx, kx.t()]).unsqueeze(1).repeat(C, 1, 1, 1)  # (2C, 1, 3, 3)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.conv2d(F.pad(x.float(), (1, 1, 1, 1), mode="replicate"), k, groups=C)
+
+
+def info_nce(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """NT-Xent (SimCLR) loss between two views, cosine similarity, float32. Each of the 2B embeddings has its other
+    view as the positive and the remaining 2B - 2 as negatives; symmetric in (z1, z2). For B == 1 there are no
+    negatives and the loss is exactly 0 (still attached to the graph). z1, z2: (B, D) -> 0-dim."""
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"info_nce inputs {tuple(z1.shape)}, {tuple(z2.shape)}: expected equal (B, D)")
+    B = z1.shape[0]
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, D)
+        sim = z @ z.t() / temperature  # (2B, 2B)
+        sim = sim.masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float("-inf"))
+        positives = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(z.device)  # (2B,)
+        return F.cross_entropy(sim, positives)
