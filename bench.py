@@ -1,0 +1,209 @@
+"""Benchmark the full ViT-B ear teacher: training images/s, step time, peak memory and MFU, for the optimised path
+beside a baseline configured like the original run (eager attention, fp16 autocast + GradScaler, no
+gradient checkpointing), and the data pipeline alone. Random weights: speed does not depend on them.
+
+    python bench.py                                   # GPU: SAM input 1024, 512, 256 at several batch sizes
+    python bench.py --sizes 256 --batch-sizes 1 2     # a CPU-sized run
+    python bench.py --markdown BENCHMARKS.md          # also append the tables there (device, command, date)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from datetime import date
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from data import AugConfig, EarDataset, ResumableSampler, augment, make_loader, write_synthetic
+from losses import VAELoss
+from model import build_model, sam_config
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU (from its name), None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def random_vgg_file() -> str:
+    """A VGG16 features state dict with random weights: the perceptual term costs the same as with ImageNet's."""
+    from torchvision.models import vgg16
+    path = os.path.join(tempfile.mkdtemp(), "vgg16_random.pth")
+    torch.save(vgg16().features.state_dict(), path)
+    return path
+
+
+def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg: str, steps: int,
+            grad_checkpointing: bool = False) -> dict:
+    """One configuration: forward ms, train step ms, images/s, peak memory, FLOPs per step, MFU, status."""
+    baseline = variant == "baseline"
+    if device.type == "cpu":
+        precision = "fp32"
+    elif baseline:
+        precision = "fp16"
+    else:
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    row = dict(variant=variant, input_size=input_size, batch=batch, precision=precision,
+               grad_ckpt=grad_checkpointing, status="OK")
+    try:
+        cfg = sam_config(pretrained=False, input_size=input_size, grad_checkpointing=grad_checkpointing,
+                         attn_implementation="eager" if baseline else "sdpa")
+        model = build_model(cfg).to(device).train()
+        criterion = VAELoss(vgg_weights=vgg).to(device)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+        x = torch.rand(2 * batch, 3, 128, 128, device=device)  # two augmented views of `batch` images
+
+        def step():
+            with autocast:
+                out = model(x)
+                loss, _ = criterion(out["recon"], x, out["mu"], out["logvar"], views=2)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with FlopCounterMode(display=False) as flops:
+            step()  # also the warm-up
+        step()
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        step_s = (time.perf_counter() - t) / steps
+        model.eval()
+        with torch.no_grad(), autocast:
+            model(x[:batch])
+            sync()
+            t = time.perf_counter()
+            for _ in range(steps):
+                model(x[:batch])
+            sync()
+        fwd_s = (time.perf_counter() - t) / steps
+        peak = peak_tflops(device)
+        row.update(forward_ms=1e3 * fwd_s, step_ms=1e3 * step_s, img_s=batch / step_s,
+                   tflop_step=flops.get_total_flops() / 1e12,
+                   mfu=flops.get_total_flops() / step_s / (peak * 1e12) if peak else None,
+                   peak_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+    except torch.OutOfMemoryError:
+        row["status"] = "OOM"  # a measured outcome, not an error: the table shows where memory runs out
+    finally:
+        model = criterion = opt = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def data_pipeline(device: torch.device, workers: int, batch: int, n: int = 2048) -> float:
+    """Images/s of the real loader (memory-mapped NPY, worker processes) plus on-device augmentation of 2 views."""
+    d = tempfile.mkdtemp()
+    write_synthetic(d, n_train=n, n_val=batch, seed=0)
+    ds = EarDataset(os.path.join(d, "train_teacher.npy"))
+    sampler = ResumableSampler(len(ds), batch, seed=0)
+    loader = make_loader(ds, batch, sampler, workers, pin_memory=device.type == "cuda")
+    aug = AugConfig()
+    t, seen = time.perf_counter(), 0
+    for x, keys in loader:
+        x = x.to(device, non_blocking=True)
+        for v in range(2):
+            augment(x, keys, 0, 0, aug, view=v)
+        seen += len(keys)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return seen / (time.perf_counter() - t)
+
+
+def fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | SAM input | batch | precision | grad ckpt | forward ms | train step ms | images/s | "
+             "TFLOP/step | MFU | peak GiB | status |", "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['input_size']} | {r['batch']} | {r['precision']} | "
+                     f"{'yes' if r['grad_ckpt'] else 'no'} | {fmt(r.get('forward_ms'), '.0f')} | "
+                     f"{fmt(r.get('step_ms'), '.0f')} | {fmt(r.get('img_s'), '.1f')} | "
+                     f"{fmt(r.get('tflop_step'), '.2f')} | {fmt(r.get('mfu'), '.1%')} | "
+                     f"{fmt(r.get('peak_gib'), '.1f')} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def seed_table() -> None:
+    """The seed report's table (batch size, forward time, memory, status) for the optimised full ViT-B model."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batches = (1, 4, 8) if device.type == "cuda" else (1, 2)
+    vgg = random_vgg_file()
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} (random weights)")
+    print("| SAM input | Batch Size | Forward Time | Train Step | Memory Usage | Status |\n|---|---|---|---|---|---|")
+    for size in (1024, 512, 256):
+        for b in batches:
+            r = measure("optimised", size, b, device, vgg, steps=2)
+            print(f"| {size} | {b} | {fmt(r.get('forward_ms'), '.0f')} ms | {fmt(r.get('step_ms'), '.0f')} ms | "
+                  f"{fmt(r.get('peak_gib'), '.2f')} GiB | {r['status']} |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cuda = torch.cuda.is_available()
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 512, 256] if cuda else [256],
+                   help="SAM input sizes")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64] if cuda else [1, 2],
+                   help="images per step (each seen in two augmented views, as in training)")
+    p.add_argument("--steps", type=int, default=10 if cuda else 2, help="timed steps per configuration")
+    p.add_argument("--no-baseline", action="store_true", help="skip the original-like baseline")
+    p.add_argument("--grad-checkpointing", action="store_true", help="also measure with gradient checkpointing")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
+    p.add_argument("--markdown", default=None, help="append the results to this file (e.g. BENCHMARKS.md)")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}; peak bf16 {peak_tflops(device) or '-'} TFLOP/s", flush=True)
+    vgg = random_vgg_file()
+    rows = []
+    for size in args.sizes:
+        for b in args.batch_sizes:
+            variants = ["optimised"] + ([] if args.no_baseline else ["baseline"])
+            results = {v: measure(v, size, b, device, vgg, args.steps) for v in variants}
+            rows += results.values()
+            if args.grad_checkpointing:
+                rows.append(measure("optimised", size, b, device, vgg, args.steps, grad_checkpointing=True))
+            o, base = results["optimised"], results.get("baseline")
+            ratio = (f"optimised/baseline images/s: {o['img_s'] / base['img_s']:.2f}x"
+                     if base and "img_s" in o and "img_s" in base else "")
+            print(f"input {size} batch {b}: " + " ".join(f"{v} {r.get('img_s', 0):.1f} img/s ({r['status']})"
+                                                        for v, r in results.items()) + f" {ratio}", flush=True)
+    pipe = data_pipeline(device, args.workers, max(args.batch_sizes))
+    out = (f"### {date.today()} - {name}{' (CPU figures)' if not cuda else ''}\n\n"
+           f"`python bench.py {' '.join(sys.argv[1:])}`\n\n{table(rows)}\n\n"
+           f"Data pipeline ({args.workers} workers, memory-mapped NPY + on-device augmentation of 2 views): "
+           f"{pipe:.0f} images/s\n")
+    print("\n" + out)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,695 @@
+"""Data for the ear teacher: synthetic ears, .npy image files, augmentation on the device and resumable loading.
+
+    render_ears / write_synthetic   procedural lateral ear photographs with known generating factors (FACTORS)
+    open_npy / validate / EarDataset  memory-mapped (N, H, W, 3) | (N, 3, H, W) | (N, H, W) uint8 or float 0-1 files
+                                    -> uint8 (3, 128, 128) samples; bad samples (NaN, inf, out of range, blank) dropped
+    AugConfig / augment             batched geometric + colour jitter on the batch's device; sample i's parameters
+                                    depend only on (seed, epoch, key_i, view), so a resumed run repeats them exactly
+    ResumableSampler / make_loader  epoch order from (seed, epoch), resumable mid-epoch, split across DDP ranks
+
+CLI:
+    python data.py synth --out data --n-train 2000 --n-val 200 --seed 0
+    python data.py check data/train_teacher.npy
+    python data.py convert ~/ear_photos --out data
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+IMAGE_SIZE = 128
+
+# Generating factors of the synthetic ears, each sampled uniformly in its range (CSV column order).
+# Ear units: the ear spans about y in [-0.9, 0.9] at scale 1, where the crop spans [-1, 1].
+FACTOR_RANGES: dict[str, tuple[float, float]] = {
+    "scale": (0.8, 0.97),         # ear size relative to the crop
+    "rotation": (-15.0, 15.0),    # degrees, counter-clockwise
+    "elongation": (0.8, 1.25),    # height / width stretch at constant area
+    "lobe_size": (0.0, 1.0),      # 0 small lobe .. 1 large lobe
+    "lobe_attached": (0.0, 1.0),  # 0 free (hanging) lobe .. 1 lobe attached to the cheek
+    "helix_width": (0.06, 0.14),  # width of the outer rim, ear units
+    "concha_depth": (0.3, 1.0),   # depth (and darkness) of the bowl around the ear canal
+    "skin_tone": (0.0, 1.0),      # 0 light .. 1 dark
+    "light_angle": (0.0, 180.0),  # degrees in the image plane: 0 from the face side, 90 from above, 180 from behind
+    "x_offset": (-0.05, 0.05),    # ear shift, fraction of the crop width (towards the face)
+    "y_offset": (-0.05, 0.05),    # ear shift, fraction of the crop height (up)
+    "hair": (0.0, 1.0),           # how far the hair behind and above the ear reaches towards it
+    "blur": (0.3, 1.0),           # Gaussian blur sigma in pixels of a 128 px image
+    "noise": (0.0, 2.0),          # sensor noise std in 8-bit levels
+}
+FACTORS: tuple[str, ...] = tuple(FACTOR_RANGES)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+INVALID_REASONS = ("non-finite", "out of range", "blank")
+BLANK_STD = 2.0 / 255  # a sample whose pixel std (all channels, [0, 1] scale) is below this is blank
+RANGE_TOLERANCE = 0.5 / 255  # float samples may exceed [0, 1] by this much (they still round into 0..255)
+
+_SKIN = np.array([[0.95, 0.78, 0.68], [0.80, 0.58, 0.45], [0.45, 0.30, 0.22]], np.float32)  # skin_tone 0, .5, 1
+_HAIR = np.array([0.16, 0.11, 0.08], np.float32)
+_EAR_TINT = np.array([1.0, 0.93, 0.9], np.float32)  # the ear is a little redder than the cheek
+_RENDER_CHUNK = 32  # images rendered at once (keeps the float32 temporaries small)
+
+
+class DataError(ValueError):
+    """Bad data file or sample; str(e) is one line that starts with the file path and says the reason."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# synthetic ears
+
+def render_ears(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Render n synthetic right ears (lateral view, face to the right) with random factors.
+
+    Returns images uint8 (n, size, size, 3) and factors float32 (n, len(FACTORS)) in FACTORS order. Deterministic
+    for (n, seed, size); image i does not depend on n (the first k of n images are the k images of render_ears(k)).
+    """
+    return _render(n, seed, size)
+
+
+def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: int) -> None:
+    """Write out_dir/{train,val}_teacher.npy (uint8 (N, 128, 128, 3)) and {train,val}_factors.csv (header FACTORS,
+    one row per image). Train is render_ears(n_train, seed); val comes from a different random stream of the seed."""
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"n_train and n_val must be >= 1, got {n_train} and {n_val}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, n, entropy in (("train", n_train, seed), ("val", n_val, [seed, 1])):
+        images, factors = _render(n, entropy, IMAGE_SIZE)
+        _save_npy(out_dir / f"{split}_teacher.npy", images)
+        np.savetxt(out_dir / f"{split}_factors.csv", factors, fmt="%.4f", delimiter=",",  # factors have 4 decimals
+                   header=",".join(FACTORS), comments="")
+
+
+def _render(n: int, entropy: int | list[int], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """render_ears for the random stream np.random.SeedSequence(entropy); the factors and the sensor noise come from
+    two independent children of it (so image i does not depend on n)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    factor_seq, noise_seq = np.random.SeedSequence(entropy).spawn(2)
+    lo, hi = np.array(list(FACTOR_RANGES.values())).T  # (F,), (F,)
+    # rounded to 4 decimals so that the CSV holds exactly the values used
+    factors = np.round(np.random.default_rng(factor_seq).uniform(lo, hi, (n, len(FACTORS))), 4).astype(np.float32)
+    noise_rng = np.random.default_rng(noise_seq)
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i in range(0, n, _RENDER_CHUNK):
+        f = {name: factors[i:i + _RENDER_CHUNK, k] for k, name in enumerate(FACTORS)}
+        img = _render_chunk(f, size)  # (m, S, S, 3) float32 in about [0, 1]
+        for j, sigma in enumerate(f["blur"] * (size / IMAGE_SIZE)):
+            ndimage.gaussian_filter(img[j], (sigma, sigma, 0.0), output=img[j], mode="nearest", truncate=3.0)
+        img += noise_rng.standard_normal(img.shape, dtype=np.float32) * (f["noise"] / 255)[:, None, None, None]
+        images[i:i + len(img)] = np.clip(np.rint(img * 255), 0, 255)
+    return images, factors
+
+
+def _render_chunk(f: dict[str, np.ndarray], size: int) -> np.ndarray:
+    """Shade a batch of ears from a height field built from their parts (before blur and noise).
+
+    f: factor name -> (n,) float32. Returns float32 (n, size, size, 3), RGB in about [0, 1].
+    """
+    col = lambda k: f[k][:, None, None]  # noqa: E731  (n,) -> (n, 1, 1), broadcasts against the (n, S, S) grids
+    c = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
+    u, v = c[None, None, :], -c[None, :, None]  # image x (right) and y (up) in [-1, 1]: (1, 1, S), (1, S, 1)
+
+    # image -> ear coordinates: x towards the face, y up
+    scale, el = col("scale"), np.sqrt(col("elongation"))
+    rot = np.deg2rad(col("rotation"))
+    cr, sr = np.cos(rot), np.sin(rot)
+    pu, pv = u - 2.0 * col("x_offset"), v - 2.0 * col("y_offset")
+    x = (cr * pu + sr * pv) * (el / scale)  # (n, S, S)
+    y = (-sr * pu + cr * pv) / (el * scale)  # (n, S, S)
+    lobe, attached = col("lobe_size"), col("lobe_attached")
+    hw, depth = col("helix_width"), col("concha_depth")
+
+    # outline: an egg-shaped upper ear (wider at the top) smoothly joined to the lobe; an attached lobe sits further
+    # forward and merges into the cheek
+    top_a = 0.5 + 0.06 * np.clip(y - 0.12, -0.7, 0.7)
+    lobe_c = (-0.02 + 0.1 * attached, -0.46 - 0.16 * lobe + 0.06 * attached)
+    lobe_ab = (0.17 + 0.1 * lobe, 0.15 + 0.13 * lobe)
+    lobe_d = _ellipse_dist(x, y, *lobe_c, *lobe_ab)
+    d = _smin(_ellipse_dist(x, y, -0.05, 0.12, top_a, 0.74), lobe_d, 0.12)  # signed distance, negative inside
+    t = -d  # depth inside the outline
+    ear = _smoothstep(0.01, -0.01, d)
+
+    # the front of the ear (and the lobe, when attached) joins the face without a visible edge
+    front = _smoothstep(0.2, 0.4, x) * _smoothstep(0.45, 0.2, y)
+    front = np.maximum(front, attached * _smoothstep(-0.05, 0.15, x) * _smoothstep(-0.35, -0.5, y))
+    edge_w = 0.025 + 0.15 * front
+    plate = 0.06 * _smoothstep(-0.5 * edge_w, edge_w, t)  # the ear stands off the head
+
+    # helix: rounded rim along the outline from the front top, over the top and down the back into the lobe,
+    # curling into the concha at the front (the crus of the helix)
+    helix_on = (1.0 - _sector(x, y, -0.05, 0.05, -40.0, 55.0, 20.0)) * _smoothstep(-0.75, -0.4, y)
+    helix = 0.06 * _ridge(t - 0.5 * hw, 0.5 * hw) * helix_on
+    crus_d, along = _segment(x, y, (0.27, 0.22), (0.02, 0.04))
+    crus = 0.05 * _ridge(crus_d, 0.045) * (1.0 - 0.7 * along) * _smoothstep(0.0, -0.06, d)
+
+    # antihelix, the Y inside the rim: a ridge around the back and top of the concha (stem and inferior crus) with
+    # the superior crus forking off towards the top; the groove between it and the helix is the scapha, the dip
+    # between the crura the triangular fossa
+    anti_d = _ellipse_dist(x, y, 0.02, -0.02, 0.32, 0.35)
+    antihelix = 0.05 * _ridge(anti_d, 0.06) * _sector(x, y, 0.02, -0.02, 150.0, 90.0, 25.0)
+    sup_d, along = _segment(x, y, (-0.2, 0.23), (-0.05, 0.68))
+    superior = 0.045 * _ridge(sup_d, 0.055) * (1.0 - 0.5 * along)
+    fossa = _blob(x, y, 0.0, 0.47, 0.17, 0.08)
+
+    # concha: the bowl inside the antihelix with the ear canal at its front, guarded by the tragus (in front) and the
+    # antitragus (below the antihelix); the lobe is a soft dome
+    bowl = _smoothstep(0.04, -0.12, _ellipse_dist(x, y, 0.07, -0.06, 0.22, 0.27))
+    canal = _ridge(np.hypot(x - 0.2, y + 0.1), 0.07)
+    tragus = 0.05 * _blob(x, y, 0.31, -0.12, 0.09, 0.15)
+    antitragus = 0.045 * _blob(x, y, -0.1, -0.32, 0.14, 0.09)
+    lobe_dome = 0.04 * _smoothstep(0.0, -0.15, lobe_d)
+
+    height = (plate + helix + np.maximum(np.maximum(antihelix, superior), crus) + tragus + antitragus + lobe_dome
+              - 0.12 * depth * bowl - 0.08 * canal - 0.012 * fossa)  # (n, S, S), ear units
+    height = (height - 0.05 * (u * u + v * v) / scale) * scale  # on a gently curved head; -> image units
+
+    # Lambertian shading of the height field, light from light_angle in the image plane, 45 degrees up
+    gy, gx = np.gradient(height, axis=(1, 2))
+    gx *= size / 2.0  # d height / d u
+    gy *= -size / 2.0  # d height / d v (rows go down)
+    light = np.deg2rad(col("light_angle"))
+    lambert = (0.71 - 0.7 * (gx * np.cos(light) + gy * np.sin(light))) / np.sqrt(gx * gx + gy * gy + 1.0)
+    shade = 0.35 + 0.75 * np.maximum(lambert, 0.0)
+
+    # cast shadow of the ear on the head (the outline seen from the light), occlusion in the folds and around the ear
+    sx, sy = 0.06 * np.cos(light - rot), 0.06 * np.sin(light - rot)
+    shadow_d = _smin(_ellipse_dist(x + sx, y + sy, -0.05, 0.12, top_a, 0.74),  # the ear seen from (x, y) towards
+                     _ellipse_dist(x + sx, y + sy, *lobe_c, *lobe_ab), 0.12)  # the light
+    behind = (1.0 - ear) * (1.0 - front)
+    shade *= (1.0 - 0.4 * _smoothstep(0.04, -0.04, shadow_d) * behind) * (1.0 - 0.45 * depth * bowl)
+    shade *= (1.0 - 0.85 * canal) * (1.0 - 0.25 * _ridge(np.maximum(d, 0.0), 0.06) * behind)
+
+    # albedo: skin (a little redder on the ear), hair behind and above the ear
+    skin = np.stack([np.interp(f["skin_tone"], [0.0, 0.5, 1.0], _SKIN[:, k]) for k in range(3)], -1)  # (n, 3)
+    hair = _smoothstep(-0.1, 0.1, 0.8 * y - 0.6 * x - 1.4 + 0.7 * col("hair")) * (1.0 - ear)  # (n, S, S)
+    albedo = skin[:, None, None, :].astype(np.float32) * (1.0 + (_EAR_TINT - 1.0) * ear[..., None])  # (n, S, S, 3)
+    albedo += (_HAIR - albedo) * hair[..., None]
+    return albedo * shade[..., None]
+
+
+def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
+    """0 at e0, 1 at e1, cubic in between (e0 > e1 gives the falling step)."""
+    t = np.clip((x - e0) * (1.0 / (e1 - e0)), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _ridge(d: np.ndarray, width: float | np.ndarray) -> np.ndarray:
+    """Gaussian ridge profile: 1 on the centre line (d = 0), falling off with the distance d."""
+    return np.exp(-(d * d) / (width * width))
+
+
+def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+    """Smooth minimum of two signed distances (a smooth union of the shapes) with blend radius k."""
+    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
+    return b + (a - b) * h - k * h * (1.0 - h)
+
+
+def _blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float) -> np.ndarray:
+    """Smooth bump, 1 at (cx, cy), 0 outside the ellipse with semi-axes a, b."""
+    return _smoothstep(1.0, 0.0, ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2)
+
+
+def _ellipse_dist(x: np.ndarray, y: np.ndarray, cx, cy, a, b) -> np.ndarray:
+    """Approximate signed distance to the ellipse ((x-cx)/a)^2 + ((y-cy)/b)^2 = 1, negative inside. Exact on the axes
+    and to first order at the boundary. The parameters may be arrays that broadcast against x."""
+    dx, dy = (x - cx) / a, (y - cy) / b
+    q = np.sqrt(dx * dx + dy * dy)
+    grad = np.sqrt((dx / a) ** 2 + (dy / b) ** 2) / np.maximum(q, 1e-6)  # |grad q|, in [1/max(a,b), 1/min(a,b)]
+    return (q - 1.0) / np.clip(grad, 1.0 / np.maximum(a, b), 1.0 / np.minimum(a, b))
+
+
+def _segment(x: np.ndarray, y: np.ndarray, p0: tuple[float, float], p1: tuple[float, float]):
+    """-> (distance to the segment p0-p1, position of the nearest point along it: 0 at p0 .. 1 at p1)."""
+    bx, by = p1[0] - p0[0], p1[1] - p0[1]
+    px, py = x - p0[0], y - p0[1]
+    along = np.clip((px * bx + py * by) * (1.0 / (bx * bx + by * by)), 0.0, 1.0)
+    return np.hypot(px - along * bx, py - along * by), along
+
+
+def _sector(x: np.ndarray, y: np.ndarray, cx: float, cy: float, angle: float, half: float, soft: float):
+    """1 where the direction from (cx, cy) is within `half` degrees of `angle`, fading to 0 over +-`soft` degrees."""
+    dx, dy = x - cx, y - cy
+    a = math.radians(angle)
+    cos = (dx * math.cos(a) + dy * math.sin(a)) / (np.sqrt(dx * dx + dy * dy) + 1e-6)
+    return _smoothstep(math.cos(math.radians(half + soft)), math.cos(math.radians(half - soft)), cos)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NPY files
+
+def open_npy(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map an image .npy file (read-only, never unpickling anything) and check its dtype and shape.
+
+    Accepts (N, H, W, 3), (N, 3, H, W) and grayscale (N, H, W) with H == W, as uint8 0-255 or float16/32/64 0-1.
+    A missing file, a non-.npy file, an object (pickled) array or a bad dtype or shape raises DataError naming the
+    file and the reason.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {'not a file' if path.exists() else 'file not found'}")
+    with open(path, "rb") as fh:
+        if fh.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+            raise DataError(f"{path}: not a .npy file")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:  # object dtype (pickled data), corrupt header, truncated data
+        if "object" in str(e).lower():
+            raise DataError(f"{path}: refused: it holds Python objects (a pickle, which could run code when "
+                            f"loaded); save plain uint8 or float arrays") from e
+        raise DataError(f"{path}: cannot memory-map it as a plain numeric array ({e})") from e
+    if arr.dtype != np.uint8 and arr.dtype not in (np.float16, np.float32, np.float64):
+        raise DataError(f"{path}: dtype {arr.dtype} not supported; expected uint8 (0-255) or float16/32/64 (0-1)")
+    _layout(arr, path)
+    return arr
+
+
+def _layout(arr: np.ndarray, path: Path) -> str:
+    """'NHWC', 'NCHW' or 'NHW' for a valid image array; DataError otherwise."""
+    if arr.ndim == 4 and arr.shape[3] == 3:
+        layout, h, w = "NHWC", arr.shape[1], arr.shape[2]
+    elif arr.ndim == 4 and arr.shape[1] == 3:
+        layout, h, w = "NCHW", arr.shape[2], arr.shape[3]
+    elif arr.ndim == 3:
+        layout, h, w = "NHW", arr.shape[1], arr.shape[2]
+    else:
+        raise DataError(f"{path}: shape {arr.shape} is not (N, H, W, 3), (N, 3, H, W) or grayscale (N, H, W)")
+    if arr.shape[0] == 0:
+        raise DataError(f"{path}: no samples (shape {arr.shape})")
+    if h != w:
+        raise DataError(f"{path}: images are {h}x{w}, expected square crops (`data.py convert` pads photos to square)")
+    return layout
+
+
+def validate(arr: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, dict[str, int]]:
+    """Find the usable samples of an image array (any layout open_npy accepts), reading `chunk` samples at a time.
+
+    Returns (keep, invalid): keep int64 (K,) the indices of the valid samples; invalid {reason: count} for every
+    reason of INVALID_REASONS: 'non-finite' (NaN or inf), 'out of range' (outside [0, 1], float data only) and
+    'blank' (pixel std below BLANK_STD: a constant or near-constant image). An invalid sample counts once, under
+    the first reason that applies.
+    """
+    is_float = arr.dtype != np.uint8
+    unit = 1.0 if is_float else 255.0
+    reason = np.zeros(len(arr), np.int8)  # index into ("valid",) + INVALID_REASONS
+    for i in range(0, len(arr), chunk):
+        x = np.asarray(arr[i:i + chunk]).reshape(min(chunk, len(arr) - i), -1)  # (m, P)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf statistics of non-finite samples are not used
+            mean = x.sum(axis=1, dtype=np.float64) / x.shape[1]  # float64 accumulation, no full-size temporary
+            var = np.einsum("ij,ij->i", x, x, dtype=np.float64) / x.shape[1] - mean * mean
+            r = np.where(var < (BLANK_STD * unit) ** 2, 3, 0)
+            if is_float:
+                outside = (x.min(axis=1) < -RANGE_TOLERANCE) | (x.max(axis=1) > 1.0 + RANGE_TOLERANCE)
+                r = np.where(~np.isfinite(x).all(axis=1), 1, np.where(outside, 2, r))
+        reason[i:i + len(x)] = r
+    counts = np.bincount(reason, minlength=len(INVALID_REASONS) + 1)
+    return np.flatnonzero(reason == 0), {name: int(counts[k + 1]) for k, name in enumerate(INVALID_REASONS)}
+
+
+def _check_invalid(path: Path, n_total: int, invalid: dict[str, int], max_invalid: float) -> None:
+    """DataError if more than max_invalid of the samples (or all of them) are invalid."""
+    n_bad = sum(invalid.values())
+    if n_bad > max_invalid * n_total:
+        raise DataError(f"{path}: {n_bad:,} of {n_total:,} samples invalid ({_reasons(invalid)}); more than the "
+                        f"{max_invalid * 100:g}% allowed (--max-invalid)")
+    if n_bad == n_total:
+        raise DataError(f"{path}: all {n_total:,} samples invalid ({_reasons(invalid)})")
+
+
+def _reasons(invalid: dict[str, int]) -> str:
+    """'non-finite 12, blank 300': the reasons with a non-zero count."""
+    return ", ".join(f"{name} {count:,}" for name, count in invalid.items() if count)
+
+
+class EarDataset(Dataset):
+    """The valid samples of an image .npy file as (uint8 (3, size, size) tensor, original index in the file).
+
+    The file is memory-mapped and validated once; __getitem__ reads only its sample. Float samples are converted to
+    uint8 (rounded), grayscale is repeated to 3 channels, other sizes are resized (bicubic, antialiased).
+    """
+
+    def __init__(self, path: str | os.PathLike, size: int = IMAGE_SIZE, max_invalid: float = 0.05):
+        self.path = Path(path)
+        self.size = size
+        self._arr = open_npy(self.path)
+        self.layout = _layout(self._arr, self.path)
+        self.n_total = len(self._arr)
+        self.keep, self.invalid = validate(self._arr)  # int64 (K,), {reason: count}
+        _check_invalid(self.path, self.n_total, self.invalid, max_invalid)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        k = int(self.keep[i])
+        is_float = self._arr.dtype != np.uint8
+        x = torch.from_numpy(np.array(self._arr[k], dtype=np.float32 if is_float else np.uint8))  # copy of one sample
+        if self.layout == "NHWC":
+            x = x.permute(2, 0, 1)  # (3, H, W)
+        elif self.layout == "NHW":
+            x = x.expand(3, -1, -1)  # (3, H, W)
+        if is_float or x.shape[-1] != self.size:
+            x = x.float() * (255.0 if is_float else 1.0)
+            if x.shape[-1] != self.size:
+                x = F.interpolate(x[None], size=(self.size, self.size), mode="bicubic", antialias=True,
+                                  align_corners=False)[0]
+            x = x.round().clamp(0, 255).to(torch.uint8)
+        return x.contiguous(), k
+
+    def summary(self) -> str:
+        """e.g. '12,023 (filtered 0 invalid)' or '9,990 (filtered 10 invalid: blank 10)'."""
+        n_bad = sum(self.invalid.values())
+        return f"{len(self):,} (filtered {n_bad:,} invalid{': ' + _reasons(self.invalid) if n_bad else ''})"
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn/forkserver get the path, not a pickled copy of the whole memmap
+        return {**self.__dict__, "_arr": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._arr = open_npy(self.path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# augmentation
+
+@dataclass
+class AugConfig:
+    scale: float = 0.1  # random zoom in [1 - scale, 1 + scale]
+    translate: float = 0.05  # random shift up to this fraction of the image size, per axis
+    rotate: float = 10.0  # random rotation in [-rotate, rotate] degrees
+    brightness: float = 0.2  # multiply by a factor in [1 - brightness, 1 + brightness]
+    contrast: float = 0.2  # blend with the mean grey, factor in [1 - contrast, 1 + contrast]
+    saturation: float = 0.2  # blend with the greyscale image, factor in [1 - saturation, 1 + saturation]
+    hue: float = 0.02  # rotate the hue by up to this fraction of a full turn
+    hflip: bool = False  # off by default: a flip turns a left ear into a right one
+
+    def __post_init__(self):
+        if not 0 <= self.scale < 1 or min(self.translate, self.rotate, self.brightness, self.contrast,
+                                           self.saturation, self.hue) < 0:
+            raise ValueError(f"AugConfig needs 0 <= scale < 1 and the other ranges >= 0, got {self}")
+
+
+_N_AUG_PARAMS = 9  # uniform draws per sample, the same number whatever the config, so each keeps its meaning
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) 0-255 -> float32 [0, 1]; a float tensor (already [0, 1]) is only cast to float32."""
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0
+    if not x.is_floating_point():
+        raise ValueError(f"expected a uint8 or float image tensor, got {x.dtype}")
+    return x.float()
+
+
+def augment(x: torch.Tensor, keys: torch.Tensor, seed: int, epoch: int, cfg: AugConfig, view: int = 0) -> torch.Tensor:
+    """Random zoom / shift / rotation (/ flip) and colour jitter, batched on x.device.
+
+    x: uint8 or float (B, 3, H, W), square, on any device. keys: int64 (B,), the samples' original indices.
+    Returns float32 (B, 3, H, W) in [0, 1]. Sample i's parameters come only from (seed, epoch, keys[i], view): the
+    result does not depend on the batch it is in, a resumed run draws the same augmentations, and the global RNG is
+    never touched. view=0 and view=1 give two different views of each sample (for the contrastive loss).
+    """
+    if x.ndim != 4 or x.shape[1] != 3 or keys.shape != (x.shape[0],):
+        raise ValueError(f"expected x (B, 3, H, W) and keys (B,), got {tuple(x.shape)} and {tuple(keys.shape)}")
+    gens = [torch.Generator().manual_seed(sample_seed(seed, epoch, k, view)) for k in keys.tolist()]
+    p = torch.stack([torch.rand(_N_AUG_PARAMS, generator=g) for g in gens]).to(x.device)  # (B, 9) uniform [0, 1)
+    sym = 2.0 * p - 1.0  # (B, 9) uniform [-1, 1)
+    x = to_float(x)
+
+    zoom = 1.0 + cfg.scale * sym[:, 0]  # (B,)
+    angle = torch.deg2rad(cfg.rotate * sym[:, 1])
+    shift = 2.0 * cfg.translate * sym[:, 2:4]  # (B, 2), in normalised [-1, 1] coordinates
+    flip = torch.where(p[:, 4] < 0.5, -1.0, 1.0) if cfg.hflip else torch.ones_like(zoom)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3): output -> input coords
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    return _colour(x, 1.0 + cfg.brightness * sym[:, 5], 1.0 + cfg.contrast * sym[:, 6],
+                   1.0 + cfg.saturation * sym[:, 7], cfg.hue * sym[:, 8])
+
+
+def _colour(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
+            hue: torch.Tensor) -> torch.Tensor:
+    """Per-sample colour jitter of float (B, 3, H, W) in [0, 1]; factors (B,). Brightness, contrast and saturation
+    follow torchvision's adjust_* (blend and clamp); hue rotates the chroma plane of YIQ by hue turns (keeps luma)."""
+    f = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731  (B,) -> (B, 1, 1, 1)
+    gray = lambda t: torch.einsum("c,bchw->bhw", torch.tensor(_GRAY, device=t.device), t)[:, None]  # noqa: E731
+    x = (f(brightness) * x).clamp(0, 1)
+    mean = gray(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    x = (f(contrast) * x + (1 - f(contrast)) * mean).clamp(0, 1)
+    x = (f(saturation) * x + (1 - f(saturation)) * gray(x)).clamp(0, 1)  # gray(x): (B, 1, H, W)
+    a = 2 * math.pi * hue  # (B,)
+    rot = torch.zeros(len(a), 3, 3, device=x.device)
+    rot[:, 0, 0] = 1.0
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = a.cos(), -a.sin(), a.sin(), a.cos()
+    yiq = torch.tensor(_RGB_TO_YIQ, device=x.device)
+    m = torch.linalg.inv(yiq) @ rot @ yiq  # (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", m, x).clamp(0, 1)
+
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (not imported: it costs 1 s at startup)
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def sample_seed(*values: int) -> int:
+    """A 64-bit seed hashed from non-negative integers (numpy's SeedSequence), for a private torch.Generator."""
+    return int(np.random.SeedSequence(values).generate_state(1, np.uint64)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+class ResumableSampler(Sampler[int]):
+    """Epoch order torch.randperm(n) from a generator seeded by (seed, epoch) (identity when shuffle=False).
+
+    The first n // (batch_size * world_size) * (batch_size * world_size) positions are used (the incomplete last
+    global batch is dropped). After set_epoch(epoch, start) iteration begins at global position `start` (samples of
+    this epoch already consumed, counted over all ranks) and rank r yields positions start + r,
+    start + r + world_size, ...: each global batch of batch_size * world_size consecutive positions is split across
+    the ranks. len() is what this rank yields.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if n < batch_size * world_size:
+            raise ValueError(f"{n} samples is less than one global batch ({batch_size} x {world_size} ranks)")
+        self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
+        self.n_used = n // (batch_size * world_size) * (batch_size * world_size)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.n_used or start % self.world_size:
+            raise ValueError(f"start must be a multiple of world_size={self.world_size} in [0, {self.n_used}], "
+                             f"got {start}")
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        return iter(order[self.start + self.rank:self.n_used:self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return (self.n_used - self.start) // self.world_size
+
+
+def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, pin_memory: bool) -> DataLoader:
+    """Batches of (uint8 images (B, 3, H, W), original indices int64 (B,)) in the sampler's order.
+
+    Workers make no random draws (augmentation happens on the device), so what they return is deterministic; their
+    seeds come from a private generator, so iterating never consumes the global RNG.
+    """
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0, generator=torch.Generator(), worker_init_fn=_ignore_sigint)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: workers ignore it so that the trainer can finish its step, fetch
+    what it still needs and save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files and CLI
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    """np.save to a temporary file next to `path`, then rename: `path` is never left half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _refuse_overwrite(paths: list[Path], force: bool) -> None:
+    for path in paths:
+        if path.exists() and not force:
+            raise DataError(f"{path}: already exists; pass --force to overwrite")
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    """Read an image file (PIL) -> uint8 (size, size, 3) RGB: EXIF-rotated, padded to square by repeating the edge
+    pixels (the aspect ratio is kept and nothing is cropped), resized (bicubic, antialiased)."""
+    with Image.open(path) as im:
+        a = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))  # (h, w, 3)
+    h, w = a.shape[:2]
+    top, left = (max(h, w) - h) // 2, (max(h, w) - w) // 2
+    a = np.pad(a, ((top, max(h, w) - h - top), (left, max(h, w) - w - left), (0, 0)), mode="edge")
+    return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _refuse_overwrite([out / f"{s}_{kind}" for s in ("train", "val") for kind in ("teacher.npy", "factors.csv")],
+                      args.force)
+    t0 = time.perf_counter()
+    write_synthetic(out, args.n_train, args.n_val, args.seed)
+    dt = time.perf_counter() - t0
+    print(f"wrote {args.n_train:,} train + {args.n_val:,} val synthetic ears to {out}/ "
+          f"({(args.n_train + args.n_val) / dt:,.0f} images/s)")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    arr = open_npy(path)
+    keep, invalid = validate(arr)
+    lo, hi = _value_range(arr)
+    n_bad = sum(invalid.values())
+    print(f"file:     {path}")
+    print(f"samples:  {len(arr):,}")
+    print(f"shape:    {arr.shape} {arr.dtype} ({_layout(arr, path)})")
+    print(f"values:   {lo:g} .. {hi:g} (finite values)")
+    print(f"invalid:  {n_bad:,} ({', '.join(f'{k} {v:,}' for k, v in invalid.items())})")
+    _check_invalid(path, len(arr), invalid, args.max_invalid)
+    print(f"verdict:  usable, {len(keep):,} valid samples")
+    return 0
+
+
+def _value_range(arr: np.ndarray, chunk: int = 1024) -> tuple[float, float]:
+    """(min, max) over the finite values of an array, read `chunk` samples at a time ((nan, nan) if none)."""
+    lo, hi = math.inf, -math.inf
+    for i in range(0, len(arr), chunk):
+        x = np.asarray(arr[i:i + chunk])
+        if arr.dtype != np.uint8:
+            x = x[np.isfinite(x)]
+        if x.size:
+            lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    return (lo, hi) if lo <= hi else (math.nan, math.nan)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    src, out = Path(args.image_dir), Path(args.out)
+    if not src.is_dir():
+        raise DataError(f"{src}: not a directory")
+    targets = [out / "train_teacher.npy", out / "val_teacher.npy"]
+    _refuse_overwrite(targets, args.force)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    images = np.empty((len(files), args.size, args.size, 3), np.uint8)  # filled front to back, only valid images
+    n_ok, skipped = 0, []
+    for path in tqdm(files, desc="convert", unit="img"):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append((path, f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"))
+            continue
+        try:
+            images[n_ok] = _load_image(path, args.size)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # reported below and counted, not hidden
+            skipped.append((path, f"unreadable: {e}"))
+            continue
+        n_ok += 1
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if n_ok < 2:
+        raise DataError(f"{src}: {n_ok} usable images ({len(skipped)} of {len(files)} files skipped); need at least 2")
+    order = np.random.default_rng(args.seed).permutation(n_ok)
+    n_val = min(max(1, round(n_ok * args.val_fraction)), n_ok - 1)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_npy(targets[0], images[order[n_val:]])
+    _save_npy(targets[1], images[order[:n_val]])
+    print(f"converted {n_ok:,} images ({len(skipped):,} skipped): {targets[0]} {n_ok - n_val:,}, "
+          f"{targets[1]} {n_val:,}")
+    return 0
+
+
+def _int_at_least(lo: int):
+    def parse(s: str) -> int:
+        if int(s) < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {s}")
+        return int(s)
+    return parse
+
+
+def _fraction(s: str) -> float:
+    if not 0 <= float(s) <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
+    return float(s)
+
+
+def _open_fraction(s: str) -> float:
+    if not 0 < float(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {s}")
+    return float(s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Ear-teacher data: synthetic ears, checks and conversion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("synth", help="render synthetic ears with known factors", formatter_class=fmt)
+    p.add_argument("--out", default="data", help="output directory")
+    p.add_argument("--n-train", type=_int_at_least(1), default=2000, help="number of training images")
+    p.add_argument("--n-val", type=_int_at_least(1), default=200, help="number of validation images")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (train and val use separate streams)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("check", help="report on an image .npy file; exit 0 if usable for training, else 1",
+                       formatter_class=fmt)
+    p.add_argument("file", help="the .npy file")
+    p.add_argument("--max-invalid", type=_fraction, default=0.05,
+                   help="largest fraction of invalid samples that still counts as usable")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("convert", help="convert a folder of ear crops (JPEG/PNG/BMP/TIFF/WebP) to train/val .npy",
+                       formatter_class=fmt)
+    p.add_argument("image_dir", help="folder searched recursively for images")
+    p.add_argument("--out", required=True, help="output directory for train_teacher.npy and val_teacher.npy")
+    p.add_argument("--size", type=_int_at_least(8), default=IMAGE_SIZE, help="output image size in pixels")
+    p.add_argument("--val-fraction", type=_open_fraction, default=0.2, help="fraction of images for val")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the shuffle before the split")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(func=_cmd_convert)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

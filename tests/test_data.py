@@ -1,0 +1,486 @@
+"""Tests for data.py: file formats and validation, the synthetic ear renderer, the CLI, augmentation and sampling."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data import (FACTOR_RANGES, FACTORS, IMAGE_SIZE, AugConfig, DataError, EarDataset,  # noqa: E402
+                  ResumableSampler, _colour, augment, main, make_loader, open_npy, render_ears, to_float, validate,
+                  write_synthetic)
+
+
+@pytest.fixture(scope="module")
+def ears() -> np.ndarray:
+    """uint8 (8, 128, 128, 3) synthetic ears."""
+    return render_ears(8, seed=0)[0]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NPY files and EarDataset
+
+@pytest.mark.parametrize("fmt", ["nhwc_uint8", "nchw_uint8", "float16", "float32", "float64", "nchw_float32"])
+def test_every_accepted_format_gives_the_same_uint8_sample(tmp_path, ears, fmt):
+    arr = {"nhwc_uint8": ears, "nchw_uint8": ears.transpose(0, 3, 1, 2),
+           "float16": (ears / 255).astype(np.float16), "float32": (ears / 255).astype(np.float32),
+           "float64": ears / 255, "nchw_float32": (ears / 255).astype(np.float32).transpose(0, 3, 1, 2)}[fmt]
+    np.save(tmp_path / "x.npy", arr)
+    ds = EarDataset(tmp_path / "x.npy")
+    assert len(ds) == len(ears) and ds.n_total == len(ears)
+    for i in range(len(ears)):
+        x, k = ds[i]
+        assert k == i and x.dtype == torch.uint8 and x.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        torch.testing.assert_close(x, torch.from_numpy(ears[i]).permute(2, 0, 1), rtol=0, atol=0)
+
+
+def test_grayscale_file_is_expanded_to_three_equal_channels(tmp_path, ears):
+    gray = ears.mean(-1).round().astype(np.uint8)  # (N, H, W)
+    np.save(tmp_path / "gray.npy", gray)
+    x, _ = EarDataset(tmp_path / "gray.npy")[3]
+    torch.testing.assert_close(x, torch.from_numpy(gray[3]).expand(3, -1, -1), rtol=0, atol=0)
+
+
+def test_other_sizes_are_resized_like_pil_and_match_the_128px_render(tmp_path, ears):
+    big = render_ears(8, seed=0, size=192)[0]  # the same ears rendered at 192 px (with their own sensor noise)
+    np.save(tmp_path / "big.npy", big)
+    ds = EarDataset(tmp_path / "big.npy")
+    for i in range(len(ears)):
+        x, _ = ds[i]
+        assert x.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and x.dtype == torch.uint8
+        pil = np.array(Image.fromarray(big[i]).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC))
+        diff = (x.permute(1, 2, 0).int() - torch.from_numpy(pil).int()).abs()
+        assert diff.max() <= 1, f"sample {i}: differs from PIL's bicubic by up to {diff.max()} levels"
+        diff = (x.float() - torch.from_numpy(ears[i]).permute(2, 0, 1).float()).abs()
+        assert diff.mean() < 2.5, f"sample {i}: mean abs difference from the 128 px render {diff.mean():.2f} levels"
+
+
+def test_invalid_samples_are_dropped_and_counted_by_reason(tmp_path, ears):
+    arr = np.concatenate([ears, ears, ears]).astype(np.float32) / 255  # (24, 128, 128, 3)
+    arr[1, 5, 5, 0] = np.nan
+    arr[2, 0, 0, 2] = np.inf
+    arr[3, 9, 9, 1] = -np.inf
+    arr[4, 60, 60, 0] = 1.5
+    arr[5, 60, 60, 0] = -0.2
+    arr[6] = 0.0
+    arr[7] = 0.5
+    arr[8] = 0.5 + np.random.default_rng(0).normal(0, 0.3 / 255, arr[8].shape)  # near-constant
+    arr[9, 0, 0, 0] = 1.0 + 0.4 / 255  # within rounding of 255: still valid
+    np.save(tmp_path / "bad.npy", arr)
+    bad = {1, 2, 3, 4, 5, 6, 7, 8}
+
+    keep, invalid = validate(np.load(tmp_path / "bad.npy", mmap_mode="r"), chunk=5)
+    assert keep.dtype == np.int64 and keep.tolist() == [i for i in range(24) if i not in bad]
+    assert invalid == {"non-finite": 3, "out of range": 2, "blank": 3}
+
+    ds = EarDataset(tmp_path / "bad.npy", max_invalid=0.5)
+    assert len(ds) == 16 and ds.n_total == 24 and ds.invalid == invalid
+    assert ds.summary() == "16 (filtered 8 invalid: non-finite 3, out of range 2, blank 3)"
+    assert {ds[i][1] for i in range(len(ds))}.isdisjoint(bad)
+
+    blank_u8 = ears.copy()
+    blank_u8[2] = 77
+    np.save(tmp_path / "blank.npy", blank_u8)
+    assert validate(np.load(tmp_path / "blank.npy"))[1] == {"non-finite": 0, "out of range": 0, "blank": 1}
+
+
+def test_too_many_invalid_samples_raise_data_error_with_counts(tmp_path):
+    rng = np.random.default_rng(0)
+    arr = rng.random((1000, 16, 16, 3), dtype=np.float32)
+    arr[:12, 3, 3, 1] = np.nan
+    arr[12:312] = 0.25
+    path = tmp_path / "many_bad.npy"
+    np.save(path, arr)
+    with pytest.raises(DataError) as e:
+        EarDataset(path)
+    assert str(e.value) == (f"{path}: 312 of 1,000 samples invalid (non-finite 12, blank 300); more than the 5% "
+                            "allowed (--max-invalid)")
+    assert len(EarDataset(path, size=16, max_invalid=0.32)) == 688
+
+
+class _Hostile:
+    """Unpickling this creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_pickled_object_npy_is_refused_without_unpickling(tmp_path):
+    marker, path = tmp_path / "was_unpickled", tmp_path / "hostile.npy"
+    np.save(path, np.array([_Hostile(marker), 1], dtype=object), allow_pickle=True)  # hostile
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        open_npy(path)
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        EarDataset(path)
+    assert_one_line_error(run_cli("check", str(path), cwd=tmp_path), str(path))
+    assert not marker.exists()
+    # the payload is live: loading with pickles allowed runs it
+    np.load(path, allow_pickle=True)[0].close()  # hostile
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name, arr, reason", [
+    ("rgba.npy", np.zeros((2, 16, 16, 4), np.uint8), "shape (2, 16, 16, 4)"),
+    ("flat.npy", np.zeros((2, 16), np.uint8), "shape (2, 16)"),
+    ("five_d.npy", np.zeros((2, 1, 16, 16, 3), np.uint8), "shape (2, 1, 16, 16, 3)"),
+    ("wide.npy", np.zeros((2, 16, 24, 3), np.uint8), "16x24"),
+    ("empty.npy", np.zeros((0, 16, 16, 3), np.uint8), "no samples"),
+    ("int16.npy", np.zeros((2, 16, 16, 3), np.int16), "dtype int16"),
+    ("missing.npy", None, "file not found"),
+    ("text.npy", b"this is not an array\n", "not a .npy file"),
+])
+def test_bad_files_raise_data_error_naming_the_file(tmp_path, name, arr, reason):
+    path = tmp_path / name
+    if isinstance(arr, bytes):
+        path.write_bytes(arr)
+    elif arr is not None:
+        np.save(path, arr)
+    with pytest.raises(DataError) as e:
+        open_npy(path)
+    assert str(e.value).startswith(f"{path}: ") and reason in str(e.value) and "\n" not in str(e.value)
+
+
+def test_truncated_npy_raises_data_error(tmp_path, ears):
+    path = tmp_path / "truncated.npy"
+    np.save(path, ears)
+    path.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(DataError, match=re.escape(f"{path}: ")):
+        open_npy(path)
+
+
+def test_pickled_dataset_does_not_carry_the_data(tmp_path, ears):
+    np.save(tmp_path / "x.npy", ears)
+    ds = EarDataset(tmp_path / "x.npy")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 10_000  # workers started by spawn get the path, not 400 kB of images
+    x, k = pickle.loads(blob)[5]
+    assert k == 5 and torch.equal(x, ds[5][0])
+
+
+def test_validate_15000_images_from_a_memmap_takes_seconds(tmp_path, ears):
+    path = tmp_path / "big.npy"
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(15_000, 128, 128, 3))
+    for i in range(0, 15_000, len(ears)):
+        arr[i:i + len(ears)] = ears[:15_000 - i]
+    arr[777] = 0
+    arr.flush()
+    del arr
+    t0 = time.perf_counter()
+    keep, invalid = validate(open_npy(path))
+    dt = time.perf_counter() - t0
+    print(f"validate: 15,000 images in {dt:.2f} s")
+    assert len(keep) == 14_999 and invalid["blank"] == 1
+    assert dt < 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic ears
+
+def test_render_is_deterministic_for_a_seed_and_differs_between_seeds():
+    a, fa = render_ears(6, seed=3)
+    b, fb = render_ears(6, seed=3)
+    c, fc = render_ears(6, seed=4)
+    assert a.dtype == np.uint8 and a.shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert fa.dtype == np.float32 and fa.shape == (6, len(FACTORS))
+    assert a.tobytes() == b.tobytes() and fa.tobytes() == fb.tobytes()
+    assert not np.array_equal(fa, fc) and (a != c).mean() > 0.5
+    prefix, fp = render_ears(4, seed=3)  # image i does not depend on n
+    assert prefix.tobytes() == a[:4].tobytes() and np.array_equal(fp, fa[:4])
+
+
+def test_factors_are_sampled_within_their_ranges():
+    _, f = render_ears(200, seed=1, size=16)
+    lo, hi = np.array(list(FACTOR_RANGES.values()), np.float32).T
+    assert FACTORS == tuple(FACTOR_RANGES)
+    assert (f >= lo).all() and (f <= hi).all()
+    assert (f.max(0) - f.min(0) > 0.8 * (hi - lo)).all()  # each factor really varies
+
+
+def test_images_vary_with_the_factors_and_are_not_blank():
+    img, _ = render_ears(16, seed=2)
+    keep, invalid = validate(img)
+    assert len(keep) == 16
+    assert img.reshape(16, -1).std(1).min() > 15  # real contrast in every image
+    assert img.std(0).mean() > 15  # and between images
+
+
+def test_render_speed():
+    render_ears(8, seed=0)  # warm up
+    t0 = time.perf_counter()
+    render_ears(256, seed=1)
+    rate = 256 / (time.perf_counter() - t0)
+    print(f"render_ears: {rate:.0f} images/s")
+    assert rate > 50
+
+
+def test_write_synthetic_writes_images_and_factor_csvs(tmp_path):
+    write_synthetic(tmp_path, n_train=10, n_val=4, seed=7)
+    train, val = np.load(tmp_path / "train_teacher.npy"), np.load(tmp_path / "val_teacher.npy")
+    assert train.shape == (10, 128, 128, 3) and val.shape == (4, 128, 128, 3) and train.dtype == np.uint8
+    images, factors = render_ears(10, seed=7)
+    assert np.array_equal(train, images)
+    assert not np.array_equal(val, render_ears(4, seed=7)[0])  # val is a different stream of the seed
+    for split, n in (("train", 10), ("val", 4)):
+        lines = (tmp_path / f"{split}_factors.csv").read_text().splitlines()
+        assert lines[0].split(",") == list(FACTORS) and len(lines) == n + 1
+    csv = np.loadtxt(tmp_path / "train_factors.csv", delimiter=",", skiprows=1, dtype=np.float32)
+    assert np.array_equal(csv, factors)  # the CSV holds exactly the values used
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+def test_check_cli_exit_codes_and_one_line_errors(tmp_path, ears):
+    np.save(tmp_path / "good.npy", ears)
+    proc = run_cli("check", "good.npy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "good.npy" in proc.stdout and "(8, 128, 128, 3)" in proc.stdout and "usable" in proc.stdout
+
+    bad = ears.copy()
+    bad[:2] = 0
+    np.save(tmp_path / "bad.npy", bad)
+    assert_one_line_error(run_cli("check", "bad.npy", cwd=tmp_path), "bad.npy: 2 of 8 samples invalid (blank 2)")
+    assert main(["check", str(tmp_path / "bad.npy"), "--max-invalid", "0.25"]) == 0
+    assert_one_line_error(run_cli("check", "missing.npy", cwd=tmp_path), "missing.npy: file not found")
+    with pytest.raises(SystemExit) as e:  # argparse rejects the value
+        main(["check", str(tmp_path / "good.npy"), "--max-invalid", "2"])
+    assert e.value.code == 2
+
+
+def test_synth_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "d"), "--n-train", "3", "--n-val", "2"]) == 0
+    assert "images/s" in capsys.readouterr().out
+    assert np.load(tmp_path / "d" / "train_teacher.npy").shape == (3, 128, 128, 3)
+    assert_one_line_error(run_cli("synth", "--out", "d", "--n-train", "3", "--n-val", "2", cwd=tmp_path),
+                          "train_teacher.npy: already exists", "--force")
+    assert main(["synth", "--out", str(tmp_path / "d"), "--n-train", "4", "--n-val", "2", "--force"]) == 0
+    assert np.load(tmp_path / "d" / "train_teacher.npy").shape == (4, 128, 128, 3)
+
+
+def test_convert_round_trip_pads_resizes_splits_and_lists_skipped_files(tmp_path, capsys):
+    src = tmp_path / "photos"
+    (src / "a" / "b").mkdir(parents=True)
+    wide = np.zeros((100, 200, 3), np.uint8)
+    wide[25:75, 75:125] = 255  # a white 50 x 50 square in the middle of a black 200 x 100 image
+    Image.fromarray(wide).save(src / "wide.png")
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(90, 120), (128, 128), (300, 240), (64, 40), (128, 200), (77, 77), (150, 100)]):
+        ext = [".png", ".jpg", ".JPEG", ".bmp", ".tif", ".webp", ".png"][i]
+        folder = [src, src / "a", src / "a" / "b"][i % 3]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}{ext}")
+    Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8)).save(src / "a" / "gray.png")  # mode L
+    (src / "a" / "x.png").write_text("not an image")
+    (src / "a" / "b" / "empty.jpg").write_bytes(b"")
+    (src / "notes.txt").write_text("hello")
+
+    assert main(["convert", str(src), "--out", str(tmp_path / "out"), "--val-fraction", "0.25"]) == 0
+    out = capsys.readouterr()
+    train, val = np.load(tmp_path / "out" / "train_teacher.npy"), np.load(tmp_path / "out" / "val_teacher.npy")
+    assert train.dtype == np.uint8 and train.shape[1:] == (128, 128, 3) and val.shape[1:] == (128, 128, 3)
+    assert len(train) + len(val) == 9 and len(val) == 2  # round(9 * 0.25)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train_teacher.npy", "val_teacher.npy"]
+    for name in ("x.png", "empty.jpg", "notes.txt"):
+        assert re.search(rf"skipped .*{re.escape(name)}: ", out.err), out.err
+    assert "3 skipped" in out.out
+
+    # the aspect ratio is kept: the square stays square (64 x 64 after padding 200 x 100 to 200 x 200 -> 128)
+    square = next(img for img in np.concatenate([train, val]) if img.mean() < 60)  # the mostly black one
+    rows, cols = np.nonzero(square.min(-1) > 128)
+    assert abs((rows.max() - rows.min()) - (cols.max() - cols.min())) <= 1
+    assert 30 <= rows.max() - rows.min() <= 34
+
+    again = run_cli("convert", "photos", "--out", "out", cwd=tmp_path)
+    assert_one_line_error(again, "train_teacher.npy: already exists")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.png").write_text("nope")
+    proc = run_cli("convert", "junk", "--out", "out2", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: junk: 0 usable images")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_convert_split_is_reproducible_for_a_seed(tmp_path, capsys):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((20, 30, 3), i * 20, np.uint8)).save(src / f"{i}.png")
+    firsts = []
+    for run in range(2):
+        assert main(["convert", str(src), "--out", str(tmp_path / f"o{run}"), "--seed", "3", "--size", "16"]) == 0
+        firsts.append(np.load(tmp_path / f"o{run}" / "val_teacher.npy"))
+    assert np.array_equal(*firsts) and firsts[0].shape == (2, 16, 16, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# augmentation
+
+@pytest.fixture(scope="module")
+def batch(ears) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(ears).permute(0, 3, 1, 2).contiguous(), torch.arange(100, 108)
+
+
+def test_augment_depends_only_on_seed_epoch_key_and_view(batch):
+    x, keys = batch
+    cfg = AugConfig()
+    a = augment(x, keys, seed=1, epoch=2, cfg=cfg)
+    assert a.dtype == torch.float32 and a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    torch.testing.assert_close(augment(x, keys, seed=1, epoch=2, cfg=cfg), a, rtol=0, atol=0)
+    # a sample's result does not depend on which batch it is in
+    sub = augment(x[[5, 2]], keys[[5, 2]], seed=1, epoch=2, cfg=cfg)
+    torch.testing.assert_close(sub, a[[5, 2]], rtol=0, atol=1e-6)
+    for other in (dict(seed=1, epoch=3), dict(seed=2, epoch=2), dict(seed=1, epoch=2, view=1)):
+        b = augment(x, keys, cfg=cfg, **other)
+        assert ((b - a).abs().flatten(1).mean(1) > 1e-3).all(), other
+    # the key, not the position in the batch, picks the parameters
+    assert (augment(x, keys.flip(0), seed=1, epoch=2, cfg=cfg) - a).abs().flatten(1).mean(1).min() > 1e-3
+
+
+def test_aug_config_rejects_impossible_ranges():
+    with pytest.raises(ValueError, match="scale"):
+        AugConfig(scale=1.0)
+    with pytest.raises(ValueError):
+        AugConfig(rotate=-5.0)
+
+
+def test_augment_never_touches_the_global_rng(batch):
+    x, keys = batch
+    state = torch.get_rng_state()
+    augment(x, keys, seed=0, epoch=0, cfg=AugConfig())
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_augment_with_zero_config_is_identity(batch):
+    x, keys = batch
+    zero = AugConfig(scale=0, translate=0, rotate=0, brightness=0, contrast=0, saturation=0, hue=0, hflip=False)
+    torch.testing.assert_close(augment(x, keys, seed=0, epoch=0, cfg=zero), to_float(x), rtol=0, atol=1 / 255)
+
+
+def test_augment_accepts_uint8_and_float_alike(batch):
+    x, keys = batch
+    torch.testing.assert_close(augment(x, keys, 0, 0, AugConfig()), augment(to_float(x), keys, 0, 0, AugConfig()))
+
+
+def test_hflip_mirrors_about_half_of_the_samples(batch):
+    x, keys = batch
+    keys = torch.arange(64)
+    x = x[torch.arange(64) % len(x)]
+    flip_only = AugConfig(scale=0, translate=0, rotate=0, brightness=0, contrast=0, saturation=0, hue=0, hflip=True)
+    out, ref = augment(x, keys, 0, 0, flip_only), to_float(x)
+    flipped = (out - ref.flip(-1)).abs().flatten(1).amax(1) < 1e-4
+    assert (flipped | ((out - ref).abs().flatten(1).amax(1) < 1e-4)).all()
+    assert 16 < flipped.sum() < 48
+
+
+def test_colour_jitter_matches_torchvision(batch):
+    x = to_float(batch[0][:3])
+    b, c, s = torch.tensor([0.8, 1.0, 1.2]), torch.tensor([1.2, 0.85, 1.0]), torch.tensor([0.9, 1.15, 0.8])
+    out = _colour(x, b, c, s, hue=torch.zeros(3))
+    for i in range(3):
+        ref = TF.adjust_brightness(x[i], b[i].item())
+        ref = TF.adjust_contrast(ref, c[i].item())
+        ref = TF.adjust_saturation(ref, s[i].item())
+        torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-5)
+
+
+def test_hue_rotation_keeps_luma_and_changes_colour(batch):
+    x = to_float(batch[0][:2]) * 0.8 + 0.1  # away from the clamp
+    ones = torch.ones(2)
+    out = _colour(x, ones, ones, ones, hue=torch.tensor([0.05, -0.05]))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    torch.testing.assert_close((out * luma).sum(1), (x * luma).sum(1), rtol=0, atol=1e-4)
+    assert (out - x).abs().mean() > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_augment_on_gpu_matches_cpu(batch):
+    x, keys = batch
+    gpu = augment(x.cuda(), keys.cuda(), 0, 0, AugConfig())
+    torch.testing.assert_close(gpu.cpu(), augment(x, keys, 0, 0, AugConfig()), rtol=0, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling and loading
+
+def test_sampler_drops_the_incomplete_global_batch_and_shuffles_per_epoch():
+    s = ResumableSampler(103, batch_size=10, seed=0)
+    order0 = list(s)
+    assert len(s) == 100 and len(order0) == 100 and len(set(order0)) == 100 and set(order0) <= set(range(103))
+    assert list(s) == order0
+    s.set_epoch(1)
+    assert list(s) != order0
+    s.set_epoch(0)
+    assert list(s) == order0
+    assert list(ResumableSampler(103, batch_size=10, seed=0, shuffle=False)) == list(range(100))
+    assert list(ResumableSampler(103, batch_size=10, seed=1)) != order0
+
+
+def test_sampler_resumes_exactly_the_rest_of_the_epoch():
+    s = ResumableSampler(250, batch_size=8, seed=5)
+    s.set_epoch(3)
+    full = list(s)
+    s.set_epoch(3, start=80)
+    assert list(s) == full[80:] and len(s) == len(full) - 80
+    with pytest.raises(ValueError, match="start"):
+        s.set_epoch(3, start=len(full) + 8)
+
+
+def test_two_ranks_cover_the_positions_of_one_rank_with_the_doubled_batch():
+    single = ResumableSampler(250, batch_size=16, seed=5)
+    ranks = [ResumableSampler(250, batch_size=8, seed=5, rank=r, world_size=2) for r in range(2)]
+    for start in (0, 64):
+        single.set_epoch(2, start)
+        for r in ranks:
+            r.set_epoch(2, start)
+        one, (r0, r1) = list(single), [list(r) for r in ranks]
+        assert len(r0) == len(r1) == len(ranks[0]) == len(one) // 2
+        assert [i for pair in zip(r0, r1) for i in pair] == one  # global position p goes to rank p % 2
+        for b in range(len(r0) // 8):  # each global batch of 16 positions is split 8 + 8
+            assert sorted(r0[8 * b:8 * b + 8] + r1[8 * b:8 * b + 8]) == sorted(one[16 * b:16 * b + 16])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_yields_uint8_batches_in_sampler_order_without_touching_the_global_rng(tmp_path, ears, workers):
+    np.save(tmp_path / "x.npy", np.concatenate([ears, ears]))
+    ds = EarDataset(tmp_path / "x.npy")
+    sampler = ResumableSampler(len(ds), batch_size=4, seed=0)
+    loader = make_loader(ds, batch_size=4, sampler=sampler, workers=workers, pin_memory=False)
+    state = torch.get_rng_state()
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(loader)
+        keys = torch.cat([k for _, k in batches])
+        assert keys.tolist() == list(sampler) and len(batches) == 4
+        x, k = batches[0]
+        assert x.dtype == torch.uint8 and x.shape == (4, 3, 128, 128) and k.dtype == torch.int64
+        assert torch.equal(x[0], ds[int(k[0])][0])
+    assert torch.equal(state, torch.get_rng_state())

@@ -1,0 +1,317 @@
+"""Fault injection: nothing saved is lost, nothing unsafe is loaded, a resumed run is the same run.
+
+Each test names the guarantee it checks (README, "What the tool guarantees")."""
+import csv
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import ROOT, tiny_train_args
+from model import CheckpointError
+
+STEPS = 12  # of 16 in the schedule (2 epochs x 8 steps): runs end mid-epoch
+
+
+def run_cli(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def states_equal(a: dict, b: dict) -> None:
+    """Bit-identical model, optimizer, scheduler and scaler state, and the same loop position."""
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, s in a["optimizer"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, b["optimizer"]["state"][pid][k]), (pid, k)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["scheduler"] == b["scheduler"] and a["scaler"] == b["scaler"]
+    assert (a["step"], a["epoch"], a["epoch_pos"]) == (b["step"], b["epoch"], b["epoch_pos"])
+
+
+def train_losses(log_dir: Path) -> dict[int, str]:
+    return {int(r["step"]): r["loss"] for r in csv.DictReader(open(log_dir / "metrics.csv")) if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["accum1", "accum2"])
+def reference(request, synth_dir, tmp_path_factory):
+    """An uninterrupted run of STEPS optimizer steps (with 1 and with 2 micro-steps per step)."""
+    accum = request.param
+    run = tmp_path_factory.mktemp(f"ref_accum{accum}")
+    extra = ["--epochs", "2", "--max-steps", str(STEPS), "--accum-steps", str(accum), "--batch-size", str(8 // accum)]
+    train.main(tiny_train_args(synth_dir, run, *extra))
+    return run, extra
+
+
+# 2. resume equivalence --------------------------------------------------------------------------------------------
+
+def test_stop_and_resume_in_a_new_process_equals_one_uninterrupted_run(reference, synth_dir, tmp_path):
+    ref_run, extra = reference
+    first = [a if a != str(STEPS) else "5" for a in extra]  # stop after step 5: mid-epoch
+    r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path, *first))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path, *extra, "--resume"))
+    assert r.returncode == 0, r.stderr
+    a = torch.load(ref_run / "checkpoints/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
+    states_equal(a, b)
+    assert train_losses(ref_run / "logs") == train_losses(tmp_path / "logs")
+
+
+# 3. SIGTERM / SIGINT ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_at_the_next_step_boundary_and_resume_is_the_same_run(reference, synth_dir, tmp_path, sig):
+    ref_run, extra = reference
+    args = [sys.executable, str(ROOT / "train.py"), *tiny_train_args(synth_dir, tmp_path, *extra)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    target = 2 + os.getpid() % 5  # "a random step" that is reproducible from the test log
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "logs/metrics.csv").exists() and max(train_losses(tmp_path / "logs"), default=0) >= target:
+            break
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    stopped = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
+    assert target <= stopped["step"] < STEPS
+    assert max(train_losses(tmp_path / "logs")) == stopped["step"]  # saved at the step it finished
+    r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path, *extra, "--resume"))
+    assert r.returncode == 0, r.stderr
+    states_equal(torch.load(ref_run / "checkpoints/last.pt", weights_only=True),
+                 torch.load(tmp_path / "checkpoints/last.pt", weights_only=True))
+
+
+# 1 and 10. crashes and failures during a save ---------------------------------------------------------------------
+
+def test_exception_inside_the_write_keeps_the_previous_checkpoint(tiny_run, tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    target.write_bytes(tiny_run.last.read_bytes())
+    before = target.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("simulated crash in the middle of torch.save")
+    monkeypatch.setattr(train.torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.save_checkpoint({"model": {}}, target)
+    assert target.read_bytes() == before
+    assert torch.load(target, weights_only=True)["step"] == 16
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES], ids=["no-space", "no-permission"])
+def test_failed_save_is_reported_and_the_previous_checkpoint_stays(tiny_run, tmp_path, monkeypatch, err):
+    target = tmp_path / "last.pt"
+    target.write_bytes(tiny_run.last.read_bytes())
+    before = target.read_bytes()
+
+    def failing_save(obj, f):
+        raise OSError(err, os.strerror(err))
+    monkeypatch.setattr(train.torch, "save", failing_save)
+    with pytest.raises(train.TrainingError, match=re.escape(str(target)) + ".*" + os.strerror(err)):
+        train.save_checkpoint({"model": {}}, target)
+    assert target.read_bytes() == before and not (tmp_path / "last.pt.tmp").exists()
+
+
+def test_killed_process_during_a_save_leaves_the_previous_checkpoint(tiny_run, tmp_path):
+    target = tmp_path / "last.pt"
+    target.write_bytes(tiny_run.last.read_bytes())
+    before = target.read_bytes()
+    script = (
+        "import sys, time, torch; sys.path.insert(0, sys.argv[1]); import train\n"
+        "real = torch.save\n"
+        "def slow(obj, f):\n"
+        "    f.write(b'x' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+        "train.torch.save = slow\n"
+        "train.save_checkpoint({'model': {}}, __import__('pathlib').Path(sys.argv[2]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    assert target.read_bytes() == before
+    assert torch.load(target, weights_only=True)["step"] == 16
+
+
+# 4 and 5. bad and malicious checkpoints ---------------------------------------------------------------------------
+
+class Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))  # hostile
+
+
+def bad_checkpoints(tiny_run, d: Path) -> dict[str, Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    files = {"empty": d / "empty.pt", "garbage": d / "garbage.pt", "truncated": d / "truncated.pt",
+             "malicious": d / "malicious.pt", "weights-only": d / "weights.pt"}
+    files["empty"].write_bytes(b"")
+    files["garbage"].write_bytes(os.urandom(4096))
+    good = tiny_run.last.read_bytes()
+    files["truncated"].write_bytes(good[: len(good) // 2])
+    torch.save({"model": {}, "model_config": {}, "x": Payload(d / "MARKER")}, files["malicious"])
+    torch.save({"model": {}, "model_config": {}}, files["weights-only"])
+    return files
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "malicious", "weights-only"])
+def test_bad_checkpoint_given_to_resume_fails_in_one_line_and_overwrites_nothing(tiny_run, tmp_path, kind):
+    bad = bad_checkpoints(tiny_run, tmp_path / "bad")[kind]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints/last.pt").write_bytes(tiny_run.last.read_bytes())
+    before = (run / "checkpoints/last.pt").read_bytes()
+    r = run_cli("train.py", *tiny_train_args(tiny_run.data_dir, run, "--resume", str(bad)))
+    assert_one_line_error(r, str(bad))
+    assert not (tmp_path / "bad/MARKER").exists()  # the pickle's payload never ran
+    assert (run / "checkpoints/last.pt").read_bytes() == before
+    assert not (run / "logs").exists()  # training never started from scratch
+
+
+def test_resume_without_a_checkpoint_never_starts_fresh(synth_dir, tmp_path):
+    r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path, "--resume"))
+    assert_one_line_error(r, "last.pt")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_malicious_checkpoint_is_refused_by_every_entry_point(tiny_run, tmp_path):
+    bad = bad_checkpoints(tiny_run, tmp_path)["malicious"]
+    for script, args in (("eval.py", [str(bad), "--out", str(tmp_path / "e")]),
+                         ("eigenears.py", ["--ckpt", str(bad), "--out", str(tmp_path / "g")])):
+        assert_one_line_error(run_cli(script, *args), str(bad))
+    with pytest.raises(CheckpointError):
+        train.read_checkpoint(bad)
+    assert not (tmp_path / "MARKER").exists()
+
+
+# 6 and 7. unsafe and bad data -------------------------------------------------------------------------------------
+
+def test_pickled_npy_is_refused_by_every_entry_point(tiny_run, tmp_path):
+    marker = tmp_path / "MARKER"
+    bad = tmp_path / "pickled.npy"
+    np.save(bad, np.array([Payload(marker)], dtype=object), allow_pickle=True)  # hostile
+    base = tiny_train_args(tiny_run.data_dir, tmp_path / "run")
+    for script, args in (("train.py", [*base, "--train-npy", str(bad)]),
+                         ("train.py", [*base, "--val-npy", str(bad)]),
+                         ("eval.py", [str(tiny_run.best), "--data", str(bad), "--out", str(tmp_path / "e")]),
+                         ("eigenears.py", ["--ckpt", str(tiny_run.best), "--data", str(bad),
+                                           "--out", str(tmp_path / "g")]),
+                         ("data.py", ["check", str(bad)])):
+        assert_one_line_error(run_cli(script, *args), str(bad))
+    assert not marker.exists()
+
+
+def test_too_many_bad_samples_stop_the_run_before_step_0_with_counts(synth_dir, tmp_path):
+    x = np.load(synth_dir / "train_teacher.npy").astype(np.float32) / 255
+    x[:10] = np.nan  # non-finite
+    x[10:14] = 0.5  # blank
+    x[14:16] *= 3.0  # out of range (and not constant)
+    np.save(tmp_path / "bad.npy", x)
+    r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path / "run", "--train-npy", str(tmp_path / "bad.npy")))
+    assert_one_line_error(r, "bad.npy", "16", "non-finite 10", "blank 4", "out of range 2")
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_a_few_bad_samples_are_filtered_counted_and_training_goes_on(synth_dir, tmp_path):
+    x = np.load(synth_dir / "train_teacher.npy").copy()
+    x[5] = 7  # blank
+    np.save(tmp_path / "few.npy", x)
+    r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path / "run", "--train-npy", str(tmp_path / "few.npy"),
+                                             "--epochs", "1", "--max-steps", "1"))
+    assert r.returncode == 0, r.stderr
+    assert "Train samples: 63 (filtered 1 invalid" in r.stdout
+
+
+# 8. non-finite losses ---------------------------------------------------------------------------------------------
+
+class NaNAt(train.VAELoss):
+    """VAELoss whose training loss is NaN on the given calls (validation calls pass through)."""
+    bad_calls: set[int] = set()
+    calls = 0
+
+    def forward(self, recon, target, mu, logvar, views=1):
+        loss, logs = super().forward(recon, target, mu, logvar, views)
+        if torch.is_grad_enabled():
+            NaNAt.calls += 1
+            if NaNAt.calls in NaNAt.bad_calls:
+                loss = loss * torch.tensor(float("nan"))
+        return loss, logs
+
+
+def test_a_nan_loss_skips_the_update_and_leaves_parameters_unchanged(synth_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "VAELoss", NaNAt)
+    NaNAt.calls, NaNAt.bad_calls = 0, {3}
+    train.main(tiny_train_args(synth_dir, tmp_path / "nan", "--epochs", "1", "--max-steps", "3"))
+    NaNAt.calls, NaNAt.bad_calls = 0, set()
+    train.main(tiny_train_args(synth_dir, tmp_path / "ok", "--epochs", "1", "--max-steps", "2"))
+    a = torch.load(tmp_path / "nan/checkpoints/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "ok/checkpoints/last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # step 3 made no update
+    for pid, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
+    assert a["skipped"] == 1 and a["step"] == 3
+
+
+def test_nan_losses_in_a_row_stop_the_run_and_keep_the_good_checkpoint(synth_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "VAELoss", NaNAt)
+    NaNAt.calls, NaNAt.bad_calls = 0, set(range(5, 100))
+    args = tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--save-every", "2", "--max-nan", "3")
+    with pytest.raises(train.TrainingError, match="3 non-finite losses in a row"):
+        train.main(args)
+    last = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
+    assert last["step"] == 4 and last["skipped"] == 0  # saved at step 4, before the first NaN (step 5)
+
+
+# 11. another configuration ----------------------------------------------------------------------------------------
+
+def test_resume_into_a_checkpoint_of_another_configuration_fails_loudly(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run.last, weights_only=True)
+    ckpt["model_config"]["latent_dim"] = 32  # the weights are for 1024
+    torch.save(ckpt, tmp_path / "other.pt")
+    r = run_cli("train.py", *tiny_train_args(tiny_run.data_dir, tmp_path / "run", "--resume",
+                                             str(tmp_path / "other.pt")))
+    assert_one_line_error(r, "other.pt", "do not fit")
+
+
+# 12 and 13. nothing that runs code on load ------------------------------------------------------------------------
+
+UNSAFE = re.compile(r"weights_only\s*=\s*False|allow_pickle\s*=\s*True|trust_remote_code\s*=\s*True")
+
+
+def test_no_source_file_loads_pickles_or_remote_code():
+    offenders = []
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py")]:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if UNSAFE.search(line) and not line.rstrip().endswith("# hostile"):
+                offenders.append(f"{path.name}:{i}: {line.strip()}")
+    assert not offenders, offenders
+
+
+def test_backbone_weights_load_only_from_safetensors(tmp_path):
+    from transformers import SamVisionConfig, SamVisionModel
+    from model import WeightsUnavailableError, build_model, tiny_config
+    model = SamVisionModel(SamVisionConfig(**tiny_config().encoder_config))
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the legacy pickle format only
+    with pytest.raises(WeightsUnavailableError, match=str(tmp_path)):
+        build_model(tiny_config(pretrained=True, weights=str(tmp_path)))

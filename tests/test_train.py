@@ -1,0 +1,99 @@
+"""train.py: artefacts of a short run, schedule, and the one-line errors a user can meet."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, tiny_train_args
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_short_run_writes_every_artefact(tiny_run):
+    files = {p.name for p in tiny_run.ckpt_dir.iterdir()} | {p.name for p in tiny_run.log_dir.iterdir()}
+    assert {"last.pt", "best.pt", "metrics.csv", "config.json", "loss_curve.png"} <= files
+    assert any(f.startswith("recon_step") and f.endswith(".png") for f in files)  # one grid per epoch
+    assert any(f.startswith("events.out.tfevents") for f in files)  # TensorBoard
+    assert not any(f.endswith(".tmp") for f in files)
+    rows = list(csv.DictReader(open(tiny_run.log_dir / "metrics.csv")))
+    train_rows = [r for r in rows if r["split"] == "train"]
+    val_rows = [r for r in rows if r["split"] == "val"]
+    assert [int(r["step"]) for r in train_rows] == list(range(1, 17))  # 2 epochs x 64 / 8, logged every step
+    assert [int(r["step"]) for r in val_rows] == [8, 16]  # validation after each epoch
+    for r in val_rows:
+        assert float(r["psnr"]) > 5 and 0 < float(r["ssim_metric"]) <= 1
+    for r in train_rows:
+        assert all(r[k] != "" for k in ("loss", "pixel", "kl", "ssim", "edge", "contrastive", "lr", "grad_norm"))
+    assert json.load(open(tiny_run.log_dir / "config.json"))["model"]["encoder"] == "sam"
+
+
+def test_checkpoint_holds_everything_to_resume_and_loads_weights_only(tiny_run):
+    last = torch.load(tiny_run.last, weights_only=True)
+    assert {"model", "model_config", "run_config", "optimizer", "scheduler", "scaler", "step", "epoch",
+            "epoch_pos", "best_psnr", "skipped"} <= set(last)
+    assert last["step"] == 16 and last["epoch"] == 2 and last["epoch_pos"] == 0
+    best = torch.load(tiny_run.best, weights_only=True)
+    assert "optimizer" not in best and best["best_psnr"] == last["best_psnr"]
+
+
+def test_best_is_the_epoch_with_the_highest_validation_psnr(tiny_run):
+    rows = [r for r in csv.DictReader(open(tiny_run.log_dir / "metrics.csv")) if r["split"] == "val"]
+    best = max(rows, key=lambda r: float(r["psnr"]))
+    ckpt = torch.load(tiny_run.best, weights_only=True)
+    assert ckpt["step"] == int(best["step"]) and abs(ckpt["best_psnr"] - float(best["psnr"])) < 1e-4
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    f = [train.lr_factor(s, warmup=10, total=100, min_ratio=0.01) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone cosine decay
+    assert f[100] == pytest.approx(0.01)
+
+
+def test_keyed_noise_depends_only_on_seed_epoch_and_sample():
+    a = train.keyed_normal(torch.tensor([3, 7]), seed=0, epoch=1, view=0, dim=8)
+    b = train.keyed_normal(torch.tensor([7, 3, 9]), seed=0, epoch=1, view=0, dim=8)
+    torch.testing.assert_close(a[0], b[1]) and torch.testing.assert_close(a[1], b[0])
+    assert not torch.equal(a, train.keyed_normal(torch.tensor([3, 7]), seed=0, epoch=2, view=0, dim=8))
+    assert not torch.equal(a, train.keyed_normal(torch.tensor([3, 7]), seed=0, epoch=1, view=1, dim=8))
+
+
+def test_missing_data_is_one_line_naming_the_file(tmp_path):
+    r = run_cli(*tiny_train_args(tmp_path / "nowhere", tmp_path / "run"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and "train_teacher.npy" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_unreachable_pretrained_weights_are_one_line(synth_dir, tmp_path):
+    r = run_cli("--perceptual-weight", "0", "--data-dir", str(synth_dir), "--ckpt-dir", str(tmp_path / "c"),
+                "--log-dir", str(tmp_path / "l"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "facebook/sam-vit-base" in r.stderr and "--no-pretrained" in r.stderr
+
+
+def test_unreachable_vgg_weights_suggest_disabling_the_term(synth_dir, tmp_path):
+    args = tiny_train_args(synth_dir, tmp_path)
+    i = args.index("--perceptual-weight")
+    args[i + 1] = "1.5"
+    r = run_cli(*args, "--vgg-weights", str(tmp_path / "missing_vgg.pth"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "missing_vgg.pth" in r.stderr and "--perceptual-weight 0" in r.stderr
+
+
+def test_tiny_without_weights_flag_asks_to_be_explicit(synth_dir, tmp_path):
+    r = run_cli("--tiny", "--data-dir", str(synth_dir), "--ckpt-dir", str(tmp_path / "c"))
+    assert r.returncode == 1 and "--no-pretrained" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tiny_run):
+    before = tiny_run.last.read_bytes()
+    r = run_cli(*tiny_train_args(tiny_run.data_dir, tiny_run.run_dir, "--epochs", "1"))
+    assert r.returncode == 1 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    assert tiny_run.last.read_bytes() == before

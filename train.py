@@ -1,0 +1,488 @@
+"""Train the ear teacher (SAM-encoder VAE) on NPY ear crops. One file, top to bottom:
+
+    python train.py --epochs 60 --batch-size 4                       # the original run (GPU, pretrained SAM)
+    python train.py --tiny --no-pretrained --perceptual-weight 0 \\
+        --data-dir demo/data --epochs 3                                # CPU-sized run on synthetic ears
+    torchrun --nproc_per_node=4 train.py ...                           # DistributedDataParallel
+    python train.py --resume                                           # continue checkpoints/last.pt
+
+Every random draw of training (epoch order, augmentation, reparameterisation noise) is a function of
+(seed, epoch, sample index), so a resumed run, or a run on another number of GPUs, sees the same data and noise.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
+from losses import VAELoss, psnr, ssim
+from model import (CheckpointError, WeightsUnavailableError, build_model, config_from_checkpoint, dinov2_config,
+                   load_state, parameter_report, read_checkpoint, sam_config, tiny_config)
+
+DEFAULT_WEIGHTS = {"sam": "facebook/sam-vit-base", "dinov2": "facebook/dinov2-base"}
+# flags that may differ when resuming; every other flag comes from the checkpoint's run config
+RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir"}
+STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installed under __main__
+LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
+              "psnr", "ssim_metric", "grad_norm", "skipped", "img_per_s", "time"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite losses, a checkpoint that cannot be written); str(e) says why."""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train the SAM-encoder VAE ear teacher.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="data", help="folder with train_teacher.npy and val_teacher.npy")
+    g.add_argument("--train-npy", default=None, help="training file (default DATA_DIR/train_teacher.npy)")
+    g.add_argument("--val-npy", default=None, help="validation file (default DATA_DIR/val_teacher.npy)")
+    g.add_argument("--max-invalid", type=float, default=0.05, help="stop if more than this fraction of samples is bad")
+    g.add_argument("--workers", type=int, default=2, help="data loader worker processes per GPU")
+    g.add_argument("--no-augment", action="store_true", help="train on the images as they are")
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips (turns left ears into right ones)")
+    g = p.add_argument_group("model")
+    g.add_argument("--encoder", choices=["sam", "dinov2"], default="sam", help="backbone")
+    g.add_argument("--weights", default=None, help="hub id or local dir of the backbone (default: facebook/sam-vit-base "
+                   "or facebook/dinov2-base)")
+    g.add_argument("--no-pretrained", action="store_true", help="random backbone initialisation (explicit)")
+    g.add_argument("--tiny", action="store_true", help="tiny backbone and decoder: same code path, CPU speed")
+    g.add_argument("--input-size", type=int, default=None, help="side the crop is resized to for the encoder "
+                   "(SAM: 1024 original, 512 or 256 for 4x / 16x fewer tokens; DINOv2: 224)")
+    g.add_argument("--freeze-blocks", type=int, default=None, help="frozen first blocks (default: 6 of 12, tiny 2 of 4)")
+    g.add_argument("--latent-dim", type=int, default=1024, help="latent size")
+    g.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute trainable blocks in backward")
+    g = p.add_argument_group("loss")
+    g.add_argument("--kl-weight", type=float, default=1e-6, help="KL to N(0, I)")
+    g.add_argument("--perceptual-weight", type=float, default=1.5, help="VGG16 perceptual (0: no VGG needed)")
+    g.add_argument("--ssim-weight", type=float, default=0.6, help="1 - SSIM")
+    g.add_argument("--edge-weight", type=float, default=0.3, help="L1 of Sobel gradients")
+    g.add_argument("--contrastive-weight", type=float, default=0.1, help="InfoNCE between two augmented views")
+    g.add_argument("--center-weight", type=float, default=3.0, help="pixel-loss weight at the crop centre (border 1)")
+    g.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
+    g.add_argument("--vgg-weights", default="imagenet", help="'imagenet' (torchvision) or a local VGG16 state dict")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=60, help="epochs; the learning-rate schedule spans them")
+    g.add_argument("--batch-size", type=int, default=4, help="images per GPU per micro-step")
+    g.add_argument("--accum-steps", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (head and decoder)")
+    g.add_argument("--encoder-lr-scale", type=float, default=0.1, help="encoder blocks train at lr * this")
+    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="cosine decays to lr * this")
+    g.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up (optimizer steps)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay (not on norms and biases)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights")
+    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
+    g = p.add_argument_group("run")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 where the GPU has it, else fp16 + GradScaler; fp32 on CPU")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    g.add_argument("--ckpt-dir", default="checkpoints", help="last.pt and best.pt go here")
+    g.add_argument("--log-dir", default="logs", help="metrics.csv, TensorBoard events, figures")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from CKPT_DIR/last.pt, or from the given checkpoint")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total "
+                   "(the schedule still spans --epochs)")
+    g.add_argument("--save-every", type=int, default=500, help="write last.pt every N optimizer steps")
+    g.add_argument("--log-every", type=int, default=10, help="log training metrics every N optimizer steps")
+    g.add_argument("--max-nan", type=int, default=5, help="stop after this many non-finite losses in a row")
+    return p
+
+
+def model_config(args):
+    if args.tiny and not args.no_pretrained and args.weights is None:
+        raise WeightsUnavailableError("--tiny has no published weights: add --no-pretrained (random tiny backbone) "
+                                      "or --weights DIR of a tiny backbone")
+    make = tiny_config if args.tiny else (sam_config if args.encoder == "sam" else dinov2_config)
+    kw = dict(weights=args.weights or DEFAULT_WEIGHTS[args.encoder], pretrained=not args.no_pretrained,
+              latent_dim=args.latent_dim, attn_implementation=args.attn, grad_checkpointing=args.grad_checkpointing)
+    if args.input_size is not None:
+        kw["input_size"] = args.input_size
+    if args.freeze_blocks is not None:
+        kw["freeze_blocks"] = args.freeze_blocks
+    return make(args.encoder, **kw) if args.tiny else make(**kw)
+
+
+def keyed_normal(keys: torch.Tensor, seed: int, epoch: int, view: int, dim: int) -> torch.Tensor:
+    """Reparameterisation noise (B, dim), each row a function of (seed, epoch, sample index, view) alone."""
+    rows = []
+    for k in keys.tolist():
+        g = torch.Generator().manual_seed(sample_seed(seed, epoch, k, view) ^ 0x5EED_E95)
+        rows.append(torch.randn(dim, generator=g))
+    return torch.stack(rows)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine to min_ratio at `total` optimizer steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, device, autocast, max_batches: int | None = None) -> dict[str, float]:
+    """Mean of every loss term, PSNR and SSIM over the (clean, un-augmented) validation images, mu as the code."""
+    was_training = model.training
+    model.eval()
+    sums, n = {}, 0
+    for b, (x, _) in enumerate(loader):
+        if max_batches is not None and b >= max_batches:
+            break
+        x = to_float(x.to(device, non_blocking=True))  # (B, 3, 128, 128)
+        with autocast:
+            out = model(x)
+            _, logs = criterion(out["recon"], x, out["mu"], out["logvar"])
+        recon = out["recon"].float()
+        logs = {**logs, "psnr": psnr(recon, x).mean(), "ssim_metric": ssim(recon, x).mean()}
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v.float() * len(x)
+        n += len(x)
+    model.train(was_training)
+    return {k: (v / n).item() for k, v in sums.items()}
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write to PATH.tmp, fsync, then rename: a crash mid-save leaves the previous file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TrainingError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact") from e
+
+
+def save_grid(model, x: torch.Tensor, path: Path) -> None:
+    """Inputs (top row) above reconstructions (bottom row) of a fixed validation batch."""
+    from torchvision.utils import save_image
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        recon = model(x)["recon"].float()
+    model.train(was_training)
+    save_image(torch.cat([x, recon]).cpu(), path, nrow=len(x), padding=2)
+
+
+def plot_curves(csv_path: Path, png_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = list(csv.DictReader(open(csv_path)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for split, style in (("train", "-"), ("val", "o-")):
+        r = [row for row in rows if row["split"] == split and row["loss"]]
+        if r:
+            axes[0].plot([int(x["step"]) for x in r], [float(x["loss"]) for x in r], style, label=split)
+        r = [row for row in rows if row["split"] == split and row["psnr"]]
+        if r:
+            axes[1].plot([int(x["step"]) for x in r], [float(x["psnr"]) for x in r], style, label=split)
+    axes[0].set(xlabel="optimizer step", ylabel="loss", yscale="log", title="loss")
+    axes[1].set(xlabel="optimizer step", ylabel="dB", title="validation PSNR")
+    for a in axes:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+
+    # -- processes and devices. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ["LOCAL_RANK"])
+        device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, torch.device(args.device)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+
+    # -- resume: the checkpoint's model config and run config win; a few flags may change (RESUME_OVERRIDES)
+    ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)
+    ckpt = None
+    if args.resume is not None:
+        path = ckpt_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
+        ckpt = read_checkpoint(path)  # missing / truncated / unsafe -> CheckpointError; never a silent fresh start
+        if "run_config" not in ckpt or "optimizer" not in ckpt:
+            raise CheckpointError(f"{path}: holds model weights only (no optimizer state); cannot resume from it")
+        saved = ckpt["run_config"]
+        for k, v in vars(args).items():
+            if k not in RESUME_OVERRIDES and k in saved and v != parser.get_default(k) and v != saved[k]:
+                log(f"note: --{k.replace('_', '-')} {v} ignored: resuming with the checkpoint's {saved[k]!r}")
+        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES}})
+        cfg = config_from_checkpoint(ckpt)
+    else:
+        for f in (ckpt_dir / "last.pt", log_dir / "metrics.csv"):
+            if f.exists():
+                raise TrainingError(f"{f} exists from an earlier run: pass --resume to continue it, "
+                                    f"or choose another --ckpt-dir / --log-dir")
+        cfg = model_config(args)
+
+    # -- precision: bf16 autocast where the GPU has it, else fp16 + GradScaler; fp32 on CPU
+    precision = args.precision
+    if precision == "auto":
+        precision = "fp32" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+
+    # -- data
+    data_dir = Path(args.data_dir)
+    train_ds = EarDataset(args.train_npy or data_dir / "train_teacher.npy", max_invalid=args.max_invalid)
+    val_ds = EarDataset(args.val_npy or data_dir / "val_teacher.npy", max_invalid=args.max_invalid)
+    global_batch = args.batch_size * world  # images per micro-step over all processes
+    steps_per_epoch = len(train_ds) // (global_batch * args.accum_steps)
+    if steps_per_epoch == 0:
+        raise DataError(f"{train_ds.path}: {len(train_ds)} usable samples, fewer than one optimizer step of "
+                        f"{global_batch * args.accum_steps} (batch size x processes x accum steps)")
+    total_steps = args.epochs * steps_per_epoch
+    sampler = ResumableSampler(len(train_ds), args.batch_size, args.seed, shuffle=True, rank=rank, world_size=world)
+    val_sampler = ResumableSampler(len(val_ds), 1, args.seed, shuffle=False)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_ds, args.batch_size, sampler, args.workers, pin)
+    val_loader = make_loader(val_ds, args.batch_size, val_sampler, args.workers, pin)
+    aug = AugConfig(hflip=args.hflip) if not args.no_augment else None
+    views = 2 if args.contrastive_weight > 0 else 1
+
+    # -- model, loss, optimizer (initialisation from the seed; under DDP rank 0's weights are broadcast)
+    torch.manual_seed(args.seed)
+    model = build_model(cfg).to(device)
+    cfg = model.cfg
+    criterion = VAELoss(kl=args.kl_weight, perceptual=args.perceptual_weight, ssim=args.ssim_weight,
+                        edge=args.edge_weight, contrastive=args.contrastive_weight, center_weight=args.center_weight,
+                        temperature=args.temperature, image_size=cfg.image_size,
+                        vgg_weights=args.vgg_weights).to(device)
+    groups = []
+    for name, params in model.parameter_groups().items():
+        lr = args.lr * (args.encoder_lr_scale if name == "encoder" else 1.0)
+        groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay, "lr": lr})
+        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr})
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.warmup_steps, total_steps, args.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = None
+    if args.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+    step, epoch, epoch_pos, best_psnr, skipped = 0, 0, 0, -math.inf, 0
+    if ckpt is not None:
+        load_state(model, ckpt["model"], args.resume)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            load_state(ema.module, ckpt["ema"], args.resume)
+            ema.n_averaged.fill_(ckpt["ema_n_averaged"])
+        step, epoch, epoch_pos = ckpt["step"], ckpt["epoch"], ckpt["epoch_pos"]
+        best_psnr, skipped = ckpt["best_psnr"], ckpt["skipped"]
+        del ckpt
+    raw_model = model
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_model = ema.module if ema is not None else raw_model
+
+    run_config = vars(args)
+    log("Config:\n" + json.dumps({"run": run_config, "model": asdict(cfg), "precision": precision,
+                                  "device": str(device), "world_size": world}, indent=2))
+    log(parameter_report({"EarVAE": raw_model, **({"PerceptualLoss": criterion} if args.perceptual_weight else {})}))
+    log(f"Train samples: {train_ds.summary()}")
+    log(f"Val samples:   {val_ds.summary()}")
+    log(f"Steps per epoch: {steps_per_epoch:,} (global batch {global_batch * args.accum_steps}), "
+        f"total {total_steps:,}" + (f", stopping at {args.max_steps:,}" if args.max_steps else ""))
+
+    writer = None
+    if master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        json.dump({"run": run_config, "model": asdict(cfg)}, open(log_dir / "config.json", "w"), indent=2)
+        new_csv = not (log_dir / "metrics.csv").exists()
+        csv_file = open(log_dir / "metrics.csv", "a", newline="")
+        metrics = csv.DictWriter(csv_file, fieldnames=LOG_FIELDS)
+        if new_csv:
+            metrics.writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(log_dir)
+        except ImportError:
+            log("note: tensorboard is not installed; logging to metrics.csv only")
+        grid_x = to_float(torch.stack([val_ds[i][0] for i in range(min(8, len(val_ds)))])).to(device)
+
+    def write_row(row: dict) -> None:
+        metrics.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        csv_file.flush()
+        if writer is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch", "split", "time") and isinstance(v, (int, float)):
+                    writer.add_scalar(f"{row['split']}/{k}", v, row["step"])
+
+    def checkpoint_state(full: bool) -> dict:
+        state = {"model": raw_model.state_dict(), "model_config": asdict(cfg), "run_config": run_config,
+                 "step": step, "epoch": epoch, "epoch_pos": epoch_pos, "best_psnr": best_psnr}
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        if full:  # best.pt keeps the weights only; last.pt everything needed to resume
+            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict(), skipped=skipped, world_size=world)
+            if ema is not None:
+                state["ema_n_averaged"] = int(ema.n_averaged)
+        return state
+
+    def validate_and_save() -> None:
+        nonlocal best_psnr
+        val = evaluate(eval_model, val_loader, criterion, device, autocast)
+        write_row({"step": step, "epoch": epoch, "split": "val", "time": time.time(), **val})
+        log(f"val step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+        if val["psnr"] > best_psnr:
+            best_psnr = val["psnr"]
+            save_checkpoint(checkpoint_state(full=False), ckpt_dir / "best.pt")
+        save_checkpoint(checkpoint_state(full=True), ckpt_dir / "last.pt")
+        save_grid(eval_model, grid_x, log_dir / f"recon_step{step:07d}.png")
+        plot_curves(log_dir / "metrics.csv", log_dir / "loss_curve.png")
+
+    if master:  # sanity check, as the original did: two validation batches through model and loss
+        val = evaluate(eval_model, val_loader, criterion, device, autocast, max_batches=2)
+        log("Sanity check (2 val batches): " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+
+    # -- the loop. epoch_pos counts the samples of this epoch consumed by all processes together
+    model.train()
+    nan_streak = 0
+    done = step >= total_steps or (args.max_steps is not None and step >= args.max_steps)
+    while not done and epoch < args.epochs:
+        sampler.set_epoch(epoch, start=epoch_pos)
+        batches = iter(train_loader)
+        bar = tqdm(total=steps_per_epoch, initial=epoch_pos // (global_batch * args.accum_steps),
+                   desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True)
+        t0, imgs = time.time(), 0
+        while epoch_pos < steps_per_epoch * global_batch * args.accum_steps:
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(args.accum_steps):
+                x, keys = next(batches)  # uint8 (B, 3, 128, 128), int64 (B,) sample indices
+                x = x.to(device, non_blocking=True)
+                if aug is not None:
+                    x = torch.cat([augment(x, keys, args.seed, epoch, aug, view=v) for v in range(views)])
+                else:
+                    x = to_float(x).repeat(views, 1, 1, 1)  # (views * B, 3, 128, 128)
+                eps = torch.cat([keyed_normal(keys, args.seed, epoch, v, cfg.latent_dim) for v in range(views)])
+                sync = micro == args.accum_steps - 1
+                with model.no_sync() if ddp and not sync else nullcontext():
+                    with autocast:
+                        out = model(x, eps=eps.to(device, non_blocking=True))
+                        loss, logs = criterion(out["recon"], x, out["mu"], out["logvar"], views=views)
+                    scaler.scale(loss / args.accum_steps).backward()
+                loss_sum += loss.detach()
+                imgs += len(keys) * world
+            # one host sync per optimizer step: a non-finite loss on any process skips the update everywhere
+            if ddp:
+                dist.all_reduce(loss_sum)
+            if torch.isfinite(loss_sum):
+                nan_streak = 0
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or math.inf)
+                scaler.step(optimizer)
+                scaler.update()
+                if ema is not None:
+                    ema.update_parameters(raw_model)
+            else:
+                nan_streak += 1
+                skipped += 1
+                grad_norm = torch.tensor(math.nan)
+                log(f"\nwarning: non-finite loss at step {step}; update skipped ({nan_streak} in a row)")
+                if nan_streak >= args.max_nan:
+                    raise TrainingError(f"{nan_streak} non-finite losses in a row at step {step}; stopped without "
+                                        f"saving (the last checkpoint in {ckpt_dir} is the last good state). "
+                                        f"Try a lower --lr or --precision fp32.")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            epoch_pos += global_batch * args.accum_steps
+            bar.update(1)
+
+            if step % args.log_every == 0 and master:
+                dt = time.time() - t0
+                row = {k: v.item() for k, v in logs.items()}
+                row.update(step=step, epoch=epoch, split="train", lr=optimizer.param_groups[-1]["lr"],
+                           grad_norm=grad_norm.item(), skipped=skipped, img_per_s=imgs / dt, time=time.time())
+                write_row(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", ssim=f"{1 - row.get('ssim', math.nan):.3f}",
+                                img_s=f"{imgs / dt:.1f}")
+                t0, imgs = time.time(), 0
+            stop = bool(STOP_SIGNALS)  # SIGINT / SIGTERM: finish this step, save last.pt, exit non-zero
+            if ddp:  # every process stops at the same step
+                flag = torch.tensor(float(stop), device=device)
+                dist.all_reduce(flag)
+                stop = flag.item() > 0
+            done = args.max_steps is not None and step >= args.max_steps
+            if master and (stop or (step % args.save_every == 0 and not done and nan_streak == 0)):
+                save_checkpoint(checkpoint_state(full=True), ckpt_dir / "last.pt")
+            if stop:
+                bar.close()
+                log(f"stopped by signal at step {step}; saved {ckpt_dir / 'last.pt'} (continue with --resume)")
+                sys.exit(128 + STOP_SIGNALS[0] if STOP_SIGNALS else 1)
+            if done:
+                break
+        bar.close()
+        if epoch_pos >= steps_per_epoch * global_batch * args.accum_steps:
+            epoch, epoch_pos = epoch + 1, 0
+        if master:  # after every epoch, and at the last step of a run cut short by --max-steps
+            validate_and_save()
+        if ddp:
+            dist.barrier()
+    if master:
+        log(f"done: {step} steps, best val PSNR {best_psnr:.2f} dB; checkpoints in {ckpt_dir}, logs in {log_dir}")
+        if writer is not None:
+            writer.close()
+        csv_file.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
+    try:
+        main()
+    except (DataError, CheckpointError, WeightsUnavailableError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError:
+        args = get_parser().parse_known_args()[0]
+        print(f"error: out of GPU memory at --batch-size {args.batch_size}. Use a smaller batch with "
+              f"--accum-steps to keep the effective batch (e.g. --batch-size {max(1, args.batch_size // 2)} "
+              f"--accum-steps {2 * args.accum_steps}), --grad-checkpointing, or a smaller --input-size "
+              f"(512 or 256).", file=sys.stderr)
+        sys.exit(1)
