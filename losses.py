@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from torchvision.models import vgg
 
 from model import LOGVAR_MAX, LOGVAR_MIN, WeightsUnavailableError
 
@@ -108,6 +107,7 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, weights: str = "imagenet") -> None:
         super().__init__()
+        from torchvision.models import vgg  # imported here: ~1 s that the metrics alone do not need
         features = vgg.make_layers(vgg.cfgs["D"])  # vgg16.features, randomly initialised until loaded below
         _load_vgg16_features(features, weights)
         self.vgg = features[: self.TAPS[-1] + 1].to(memory_format=torch.channels_last)
@@ -158,6 +158,7 @@ def _load_vgg16_features(features: nn.Sequential, weights: str) -> None:
     Raises WeightsUnavailableError saying what was tried, why it failed and how to fix it.
     """
     if weights == "imagenet":
+        from torchvision.models import vgg
         w = vgg.VGG16_Weights.IMAGENET1K_V1
         source = f"torchvision VGG16_Weights.IMAGENET1K_V1 from {w.url} (cache dir " \
                  f"{os.path.join(torch.hub.get_dir(), 'checkpoints')})"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -334,12 +335,13 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: refused, it is not a plain tensor checkpoint ({first})") from e
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({first})") from e
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met a Python object it will not build
+        what = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        detail = f"it asks to run {what.group(1)}" if what else "it holds Python objects, not only tensors"
+        raise CheckpointError(f"{path}: refused: {detail} (a pickle can run code); only train.py checkpoints "
+                              f"load") from e
+    except Exception as e:  # anything else the parser raises on a damaged file (EOFError, IndexError, ...)
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path}: not an ear-teacher checkpoint (expected keys 'model' and 'model_config')")
     return ckpt

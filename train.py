@@ -35,7 +35,8 @@ from model import (CheckpointError, WeightsUnavailableError, build_model, config
 
 DEFAULT_WEIGHTS = {"sam": "facebook/sam-vit-base", "dinov2": "facebook/dinov2-base"}
 # flags that may differ when resuming; every other flag comes from the checkpoint's run config
-RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir"}
+RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir",
+                    "device"}
 STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installed under __main__
 LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
               "psnr", "ssim_metric", "grad_norm", "skipped", "img_per_s", "time"]
@@ -213,17 +214,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- processes and devices. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ["LOCAL_RANK"])
-        device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else "cpu")
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if kind == "cuda" else "cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
     else:
-        rank, world, device = 0, 1, torch.device(args.device)
+        rank, world, device = 0, 1, torch.device(kind)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
 
@@ -231,10 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)
     ckpt = None
     if args.resume is not None:
-        path = ckpt_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
-        ckpt = read_checkpoint(path)  # missing / truncated / unsafe -> CheckpointError; never a silent fresh start
+        resume_path = ckpt_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
+        ckpt = read_checkpoint(resume_path)  # missing / truncated / unsafe -> CheckpointError; never a silent fresh start
         if "run_config" not in ckpt or "optimizer" not in ckpt:
-            raise CheckpointError(f"{path}: holds model weights only (no optimizer state); cannot resume from it")
+            raise CheckpointError(f"{resume_path}: holds model weights only (no optimizer state); cannot resume from it")
         saved = ckpt["run_config"]
         for k, v in vars(args).items():
             if k not in RESUME_OVERRIDES and k in saved and v != parser.get_default(k) and v != saved[k]:
@@ -301,12 +300,12 @@ def main(argv: list[str] | None = None) -> None:
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
     step, epoch, epoch_pos, best_psnr, skipped = 0, 0, 0, -math.inf, 0
     if ckpt is not None:
-        load_state(model, ckpt["model"], args.resume)
+        load_state(model, ckpt["model"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
-            load_state(ema.module, ckpt["ema"], args.resume)
+            load_state(ema.module, ckpt["ema"], resume_path)
             ema.n_averaged.fill_(ckpt["ema_n_averaged"])
         step, epoch, epoch_pos = ckpt["step"], ckpt["epoch"], ckpt["epoch_pos"]
         best_psnr, skipped = ckpt["best_psnr"], ckpt["skipped"]

@@ -1,0 +1,213 @@
+"""Tests for eigenears.py: pca() against numpy's SVD and covariance eigendecomposition, the effective rank and the
+ridge probe on known cases, and the CLI on the tiny trained run (summary, figures, factor table against np.corrcoef,
+comparison of two checkpoints, one-line errors)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import runpy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eigenears as eg  # noqa: E402
+from data import FACTORS, EarDataset  # noqa: E402
+from eval import encode_dataset  # noqa: E402
+from model import load_model, read_checkpoint  # noqa: E402
+from test_eval import CLI_CASES, EARLIER, bad_inputs, check_cli_error  # noqa: E402
+
+FIGURES = ("mean_ear.png", "traversals.png", "scree.png", "factors.png")
+BLANK = 5  # index of the blank (invalid) training sample in fit_file
+N_FIT = 32  # training ears in fit_file (31 kept: 31 PCs, fewer than --n-components 50)
+
+
+def anisotropic(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """(n, d) Gaussian data with well separated variances along a random rotation, and an offset mean."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return (rng.normal(size=(n, d)) * np.geomspace(10, 0.1, d)) @ q.T + rng.normal(size=d) * 5
+
+
+def test_pca_matches_svd_and_covariance_eigendecomposition():
+    x = anisotropic(300, 12)
+    mean, comps, var, total = eg.pca(x, 5)
+    assert comps.shape == (5, 12) and var.shape == (5,)
+    np.testing.assert_allclose(mean, x.mean(0), atol=1e-12)
+    eigval, eigvec = np.linalg.eigh(np.cov(x, rowvar=False))  # ascending
+    np.testing.assert_allclose(var, eigval[::-1][:5], rtol=1e-9)
+    np.testing.assert_allclose(np.abs(comps), np.abs(eigvec[:, ::-1][:, :5].T), atol=1e-6)  # up to sign
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    np.testing.assert_allclose(var, s[:5] ** 2 / (len(x) - 1), rtol=1e-9)
+    np.testing.assert_allclose(comps @ comps.T, np.eye(5), atol=1e-12)
+    assert total == pytest.approx(np.trace(np.cov(x, rowvar=False)), rel=1e-12)
+    ratios = var / total
+    assert np.all(np.diff(ratios) <= 0) and 0 < ratios.sum() <= 1
+
+
+def test_pca_with_fewer_samples_than_dimensions_returns_min_n_d_components():
+    x = anisotropic(8, 20)
+    mean, comps, var, total = eg.pca(x)
+    assert comps.shape == (8, 20) and var.shape == (8,)
+    assert var[-1] == pytest.approx(0, abs=1e-9)  # centred data has rank n - 1
+    assert var.sum() == pytest.approx(total)
+    np.testing.assert_allclose(eg.project(x, mean, comps), x, atol=1e-9)  # all components reconstruct exactly
+
+
+def test_explained_ratio_on_the_fitted_data_equals_the_eigenvalue_ratios():
+    x = anisotropic(200, 10)
+    mean, comps, var, total = eg.pca(x)
+    np.testing.assert_allclose(eg.explained_ratio(x, mean, comps), var / total, rtol=1e-9)
+
+
+@pytest.mark.parametrize("spectrum, rank", [([1.0] * 7, 7.0), ([3.0, 0, 0, 0], 1.0), ([2.0, 1.0, 1.0], 16 / 6)])
+def test_effective_rank_is_the_participation_ratio_of_a_known_spectrum(spectrum, rank):
+    assert eg.effective_rank(np.array(spectrum)) == pytest.approx(rank)
+
+
+def test_ridge_probe_r2_is_one_for_a_linear_target_and_near_zero_for_noise():
+    rng = np.random.default_rng(0)
+    x_fit, x_eval = rng.normal(size=(400, 6)), rng.normal(size=(200, 6))
+    w = rng.normal(size=(6, 2))
+    r2 = eg.ridge_probe_r2(x_fit, x_fit @ w + 3, x_eval, x_eval @ w + 3)
+    np.testing.assert_allclose(r2, 1.0, atol=1e-4)
+    r2 = eg.ridge_probe_r2(x_fit, rng.normal(size=(400, 2)), x_eval, rng.normal(size=(200, 2)))
+    assert np.all(r2 < 0.1) and np.all(r2 <= 1)
+
+
+@pytest.fixture(scope="module")
+def fit_file(tiny_run, tmp_path_factory) -> Path:
+    """The first N_FIT training ears with sample BLANK blanked (EarDataset drops it), and their factor CSV beside."""
+    d = tmp_path_factory.mktemp("fit")
+    arr = np.load(tiny_run.data_dir / "train_teacher.npy")[:N_FIT]
+    arr[BLANK] = 0
+    np.save(d / "fit_teacher.npy", arr)
+    lines = (tiny_run.data_dir / "train_factors.csv").read_text().splitlines(keepends=True)
+    (d / "fit_factors.csv").write_text("".join(lines[:1 + N_FIT]))
+    return d / "fit_teacher.npy"
+
+
+def test_factors_csv_rows_are_aligned_to_the_kept_samples(fit_file):
+    ds = EarDataset(fit_file)
+    names, values = eg.read_factors(fit_file, ds)
+    table = np.loadtxt(fit_file.with_name("fit_factors.csv"), delimiter=",", skiprows=1)
+    assert names == list(FACTORS)
+    assert len(ds) == N_FIT - 1 and BLANK not in ds.keep
+    np.testing.assert_array_equal(values, np.delete(table, BLANK, axis=0))
+
+
+@pytest.fixture(scope="module")
+def single(tiny_run, fit_file, tmp_path_factory) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp("eigen")
+    summary = eg.main(["--ckpt", str(tiny_run.best), "--fit-data", str(fit_file), "--out", str(out),
+                       "--workers", "0", "--device", "cpu", "--batch-size", "16"])
+    return SimpleNamespace(out=out, summary=summary)
+
+
+def test_summary_json_keys_and_figures_written(single):
+    s = json.loads((single.out / "summary.json").read_text())
+    assert s == single.summary
+    assert {"checkpoint", "step", "fit_data", "eval_data", "n_fit", "n_eval", "latent_dim", "n_available",
+            "n_components", "explained_variance_ratio", "cumulative", "effective_rank", "recon_psnr", "factors",
+            "claim_first5_over_60pct"} <= set(s)
+    n = N_FIT - 1
+    assert s["n_fit"] == n and s["n_eval"] == 16 and s["n_available"] == n and s["n_components"] == n  # capped
+    for split in ("fit", "eval"):
+        r = np.array(s["explained_variance_ratio"][split])
+        assert len(r) == n and np.all(r >= 0) and r.sum() <= 1 + 1e-9
+        assert list(s["cumulative"][split]) == ["1", "5", "10", f"{n}"]
+        assert s["cumulative"][split]["5"] == pytest.approx(r[:5].sum())
+    assert s["cumulative"]["fit"][f"{n}"] == pytest.approx(1.0)  # every PC of the fit split: all its variance
+    assert 1 <= s["effective_rank"]["fit"] <= n
+    assert list(s["recon_psnr"]) == ["full", "1", "5", "10", f"{n}"]
+    for name in FIGURES:
+        assert (single.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_mu_psnr_equals_the_validation_psnr_logged_by_training(single, tiny_run):
+    """Decoding the full mu of the run's validation file is the measurement train.py kept as best_psnr."""
+    best = read_checkpoint(tiny_run.best)["best_psnr"]
+    assert single.summary["recon_psnr"]["full"] == pytest.approx(best, abs=1e-4)
+
+
+def test_factor_table_is_np_corrcoef_of_pc_scores_one_row_per_pc_one_column_per_factor(single, tiny_run, fit_file):
+    fa = single.summary["factors"]
+    corr = np.array(fa["correlation"])
+    assert fa["names"] == list(FACTORS) and corr.shape == (10, len(FACTORS))
+    assert np.all(np.abs(corr) <= 1)
+    assert fa["top_factor"] == [FACTORS[j] for j in np.abs(corr).argmax(1)]
+
+    model, _ = load_model(tiny_run.best)
+    val = EarDataset(tiny_run.data_dir / "val_teacher.npy")
+    mu_fit = encode_dataset(model, EarDataset(fit_file), 16, torch.device("cpu"))[0].double().numpy()
+    mu_val = encode_dataset(model, val, 16, torch.device("cpu"))[0].double().numpy()
+    mean, comps, _, _ = eg.pca(mu_fit, 10)
+    scores = (mu_val - mean) @ comps.T  # (16, 10)
+    factors = np.loadtxt(tiny_run.data_dir / "val_factors.csv", delimiter=",", skiprows=1)
+    expected = [[np.corrcoef(scores[:, j], factors[:, f])[0, 1] for f in range(len(FACTORS))] for j in range(10)]
+    np.testing.assert_allclose(corr, expected, atol=1e-6)
+
+
+def test_probe_r2_is_finite_and_at_most_one_for_every_factor(single):
+    r2 = single.summary["factors"]["probe_r2"]
+    assert list(r2) == list(FACTORS)
+    assert all(np.isfinite(v) and v <= 1 for v in r2.values())
+    assert single.summary["factors"]["mean_probe_r2"] == pytest.approx(np.mean(list(r2.values())))
+
+
+def test_compare_mode_gives_one_column_per_checkpoint(tiny_run, tmp_path):
+    """best.pt against a copy with perturbed head weights (the tiny run's last.pt holds the same weights as best.pt,
+    so a table that repeated the first checkpoint would pass with it)."""
+    ckpt = read_checkpoint(tiny_run.best)
+    weights = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
+    weights["head.fc.weight"] += 0.5 * torch.randn(weights["head.fc.weight"].shape,
+                                                   generator=torch.Generator().manual_seed(0))
+    torch.save(ckpt, tmp_path / "perturbed.pt")
+    images = np.load(tiny_run.data_dir / "val_teacher.npy")
+    factors = (tiny_run.data_dir / "val_factors.csv").read_text().splitlines(keepends=True)
+    for name, rows in (("small_fit", slice(0, 8)), ("small_eval", slice(8, 12))):  # small: decoding dominates
+        np.save(tmp_path / f"{name}_teacher.npy", images[rows])
+        (tmp_path / f"{name}_factors.csv").write_text(factors[0] + "".join(factors[1:][rows]))
+    out = tmp_path / "out"
+    s = eg.main(["--ckpt", str(tiny_run.best), "--ckpt", str(tmp_path / "perturbed.pt"), "--out", str(out),
+                 "--fit-data", str(tmp_path / "small_fit_teacher.npy"),
+                 "--data", str(tmp_path / "small_eval_teacher.npy"), "--workers", "0", "--device", "cpu"])
+    assert s == json.loads((out / "summary.json").read_text())
+    assert s["columns"] == ["best", "perturbed"]
+    assert list(s["comparison"]) == ["PC1 %", "first 5 %", "first 10 %", "effective rank", "recon PSNR dB",
+                                     "mean probe R^2"]
+    for c, col in enumerate(s["columns"]):
+        one = s["checkpoints"][col]
+        assert one == json.loads((out / col / "summary.json").read_text())
+        first10 = one["cumulative"]["fit"]["8"]  # 8 fit images: 8 PCs, the first 10 are all of them
+        assert [v[c] for v in s["comparison"].values()] == pytest.approx([
+            100 * one["explained_variance_ratio"]["fit"][0], 100 * one["cumulative"]["fit"]["5"], 100 * first10,
+            one["effective_rank"]["fit"], one["recon_psnr"]["full"], one["factors"]["mean_probe_r2"]])
+        for name in FIGURES:
+            assert (out / col / name).is_file()
+    assert s["comparison"]["recon PSNR dB"][0] != s["comparison"]["recon PSNR dB"][1]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_bad_input_one_line_error_exit_1_earlier_output_untouched(case, tiny_run, tmp_path, monkeypatch, capsys):
+    """The script's __main__ block run in this process (runpy): the same code as `python eigenears.py`, without
+    another interpreter start (test_eval.py runs eval.py's in a subprocess)."""
+    c = bad_inputs(tiny_run, tmp_path)[case]
+    c.earlier = tmp_path / "out" / "summary.json"
+    c.earlier.parent.mkdir()
+    c.earlier.write_text(EARLIER)
+    argv = ["--ckpt", str(c.ckpt), "--out", str(c.earlier.parent), "--device", "cpu", "--workers", "0",
+            *(["--data", str(c.data)] if c.data else [])]
+    monkeypatch.setattr(sys, "argv", ["eigenears.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "eigenears.py"), run_name="__main__")
+    captured = capsys.readouterr()
+    c.rc, c.stdout, c.stderr = exit_info.value.code, captured.out, captured.err
+    check_cli_error(c)

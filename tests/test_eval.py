@@ -1,0 +1,215 @@
+"""Tests for eval.py on the tiny trained run: output files, metrics against scikit-image on the model's own
+reconstructions, exported latents against model.encode, determinism, and one-line CLI errors that never clobber."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import csv
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.image
+import numpy as np
+import pytest
+import skimage.metrics
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval as ev  # noqa: E402
+from model import load_model  # noqa: E402
+
+BLANK = 3  # index of the blank (invalid) sample in the file built by holey_file
+
+
+@pytest.fixture(scope="module")
+def holey_file(tiny_run, tmp_path_factory) -> Path:
+    """The 16 validation ears plus 5 training ears, with sample BLANK set to a constant grey: EarDataset drops it
+    (1 of 21 < 5%), so kept indices and file indices differ."""
+    val = np.load(tiny_run.data_dir / "val_teacher.npy")
+    train = np.load(tiny_run.data_dir / "train_teacher.npy")
+    arr = np.concatenate([val, train[:5]])
+    arr[BLANK] = 128
+    path = tmp_path_factory.mktemp("holey") / "holey_teacher.npy"
+    np.save(path, arr)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_run, holey_file, tmp_path_factory) -> SimpleNamespace:
+    """eval.main twice on holey_file, the first time with --export-latents."""
+    d = tmp_path_factory.mktemp("eval")
+    common = ["--workers", "0", "--device", "cpu", "--batch-size", "8"]
+    ev.main([str(tiny_run.best), "--data", str(holey_file), "--out", str(d / "a"),
+             "--export-latents", str(d / "mu.npy"), *common])
+    ev.main([str(tiny_run.best), "--data", str(holey_file), "--out", str(d / "b"), *common])
+    return SimpleNamespace(dir=d, a=d / "a", b=d / "b", mu=d / "mu.npy", index=d / "mu_index.npy")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run, holey_file) -> SimpleNamespace:
+    """The model's own outputs on the kept samples of holey_file, read straight from the .npy (no data.py):
+    x, recon (N, 3, 128, 128) float32 and mu (N, D), for the file indices `keep`."""
+    model, _ = load_model(tiny_run.best)
+    arr = np.load(holey_file)
+    keep = np.array([i for i in range(len(arr)) if i != BLANK])
+    x = torch.from_numpy(arr[keep]).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        out = model(x)
+    return SimpleNamespace(keep=keep, x=x, recon=out["recon"], mu=out["mu"])
+
+
+def read_csv(path: Path) -> dict[str, np.ndarray]:
+    rows = list(csv.DictReader(open(path)))
+    return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
+
+
+def test_outputs_written_one_csv_row_per_kept_image_and_a_valid_png(runs, reference):
+    metrics = json.loads((runs.a / "metrics.json").read_text())
+    assert set(metrics) == {"n_images", "n_invalid", "checkpoint", "step", "data", "psnr", "ssim", "mae", "mse", "kl"}
+    for k in ("psnr", "ssim"):
+        assert set(metrics[k]) == {"mean", "std", "median", "p5", "target", "meets_target"}
+    assert metrics["psnr"]["target"] == 28 and metrics["ssim"]["target"] == 0.85
+    assert metrics["step"] == 16 and metrics["n_invalid"] == 1
+    table = read_csv(runs.a / "per_image.csv")
+    assert list(table) == ["index", "psnr", "ssim", "mae", "mse", "kl"]
+    assert metrics["n_images"] == len(table["index"]) == len(reference.keep) == 20
+    np.testing.assert_array_equal(table["index"], reference.keep)  # the blank sample is filtered, indices kept
+    png = runs.a / "reconstructions.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(png).ndim == 3
+
+
+def test_default_data_is_the_validation_file_of_the_run_that_made_the_checkpoint(tiny_run):
+    info = ev.checkpoint_info(tiny_run.best)
+    assert info["val"] == tiny_run.data_dir / "val_teacher.npy"
+    assert info["train"] == tiny_run.data_dir / "train_teacher.npy"
+    assert info["step"] == 16
+
+
+def test_per_image_psnr_ssim_equal_scikit_image_on_the_models_reconstructions(runs, reference):
+    table = read_csv(runs.a / "per_image.csv")
+    x = reference.x.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    r = reference.recon.permute(0, 2, 3, 1).numpy()
+    sk_psnr = [skimage.metrics.peak_signal_noise_ratio(a, b, data_range=1) for a, b in zip(x, r)]
+    sk_ssim = [skimage.metrics.structural_similarity(a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                                     use_sample_covariance=False, data_range=1) for a, b in zip(x, r)]
+    np.testing.assert_allclose(table["psnr"], sk_psnr, atol=1e-3)
+    np.testing.assert_allclose(table["ssim"], sk_ssim, atol=1e-3)
+    np.testing.assert_allclose(table["mae"], np.abs(r - x).mean(axis=(1, 2, 3)), atol=1e-6)
+    np.testing.assert_allclose(table["mse"], np.square(r - x).mean(axis=(1, 2, 3)), atol=1e-6)
+
+
+def test_summary_statistics_are_those_of_per_image_csv(runs):
+    metrics = json.loads((runs.a / "metrics.json").read_text())
+    table = read_csv(runs.a / "per_image.csv")
+    for k in ("psnr", "ssim"):
+        v = table[k]
+        got = metrics[k]
+        assert got["mean"] == pytest.approx(v.mean(), rel=1e-9)
+        assert got["std"] == pytest.approx(v.std(), rel=1e-9)
+        assert got["median"] == pytest.approx(np.median(v), rel=1e-9)
+        assert got["p5"] == pytest.approx(np.percentile(v, 5), rel=1e-9)
+        assert got["meets_target"] == (v.mean() >= got["target"])
+    for k in ("mae", "mse", "kl"):
+        assert metrics[k] == pytest.approx(table[k].mean(), rel=1e-9)
+
+
+def test_exported_latents_are_model_encode_mu_of_the_kept_samples(runs, reference):
+    mu, index = np.load(runs.mu, allow_pickle=False), np.load(runs.index, allow_pickle=False)
+    assert mu.dtype == np.float32 and index.dtype == np.int64
+    assert mu.shape == tuple(reference.mu.shape) and index.shape == (len(reference.keep),)
+    np.testing.assert_array_equal(index, reference.keep)
+    np.testing.assert_allclose(mu, reference.mu.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_kl_column_is_the_per_image_gaussian_kl(runs, reference, tiny_run):
+    model, _ = load_model(tiny_run.best)
+    with torch.no_grad():
+        mu, logvar = model.encode(reference.x)
+    q = torch.distributions.Normal(mu.double(), (0.5 * logvar.double()).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu.double()), torch.ones_like(mu.double()))
+    kl = torch.distributions.kl_divergence(q, p).sum(-1)  # (N,)
+    np.testing.assert_allclose(read_csv(runs.a / "per_image.csv")["kl"], kl.numpy(), rtol=1e-4)
+
+
+def test_two_runs_write_identical_metrics(runs):
+    for name in ("metrics.json", "per_image.csv"):
+        assert (runs.a / name).read_bytes() == (runs.b / name).read_bytes()
+
+
+# -----------------------------------------------------------------------------
+# CLI errors
+
+CLI_CASES = ["missing", "garbage", "hostile", "missing-data"]
+EARLIER = '{"earlier": true}\n'  # an earlier run's output file, which a failed run must leave alone
+
+
+class Hostile:
+    """Unpickling this runs code: it would create `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))  # hostile
+
+
+def bad_inputs(tiny_run, d: Path) -> dict[str, SimpleNamespace]:
+    """{case: (ckpt, data (None: the run's), named: the file the error must name, marker: created if a hostile
+    pickle ran)}."""
+    marker = d / "pwned"
+    garbage, hostile = d / "garbage.pt", d / "hostile.pt"
+    garbage.write_bytes(b"this is not a checkpoint\n" * 10)
+    torch.save({"model": Hostile(marker), "model_config": {}}, hostile)
+    cases = {"missing": (d / "missing.pt", None, d / "missing.pt"), "garbage": (garbage, None, garbage),
+             "hostile": (hostile, None, hostile), "missing-data": (tiny_run.best, d / "none.npy", d / "none.npy")}
+    return {k: SimpleNamespace(ckpt=c, data=x, named=n, marker=marker) for k, (c, x, n) in cases.items()}
+
+
+def check_cli_error(r: SimpleNamespace) -> None:
+    assert r.rc == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert str(r.named) in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not r.marker.exists()
+    assert r.earlier.read_text() == EARLIER
+    assert sorted(p.name for p in r.earlier.parent.iterdir()) == [r.earlier.name]
+
+
+@pytest.fixture(scope="module")
+def cli_errors(tiny_run, tmp_path_factory) -> dict[str, SimpleNamespace]:
+    """`python eval.py CKPT [--data FILE] --out OUT` for every bad input, with an earlier OUT/metrics.json in place;
+    the processes run at once (each interpreter start costs seconds of imports)."""
+    d = tmp_path_factory.mktemp("eval_cli")
+    cases = bad_inputs(tiny_run, d)
+    procs = {}
+    for case, c in cases.items():
+        c.earlier = d / f"out_{case}" / "metrics.json"
+        c.earlier.parent.mkdir()
+        c.earlier.write_text(EARLIER)
+        argv = [str(c.ckpt), "--out", str(c.earlier.parent), *(["--data", str(c.data)] if c.data else [])]
+        procs[case] = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), *argv], cwd=d,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for case, c in cases.items():
+        c.stdout, c.stderr = procs[case].communicate(timeout=120)
+        c.rc = procs[case].returncode
+    return cases
+
+
+def test_hostile_checkpoint_payload_really_runs_when_unpickled(tmp_path):
+    """Control for the CLI test: the marker is created by an unsafe load, so its absence there means something."""
+    marker = tmp_path / "control"
+    pickle.loads(pickle.dumps(Hostile(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_bad_checkpoint_one_line_error_exit_1_earlier_output_untouched(cli_errors, case):
+    check_cli_error(cli_errors[case])
