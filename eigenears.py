@@ -28,7 +28,7 @@ from data import DataError, EarDataset  # noqa: E402
 from eval import (batches, checkpoint_info, data_file, encode_dataset, resolve_device, save_figure,  # noqa: E402
                   save_json, write_outputs)
 from losses import psnr  # noqa: E402
-from model import CheckpointError, EarVAE, WeightsUnavailableError, load_model  # noqa: E402
+from model import CheckpointError, EarVAE, WeightsUnavailableError, load_model, read_checkpoint  # noqa: E402
 
 CUMULATIVE_AT = (1, 5, 10, 50)  # numbers of PCs for the cumulative variance and the reconstruction PSNR
 CLAIM = 0.60  # the original claim: the first 5 PCs explain more than 60% of the variance
@@ -219,14 +219,16 @@ def factors_figure(corr: np.ndarray, names: list[str]) -> plt.Figure:
 
 def analyse(ckpt: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict[str, plt.Figure]]:
     """Everything for one checkpoint -> (summary dict, {file name: figure})."""
-    info = checkpoint_info(ckpt)
+    content = read_checkpoint(ckpt)
+    info = checkpoint_info(content)
     fit_path = data_file(args.fit_data, info, "train", ckpt)
     eval_path = data_file(args.data, info, "val", ckpt)
     fit_ds, eval_ds = EarDataset(fit_path), EarDataset(eval_path)
     fit_factors, eval_factors = read_factors(fit_path, fit_ds), read_factors(eval_path, eval_ds)
     if fit_factors is not None and eval_factors is not None and fit_factors[0] != eval_factors[0]:
         raise DataError(f"{fit_path} and {eval_path}: their factor CSVs name different factors")
-    model, cfg = load_model(ckpt, device)
+    model, cfg = load_model(ckpt, device, content)
+    del content
     print(f"{ckpt}: fit {fit_path} {fit_ds.summary()}, eval {eval_path} {eval_ds.summary()}")
     mu_fit = encode_dataset(model, fit_ds, args.batch_size, device, args.workers)[0].double().numpy()  # (Nf, D)
     mu_eval = encode_dataset(model, eval_ds, args.batch_size, device, args.workers)[0].double().numpy()  # (Ne, D)

@@ -61,10 +61,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def checkpoint_info(ckpt_path: str | Path) -> dict:
+def checkpoint_info(ckpt: dict) -> dict:
     """The checkpoint's step and the default data files of the run that wrote it (None without a run config):
-    {"step": int | None, "train": Path | None, "val": Path | None}."""
-    ckpt = read_checkpoint(ckpt_path)
+    {"step": int | None, "train": Path | None, "val": Path | None}. ckpt: read_checkpoint()'s result."""
     run = ckpt.get("run_config") or {}
     files = {"train": None, "val": None}
     if "data_dir" in run:
@@ -250,10 +249,12 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         parser.error(str(e))
 
-    info = checkpoint_info(args.ckpt)
+    ckpt = read_checkpoint(args.ckpt)
+    info = checkpoint_info(ckpt)
     data_path = data_file(args.data, info, "val", args.ckpt)
     ds = EarDataset(data_path)
-    model, _ = load_model(args.ckpt, device)
+    model, _ = load_model(args.ckpt, device, ckpt)
+    del ckpt
     print(f"{data_path}: {ds.summary()}")
 
     per_image = evaluate(model, ds, args.batch_size, device, args.workers)

@@ -71,7 +71,8 @@ def dinov2_config(**overrides) -> VAEConfig:
 
 def tiny_config(encoder: str = "sam", **overrides) -> VAEConfig:
     """Same code path, seconds on a CPU: 4 blocks of width 64 at input 128 (16x16 tokens), small decoder."""
-    common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, patch_size=8, image_size=128)
+    common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, patch_size=8, image_size=128,
+                  initializer_range=0.02)
     if encoder == "sam":
         enc = dict(common, mlp_dim=256, output_channels=32, window_size=4, global_attn_indexes=[1, 3])
         weights = "facebook/sam-vit-base"
@@ -103,7 +104,9 @@ def load_backbone(cfg: VAEConfig) -> nn.Module:
     architecture's defaults, which are ViT-B for both) when `cfg.pretrained` is False."""
     config_cls, model_cls = _backbone_classes(cfg.encoder)
     if not cfg.pretrained:
-        config = config_cls(**(cfg.encoder_config or {}))
+        # SamVisionConfig defaults to initializer_range=1e-10 (its weights are always loaded): a random start needs
+        # a real scale, or every weight is ~0 and the encoder passes nothing to the VAE
+        config = config_cls(**{"initializer_range": 0.02, **(cfg.encoder_config or {})})
         config._attn_implementation = cfg.attn_implementation
         return model_cls(config)
     try:
@@ -363,9 +366,12 @@ def load_state(model: nn.Module, state: dict, path: str | Path) -> None:
         raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(lines[1:3])[:300]})") from e
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[EarVAE, VAEConfig]:
-    """Rebuild a trained model from a train.py checkpoint alone (config inside). EMA weights when the run kept them."""
-    ckpt = read_checkpoint(path, map_location)
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               ckpt: dict | None = None) -> tuple[EarVAE, VAEConfig]:
+    """Rebuild a trained model from a train.py checkpoint alone (config inside). EMA weights when the run kept them.
+    `ckpt`: the file's content when the caller has read it already (read_checkpoint), so it is not read twice."""
+    if ckpt is None:
+        ckpt = read_checkpoint(path, map_location)
     cfg = config_from_checkpoint(ckpt)
     model = build_model(cfg)
     load_state(model, ckpt.get("ema") or ckpt["model"], path)

@@ -36,6 +36,19 @@ def saved_sam(tmp_path_factory):
     return path, ref
 
 
+def test_random_backbones_start_at_a_usable_scale():
+    """transformers' SAM config says initializer_range=1e-10 (weights are meant to be loaded): a random SAM must
+    not start at ~0, or the encoder passes nothing and the VAE only learns the mean image."""
+    for cfg in (tiny_config("sam"), tiny_config("dinov2"), sam_config(pretrained=False, input_size=256)):
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            feats = model.encoder.features(tiny_batch(2))
+            mu, _ = model.encode(tiny_batch(2))
+        for name, f in feats.items():
+            assert f.std() > 1e-2, (cfg.encoder, name, f.std().item())
+        assert (mu[0] - mu[1]).abs().mean() > 1e-3  # different images, different codes
+
+
 def test_pretrained_sam_loads_through_the_real_path(saved_sam):
     path, ref = saved_sam
     model = build_model(tiny_config("sam", pretrained=True, weights=str(path)))
@@ -45,7 +58,9 @@ def test_pretrained_sam_loads_through_the_real_path(saved_sam):
     x = tiny_batch(2)
     pixels = (x - model.encoder.pixel_mean) / model.encoder.pixel_std
     with torch.no_grad():
-        torch.testing.assert_close(model.encoder.features(x)["neck"], ref(pixels).last_hidden_state)
+        ours, theirs = model.encoder.features(x)["neck"], ref(pixels).last_hidden_state
+    assert theirs.std() > 0.1  # a real comparison, not of two near-zero tensors
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_full_sam_checkpoint_layout_loads_vision_encoder(tmp_path):
@@ -67,6 +82,7 @@ def test_pretrained_dinov2_loads_and_matches_transformers(tmp_path):
     with torch.no_grad():
         ours = model.encoder.features(x)["norm"]  # (B, C, g, g)
         theirs = ref(pixels).last_hidden_state[:, 1:]  # (B, g*g, C) without CLS
+    assert theirs.std() > 0.1
     torch.testing.assert_close(ours.flatten(2).transpose(1, 2), theirs)
 
 

@@ -86,7 +86,7 @@ def test_outputs_written_one_csv_row_per_kept_image_and_a_valid_png(runs, refere
 
 
 def test_default_data_is_the_validation_file_of_the_run_that_made_the_checkpoint(tiny_run):
-    info = ev.checkpoint_info(tiny_run.best)
+    info = ev.checkpoint_info(ev.read_checkpoint(tiny_run.best))
     assert info["val"] == tiny_run.data_dir / "val_teacher.npy"
     assert info["train"] == tiny_run.data_dir / "train_teacher.npy"
     assert info["step"] == 16
