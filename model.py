@@ -233,8 +233,10 @@ def group_norm(c: int) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     def __init__(self, c: int):
         super().__init__()
-        self.body = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
-                                  group_norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))
+        # convs without bias (as in ResNets): every path ends in a GroupNorm, which subtracts a per-channel constant
+        # again, so such a bias has a ~0 gradient that Adam would amplify into noise
+        self.body = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                  group_norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -246,8 +248,9 @@ class VAEHead(nn.Module):
 
     def __init__(self, in_channels: dict[str, int], fuse: int, pool: int, latent_dim: int):
         super().__init__()
-        self.proj = nn.ModuleDict({k: nn.Conv2d(c, fuse, 1) for k, c in in_channels.items()})
-        self.mix = nn.Sequential(group_norm(fuse), nn.SiLU(), nn.Conv2d(fuse, fuse, 3, padding=1),
+        # no biases before GroupNorm (the norm removes them; see ResBlock)
+        self.proj = nn.ModuleDict({k: nn.Conv2d(c, fuse, 1, bias=False) for k, c in in_channels.items()})
+        self.mix = nn.Sequential(group_norm(fuse), nn.SiLU(), nn.Conv2d(fuse, fuse, 3, padding=1, bias=False),
                                  group_norm(fuse), nn.SiLU())
         self.pool = pool
         self.fc = nn.Linear(fuse * pool * pool, 2 * latent_dim)
@@ -274,7 +277,7 @@ class Decoder(nn.Module):
         self.fc = nn.Linear(latent_dim, channels[0] * self.s0 ** 2)
         layers = [ResBlock(channels[0])]
         for c_in, c_out in zip(channels[:-1], channels[1:]):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1),
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
                        ResBlock(c_out)]
         layers += [group_norm(channels[-1]), nn.SiLU(), nn.Conv2d(channels[-1], 3, 3, padding=1)]
         self.net = nn.Sequential(*layers)

@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     def validate_and_save() -> None:
         nonlocal best_psnr
         val = evaluate(eval_model, val_loader, criterion, device, autocast)
-        write_row({"step": step, "epoch": epoch, "split": "val", "time": time.time(), **val})
+        write_row({"step": step, "epoch": epoch, "split": "val", "time": int(time.time()), **val})
         log(f"val step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
         if val["psnr"] > best_psnr:
             best_psnr = val["psnr"]
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
                 dt = time.time() - t0
                 row = {k: v.item() for k, v in logs.items()}
                 row.update(step=step, epoch=epoch, split="train", lr=optimizer.param_groups[-1]["lr"],
-                           grad_norm=grad_norm.item(), skipped=skipped, img_per_s=imgs / dt, time=time.time())
+                           grad_norm=grad_norm.item(), skipped=skipped, img_per_s=imgs / dt, time=int(time.time()))
                 write_row(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", ssim=f"{1 - row.get('ssim', math.nan):.3f}",
                                 img_s=f"{imgs / dt:.1f}")

@@ -5,6 +5,7 @@ import sys
 import torch
 
 from conftest import ROOT, tiny_train_args
+from model import build_model, tiny_config
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch(synth_dir, tmp_path):
@@ -23,7 +24,16 @@ def test_two_processes_match_one_process_on_the_same_global_batch(synth_dir, tmp
     a = torch.load(tmp_path / "one/checkpoints/last.pt", weights_only=True)
     b = torch.load(tmp_path / "two/checkpoints/last.pt", weights_only=True)
     assert b["world_size"] == 2 and a["step"] == b["step"] == 4 and a["epoch_pos"] == b["epoch_pos"] == 32
+    # Adam divides by sqrt(v): where a gradient is tiny, reduction-order rounding shows up in the update, so the
+    # two runs agree to rounding relative to how far the 4 steps moved the weights from their shared initialisation
+    torch.manual_seed(0)
+    init = build_model(tiny_config()).state_dict()
     for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], atol=2e-5, rtol=1e-4, msg=k)
+        moved = (a["model"][k].float() - init[k].float()).abs().max().item()
+        diff = (a["model"][k].float() - b["model"][k].float()).abs().max().item()
+        assert diff <= 0.05 * moved + 2e-5, (k, diff, moved)  # 2e-5: 2% of one step at lr 1e-3
+    total_moved = sum((a["model"][k].float() - init[k].float()).abs().sum().item() for k in a["model"])
+    total_diff = sum((a["model"][k].float() - b["model"][k].float()).abs().sum().item() for k in a["model"])
+    assert total_diff < 1e-3 * total_moved, (total_diff, total_moved)
     for state in (a, b):  # both really trained: 4 Adam updates of every trainable tensor
         assert all(int(v["step"]) == 4 for v in state["optimizer"]["state"].values())
