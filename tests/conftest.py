@@ -16,6 +16,16 @@ import data  # noqa: E402
 import train  # noqa: E402
 
 
+class Hostile:
+    """Unpickling this runs code: it would create `marker`. Tests check that no entry point ever unpickles it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))  # hostile
+
+
 def tiny_train_args(data_dir, run_dir, *extra: str) -> list[str]:
     """Flags of a tiny CPU run: random tiny backbone, no VGG (no weights here), no worker processes."""
     return ["--tiny", "--no-pretrained", "--perceptual-weight", "0", "--data-dir", str(data_dir),

@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from data import (FACTOR_RANGES, FACTORS, IMAGE_SIZE, AugConfig, DataError, EarDataset,  # noqa: E402
                   ResumableSampler, _colour, augment, main, make_loader, open_npy, render_ears, to_float, validate,
                   write_synthetic)
+from conftest import Hostile  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -125,19 +126,9 @@ def test_too_many_invalid_samples_raise_data_error_with_counts(tmp_path):
     assert len(EarDataset(path, size=16, max_invalid=0.32)) == 688
 
 
-class _Hostile:
-    """Unpickling this creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
-
 def test_pickled_object_npy_is_refused_without_unpickling(tmp_path):
     marker, path = tmp_path / "was_unpickled", tmp_path / "hostile.npy"
-    np.save(path, np.array([_Hostile(marker), 1], dtype=object), allow_pickle=True)  # hostile
+    np.save(path, np.array([Hostile(marker), 1], dtype=object), allow_pickle=True)  # hostile
     with pytest.raises(DataError, match=re.escape(str(path))):
         open_npy(path)
     with pytest.raises(DataError, match=re.escape(str(path))):
@@ -145,7 +136,7 @@ def test_pickled_object_npy_is_refused_without_unpickling(tmp_path):
     assert_one_line_error(run_cli("check", str(path), cwd=tmp_path), str(path))
     assert not marker.exists()
     # the payload is live: loading with pickles allowed runs it
-    np.load(path, allow_pickle=True)[0].close()  # hostile
+    np.load(path, allow_pickle=True)  # hostile
     assert marker.exists()
 
 

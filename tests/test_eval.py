@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import eval as ev  # noqa: E402
 from model import load_model  # noqa: E402
+from conftest import Hostile  # noqa: E402
 
 BLANK = 3  # index of the blank (invalid) sample in the file built by holey_file
 
@@ -148,16 +149,6 @@ def test_two_runs_write_identical_metrics(runs):
 
 CLI_CASES = ["missing", "garbage", "hostile", "missing-data"]
 EARLIER = '{"earlier": true}\n'  # an earlier run's output file, which a failed run must leave alone
-
-
-class Hostile:
-    """Unpickling this runs code: it would create `marker`."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))  # hostile
 
 
 def bad_inputs(tiny_run, d: Path) -> dict[str, SimpleNamespace]:

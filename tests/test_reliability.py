@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, tiny_train_args
+from conftest import ROOT, Hostile, tiny_train_args
 from model import CheckpointError
 
 STEPS = 12  # of 16 in the schedule (2 epochs x 8 steps): runs end mid-epoch
@@ -152,14 +152,6 @@ def test_killed_process_during_a_save_leaves_the_previous_checkpoint(tiny_run, t
 
 # 4 and 5. bad and malicious checkpoints ---------------------------------------------------------------------------
 
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))  # hostile
-
-
 def bad_checkpoints(tiny_run, d: Path) -> dict[str, Path]:
     d.mkdir(parents=True, exist_ok=True)
     files = {"empty": d / "empty.pt", "garbage": d / "garbage.pt", "truncated": d / "truncated.pt",
@@ -168,7 +160,7 @@ def bad_checkpoints(tiny_run, d: Path) -> dict[str, Path]:
     files["garbage"].write_bytes(os.urandom(4096))
     good = tiny_run.last.read_bytes()
     files["truncated"].write_bytes(good[: len(good) // 2])
-    torch.save({"model": {}, "model_config": {}, "x": Payload(d / "MARKER")}, files["malicious"])
+    torch.save({"model": {}, "model_config": {}, "x": Hostile(d / "MARKER")}, files["malicious"])
     torch.save({"model": {}, "model_config": {}}, files["weights-only"])
     return files
 
@@ -208,7 +200,7 @@ def test_malicious_checkpoint_is_refused_by_every_entry_point(tiny_run, tmp_path
 def test_pickled_npy_is_refused_by_every_entry_point(tiny_run, tmp_path):
     marker = tmp_path / "MARKER"
     bad = tmp_path / "pickled.npy"
-    np.save(bad, np.array([Payload(marker)], dtype=object), allow_pickle=True)  # hostile
+    np.save(bad, np.array([Hostile(marker)], dtype=object), allow_pickle=True)  # hostile
     base = tiny_train_args(tiny_run.data_dir, tmp_path / "run")
     for script, args in (("train.py", [*base, "--train-npy", str(bad)]),
                          ("train.py", [*base, "--val-npy", str(bad)]),
