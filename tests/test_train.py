@@ -97,3 +97,17 @@ def test_a_new_run_never_overwrites_an_earlier_one(tiny_run):
     r = run_cli(*tiny_train_args(tiny_run.data_dir, tiny_run.run_dir, "--epochs", "1"))
     assert r.returncode == 1 and "--resume" in r.stderr and "Traceback" not in r.stderr
     assert tiny_run.last.read_bytes() == before
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_size_and_the_ways_out(synth_dir, tmp_path):
+    script = ("import runpy, sys, torch, model\n"
+              "def boom(cfg):\n"
+              "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 6.40 GiB')\n"
+              "model.build_model = boom\n"
+              "sys.argv = ['train.py', *sys.argv[1:]]\n"
+              "runpy.run_path('train.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", script, *tiny_train_args(synth_dir, tmp_path)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    for needle in ("--batch-size 8", "--accum-steps", "--grad-checkpointing", "--input-size"):
+        assert needle in r.stderr, (needle, r.stderr)
