@@ -520,13 +520,14 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: in
     seeds come from a private generator, so iterating never consumes the global RNG.
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, generator=torch.Generator(), worker_init_fn=_ignore_sigint)
+                      persistent_workers=workers > 0, generator=torch.Generator(), worker_init_fn=_ignore_stop_signals)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group: workers ignore it so that the trainer can finish its step, fetch
-    what it still needs and save."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C (and a scheduler's SIGTERM to the process group) reach the workers too: they ignore both so that the
+    trainer can finish its step, fetch what it still needs and save; the loader ends them itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The whole job on the built-in synthetic ears, CPU-sized (about 12 minutes on 2 cores):
+"""The whole job on the built-in synthetic ears, CPU-sized (about 7 minutes on 2 cores):
 synthesise ears -> train the tiny model -> evaluate it -> draw its eigenears. Every artefact lands in --out.
 
     python demo.py              # writes demo/

@@ -166,6 +166,7 @@ class Encoder(nn.Module):
             self.embed, self.blocks, self.final = backbone.embeddings, backbone.encoder.layer, backbone.layernorm
             self.final_name, final_channels = "norm", c.hidden_size
             self.num_prefix = 1 + getattr(c, "num_register_tokens", 0)  # CLS (+ registers) come before patches
+            backbone.embeddings.mask_token.requires_grad_(False)  # for masked pre-training only: never used here
         self.feature_channels = {f"block{i}": c.hidden_size for i in cfg.feature_blocks}
         self.feature_channels[self.final_name] = final_channels
         self.hidden_size = c.hidden_size
@@ -347,7 +348,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: refused: {detail} (a pickle can run code); only train.py checkpoints "
                               f"load") from e
     except Exception as e:  # anything else the parser raises on a damaged file (EOFError, IndexError, ...)
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__})") from e
+        reason = " ".join(str(e).split())[:160] or "no detail"
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: {reason})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path}: not an ear-teacher checkpoint (expected keys 'model' and 'model_config')")
     return ckpt

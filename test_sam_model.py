@@ -121,6 +121,16 @@ def test_frozen_prefix_and_trainable_counts():
     assert "Frozen params:" in parameter_report({"EarVAE": model})
 
 
+@pytest.mark.parametrize("encoder", ["sam", "dinov2"])
+def test_with_nothing_frozen_every_trainable_parameter_gets_a_gradient(encoder):
+    """DDP requires it: an unused trainable parameter (DINOv2's mask token) would stop a multi-GPU run."""
+    model = build_model(tiny_config(encoder, freeze_blocks=0)).train()
+    x = tiny_batch(2)
+    (model(x)["recon"] - x).abs().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
 def test_full_vit_b_parameter_breakdown():
     """The original design: SAM ViT-B, first 6 of 12 blocks frozen (patch + position embedding too)."""
     model = build_model(sam_config(pretrained=False, input_size=256))

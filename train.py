@@ -42,6 +42,20 @@ LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual
               "psnr", "ssim_metric", "grad_norm", "skipped", "img_per_s", "time"]
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value}")
+    return value
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite losses, a checkpoint that cannot be written); str(e) says why."""
 
@@ -53,7 +67,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default="data", help="folder with train_teacher.npy and val_teacher.npy")
     g.add_argument("--train-npy", default=None, help="training file (default DATA_DIR/train_teacher.npy)")
     g.add_argument("--val-npy", default=None, help="validation file (default DATA_DIR/val_teacher.npy)")
-    g.add_argument("--max-invalid", type=float, default=0.05, help="stop if more than this fraction of samples is bad")
+    g.add_argument("--max-invalid", type=fraction, default=0.05, help="stop if more than this fraction of samples is bad")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes per GPU")
     g.add_argument("--no-augment", action="store_true", help="train on the images as they are")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (turns left ears into right ones)")
@@ -79,9 +93,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
     g.add_argument("--vgg-weights", default="imagenet", help="'imagenet' (torchvision) or a local VGG16 state dict")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=60, help="epochs; the learning-rate schedule spans them")
-    g.add_argument("--batch-size", type=int, default=4, help="images per GPU per micro-step")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--epochs", type=positive_int, default=60, help="epochs; the learning-rate schedule spans them")
+    g.add_argument("--batch-size", type=positive_int, default=4, help="images per GPU per micro-step")
+    g.add_argument("--accum-steps", type=positive_int, default=1, help="micro-steps per optimizer step")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (head and decoder)")
     g.add_argument("--encoder-lr-scale", type=float, default=0.1, help="encoder blocks train at lr * this")
     g.add_argument("--min-lr-ratio", type=float, default=0.01, help="cosine decays to lr * this")
@@ -101,9 +115,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="continue from CKPT_DIR/last.pt, or from the given checkpoint")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total "
                    "(the schedule still spans --epochs)")
-    g.add_argument("--save-every", type=int, default=500, help="write last.pt every N optimizer steps")
-    g.add_argument("--log-every", type=int, default=10, help="log training metrics every N optimizer steps")
-    g.add_argument("--max-nan", type=int, default=5, help="stop after this many non-finite losses in a row")
+    g.add_argument("--save-every", type=positive_int, default=500, help="write last.pt every N optimizer steps")
+    g.add_argument("--log-every", type=positive_int, default=10, help="log training metrics every N optimizer steps")
+    g.add_argument("--max-nan", type=positive_int, default=5, help="stop after this many non-finite losses in a row")
     return p
 
 
@@ -235,10 +249,18 @@ def main(argv: list[str] | None = None) -> None:
         if "run_config" not in ckpt or "optimizer" not in ckpt:
             raise CheckpointError(f"{resume_path}: holds model weights only (no optimizer state); cannot resume from it")
         saved = ckpt["run_config"]
-        for k, v in vars(args).items():
-            if k not in RESUME_OVERRIDES and k in saved and v != parser.get_default(k) and v != saved[k]:
-                log(f"note: --{k.replace('_', '-')} {v} ignored: resuming with the checkpoint's {saved[k]!r}")
-        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES}})
+        changed = {k for k, v in vars(args).items() if v != parser.get_default(k)}  # flags given on this command
+        for k in sorted(changed - RESUME_OVERRIDES):
+            if k in saved and getattr(args, k) != saved[k]:
+                log(f"note: --{k.replace('_', '-')} {getattr(args, k)} ignored: resuming with the checkpoint's "
+                    f"{saved[k]!r}")
+        args = argparse.Namespace(**{**saved, "resume": args.resume,
+                                     **{k: getattr(args, k) for k in changed & RESUME_OVERRIDES}})
+        ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)  # the run's own folders unless given again
+        if ckpt.get("world_size", 1) != world:
+            raise CheckpointError(f"{resume_path}: written by {ckpt.get('world_size', 1)} process(es), resumed by "
+                                  f"{world}; resume with the same number of processes")
+        pretrained = ckpt["model_config"]["pretrained"]  # how the run started, kept in what it saves
         cfg = config_from_checkpoint(ckpt)
     else:
         for f in (ckpt_dir / "last.pt", log_dir / "metrics.csv"):
@@ -246,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise TrainingError(f"{f} exists from an earlier run: pass --resume to continue it, "
                                     f"or choose another --ckpt-dir / --log-dir")
         cfg = model_config(args)
+        pretrained = cfg.pretrained
 
     # -- precision: bf16 autocast where the GPU has it, else fp16 + GradScaler; fp32 on CPU
     precision = args.precision
@@ -278,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- model, loss, optimizer (initialisation from the seed; under DDP rank 0's weights are broadcast)
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(device)
-    cfg = model.cfg
+    cfg = replace(model.cfg, pretrained=pretrained)
     criterion = VAELoss(kl=args.kl_weight, perceptual=args.perceptual_weight, ssim=args.ssim_weight,
                         edge=args.edge_weight, contrastive=args.contrastive_weight, center_weight=args.center_weight,
                         temperature=args.temperature, image_size=cfg.image_size,
@@ -361,10 +384,10 @@ def main(argv: list[str] | None = None) -> None:
                 state["ema_n_averaged"] = int(ema.n_averaged)
         return state
 
-    def validate_and_save() -> None:
+    def validate_and_save(trained_epoch: int) -> None:
         nonlocal best_psnr
         val = evaluate(eval_model, val_loader, criterion, device, autocast)
-        write_row({"step": step, "epoch": epoch, "split": "val", "time": int(time.time()), **val})
+        write_row({"step": step, "epoch": trained_epoch, "split": "val", "time": int(time.time()), **val})
         log(f"val step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
         if val["psnr"] > best_psnr:
             best_psnr = val["psnr"]
@@ -405,10 +428,13 @@ def main(argv: list[str] | None = None) -> None:
                     scaler.scale(loss / args.accum_steps).backward()
                 loss_sum += loss.detach()
                 imgs += len(keys) * world
-            # one host sync per optimizer step: a non-finite loss on any process skips the update everywhere
+            # one host sync per optimizer step: a non-finite loss on any process skips the update everywhere, and
+            # a stop request on any process stops all of them at this step
+            flags = torch.stack([loss_sum, torch.tensor(float(bool(STOP_SIGNALS)), device=device)])
             if ddp:
-                dist.all_reduce(loss_sum)
-            if torch.isfinite(loss_sum):
+                dist.all_reduce(flags)
+            loss_total, stop_requests = flags.tolist()
+            if math.isfinite(loss_total):
                 nan_streak = 0
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or math.inf)
@@ -433,18 +459,15 @@ def main(argv: list[str] | None = None) -> None:
 
             if step % args.log_every == 0 and master:
                 dt = time.time() - t0
-                row = {k: v.item() for k, v in logs.items()}
+                row = {k: v.item() for k, v in logs.items()}  # terms: rank 0's last micro-batch
+                row["loss"] = loss_total / (args.accum_steps * world)  # mean over micro-batches and processes
                 row.update(step=step, epoch=epoch, split="train", lr=optimizer.param_groups[-1]["lr"],
                            grad_norm=grad_norm.item(), skipped=skipped, img_per_s=imgs / dt, time=int(time.time()))
                 write_row(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", ssim=f"{1 - row.get('ssim', math.nan):.3f}",
                                 img_s=f"{imgs / dt:.1f}")
                 t0, imgs = time.time(), 0
-            stop = bool(STOP_SIGNALS)  # SIGINT / SIGTERM: finish this step, save last.pt, exit non-zero
-            if ddp:  # every process stops at the same step
-                flag = torch.tensor(float(stop), device=device)
-                dist.all_reduce(flag)
-                stop = flag.item() > 0
+            stop = stop_requests > 0 if ddp else bool(STOP_SIGNALS)  # SIGINT / SIGTERM: save last.pt, exit
             done = args.max_steps is not None and step >= args.max_steps
             if master and (stop or (step % args.save_every == 0 and not done and nan_streak == 0)):
                 save_checkpoint(checkpoint_state(full=True), ckpt_dir / "last.pt")
@@ -455,10 +478,11 @@ def main(argv: list[str] | None = None) -> None:
             if done:
                 break
         bar.close()
+        trained_epoch = epoch
         if epoch_pos >= steps_per_epoch * global_batch * args.accum_steps:
             epoch, epoch_pos = epoch + 1, 0
         if master:  # after every epoch, and at the last step of a run cut short by --max-steps
-            validate_and_save()
+            validate_and_save(trained_epoch)
         if ddp:
             dist.barrier()
     if master:

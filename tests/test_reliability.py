@@ -307,3 +307,39 @@ def test_backbone_weights_load_only_from_safetensors(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the legacy pickle format only
     with pytest.raises(WeightsUnavailableError, match=str(tmp_path)):
         build_model(tiny_config(pretrained=True, weights=str(tmp_path)))
+
+
+def test_resume_by_path_alone_continues_in_the_runs_own_folders(reference, synth_dir, tmp_path):
+    """`train.py --resume RUN/checkpoints/last.pt` from another directory: same folders, same run, nothing in cwd."""
+    ref_run, extra = reference
+    run = tmp_path / "run"
+    first = [a if a != str(STEPS) else "5" for a in extra]
+    assert run_cli("train.py", *tiny_train_args(synth_dir, run, *first)).returncode == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run / "checkpoints/last.pt"),
+                        "--max-steps", str(STEPS), "--lr", "0.5"], capture_output=True, text=True, cwd=elsewhere,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "--lr 0.5 ignored" in r.stdout
+    assert not any(elsewhere.iterdir())  # nothing written to ./checkpoints or ./logs of the current directory
+    states_equal(torch.load(ref_run / "checkpoints/last.pt", weights_only=True),
+                 torch.load(run / "checkpoints/last.pt", weights_only=True))
+    assert train_losses(ref_run / "logs") == train_losses(run / "logs")
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(synth_dir, tmp_path):
+    """A scheduler (SLURM preemption, `kill -- -PGID`) signals the workers too: they must not die first."""
+    args = [sys.executable, str(ROOT / "train.py"), *tiny_train_args(synth_dir, tmp_path, "--epochs", "2")]
+    args[args.index("--workers") + 1] = "2"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "logs/metrics.csv").exists() and max(train_losses(tmp_path / "logs"), default=0) >= 2:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["step"] >= 2
