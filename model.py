@@ -33,6 +33,10 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be loaded. The message says what was tried and how to fix it."""
 
 
+class ConfigError(ValueError):
+    """A model configuration that cannot be built (a user's flag out of range); str(e) names the value."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, unsafe or does not fit its model. str(e) names the file."""
 
@@ -80,7 +84,7 @@ def tiny_config(encoder: str = "sam", **overrides) -> VAEConfig:
         enc = dict(common, mlp_ratio=4)
         weights = "facebook/dinov2-base"
     else:
-        raise ValueError(f"encoder must be 'sam' or 'dinov2', got {encoder!r}")
+        raise ConfigError(f"encoder must be 'sam' or 'dinov2', got {encoder!r}")
     kw = dict(encoder=encoder, weights=weights, pretrained=False, encoder_config=enc, input_size=128,
               freeze_blocks=2, feature_blocks=(1, 3), fuse_channels=32, head_pool=8,
               decoder_channels=(128, 128, 64, 32, 16))
@@ -96,7 +100,7 @@ def _backbone_classes(encoder: str):
         return SamVisionConfig, SamVisionModel
     if encoder == "dinov2":
         return Dinov2Config, Dinov2Model
-    raise ValueError(f"encoder must be 'sam' or 'dinov2', got {encoder!r}")
+    raise ConfigError(f"encoder must be 'sam' or 'dinov2', got {encoder!r}")
 
 
 def load_backbone(cfg: VAEConfig) -> nn.Module:
@@ -142,12 +146,12 @@ class Encoder(nn.Module):
         self.patch_size = c.patch_size
         self.grid = cfg.input_size // c.patch_size
         if cfg.input_size % c.patch_size:
-            raise ValueError(f"input_size {cfg.input_size} is not a multiple of the patch size {c.patch_size}")
+            raise ConfigError(f"input_size {cfg.input_size} is not a multiple of the patch size {c.patch_size}")
         if not 0 <= cfg.freeze_blocks <= c.num_hidden_layers:
-            raise ValueError(f"freeze_blocks must be in 0..{c.num_hidden_layers}, got {cfg.freeze_blocks}")
+            raise ConfigError(f"freeze_blocks must be in 0..{c.num_hidden_layers}, got {cfg.freeze_blocks}")
         bad = [i for i in cfg.feature_blocks if not 0 <= i < c.num_hidden_layers]
         if bad:
-            raise ValueError(f"feature_blocks {bad} out of range 0..{c.num_hidden_layers - 1}")
+            raise ConfigError(f"feature_blocks {bad} out of range 0..{c.num_hidden_layers - 1}")
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -274,7 +278,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.s0 = image_size // 2 ** (len(channels) - 1)
         if self.s0 * 2 ** (len(channels) - 1) != image_size:
-            raise ValueError(f"image_size {image_size} is not {len(channels)} - 1 doublings of an integer")
+            raise ConfigError(f"image_size {image_size} is not {len(channels)} - 1 doublings of an integer")
         self.fc = nn.Linear(latent_dim, channels[0] * self.s0 ** 2)
         layers = [ResBlock(channels[0])]
         for c_in, c_out in zip(channels[:-1], channels[1:]):

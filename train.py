@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
 from losses import VAELoss, psnr, ssim
-from model import (CheckpointError, WeightsUnavailableError, build_model, config_from_checkpoint, dinov2_config,
+from model import (CheckpointError, ConfigError, WeightsUnavailableError, build_model, config_from_checkpoint, dinov2_config,
                    load_state, parameter_report, read_checkpoint, sam_config, tiny_config)
 
 DEFAULT_WEIGHTS = {"sam": "facebook/sam-vit-base", "dinov2": "facebook/dinov2-base"}
@@ -499,7 +499,7 @@ if __name__ == "__main__":
         signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
     try:
         main()
-    except (DataError, CheckpointError, WeightsUnavailableError, TrainingError) as e:
+    except (DataError, CheckpointError, ConfigError, WeightsUnavailableError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except torch.OutOfMemoryError:

@@ -111,3 +111,11 @@ def test_out_of_memory_is_one_line_naming_the_batch_size_and_the_ways_out(synth_
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
     for needle in ("--batch-size 8", "--accum-steps", "--grad-checkpointing", "--input-size"):
         assert needle in r.stderr, (needle, r.stderr)
+
+
+@pytest.mark.parametrize("flags,needle", [(["--input-size", "100"], "input_size 100"),
+                                          (["--freeze-blocks", "9"], "freeze_blocks")])
+def test_a_model_flag_out_of_range_is_one_line(synth_dir, tmp_path, flags, needle):
+    r = run_cli(*tiny_train_args(synth_dir, tmp_path), *flags)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith("error: ") and needle in r.stderr
