@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -520,14 +519,14 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: in
     seeds come from a private generator, so iterating never consumes the global RNG.
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, generator=torch.Generator(), worker_init_fn=_ignore_stop_signals)
+                      persistent_workers=workers > 0, generator=torch.Generator(), worker_init_fn=_own_session)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Ctrl-C (and a scheduler's SIGTERM to the process group) reach the workers too: they ignore both so that the
-    trainer can finish its step, fetch what it still needs and save; the loader ends them itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _own_session(worker_id: int) -> None:
+    """Workers leave the trainer's process group: Ctrl-C or `kill -- -PGID` then reach the trainer alone, which
+    finishes its step (fetching what it still needs from the workers), saves and stops them. (Ignoring the signals
+    instead would block the SIGTERM with which Python ends daemon processes at exit.)"""
+    os.setsid()
 
 
 # ----------------------------------------------------------------------------------------------------------------

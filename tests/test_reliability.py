@@ -343,3 +343,11 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(synt
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["step"] >= 2
+
+
+def test_a_finished_run_with_loader_workers_exits(synth_dir, tmp_path):
+    """Workers must still end when Python terminates its daemon processes at exit (no hang after 'done')."""
+    args = tiny_train_args(synth_dir, tmp_path, "--epochs", "1")
+    args[args.index("--workers") + 1] = "2"
+    r = run_cli("train.py", *args, timeout=120)
+    assert r.returncode == 0 and "done: 8 steps" in r.stdout, r.stderr
