@@ -284,11 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = Path(args.data_dir)
     train_ds = EarDataset(args.train_npy or data_dir / "train_teacher.npy", max_invalid=args.max_invalid)
     val_ds = EarDataset(args.val_npy or data_dir / "val_teacher.npy", max_invalid=args.max_invalid)
-    global_batch = args.batch_size * world  # images per micro-step over all processes
-    steps_per_epoch = len(train_ds) // (global_batch * args.accum_steps)
+    global_batch = args.batch_size * world * args.accum_steps  # images per optimizer step over all processes
+    steps_per_epoch = len(train_ds) // global_batch
+    epoch_len = steps_per_epoch * global_batch  # samples of an epoch that are used (the remainder is dropped)
     if steps_per_epoch == 0:
         raise DataError(f"{train_ds.path}: {len(train_ds)} usable samples, fewer than one optimizer step of "
-                        f"{global_batch * args.accum_steps} (batch size x processes x accum steps)")
+                        f"{global_batch} (batch size x processes x accum steps)")
     total_steps = args.epochs * steps_per_epoch
     sampler = ResumableSampler(len(train_ds), args.batch_size, args.seed, shuffle=True, rank=rank, world_size=world)
     val_sampler = ResumableSampler(len(val_ds), 1, args.seed, shuffle=False)
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     log(parameter_report({"EarVAE": raw_model, **({"PerceptualLoss": criterion} if args.perceptual_weight else {})}))
     log(f"Train samples: {train_ds.summary()}")
     log(f"Val samples:   {val_ds.summary()}")
-    log(f"Steps per epoch: {steps_per_epoch:,} (global batch {global_batch * args.accum_steps}), "
+    log(f"Steps per epoch: {steps_per_epoch:,} (global batch {global_batch}), "
         f"total {total_steps:,}" + (f", stopping at {args.max_steps:,}" if args.max_steps else ""))
 
     writer = None
@@ -407,10 +408,10 @@ def main(argv: list[str] | None = None) -> None:
     while not done and epoch < args.epochs:
         sampler.set_epoch(epoch, start=epoch_pos)
         batches = iter(train_loader)
-        bar = tqdm(total=steps_per_epoch, initial=epoch_pos // (global_batch * args.accum_steps),
+        bar = tqdm(total=steps_per_epoch, initial=epoch_pos // global_batch,
                    desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True)
         t0, imgs = time.time(), 0
-        while epoch_pos < steps_per_epoch * global_batch * args.accum_steps:
+        while epoch_pos < epoch_len:
             loss_sum = torch.zeros((), device=device)
             for micro in range(args.accum_steps):
                 x, keys = next(batches)  # uint8 (B, 3, 128, 128), int64 (B,) sample indices
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            epoch_pos += global_batch * args.accum_steps
+            epoch_pos += global_batch
             bar.update(1)
 
             if step % args.log_every == 0 and master:
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
         bar.close()
         trained_epoch = epoch
-        if epoch_pos >= steps_per_epoch * global_batch * args.accum_steps:
+        if epoch_pos >= epoch_len:
             epoch, epoch_pos = epoch + 1, 0
         if master:  # after every epoch, and at the last step of a run cut short by --max-steps
             validate_and_save(trained_epoch)
