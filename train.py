@@ -35,8 +35,9 @@ from model import (CheckpointError, ConfigError, WeightsUnavailableError, build_
 
 DEFAULT_WEIGHTS = {"sam": "facebook/sam-vit-base", "dinov2": "facebook/dinov2-base"}
 # flags that may differ when resuming; every other flag comes from the checkpoint's run config
+# (batch_size and accum_steps may change only together with the number of processes, keeping the global batch)
 RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir",
-                    "device"}
+                    "device", "batch_size", "accum_steps"}
 STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installed under __main__
 LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
               "psnr", "ssim_metric", "grad_norm", "skipped", "img_per_s", "time"]
@@ -249,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
         if "run_config" not in ckpt or "optimizer" not in ckpt:
             raise CheckpointError(f"{resume_path}: holds model weights only (no optimizer state); cannot resume from it")
         saved = ckpt["run_config"]
-        changed = {k for k, v in vars(args).items() if v != parser.get_default(k)}  # flags given on this command
+        untyped = object()  # argparse fills only the names a namespace lacks: what is still `untyped` was not given
+        given = parser.parse_args(argv, argparse.Namespace(**{k: untyped for k in vars(args)}))
+        changed = {k for k, v in vars(given).items() if v is not untyped}  # typed flags, even at their defaults
         for k in sorted(changed - RESUME_OVERRIDES):
             if k in saved and getattr(args, k) != saved[k]:
                 log(f"note: --{k.replace('_', '-')} {getattr(args, k)} ignored: resuming with the checkpoint's "
@@ -257,9 +260,16 @@ def main(argv: list[str] | None = None) -> None:
         args = argparse.Namespace(**{**saved, "resume": args.resume,
                                      **{k: getattr(args, k) for k in changed & RESUME_OVERRIDES}})
         ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)  # the run's own folders unless given again
-        if ckpt.get("world_size", 1) != world:
-            raise CheckpointError(f"{resume_path}: written by {ckpt.get('world_size', 1)} process(es), resumed by "
-                                  f"{world}; resume with the same number of processes")
+        # another number of processes is fine if the global batch stays: the data order, the per-sample noise and
+        # augmentation, the step count and the schedule are all functions of the global batch and sample indices
+        was = (saved["batch_size"], ckpt["world_size"], saved["accum_steps"])
+        now = (args.batch_size, world, args.accum_steps)
+        if math.prod(now) != math.prod(was):
+            raise CheckpointError(
+                f"{resume_path}: the run's global batch is {math.prod(was)} (batch size {was[0]} x {was[1]} "
+                f"process(es) x {was[2]} accum steps), this command's is {math.prod(now)} ({now[0]} x {now[1]} x "
+                f"{now[2]}); choose --batch-size and --accum-steps whose product with {world} process(es) is "
+                f"{math.prod(was)}")
         pretrained = ckpt["model_config"]["pretrained"]  # how the run started, kept in what it saves
         cfg = config_from_checkpoint(ckpt)
     else:
