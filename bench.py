@@ -1,8 +1,10 @@
-"""Benchmark the full ViT-B ear teacher: training images/s, step time, peak memory and MFU, for the optimised path
-beside a baseline configured like the original run (eager attention, fp16 autocast + GradScaler, no
-gradient checkpointing), and the data pipeline alone. Random weights: speed does not depend on them.
+"""Benchmark the full ViT-B ear teacher: training images/s, step time, peak memory and MFU for the optimised path
+beside a baseline configured like the original run (eager attention, fp16 autocast + GradScaler, no gradient
+checkpointing) and the optional levers (--attn flex, --compile), and the data pipeline alone. Random weights:
+speed does not depend on them.
 
     python bench.py                                   # GPU: SAM input 1024, 512, 256 at several batch sizes
+    python bench.py --grad-checkpointing --max-batch  # also checkpointing, and the largest batch that fits
     python bench.py --sizes 256 --batch-sizes 1 2     # a CPU-sized run
     python bench.py --markdown BENCHMARKS.md          # also append the tables there (device, command, date)
 """
@@ -43,26 +45,42 @@ def random_vgg_file() -> str:
     return path
 
 
+# FLOPs of one training step per (input_size, batch), counted once on the plain optimised path: every variant does
+# the same model math, and MFU counts model FLOPs (not gradient checkpointing's recomputation)
+MODEL_FLOPS: dict[tuple[int, int], float] = {}
+
+# what each measured variant changes; "optimised" is train.py's default path
+VARIANTS = {
+    "baseline": dict(attn="eager", precision="fp16", compile=False),   # like the original run
+    "optimised": dict(attn="sdpa", precision="bf16", compile=False),
+    "flex": dict(attn="flex", precision="bf16", compile=False),        # --attn flex (CUDA only)
+    "compiled": dict(attn="sdpa", precision="bf16", compile=True),     # --compile
+}
+
+
 def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg: str, steps: int,
             grad_checkpointing: bool = False) -> dict:
     """One configuration: forward ms, train step ms, images/s, peak memory, FLOPs per step, MFU, status."""
-    baseline = variant == "baseline"
+    v = VARIANTS[variant]
     if device.type == "cpu":
         precision = "fp32"
-    elif baseline:
+    elif v["precision"] == "bf16" and not torch.cuda.is_bf16_supported():
         precision = "fp16"
     else:
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        precision = v["precision"]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     row = dict(variant=variant, input_size=input_size, batch=batch, precision=precision,
                grad_ckpt=grad_checkpointing, status="OK")
+    model = criterion = opt = None
     try:
         cfg = sam_config(pretrained=False, input_size=input_size, grad_checkpointing=grad_checkpointing,
-                         attn_implementation="eager" if baseline else "sdpa")
+                         attn_implementation=v["attn"])
         model = build_model(cfg).to(device).train()
+        if v["compile"]:
+            model.compile()
         criterion = VAELoss(vgg_weights=vgg).to(device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                fused=device.type == "cuda")
+                                fused=variant != "baseline")  # the original used the default (unfused) AdamW
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
         x = torch.rand(2 * batch, 3, 128, 128, device=device)  # two augmented views of `batch` images
@@ -82,8 +100,12 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with FlopCounterMode(display=False) as flops:
-            step()  # also the warm-up
+        step()  # warm-up (and compilation)
+        if (input_size, batch) not in MODEL_FLOPS and variant == "optimised" and not grad_checkpointing:
+            with FlopCounterMode(display=False) as counter:
+                step()
+            MODEL_FLOPS[input_size, batch] = counter.get_total_flops()
+        flops = MODEL_FLOPS.get((input_size, batch))
         step()
         sync()
         t = time.perf_counter()
@@ -102,8 +124,8 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
         fwd_s = (time.perf_counter() - t) / steps
         peak = peak_tflops(device)
         row.update(forward_ms=1e3 * fwd_s, step_ms=1e3 * step_s, img_s=batch / step_s,
-                   tflop_step=flops.get_total_flops() / 1e12,
-                   mfu=flops.get_total_flops() / step_s / (peak * 1e12) if peak else None,
+                   tflop_step=flops / 1e12 if flops else None,
+                   mfu=flops / step_s / (peak * 1e12) if peak and flops else None,
                    peak_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
     except torch.OutOfMemoryError:
         row["status"] = "OOM"  # a measured outcome, not an error: the table shows where memory runs out
@@ -143,7 +165,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['input_size']} | {r['batch']} | {r['precision']} | "
                      f"{'yes' if r['grad_ckpt'] else 'no'} | {fmt(r.get('forward_ms'), '.0f')} | "
-                     f"{fmt(r.get('step_ms'), '.0f')} | {fmt(r.get('img_s'), '.1f')} | "
+                     f"{fmt(r.get('step_ms'), '.0f')} | {fmt(r.get('img_s'), '.3g')} | "
                      f"{fmt(r.get('tflop_step'), '.2f')} | {fmt(r.get('mfu'), '.1%')} | "
                      f"{fmt(r.get('peak_gib'), '.1f')} | {r['status']} |")
     return "\n".join(lines)
@@ -164,6 +186,22 @@ def seed_table() -> None:
                   flush=True)
 
 
+def largest_batch(variant: str, input_size: int, device: torch.device, vgg: str, grad_checkpointing: bool,
+                  limit: int = 4096) -> int:
+    """Largest batch whose training step fits in GPU memory: doubling from 8, then bisection (one step per try)."""
+    fits = lambda b: measure(variant, input_size, b, device, vgg, steps=1, grad_checkpointing=grad_checkpointing
+                             )["status"] == "OK"
+    lo, hi = 0, 8
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+        if hi > limit:
+            return lo
+    while hi - lo > max(1, lo // 16):  # to within ~6%
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
@@ -172,34 +210,46 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64] if cuda else [1, 2],
                    help="images per step (each seen in two augmented views, as in training)")
     p.add_argument("--steps", type=int, default=10 if cuda else 2, help="timed steps per configuration")
-    p.add_argument("--no-baseline", action="store_true", help="skip the original-like baseline")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                   default=["optimised", "baseline", "flex", "compiled"] if cuda else ["optimised", "baseline"],
+                   help="paths to measure (optimised is always measured: the others are compared with it); "
+                        "flex trains on CUDA only")
     p.add_argument("--grad-checkpointing", action="store_true", help="also measure with gradient checkpointing")
+    p.add_argument("--max-batch", action="store_true", help="GPU: also search the largest batch that fits, with and "
+                   "without gradient checkpointing, at the first of --sizes")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
     p.add_argument("--markdown", default=None, help="append the results to this file (e.g. BENCHMARKS.md)")
     args = p.parse_args()
+    variants = ["optimised"] + [v for v in args.variants if v != "optimised"]
 
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; peak bf16 {peak_tflops(device) or '-'} TFLOP/s", flush=True)
     vgg = random_vgg_file()
-    rows = []
+    rows, notes = [], []
     for size in args.sizes:
         for b in args.batch_sizes:
-            variants = ["optimised"] + ([] if args.no_baseline else ["baseline"])
             results = {v: measure(v, size, b, device, vgg, args.steps) for v in variants}
             rows += results.values()
             if args.grad_checkpointing:
                 rows.append(measure("optimised", size, b, device, vgg, args.steps, grad_checkpointing=True))
-            o, base = results["optimised"], results.get("baseline")
-            ratio = (f"optimised/baseline images/s: {o['img_s'] / base['img_s']:.2f}x"
-                     if base and "img_s" in o and "img_s" in base else "")
-            print(f"input {size} batch {b}: " + " ".join(f"{v} {r.get('img_s', 0):.1f} img/s ({r['status']})"
-                                                        for v, r in results.items()) + f" {ratio}", flush=True)
+            base = results.get("baseline", {}).get("img_s")
+            print(f"input {size} batch {b}: " + ", ".join(
+                f"{v} {r.get('img_s', 0):.3g} img/s ({r['status']}"
+                + (f", {r['img_s'] / base:.2f}x baseline" if base and "img_s" in r and v != "baseline" else "") + ")"
+                for v, r in results.items()), flush=True)
+    if args.max_batch and cuda:
+        for ckpt in (False, True):
+            n = largest_batch("optimised", args.sizes[0], device, vgg, ckpt)
+            notes.append(f"Largest batch that fits (optimised, input {args.sizes[0]}, "
+                         f"{'with' if ckpt else 'without'} gradient checkpointing): {n}")
+            print(notes[-1], flush=True)
     pipe = data_pipeline(device, args.workers, max(args.batch_sizes))
+    fastest = max((r["img_s"] for r in rows if "img_s" in r), default=None)
+    notes.append(f"Data pipeline ({args.workers} workers, memory-mapped NPY + on-device augmentation of 2 views): "
+                 f"{pipe:.0f} images/s" + (f", {pipe / fastest:.1f}x the fastest training rate above" if fastest else ""))
     out = (f"### {date.today()} - {name}{' (CPU figures)' if not cuda else ''}\n\n"
-           f"`python bench.py {' '.join(sys.argv[1:])}`\n\n{table(rows)}\n\n"
-           f"Data pipeline ({args.workers} workers, memory-mapped NPY + on-device augmentation of 2 views): "
-           f"{pipe:.0f} images/s\n")
+           f"`python bench.py {' '.join(sys.argv[1:])}`\n\n{table(rows)}\n\n" + "\n\n".join(notes) + "\n")
     print("\n" + out)
     if args.markdown:
         with open(args.markdown, "a") as f:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.models.sam.modeling_sam import SamVisionAttention
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # exp() of either end is finite in fp16 and fp32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM and DINOv2 both normalise with ImageNet statistics
@@ -58,7 +59,8 @@ class VAEConfig:
     latent_dim: int = 1024
     decoder_channels: tuple[int, ...] = (512, 256, 128, 64, 32)  # per stage, 8x8 -> 16 -> 32 -> 64 -> 128
     image_size: int = 128                     # ear crop side, input and output
-    attn_implementation: str = "sdpa"         # "sdpa" (fused kernels) or "eager" (the original's attention)
+    attn_implementation: str = "sdpa"         # "sdpa" (fused kernels), "eager" (the original's) or "flex" (SAM only:
+                                              # relative-position bias inside a FlexAttention kernel; CUDA to train)
     grad_checkpointing: bool = False          # recompute trainable blocks in backward: big batches in little memory
 
 
@@ -107,14 +109,19 @@ def load_backbone(cfg: VAEConfig) -> nn.Module:
     """The transformers backbone: pretrained from `cfg.weights`, or random from `cfg.encoder_config` (or the
     architecture's defaults, which are ViT-B for both) when `cfg.pretrained` is False."""
     config_cls, model_cls = _backbone_classes(cfg.encoder)
+    if cfg.attn_implementation not in ("sdpa", "eager", "flex"):
+        raise ConfigError(f"attn_implementation must be 'sdpa', 'eager' or 'flex', got {cfg.attn_implementation!r}")
+    if cfg.attn_implementation == "flex" and cfg.encoder != "sam":
+        raise ConfigError("attn_implementation 'flex' is for SAM's relative-position attention; use 'sdpa' for dinov2")
+    attn = "sdpa" if cfg.attn_implementation == "flex" else cfg.attn_implementation  # flex: swapped in by Encoder
     if not cfg.pretrained:
         # SamVisionConfig defaults to initializer_range=1e-10 (its weights are always loaded): a random start needs
         # a real scale, or every weight is ~0 and the encoder passes nothing to the VAE
         config = config_cls(**{"initializer_range": 0.02, **(cfg.encoder_config or {})})
-        config._attn_implementation = cfg.attn_implementation
+        config._attn_implementation = attn
         return model_cls(config)
     try:
-        model, info = model_cls.from_pretrained(cfg.weights, attn_implementation=cfg.attn_implementation,
+        model, info = model_cls.from_pretrained(cfg.weights, attn_implementation=attn,
                                                 use_safetensors=True, output_loading_info=True)
     except OSError as e:
         where = "local directory" if Path(cfg.weights).exists() else "Hugging Face hub id (online or cached)"
@@ -132,6 +139,44 @@ def load_backbone(cfg: VAEConfig) -> nn.Module:
             f"{cfg.weights!r} does not hold a complete {cfg.encoder} backbone: {len(info['missing_keys'])} weights "
             f"missing (e.g. {sorted(info['missing_keys'])[:3]}). Use the matching checkpoint, or --no-pretrained.")
     return model
+
+
+_compiled_flex = None
+
+
+def flex_attention(*args, **kwargs):
+    """torch's flex_attention, compiled once (uncompiled it materialises the whole score matrix)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    return _compiled_flex(*args, **kwargs)
+
+
+class SamFlexAttention(SamVisionAttention):
+    """transformers' SAM attention (same parameters, same state-dict keys) with the decomposed relative-position
+    bias added to the scores inside a FlexAttention kernel (a score_mod) instead of SDPA's dense (B, heads, N, N)
+    mask: the bias costs O(N * (H + W)) memory instead of O(N^2), and the kernel tiles like flash attention.
+    PyTorch's FlexAttention has no backward on CPU: training with it needs CUDA; inference runs anywhere."""
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions=None) -> tuple[torch.Tensor, None]:
+        B, H, W, _ = hidden_states.shape  # (B, H, W, C): a window (B = batch x windows) or the whole grid
+        heads = self.num_attention_heads
+        qkv = self.qkv(hidden_states).reshape(B, H * W, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, d)
+        # the two factors of the bias, as in transformers' get_decomposed_rel_pos (unscaled query)
+        rel_pos_h = self.get_rel_pos(H, H, self.rel_pos_h)  # (H, H, d)
+        rel_pos_w = self.get_rel_pos(W, W, self.rel_pos_w)  # (W, W, d)
+        q_grid = q.reshape(B, heads, H, W, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_pos_h).reshape(B, heads, H * W, H)  # (B, heads, N, H)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_pos_w).reshape(B, heads, H * W, W)  # (B, heads, N, W)
+
+        def score_mod(score, b, h, q_idx, kv_idx):  # key kv_idx sits at row kv_idx // W, column kv_idx % W
+            return score + rel_h[b, h, q_idx, kv_idx // W] + rel_w[b, h, q_idx, kv_idx % W]
+
+        out = flex_attention(q, k, v, score_mod=score_mod)  # (B, heads, N, d); SAM's attention dropout is 0
+        out = out.transpose(1, 2).reshape(B, H, W, -1)
+        return self.proj(out), None
 
 
 class Encoder(nn.Module):
@@ -157,6 +202,12 @@ class Encoder(nn.Module):
 
         if cfg.encoder == "sam":
             vit = backbone.vision_encoder
+            if cfg.attn_implementation == "flex":
+                if not c.use_rel_pos:
+                    raise ConfigError("attn_implementation 'flex' adds SAM's relative-position bias; this backbone "
+                                      "has none (use_rel_pos=False): use 'sdpa'")
+                for layer in vit.layers:  # a subclass with the same parameters: only forward changes
+                    layer.attn.__class__ = SamFlexAttention
             if vit.pos_embed is not None and vit.pos_embed.shape[1] != self.grid:
                 # absolute position embedding: interpolated once here; the relative position tables of the global
                 # blocks are interpolated by transformers at every call (get_rel_pos)

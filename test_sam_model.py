@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Config, Dinov2Model, SamConfig, SamModel, SamVisionConfig, SamVisionModel
 
-from model import (CheckpointError, LOGVAR_MAX, WeightsUnavailableError, build_model, dinov2_config, load_model,
-                   parameter_report, sam_config, tiny_config)
+from model import (CheckpointError, ConfigError, LOGVAR_MAX, WeightsUnavailableError, build_model, dinov2_config,
+                   load_model, parameter_report, sam_config, tiny_config)
 
 TINY_SAM = tiny_config("sam").encoder_config
 TINY_DINO = tiny_config("dinov2").encoder_config
@@ -218,14 +218,57 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_sdpa_and_eager_attention_agree():
-    outs = []
-    for impl in ("eager", "sdpa"):
-        torch.manual_seed(0)
-        model = build_model(tiny_config("sam", attn_implementation=impl)).eval()
+def tiny_sam_with_rel_pos(impl: str, **overrides):
+    """Tiny SAM model whose relative-position tables are random: transformers starts them at 0, which would hide a
+    wrong bias. Input 80: a 10x10 grid, padded 4x4 windows, tables interpolated from the 16x16 they were made for."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("sam", attn_implementation=impl, input_size=80, **overrides))
+    with torch.no_grad():
+        for block in model.encoder.blocks:
+            block.attn.rel_pos_h.normal_()
+            block.attn.rel_pos_w.normal_()
+    return model
+
+
+def test_attention_implementations_agree_with_a_relative_position_bias():
+    """eager (transformers' reference), sdpa and flex (the bias as a FlexAttention score_mod) give one pyramid."""
+    feats = {}
+    for impl in ("eager", "sdpa", "flex"):
+        model = tiny_sam_with_rel_pos(impl).eval()
         with torch.no_grad():
-            outs.append(model.encoder.features(tiny_batch(2))["neck"])
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+            feats[impl] = model.encoder.features(tiny_batch(2))
+    assert type(model.encoder.blocks[1].attn).__name__ == "SamFlexAttention"
+    for impl in ("sdpa", "flex"):
+        for k, ref in feats["eager"].items():
+            torch.testing.assert_close(feats[impl][k], ref, atol=1e-5, rtol=1e-4, msg=f"{impl} {k}")
+    zero_bias = build_model(tiny_config("sam", input_size=80)).eval()  # the bias really changes the output
+    with torch.no_grad():
+        assert (zero_bias.encoder.features(tiny_batch(2))["neck"] - feats["eager"]["neck"]).abs().max() > 0.1
+
+
+def test_flex_checkpoints_are_interchangeable_with_sdpa():
+    sdpa, flex = tiny_sam_with_rel_pos("sdpa"), tiny_sam_with_rel_pos("flex")
+    flex.load_state_dict(sdpa.state_dict(), strict=True)
+    assert list(sdpa.state_dict()) == list(flex.state_dict())
+
+
+def test_flex_is_for_sam_only():
+    with pytest.raises(ConfigError, match="dinov2"):
+        build_model(tiny_config("dinov2", attn_implementation="flex"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU")
+def test_flex_gradients_match_sdpa_on_cuda():
+    grads = {}
+    for impl in ("sdpa", "flex"):
+        model = tiny_sam_with_rel_pos(impl, freeze_blocks=0).cuda().train()
+        x = tiny_batch(2).cuda()
+        with torch.backends.cudnn.flags(allow_tf32=False):  # fp32 convs: only the attention differs
+            out = model(x, eps=torch.zeros(2, model.cfg.latent_dim, device="cuda"))
+            (out["recon"] - x).pow(2).mean().backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, g in grads["sdpa"].items():
+        torch.testing.assert_close(grads["flex"][n], g, atol=1e-5, rtol=1e-3, msg=n)
 
 
 def test_logvar_is_clamped():

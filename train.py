@@ -37,7 +37,7 @@ DEFAULT_WEIGHTS = {"sam": "facebook/sam-vit-base", "dinov2": "facebook/dinov2-ba
 # flags that may differ when resuming; every other flag comes from the checkpoint's run config
 # (batch_size and accum_steps may change only together with the number of processes, keeping the global batch)
 RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir",
-                    "device", "batch_size", "accum_steps"}
+                    "device", "batch_size", "accum_steps", "compile"}
 STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installed under __main__
 LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
               "psnr", "ssim_metric", "grad_norm", "skipped", "img_per_s", "time"]
@@ -82,7 +82,8 @@ def get_parser() -> argparse.ArgumentParser:
                    "(SAM: 1024 original, 512 or 256 for 4x / 16x fewer tokens; DINOv2: 224)")
     g.add_argument("--freeze-blocks", type=int, default=None, help="frozen first blocks (default: 6 of 12, tiny 2 of 4)")
     g.add_argument("--latent-dim", type=int, default=1024, help="latent size")
-    g.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
+    g.add_argument("--attn", choices=["sdpa", "eager", "flex"], default="sdpa", help="attention implementation "
+                   "(flex: SAM's relative-position bias inside a FlexAttention kernel; CUDA only, see BENCHMARKS.md)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute trainable blocks in backward")
     g = p.add_argument_group("loss")
     g.add_argument("--kl-weight", type=float, default=1e-6, help="KL to N(0, I)")
@@ -109,6 +110,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 where the GPU has it, else fp16 + GradScaler; fp32 on CPU")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compiling first; "
+                   "measured slower on CPU, see BENCHMARKS.md)")
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     g.add_argument("--ckpt-dir", default="checkpoints", help="last.pt and best.pt go here")
     g.add_argument("--log-dir", default="logs", help="metrics.csv, TensorBoard events, figures")
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
             if k in saved and getattr(args, k) != saved[k]:
                 log(f"note: --{k.replace('_', '-')} {getattr(args, k)} ignored: resuming with the checkpoint's "
                     f"{saved[k]!r}")
-        args = argparse.Namespace(**{**saved, "resume": args.resume,
+        defaults = vars(parser.parse_args([]))  # for flags newer than the checkpoint
+        args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume,
                                      **{k: getattr(args, k) for k in changed & RESUME_OVERRIDES}})
         ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)  # the run's own folders unless given again
         # another number of processes is fine if the global batch stays: the data order, the per-sample noise and
@@ -279,6 +283,10 @@ def main(argv: list[str] | None = None) -> None:
                                     f"or choose another --ckpt-dir / --log-dir")
         cfg = model_config(args)
         pretrained = cfg.pretrained
+
+    if cfg.attn_implementation == "flex" and device.type != "cuda":
+        raise ConfigError("--attn flex trains on CUDA only (PyTorch's FlexAttention has no CPU backward); "
+                          "use --attn sdpa on this device")
 
     # -- precision: bf16 autocast where the GPU has it, else fp16 + GradScaler; fp32 on CPU
     precision = args.precision
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr})
     for g in groups:
         g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), fused=True)  # one kernel (CPU too: 6x faster there)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.warmup_steps, total_steps, args.min_lr_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -345,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         best_psnr, skipped = ckpt["best_psnr"], ckpt["skipped"]
         del ckpt
     raw_model = model
+    if args.compile:
+        model.compile()  # in place: the same module and state-dict keys, its forward compiled on first call
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = ema.module if ema is not None else raw_model

@@ -1,0 +1,30 @@
+"""bench.py: the measuring code runs on this device, and the largest-batch search finds the edge."""
+import math
+
+import pytest
+import torch
+
+import bench
+
+
+@pytest.mark.parametrize("edge", [5, 8, 100, 5000])
+def test_largest_batch_search_finds_the_edge(monkeypatch, edge):
+    tried = []
+
+    def fake_measure(variant, input_size, batch, *args, **kwargs):
+        tried.append(batch)
+        return {"status": "OK" if batch <= edge else "OOM"}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    found = bench.largest_batch("optimised", 1024, torch.device("cpu"), "vgg.pth", False, limit=4096)
+    assert found <= min(edge, 4096) and found >= min(edge, 4096) * 15 / 16
+    assert len(tried) < 25
+
+
+def test_measure_reports_speed_and_model_flops_on_this_device():
+    vgg = bench.random_vgg_file()
+    row = bench.measure("optimised", 256, 1, torch.device("cpu"), vgg, steps=1)
+    assert row["status"] == "OK"
+    assert row["img_s"] > 0 and row["step_ms"] > 0 and row["forward_ms"] > 0
+    # two 256-input views through ViT-B (~35 GMACs each forward), half of it backward, plus decoder and VGG16
+    assert 0.2 < row["tflop_step"] < 0.6 and math.isfinite(row["tflop_step"])
