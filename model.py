@@ -149,7 +149,7 @@ def flex_attention(*args, **kwargs):
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention as flex
-        _compiled_flex = torch.compile(flex, dynamic=False)
+        _compiled_flex = torch.compile(flex)
     return _compiled_flex(*args, **kwargs)
 
 
