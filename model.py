@@ -144,20 +144,25 @@ def load_backbone(cfg: VAEConfig) -> nn.Module:
 _compiled_flex = None
 
 
-def flex_attention(*args, **kwargs):
-    """torch's flex_attention, compiled once (uncompiled it materialises the whole score matrix)."""
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod) -> torch.Tensor:
+    """torch's flex_attention: compiled once on CUDA (a fused kernel, as transformers does it). Elsewhere uncompiled,
+    i.e. torch's reference implementation, which materialises the scores: torch 2.14's compiled CPU kernel returned
+    NaN or wrong values, or failed to build, once the shapes changed between calls (window and global blocks)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if not q.is_cuda:
+        return flex(q, k, v, score_mod=score_mod)
     global _compiled_flex
     if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention as flex
         _compiled_flex = torch.compile(flex)
-    return _compiled_flex(*args, **kwargs)
+    return _compiled_flex(q, k, v, score_mod=score_mod)
 
 
 class SamFlexAttention(SamVisionAttention):
     """transformers' SAM attention (same parameters, same state-dict keys) with the decomposed relative-position
     bias added to the scores inside a FlexAttention kernel (a score_mod) instead of SDPA's dense (B, heads, N, N)
     mask: the bias costs O(N * (H + W)) memory instead of O(N^2), and the kernel tiles like flash attention.
-    PyTorch's FlexAttention has no backward on CPU: training with it needs CUDA; inference runs anywhere."""
+    PyTorch's FlexAttention has no backward on CPU: training with it needs CUDA; inference runs anywhere (on CPU
+    without the fused kernel, see flex_attention)."""
 
     def forward(self, hidden_states: torch.Tensor, output_attentions=None) -> tuple[torch.Tensor, None]:
         B, H, W, _ = hidden_states.shape  # (B, H, W, C): a window (B = batch x windows) or the whole grid
