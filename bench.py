@@ -131,6 +131,8 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
         row["status"] = "OOM"  # a measured outcome, not an error: the table shows where memory runs out
     finally:
         model = criterion = opt = None
+        if v["compile"]:
+            torch._dynamo.reset()  # each configuration compiles afresh (dynamo's recompile limit would end it)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
@@ -220,6 +222,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
     p.add_argument("--markdown", default=None, help="append the results to this file (e.g. BENCHMARKS.md)")
     args = p.parse_args()
+    if "flex" in args.variants and not cuda:
+        p.error("the flex variant trains on CUDA only (PyTorch's FlexAttention has no CPU backward)")
     variants = ["optimised"] + [v for v in args.variants if v != "optimised"]
 
     device = torch.device("cuda" if cuda else "cpu")

@@ -149,7 +149,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod)
     i.e. torch's reference implementation, which materialises the scores: torch 2.14's compiled CPU kernel returned
     NaN or wrong values, or failed to build, once the shapes changed between calls (window and global blocks)."""
     from torch.nn.attention.flex_attention import flex_attention as flex
-    if not q.is_cuda:
+    if not q.is_cuda or torch.compiler.is_compiling():  # inside --compile, inductor fuses it anyway
         return flex(q, k, v, score_mod=score_mod)
     global _compiled_flex
     if _compiled_flex is None:

@@ -258,11 +258,12 @@ def test_flex_is_for_sam_only():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused FlexAttention kernel and its backward: CUDA")
-def test_compiled_flex_matches_sdpa_on_cuda_forward_and_backward():
+def test_compiled_flex_matches_sdpa_on_cuda_forward_and_backward(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 matmuls (train.main turns TF32 on)
     grads, feats = {}, {}
     for impl in ("sdpa", "flex"):
         model = tiny_sam_with_rel_pos(impl, freeze_blocks=0).cuda()
-        with torch.backends.cudnn.flags(allow_tf32=False):  # fp32 convs: only the attention differs
+        with torch.backends.cudnn.flags(allow_tf32=False):  # fp32 convs too: only the attention differs
             with torch.no_grad():  # several batch sizes: the compiled kernel meets changing shapes
                 feats[impl] = [model.eval().encoder.features(tiny_batch(b).cuda())["neck"] for b in (1, 2, 3, 5)]
             x = tiny_batch(2).cuda()

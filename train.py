@@ -37,7 +37,8 @@ DEFAULT_WEIGHTS = {"sam": "facebook/sam-vit-base", "dinov2": "facebook/dinov2-ba
 # flags that may differ when resuming; every other flag comes from the checkpoint's run config
 # (batch_size and accum_steps may change only together with the number of processes, keeping the global batch)
 RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir",
-                    "device", "batch_size", "accum_steps", "compile"}
+                    "device", "batch_size", "accum_steps", "compile", "grad_checkpointing"}
+RUN_ARGS: list[argparse.Namespace] = []  # the run's settings once resolved (resume included), for the OOM message
 STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installed under __main__
 LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
               "psnr", "ssim_metric", "grad_norm", "skipped", "img_per_s", "time"]
@@ -84,7 +85,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--latent-dim", type=int, default=1024, help="latent size")
     g.add_argument("--attn", choices=["sdpa", "eager", "flex"], default="sdpa", help="attention implementation "
                    "(flex: SAM's relative-position bias inside a FlexAttention kernel; CUDA only, see BENCHMARKS.md)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute trainable blocks in backward")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute trainable blocks in backward (may be switched on or off when resuming)")
     g = p.add_argument_group("loss")
     g.add_argument("--kl-weight", type=float, default=1e-6, help="KL to N(0, I)")
     g.add_argument("--perceptual-weight", type=float, default=1.5, help="VGG16 perceptual (0: no VGG needed)")
@@ -110,8 +112,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 where the GPU has it, else fp16 + GradScaler; fp32 on CPU")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compiling first; "
-                   "measured slower on CPU, see BENCHMARKS.md)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the "
+                   "model (minutes of compiling first; measured slower on CPU, see BENCHMARKS.md)")
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     g.add_argument("--ckpt-dir", default="checkpoints", help="last.pt and best.pt go here")
     g.add_argument("--log-dir", default="logs", help="metrics.csv, TensorBoard events, figures")
@@ -257,9 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         given = parser.parse_args(argv, argparse.Namespace(**{k: untyped for k in vars(args)}))
         changed = {k for k, v in vars(given).items() if v is not untyped}  # typed flags, even at their defaults
         for k in sorted(changed - RESUME_OVERRIDES):
-            if k in saved and getattr(args, k) != saved[k]:
+            if k not in saved or getattr(args, k) != saved[k]:
                 log(f"note: --{k.replace('_', '-')} {getattr(args, k)} ignored: resuming with the checkpoint's "
-                    f"{saved[k]!r}")
+                    f"{saved[k]!r}" if k in saved else f"note: --{k.replace('_', '-')} ignored: the checkpoint "
+                    f"predates it; resuming with its default")
         defaults = vars(parser.parse_args([]))  # for flags newer than the checkpoint
         args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume,
                                      **{k: getattr(args, k) for k in changed & RESUME_OVERRIDES}})
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{now[2]}); choose --batch-size and --accum-steps whose product with {world} process(es) is "
                 f"{math.prod(was)}")
         pretrained = ckpt["model_config"]["pretrained"]  # how the run started, kept in what it saves
-        cfg = config_from_checkpoint(ckpt)
+        cfg = replace(config_from_checkpoint(ckpt), grad_checkpointing=args.grad_checkpointing)
     else:
         for f in (ckpt_dir / "last.pt", log_dir / "metrics.csv"):
             if f.exists():
@@ -284,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = model_config(args)
         pretrained = cfg.pretrained
 
+    RUN_ARGS.append(args)
     if cfg.attn_implementation == "flex" and device.type != "cuda":
         raise ConfigError("--attn flex trains on CUDA only (PyTorch's FlexAttention has no CPU backward); "
                           "use --attn sdpa on this device")
@@ -524,9 +528,10 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except torch.OutOfMemoryError:
-        args = get_parser().parse_known_args()[0]
+        args = RUN_ARGS[-1] if RUN_ARGS else get_parser().parse_known_args()[0]
         print(f"error: out of GPU memory at --batch-size {args.batch_size}. Use a smaller batch with "
-              f"--accum-steps to keep the effective batch (e.g. --batch-size {max(1, args.batch_size // 2)} "
-              f"--accum-steps {2 * args.accum_steps}), --grad-checkpointing, or a smaller --input-size "
-              f"(512 or 256).", file=sys.stderr)
+              f"--accum-steps to keep the global batch (e.g. --batch-size {max(1, args.batch_size // 2)} "
+              f"--accum-steps {2 * args.accum_steps}), --grad-checkpointing"
+              + (" (both work with --resume)." if args.resume else ", or a smaller --input-size (512 or 256)."),
+              file=sys.stderr)
         sys.exit(1)

@@ -1,6 +1,7 @@
 """train.py: artefacts of a short run, schedule, and the one-line errors a user can meet."""
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -127,9 +128,13 @@ def test_a_model_flag_out_of_range_is_one_line(synth_dir, tmp_path, flags, needl
 
 def test_compile_trains_like_eager_and_saves_the_same_checkpoint_layout(synth_dir, tmp_path):
     steps = ["--epochs", "1", "--max-steps", "3"]
+    kernels = tmp_path / "inductor"  # where the compiled run's generated kernels go: proof that it compiled
     for name, flags in (("eager", []), ("compiled", ["--compile"])):
-        r = run_cli(*tiny_train_args(synth_dir, tmp_path / name, *steps, *flags), timeout=600)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(kernels / name)}
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_train_args(synth_dir, tmp_path / name,
+                            *steps, *flags)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
+    assert not any((kernels / "eager").rglob("*.py")) and any((kernels / "compiled").rglob("*.py"))
     losses = {name: [float(row["loss"]) for row in csv.DictReader(open(tmp_path / name / "logs/metrics.csv"))
                      if row["split"] == "train"] for name in ("eager", "compiled")}
     assert len(losses["eager"]) == 3 and losses["eager"][0] > losses["eager"][-1]  # it trained
