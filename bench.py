@@ -51,10 +51,10 @@ MODEL_FLOPS: dict[tuple[int, int], float] = {}
 
 # what each measured variant changes; "optimised" is train.py's default path
 VARIANTS = {
-    "baseline": dict(attn="eager", precision="fp16", compile=False),   # like the original run
-    "optimised": dict(attn="sdpa", precision="bf16", compile=False),
-    "flex": dict(attn="flex", precision="bf16", compile=False),        # --attn flex (CUDA only)
-    "compiled": dict(attn="sdpa", precision="bf16", compile=True),     # --compile
+    "baseline": dict(attn="eager", precision="fp16", fused=False, compile=False),  # like the original run
+    "optimised": dict(attn="sdpa", precision="bf16", fused=True, compile=False),
+    "flex": dict(attn="flex", precision="bf16", fused=True, compile=False),        # --attn flex (CUDA only)
+    "compiled": dict(attn="sdpa", precision="bf16", fused=True, compile=True),     # --compile
 }
 
 
@@ -80,7 +80,7 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
             model.compile()
         criterion = VAELoss(vgg_weights=vgg).to(device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                fused=variant != "baseline")  # the original used the default (unfused) AdamW
+                                fused=v["fused"])
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
         x = torch.rand(2 * batch, 3, 128, 128, device=device)  # two augmented views of `batch` images

@@ -259,10 +259,11 @@ def main(argv: list[str] | None = None) -> None:
         given = parser.parse_args(argv, argparse.Namespace(**{k: untyped for k in vars(args)}))
         changed = {k for k, v in vars(given).items() if v is not untyped}  # typed flags, even at their defaults
         for k in sorted(changed - RESUME_OVERRIDES):
-            if k not in saved or getattr(args, k) != saved[k]:
-                log(f"note: --{k.replace('_', '-')} {getattr(args, k)} ignored: resuming with the checkpoint's "
-                    f"{saved[k]!r}" if k in saved else f"note: --{k.replace('_', '-')} ignored: the checkpoint "
-                    f"predates it; resuming with its default")
+            flag = "--" + k.replace("_", "-")
+            if k not in saved:
+                log(f"note: {flag} ignored: the checkpoint predates it; resuming with its default")
+            elif getattr(args, k) != saved[k]:
+                log(f"note: {flag} {getattr(args, k)} ignored: resuming with the checkpoint's {saved[k]!r}")
         defaults = vars(parser.parse_args([]))  # for flags newer than the checkpoint
         args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume,
                                      **{k: getattr(args, k) for k in changed & RESUME_OVERRIDES}})
