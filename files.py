@@ -1,0 +1,60 @@
+"""Writing files so that a crash never leaves a half-written or lost one: every writer of the project goes through
+`atomic_write` (one file) or `write_outputs` (several files that belong together).
+
+    with atomic_write(path) as f:      # f: an open binary file at PATH.tmp
+        torch.save(state, f)           # on success PATH.tmp is fsynced and renamed over PATH; on any exception
+                                       # (KeyboardInterrupt included) it is removed and PATH is untouched
+"""
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+Writer = Callable[[io.BufferedWriter], None]  # writes one file's content to an open binary file
+
+
+def tmp_path(path: Path) -> Path:
+    """Where `path` is written before the rename: PATH.tmp, in the same folder (so the rename is atomic)."""
+    return path.with_name(path.name + ".tmp")
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
+    """Open PATH.tmp for binary writing; on a clean exit flush, fsync and rename it to PATH. On any exception
+    (BaseException: Ctrl-C too) PATH.tmp is removed, PATH keeps its previous content, and the exception goes on."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(files: dict[Path, Writer]) -> None:
+    """Write every file to PATH.tmp first, then rename them all: a failure while writing any of them leaves every
+    earlier file intact (none is replaced). files: final path -> function writing the content to an open file."""
+    tmps = {}
+    try:
+        for path, write in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmps[path] = tmp_path(path)
+            with open(tmps[path], "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
+

@@ -1,0 +1,58 @@
+"""files.py: a write either lands whole or leaves the previous file and no PATH.tmp, whatever way it ends."""
+import pytest
+
+from files import atomic_write, tmp_path, write_outputs
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_clean_write_replaces_the_file_and_leaves_no_tmp(tmp_path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+    with atomic_write(path) as f:
+        f.write(b"new")
+        assert path.read_bytes() == b"old"  # nothing is visible before the rename
+    assert path.read_bytes() == b"new" and not tmp_path_exists(path)
+
+
+@pytest.mark.parametrize("exc", [OSError("disk full"), Boom("not an OSError"), KeyboardInterrupt()])
+def test_every_failure_keeps_the_previous_file_and_removes_the_tmp(tmp_path, exc):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(type(exc)):
+        with atomic_write(path) as f:
+            f.write(b"half")
+            raise exc
+    assert path.read_bytes() == b"old" and not tmp_path_exists(path)
+
+
+def test_a_failed_first_write_creates_nothing(tmp_path):
+    path = tmp_path / "new.bin"
+    with pytest.raises(Boom):
+        with atomic_write(path) as f:
+            f.write(b"half")
+            raise Boom()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("exc", [OSError("disk full"), Boom("not an OSError"), KeyboardInterrupt()])
+def test_outputs_are_all_or_nothing(tmp_path, exc):
+    a, b = tmp_path / "a.txt", tmp_path / "sub" / "b.txt"
+    a.write_bytes(b"old a")
+
+    def fail(f):
+        f.write(b"half")
+        raise exc
+    with pytest.raises(type(exc)):
+        write_outputs({a: lambda f: f.write(b"new a"), b: fail})
+    assert a.read_bytes() == b"old a" and not b.exists()
+    assert not tmp_path_exists(a) and not tmp_path_exists(b)
+    write_outputs({a: lambda f: f.write(b"new a"), b: lambda f: f.write(b"new b")})
+    assert a.read_bytes() == b"new a" and b.read_bytes() == b"new b"
+    assert not tmp_path_exists(a) and not tmp_path_exists(b)
+
+
+def tmp_path_exists(path) -> bool:
+    return tmp_path(path).exists()
