@@ -267,3 +267,51 @@ def info_nce(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
         sim = sim.masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float("-inf"))
         positives = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(z.device)  # (2B,)
         return F.cross_entropy(sim, positives)
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance (Zhang et al. 2018), the `lpips` package's VGG version v0.1: its calibrated linear layers
+    (shipped inside the package, lpips/weights/v0.1/vgg.pth) on VGG16 features loaded like `PerceptualLoss`'s.
+
+    `weights`: where the VGG16 backbone comes from, as for PerceptualLoss: "imagenet" (torchvision's cache) or a
+    local .pth/.safetensors VGG16 state dict; WeightsUnavailableError when it cannot be loaded (never random). The
+    whole network is frozen and in eval mode (no dropout); `forward` runs under no_grad (an eval metric).
+    """
+
+    def __init__(self, weights: str = "imagenet") -> None:
+        super().__init__()
+        import warnings
+
+        import lpips  # imported here: the package pulls in torchvision models, which training does not need
+        from torchvision.models import vgg
+        features = vgg.make_layers(vgg.cfgs["D"])  # vgg16.features
+        _load_vgg16_features(features, weights)
+        with warnings.catch_warnings():  # lpips builds its random trunk with torchvision's deprecated `pretrained`
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
+            self.model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+        # lpips loads its linear layers with strict=False: reload them strictly so that a mismatch cannot pass
+        lin_path = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+        lins = torch.load(lin_path, map_location="cpu", weights_only=True)  # {"lin0.model.1.weight": ..., ...}
+        self.model.lins.load_state_dict({k.removeprefix("lin"): v for k, v in lins.items()}, strict=True)
+        # its trunk: slice1..slice5, each a Sequential whose children keep their vgg16.features index as name
+        # ("0", "2", ..., "28"), so "slice2.5.weight" is features "5.weight"; the strict load fails on any mismatch
+        net = self.model.net
+        state = features.state_dict()
+        net.load_state_dict({f"{name}.{k}": state[k] for name, part in net.named_children()
+                             for k in part.state_dict()}, strict=True)
+        self.model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> LPIPS:
+        """Keep the network in eval mode (its linear layers hold dropout)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """x, y: (B, 3, H, W) images in [0, 1] (rescaled here to the [-1, 1] that lpips expects) -> (B,) float32
+        distances; 0 for identical images, symmetric in x and y."""
+        if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"LPIPS inputs {tuple(x.shape)}, {tuple(y.shape)}: expected equal (B, 3, H, W)")
+        with torch.autocast(x.device.type, enabled=False):
+            return self.model(2 * x.float() - 1, 2 * y.float() - 1).flatten()  # (B, 1, 1, 1) -> (B,)
