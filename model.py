@@ -553,7 +553,7 @@ def model_card(model: EarVAE, step: int | None, weights: str, metrics: dict | No
     """README.md of an export: a few lines on what the model is, its config, metrics and how to load it."""
     cfg, enc = model.cfg, model.cfg.encoder_config or {}
     total, _ = count(model)
-    backbone = {"sam": "SAM ViT vision encoder", "dinov2": "DINOv2 ViT"}[cfg.encoder]
+    backbone = {"sam": "SAM ViT", "dinov2": "DINOv2 ViT"}[cfg.encoder]
     start = f"initialised from `{cfg.weights}`" if cfg.pretrained else "trained from a random initialisation"
     what = "the exponential moving average (EMA) of the training weights" if weights == "ema" else "the training weights"
     lines = [
