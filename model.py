@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers.models.sam.modeling_sam import SamVisionAttention
+from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # exp() of either end is finite in fp16 and fp32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM and DINOv2 both normalise with ImageNet statistics
@@ -157,6 +157,24 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod)
     return _compiled_flex(q, k, v, score_mod=score_mod)
 
 
+class SamSdpaAttention(SamVisionSdpaAttention):
+    """transformers' SAM SDPA attention (same parameters, same state-dict keys) whose dense relative-position mask
+    (B * heads, H, W, H, W) is written once. transformers' einsums return the two small factors with permuted
+    strides, so their broadcast sum comes out permuted too and the reshape to SDPA's (B, heads, N, N) mask copies
+    it: two masks alive at once (SAM ViT-B at 1024, batch 4: 2 x 3 GiB per global block). Contiguous factors make
+    the sum contiguous and the reshape a view."""
+
+    def get_decomposed_rel_pos(self, query: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                               q_size: tuple[int, int], k_size: tuple[int, int]) -> torch.Tensor:
+        (qh, qw), (kh, kw) = q_size, k_size
+        rel_pos_h = self.get_rel_pos(qh, kh, rel_pos_h)  # (qh, kh, d)
+        rel_pos_w = self.get_rel_pos(qw, kw, rel_pos_w)  # (qw, kw, d)
+        q = query.reshape(query.shape[0], qh, qw, -1)  # (B * heads, qh, qw, d)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", q, rel_pos_h).contiguous()  # (B * heads, qh, qw, kh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", q, rel_pos_w).contiguous()  # (B * heads, qh, qw, kw)
+        return rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]  # (B * heads, qh, qw, kh, kw), contiguous
+
+
 class SamFlexAttention(SamVisionAttention):
     """transformers' SAM attention (same parameters, same state-dict keys) with the decomposed relative-position
     bias added to the scores inside a FlexAttention kernel (a score_mod) instead of SDPA's dense (B, heads, N, N)
@@ -213,6 +231,9 @@ class Encoder(nn.Module):
                                       "has none (use_rel_pos=False): use 'sdpa'")
                 for layer in vit.layers:  # a subclass with the same parameters: only forward changes
                     layer.attn.__class__ = SamFlexAttention
+            elif cfg.attn_implementation == "sdpa":
+                for layer in vit.layers:  # a subclass with the same parameters: the mask is built once
+                    layer.attn.__class__ = SamSdpaAttention
             if vit.pos_embed is not None and vit.pos_embed.shape[1] != self.grid:
                 # absolute position embedding: interpolated once here; the relative position tables of the global
                 # blocks are interpolated by transformers at every call (get_rel_pos)

@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.profiler import ProfilerActivity, profile
 from transformers import Dinov2Config, Dinov2Model, SamConfig, SamModel, SamVisionConfig, SamVisionModel
+from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
-from model import (CheckpointError, ConfigError, LOGVAR_MAX, WeightsUnavailableError, build_model, dinov2_config,
-                   load_model, parameter_report, sam_config, tiny_config)
+from model import (CheckpointError, ConfigError, LOGVAR_MAX, SamSdpaAttention, WeightsUnavailableError, build_model,
+                   dinov2_config, load_model, parameter_report, sam_config, tiny_config)
 
 TINY_SAM = tiny_config("sam").encoder_config
 TINY_DINO = tiny_config("dinov2").encoder_config
@@ -222,7 +224,7 @@ def tiny_sam_with_rel_pos(impl: str, **overrides):
     """Tiny SAM model whose relative-position tables are random: transformers starts them at 0, which would hide a
     wrong bias. Input 80: a 10x10 grid, padded 4x4 windows, tables interpolated from the 16x16 they were made for."""
     torch.manual_seed(0)
-    model = build_model(tiny_config("sam", attn_implementation=impl, input_size=80, **overrides))
+    model = build_model(tiny_config("sam", attn_implementation=impl, **{"input_size": 80, **overrides}))
     with torch.no_grad():
         for block in model.encoder.blocks:
             block.attn.rel_pos_h.normal_()
@@ -244,6 +246,44 @@ def test_attention_implementations_agree_with_a_relative_position_bias():
     zero_bias = build_model(tiny_config("sam", input_size=80)).eval()  # the bias really changes the output
     with torch.no_grad():
         assert (zero_bias.encoder.features(tiny_batch(2))["neck"] - feats["eager"]["neck"]).abs().max() > 0.1
+
+
+def cpu_bytes(fn) -> tuple[object, int, int]:
+    """-> (fn(), peak bytes alive at once, bytes allocated in all) on the CPU while fn runs (profiler's memory
+    events, in time order)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = total = 0
+    for e in events:
+        live += e.nbytes()  # + allocation, - free
+        peak, total = max(peak, live), total + max(e.nbytes(), 0)
+    return out, peak, total
+
+
+def test_sdpa_writes_the_relative_position_mask_once():
+    """transformers' SDPA attention reshapes its dense (B, heads, N, N) bias from a permuted-stride sum, a copy that
+    keeps two masks alive; SamSdpaAttention writes it once and returns the same output."""
+    model = tiny_sam_with_rel_pos("sdpa", input_size=256).eval()  # a 32x32 grid: 1024 tokens in the global block
+    block = model.encoder.blocks[1]
+    assert type(block.attn) is SamSdpaAttention and block.window_size == 0
+    B, g, heads = 2, model.encoder.grid, block.attn.num_attention_heads
+    h = torch.randn(B, g, g, model.encoder.hidden_size, generator=torch.Generator().manual_seed(0))
+    mask = B * heads * (g * g) ** 2 * 4  # fp32 (B, heads, N, N)
+    factors = 2 * B * heads * g * g * g * 4  # rel_h and rel_w (B * heads, g, g, g), now made contiguous
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # SDPA's CPU kernel sizes its scratch buffers by the thread count
+    try:
+        with torch.no_grad():
+            ours, peak, total = cpu_bytes(lambda: block(h))
+            block.attn.__class__ = SamVisionSdpaAttention  # transformers' own, same parameters
+            theirs, peak_ref, total_ref = cpu_bytes(lambda: block(h))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(ours, theirs)
+    assert total_ref - total == mask - factors  # the copy of the mask is gone, nothing else changed
+    assert 0.85 * mask < peak_ref - peak <= mask, (peak_ref, peak, mask)
 
 
 def test_flex_checkpoints_are_interchangeable_with_sdpa():
