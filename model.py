@@ -18,6 +18,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -141,20 +142,45 @@ def load_backbone(cfg: VAEConfig) -> nn.Module:
     return model
 
 
-_compiled_flex = None
+FLEX_RECOMPILE_LIMIT = 2  # compiles per call class: one with a dynamic batch, one more for a batch of 1
+_compiled_flex: dict[tuple, Callable] = {}  # call class -> its own compiled flex_attention
 
 
-def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod) -> torch.Tensor:
-    """torch's flex_attention: compiled once on CUDA (a fused kernel, as transformers does it). Elsewhere uncompiled,
-    i.e. torch's reference implementation, which materialises the scores: torch 2.14's compiled CPU kernel returned
-    NaN or wrong values, or failed to build, once the shapes changed between calls (window and global blocks)."""
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable,
+                   score_tensors: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """torch's flex_attention: compiled on CUDA (a fused kernel, as transformers does it; compiled_flex_attention).
+    Elsewhere uncompiled, i.e. torch's reference implementation, which materialises the scores: torch 2.14's
+    compiled CPU kernel returned NaN or wrong values, or failed to build, once the shapes changed between calls
+    (window and global blocks). q, k, v (B, heads, N, d); score_tensors: the tensors score_mod indexes by batch."""
     from torch.nn.attention.flex_attention import flex_attention as flex
     if not q.is_cuda or torch.compiler.is_compiling():  # inside --compile, inductor fuses it anyway
         return flex(q, k, v, score_mod=score_mod)
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex)
-    return _compiled_flex(q, k, v, score_mod=score_mod)
+    return compiled_flex_attention(q, k, v, score_mod, score_tensors)
+
+
+def compiled_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable,
+                            score_tensors: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """flex_attention through one torch.compile per call class: everything dynamo guards on except the batch size
+    (shapes after dim 0, dtype, device, grad mode, autocast). Dim 0 is marked dynamic, so a class compiles once
+    (twice if it meets a batch of 1, which dynamo specialises): SAM ViT-B has 2 shape classes (window and global
+    blocks) x grad / no-grad. Past dynamo's recompile limit a compiled function silently runs eager, which here
+    materialises the (B, heads, N, N) scores; each class has its own limit (isolate_recompiles) and fullgraph=True
+    makes hitting it raise instead."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    tensors = (q, k, v, *score_tensors)
+    key = (q.device, q.dtype, torch.is_grad_enabled(), q.requires_grad, torch.is_autocast_enabled(q.device.type),
+           *(tuple(t.shape[1:]) for t in tensors))
+    if key not in _compiled_flex:
+        _compiled_flex[key] = torch.compile(flex, fullgraph=True, recompile_limit=FLEX_RECOMPILE_LIMIT,
+                                            isolate_recompiles=True)
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)  # the batch (x windows); left static where it is 1
+    try:
+        return _compiled_flex[key](q, k, v, score_mod=score_mod)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise RuntimeError(f"flex attention needed more than {FLEX_RECOMPILE_LIMIT} compiles for one call class "
+                           f"{key} (see dynamo's 'last reason' above); running it eagerly instead would materialise "
+                           f"the attention scores. Use attn_implementation 'sdpa' to go on") from e
 
 
 class SamSdpaAttention(SamVisionSdpaAttention):
@@ -197,7 +223,7 @@ class SamFlexAttention(SamVisionAttention):
         def score_mod(score, b, h, q_idx, kv_idx):  # key kv_idx sits at row kv_idx // W, column kv_idx % W
             return score + rel_h[b, h, q_idx, kv_idx // W] + rel_w[b, h, q_idx, kv_idx % W]
 
-        out = flex_attention(q, k, v, score_mod=score_mod)  # (B, heads, N, d); SAM's attention dropout is 0
+        out = flex_attention(q, k, v, score_mod, (rel_h, rel_w))  # (B, heads, N, d); SAM's attention dropout is 0
         out = out.transpose(1, 2).reshape(B, H, W, -1)
         return self.proj(out), None
 

@@ -297,6 +297,43 @@ def test_flex_is_for_sam_only():
         build_model(tiny_config("dinov2", attn_implementation="flex"))
 
 
+def rel_pos_flex_inputs(b: int, grid: int = 4, heads: int = 2, d: int = 8):
+    """q, k, v (b, heads, grid^2, d), SamFlexAttention's score_mod and the tensors it indexes by batch."""
+    gen = torch.Generator().manual_seed(b)
+    q, k, v = (torch.randn(b, heads, grid * grid, d, generator=gen) for _ in range(3))
+    rel_h, rel_w = (torch.randn(b, heads, grid * grid, grid, generator=gen) for _ in range(2))
+
+    def score_mod(score, bi, h, q_idx, kv_idx):
+        return score + rel_h[bi, h, q_idx, kv_idx // grid] + rel_w[bi, h, q_idx, kv_idx % grid]
+    return q, k, v, score_mod, (rel_h, rel_w)
+
+
+def test_compiled_flex_compiles_once_per_call_class_and_fails_loudly_past_its_limit(monkeypatch):
+    """One compiled flex_attention per call class (shapes but the batch, dtype, grad mode), batch dynamic: new batch
+    sizes do not recompile, grad mode is a class of its own, and a class that would compile past its limit raises
+    instead of silently running eager. CPU stand-in for CUDA: dynamo's guards and caches are the same, only the
+    backend differs (a compile counter that runs the captured graph eagerly)."""
+    import model as M
+    from torch._dynamo.testing import CompileCounter
+    from torch.nn.attention.flex_attention import flex_attention as reference
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{"backend": counter, **kw}))  # not flex's own
+    monkeypatch.setattr(M, "_compiled_flex", {})
+    with torch.no_grad():
+        for b in (2, 3, 5):
+            q, k, v, mod, tensors = rel_pos_flex_inputs(b)
+            torch.testing.assert_close(M.compiled_flex_attention(q, k, v, mod, tensors), reference(q, k, v, score_mod=mod))
+        assert (len(M._compiled_flex), counter.frame_count) == (1, 1)
+        M.compiled_flex_attention(*rel_pos_flex_inputs(1))  # dynamo specialises a batch of 1: the class's 2nd compile
+        assert counter.frame_count == 2
+        q, k, v, mod, tensors = rel_pos_flex_inputs(2)
+        q = q.transpose(2, 3).contiguous().transpose(2, 3)  # same class, other strides: would be a 3rd compile
+        with pytest.raises(RuntimeError, match=f"more than {M.FLEX_RECOMPILE_LIMIT} compiles"):
+            M.compiled_flex_attention(q, k, v, mod, tensors)
+    M.compiled_flex_attention(*rel_pos_flex_inputs(2))  # grad mode on (inputs without grad: CPU flex has no backward)
+    assert (len(M._compiled_flex), counter.frame_count) == (2, 3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused FlexAttention kernel and its backward: CUDA")
 def test_compiled_flex_matches_sdpa_on_cuda_forward_and_backward(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 matmuls (train.main turns TF32 on)
