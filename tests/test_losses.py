@@ -89,6 +89,34 @@ def test_psnr_and_ssim_match_skimage_per_image_on_real_photos():
     torch.testing.assert_close(ssim(x, y).double(), ref_ssim.double(), rtol=0, atol=1e-3, msg=str(names))
 
 
+def test_ssim_convolves_without_tf32_and_restores_the_callers_setting(monkeypatch):
+    """TF32 moves SSIM by up to 0.05 per image: every convolution inside ssim sees cuDNN's conv precision 'ieee',
+    and the caller's 'tf32' (train.py turns TF32 on) is back after, also when ssim raises."""
+    conv, conv2d = torch.backends.cudnn.conv, F.conv2d
+    seen, fail = [], []
+
+    def spy(*args, **kwargs):
+        seen.append(conv.fp32_precision)
+        if fail:
+            raise RuntimeError("a failing convolution")
+        return conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    _, a, b = photo_pairs()[0]
+    x, y = to_nchw([a]).float(), to_nchw([b]).float()
+    previous, conv.fp32_precision = conv.fp32_precision, "tf32"
+    try:
+        value = ssim(x, y)
+        assert seen == ["ieee", "ieee"] and conv.fp32_precision == "tf32"
+        fail.append(True)
+        with pytest.raises(RuntimeError, match="a failing convolution"):
+            ssim(x, y)
+        assert seen[-1] == "ieee" and conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision = previous
+    assert abs(value.item() - skimage_ssim(a, b)) < 1e-3
+
+
 def test_identical_images_give_ssim_one_and_psnr_inf():
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(ssim(x, x), torch.ones(2))
