@@ -88,6 +88,47 @@ def test_pretrained_dinov2_loads_and_matches_transformers(tmp_path):
     torch.testing.assert_close(ours.flatten(2).transpose(1, 2), theirs)
 
 
+def test_a_third_backbone_is_one_new_encoder_class(monkeypatch):
+    """BACKBONES is the one table of backbone families: a family added there (transformers' plain ViT, below) is
+    configured, loaded, frozen and run by the common code, its final map equal to transformers' own output."""
+    import model as M
+    from transformers import ViTConfig, ViTModel
+
+    class VitEncoder(M.Encoder):
+        weights, tiny, final_name = "google/vit-base-patch16-224", dict(M._TINY_VIT, intermediate_size=256), "norm"
+
+        @staticmethod
+        def transformers_classes():
+            return ViTConfig, ViTModel
+
+        def adopt(self, backbone):
+            return backbone.embeddings, backbone.layers, backbone.layernorm, backbone.config.hidden_size
+
+        def tokens(self, x):
+            return self.embed(x)  # (B, 1 + g*g, C)
+
+        def to_map(self, h):
+            return h[:, 1:].transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)
+
+        def final_map(self, h):
+            return self.to_map(self.final(h))
+
+    monkeypatch.setitem(M.BACKBONES, "vit", VitEncoder)
+    torch.manual_seed(3)
+    model = build_model(tiny_config("vit")).eval()
+    torch.manual_seed(3)
+    ref = ViTModel(ViTConfig(**VitEncoder.tiny)).eval()  # the same random start
+    assert [n for n, p in model.encoder.named_parameters() if not p.requires_grad][0] == "embed.cls_token"
+    x = tiny_batch(2)
+    with torch.no_grad():
+        feats = model.encoder.features(x)
+        theirs = ref((x - model.encoder.pixel_mean) / model.encoder.pixel_std).last_hidden_state[:, 1:]
+    assert set(feats) == {"block1", "block3", "norm"} and theirs.std() > 0.1
+    torch.testing.assert_close(feats["norm"].flatten(2).transpose(1, 2), theirs)
+    with pytest.raises(ConfigError, match="'vit'"):
+        build_model(tiny_config("vit", attn_implementation="flex"))
+
+
 def test_unreachable_weights_raise_one_clear_error():
     with pytest.raises(WeightsUnavailableError) as e:
         build_model(sam_config(weights="facebook/sam-vit-base"))  # not cached here, and offline
