@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -208,7 +209,7 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
     t = torch.arange(-radius, radius + 1, dtype=dtype, device=x.device)
     g = torch.exp(-0.5 * (t / sigma) ** 2)
     g = g / g.sum()  # (11,)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False), ieee_fp32_convs():
         x, y = x.to(dtype), y.to(dtype)
         stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5C, H, W)
         n = stack.shape[1]
@@ -219,6 +220,19 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
         c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
         s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
         return s.mean(dim=(1, 2, 3))  # (B,): mean over channels of per-channel means (all the same size)
+
+
+@contextmanager
+def ieee_fp32_convs():
+    """cuDNN convolutions in full fp32 inside, the caller's setting restored after. SSIM's variances are differences
+    of filtered squares (E[x^2] - E[x]^2): TF32's 10-bit mantissa moves the metric by up to 0.05 per image."""
+    conv = torch.backends.cudnn.conv  # torch's current per-op TF32 switch (cudnn.allow_tf32 is the legacy one)
+    previous = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = previous
 
 
 def center_weight_map(size: int, center_weight: float) -> Tensor:

@@ -19,6 +19,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch.utils.checkpoint import checkpoint
-from transformers.models.sam.modeling_sam import SamVisionAttention
+from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
 
 from files import write_outputs
 
@@ -82,18 +83,9 @@ def dinov2_config(**overrides) -> VAEConfig:
 
 def tiny_config(encoder: str = "sam", **overrides) -> VAEConfig:
     """Same code path, seconds on a CPU: 4 blocks of width 64 at input 128 (16x16 tokens), small decoder."""
-    common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, patch_size=8, image_size=128,
-                  initializer_range=0.02)
-    if encoder == "sam":
-        enc = dict(common, mlp_dim=256, output_channels=32, window_size=4, global_attn_indexes=[1, 3])
-        weights = "facebook/sam-vit-base"
-    elif encoder == "dinov2":
-        enc = dict(common, mlp_ratio=4)
-        weights = "facebook/dinov2-base"
-    else:
-        raise ConfigError(f"encoder must be 'sam' or 'dinov2', got {encoder!r}")
-    kw = dict(encoder=encoder, weights=weights, pretrained=False, encoder_config=enc, input_size=128,
-              freeze_blocks=2, feature_blocks=(1, 3), fuse_channels=32, head_pool=8,
+    family = encoder_class(encoder)
+    kw = dict(encoder=encoder, weights=family.weights, pretrained=False, encoder_config=dict(family.tiny),
+              input_size=128, freeze_blocks=2, feature_blocks=(1, 3), fuse_channels=32, head_pool=8,
               decoder_channels=(128, 128, 64, 32, 16))
     return VAEConfig(**{**kw, **overrides})
 
@@ -101,23 +93,14 @@ def tiny_config(encoder: str = "sam", **overrides) -> VAEConfig:
 # -----------------------------------------------------------------------------
 # backbones
 
-def _backbone_classes(encoder: str):
-    from transformers import Dinov2Config, Dinov2Model, SamVisionConfig, SamVisionModel
-    if encoder == "sam":
-        return SamVisionConfig, SamVisionModel
-    if encoder == "dinov2":
-        return Dinov2Config, Dinov2Model
-    raise ConfigError(f"encoder must be 'sam' or 'dinov2', got {encoder!r}")
-
-
 def load_backbone(cfg: VAEConfig) -> nn.Module:
     """The transformers backbone: pretrained from `cfg.weights`, or random from `cfg.encoder_config` (or the
     architecture's defaults, which are ViT-B for both) when `cfg.pretrained` is False."""
-    config_cls, model_cls = _backbone_classes(cfg.encoder)
-    if cfg.attn_implementation not in ("sdpa", "eager", "flex"):
-        raise ConfigError(f"attn_implementation must be 'sdpa', 'eager' or 'flex', got {cfg.attn_implementation!r}")
-    if cfg.attn_implementation == "flex" and cfg.encoder != "sam":
-        raise ConfigError("attn_implementation 'flex' is for SAM's relative-position attention; use 'sdpa' for dinov2")
+    family = encoder_class(cfg.encoder)
+    config_cls, model_cls = family.transformers_classes()
+    if cfg.attn_implementation not in family.attn_implementations:
+        raise ConfigError(f"attn_implementation must be one of {family.attn_implementations} for encoder "
+                          f"{cfg.encoder!r}, got {cfg.attn_implementation!r}")
     attn = "sdpa" if cfg.attn_implementation == "flex" else cfg.attn_implementation  # flex: swapped in by Encoder
     if not cfg.pretrained:
         # SamVisionConfig defaults to initializer_range=1e-10 (its weights are always loaded): a random start needs
@@ -146,20 +129,63 @@ def load_backbone(cfg: VAEConfig) -> nn.Module:
     return model
 
 
-_compiled_flex = None
+FLEX_RECOMPILE_LIMIT = 2  # compiles per call class: one with a dynamic batch, one more for a batch of 1
+_compiled_flex: dict[tuple, Callable] = {}  # call class -> its own compiled flex_attention
 
 
-def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod) -> torch.Tensor:
-    """torch's flex_attention: compiled once on CUDA (a fused kernel, as transformers does it). Elsewhere uncompiled,
-    i.e. torch's reference implementation, which materialises the scores: torch 2.14's compiled CPU kernel returned
-    NaN or wrong values, or failed to build, once the shapes changed between calls (window and global blocks)."""
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable,
+                   score_tensors: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """torch's flex_attention: compiled on CUDA (a fused kernel, as transformers does it; compiled_flex_attention).
+    Elsewhere uncompiled, i.e. torch's reference implementation, which materialises the scores: torch 2.14's
+    compiled CPU kernel returned NaN or wrong values, or failed to build, once the shapes changed between calls
+    (window and global blocks). q, k, v (B, heads, N, d); score_tensors: the tensors score_mod indexes by batch."""
     from torch.nn.attention.flex_attention import flex_attention as flex
     if not q.is_cuda or torch.compiler.is_compiling():  # inside --compile, inductor fuses it anyway
         return flex(q, k, v, score_mod=score_mod)
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex)
-    return _compiled_flex(q, k, v, score_mod=score_mod)
+    return compiled_flex_attention(q, k, v, score_mod, score_tensors)
+
+
+def compiled_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable,
+                            score_tensors: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """flex_attention through one torch.compile per call class: everything dynamo guards on except the batch size
+    (shapes after dim 0, dtype, device, grad mode, autocast). Dim 0 is marked dynamic, so a class compiles once
+    (twice if it meets a batch of 1, which dynamo specialises): SAM ViT-B has 2 shape classes (window and global
+    blocks) x grad / no-grad. Past dynamo's recompile limit a compiled function silently runs eager, which here
+    materialises the (B, heads, N, N) scores; each class has its own limit (isolate_recompiles) and fullgraph=True
+    makes hitting it raise instead."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    tensors = (q, k, v, *score_tensors)
+    key = (q.device, q.dtype, torch.is_grad_enabled(), q.requires_grad, torch.is_autocast_enabled(q.device.type),
+           *(tuple(t.shape[1:]) for t in tensors))
+    if key not in _compiled_flex:
+        _compiled_flex[key] = torch.compile(flex, fullgraph=True, recompile_limit=FLEX_RECOMPILE_LIMIT,
+                                            isolate_recompiles=True)
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)  # the batch (x windows); left static where it is 1
+    try:
+        return _compiled_flex[key](q, k, v, score_mod=score_mod)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise RuntimeError(f"flex attention needed more than {FLEX_RECOMPILE_LIMIT} compiles for one call class "
+                           f"{key} (see dynamo's 'last reason' above); running it eagerly instead would materialise "
+                           f"the attention scores. Use attn_implementation 'sdpa' to go on") from e
+
+
+class SamSdpaAttention(SamVisionSdpaAttention):
+    """transformers' SAM SDPA attention (same parameters, same state-dict keys) whose dense relative-position mask
+    (B * heads, H, W, H, W) is written once. transformers' einsums return the two small factors with permuted
+    strides, so their broadcast sum comes out permuted too and the reshape to SDPA's (B, heads, N, N) mask copies
+    it: two masks alive at once (SAM ViT-B at 1024, batch 4: 2 x 3 GiB per global block). Contiguous factors make
+    the sum contiguous and the reshape a view."""
+
+    def get_decomposed_rel_pos(self, query: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                               q_size: tuple[int, int], k_size: tuple[int, int]) -> torch.Tensor:
+        (qh, qw), (kh, kw) = q_size, k_size
+        rel_pos_h = self.get_rel_pos(qh, kh, rel_pos_h)  # (qh, kh, d)
+        rel_pos_w = self.get_rel_pos(qw, kw, rel_pos_w)  # (qw, kw, d)
+        q = query.reshape(query.shape[0], qh, qw, -1)  # (B * heads, qh, qw, d)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", q, rel_pos_h).contiguous()  # (B * heads, qh, qw, kh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", q, rel_pos_w).contiguous()  # (B * heads, qh, qw, kw)
+        return rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]  # (B * heads, qh, qw, kh, kw), contiguous
 
 
 class SamFlexAttention(SamVisionAttention):
@@ -184,15 +210,23 @@ class SamFlexAttention(SamVisionAttention):
         def score_mod(score, b, h, q_idx, kv_idx):  # key kv_idx sits at row kv_idx // W, column kv_idx % W
             return score + rel_h[b, h, q_idx, kv_idx // W] + rel_w[b, h, q_idx, kv_idx % W]
 
-        out = flex_attention(q, k, v, score_mod=score_mod)  # (B, heads, N, d); SAM's attention dropout is 0
+        out = flex_attention(q, k, v, score_mod, (rel_h, rel_w))  # (B, heads, N, d); SAM's attention dropout is 0
         out = out.transpose(1, 2).reshape(B, H, W, -1)
         return self.proj(out), None
 
 
 class Encoder(nn.Module):
     """A ViT backbone behind one interface. Input (B, 3, image_size, image_size) in [0, 1]; `features(x)` returns
-    the pyramid {"block{i}": (B, hidden, g, g) for i in feature_blocks, "neck" (SAM) or "norm" (DINOv2): (B, C, g, g)}
-    with g = input_size / patch_size (SAM ViT-B at 1024: 64)."""
+    the pyramid {"block{i}": (B, hidden, g, g) for i in feature_blocks, final_name: (B, C, g, g)} with
+    g = input_size / patch_size (SAM ViT-B at 1024: 64). A backbone family is a subclass (SamEncoder,
+    Dinov2Encoder) in BACKBONES, keyed by cfg.encoder: its transformers classes, which modules embed, are the
+    blocks and end the backbone (`adopt`), its position embedding (`tokens`) and its hidden-state layout (`to_map`,
+    `final_map`). Parameters are registered as embed / blocks / final (+ the family's own), whatever the family."""
+
+    weights: str  # hub id of the family's pretrained backbone (tiny_config's default)
+    tiny: dict  # encoder_config of tiny_config()
+    final_name: str  # pyramid key of the final module's map
+    attn_implementations: tuple[str, ...] = ("sdpa", "eager")  # transformers' kernels for VAEConfig
 
     def __init__(self, cfg: VAEConfig, backbone: nn.Module):
         super().__init__()
@@ -209,38 +243,44 @@ class Encoder(nn.Module):
             raise ConfigError(f"feature_blocks {bad} out of range 0..{c.num_hidden_layers - 1}")
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-        if cfg.encoder == "sam":
-            vit = backbone.vision_encoder
-            if cfg.attn_implementation == "flex":
-                if not c.use_rel_pos:
-                    raise ConfigError("attn_implementation 'flex' adds SAM's relative-position bias; this backbone "
-                                      "has none (use_rel_pos=False): use 'sdpa'")
-                for layer in vit.layers:  # a subclass with the same parameters: only forward changes
-                    layer.attn.__class__ = SamFlexAttention
-            if vit.pos_embed is not None and vit.pos_embed.shape[1] != self.grid:
-                # absolute position embedding: interpolated once here; the relative position tables of the global
-                # blocks are interpolated by transformers at every call (get_rel_pos)
-                pe = vit.pos_embed.data.permute(0, 3, 1, 2)  # (1, C, G, G)
-                pe = F.interpolate(pe, size=(self.grid, self.grid), mode="bicubic", align_corners=False)
-                vit.pos_embed = nn.Parameter(pe.permute(0, 2, 3, 1).contiguous())  # (1, g, g, C)
-            self.embed, self.blocks, self.final = vit.patch_embed, vit.layers, vit.neck
-            self.final_name, final_channels = "neck", c.output_channels
-            self.pos_embed = vit.pos_embed
-        else:
-            self.embed, self.blocks, self.final = backbone.embeddings, backbone.encoder.layer, backbone.layernorm
-            self.final_name, final_channels = "norm", c.hidden_size
-            self.num_prefix = 1 + getattr(c, "num_register_tokens", 0)  # CLS (+ registers) come before patches
-            backbone.embeddings.mask_token.requires_grad_(False)  # for masked pre-training only: never used here
+        self.embed, self.blocks, self.final, final_channels = self.adopt(backbone)
         self.feature_channels = {f"block{i}": c.hidden_size for i in cfg.feature_blocks}
         self.feature_channels[self.final_name] = final_channels
         self.hidden_size = c.hidden_size
-
         if cfg.freeze_blocks > 0:
             for m in self.frozen_modules():
                 m.requires_grad_(False)
-            if cfg.encoder == "sam" and self.pos_embed is not None:
-                self.pos_embed.requires_grad_(False)
+            for p in self.frozen_extras():
+                p.requires_grad_(False)
+
+    # -- what a backbone family defines
+
+    @staticmethod
+    def transformers_classes() -> tuple[type, type]:
+        """-> (config class, model class) in transformers."""
+        raise NotImplementedError
+
+    def adopt(self, backbone: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, int]:
+        """Prepare `backbone` for self.cfg -> (embedding module, blocks, final module, final map's channels)."""
+        raise NotImplementedError
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, 3, S, S) -> the hidden states the first block takes, position embedding added."""
+        raise NotImplementedError
+
+    def to_map(self, h: torch.Tensor) -> torch.Tensor:
+        """A block's hidden states -> (B, hidden, g, g)."""
+        raise NotImplementedError
+
+    def final_map(self, h: torch.Tensor) -> torch.Tensor:
+        """The last block's hidden states -> the final module's (B, C, g, g) map."""
+        raise NotImplementedError
+
+    def frozen_extras(self) -> list[nn.Parameter]:
+        """Parameters outside embed and blocks that the frozen prefix includes."""
+        return []
+
+    # -- common
 
     def frozen_modules(self) -> list[nn.Module]:
         k = self.cfg.freeze_blocks
@@ -265,28 +305,103 @@ class Encoder(nn.Module):
         k = self.cfg.freeze_blocks
         out = {}
         with torch.no_grad() if k > 0 else nullcontext():
-            if self.cfg.encoder == "sam":
-                h = self.embed.projection(x).permute(0, 2, 3, 1)  # (B, g, g, C); bypasses the fixed-size check
-                if self.pos_embed is not None:
-                    h = h + self.pos_embed
-            else:
-                h = self.embed(x)  # (B, prefix + g*g, C), position embedding interpolated by transformers
+            h = self.tokens(x)
         for i in range(len(self.blocks)):
             with torch.no_grad() if i < k else nullcontext():
                 h = self._run_block(i, h)
             if i in self.cfg.feature_blocks:
-                out[f"block{i}"] = self._to_map(h)
-        if self.cfg.encoder == "sam":
-            out[self.final_name] = self.final(h)  # (B, 256, g, g)
-        else:
-            out[self.final_name] = self._to_map(self.final(h))
+                out[f"block{i}"] = self.to_map(h)
+        out[self.final_name] = self.final_map(h)
         return out
 
-    def _to_map(self, h: torch.Tensor) -> torch.Tensor:
-        if self.cfg.encoder == "sam":
-            return h.permute(0, 3, 1, 2)  # (B, g, g, C) -> (B, C, g, g)
+
+_TINY_VIT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, patch_size=8, image_size=128,
+                 initializer_range=0.02)  # tiny_config's backbone: 4 blocks of width 64 at input 128
+
+
+class SamEncoder(Encoder):
+    """transformers' SamVisionModel: hidden states stay on the (B, g, g, C) grid; an absolute position embedding
+    (interpolated once to g x g) is added after the patch projection; the neck ends it (B, 256, g, g)."""
+
+    weights = "facebook/sam-vit-base"
+    tiny = dict(_TINY_VIT, mlp_dim=256, output_channels=32, window_size=4, global_attn_indexes=[1, 3])
+    final_name = "neck"
+    attn_implementations = ("sdpa", "eager", "flex")
+
+    @staticmethod
+    def transformers_classes() -> tuple[type, type]:
+        from transformers import SamVisionConfig, SamVisionModel
+        return SamVisionConfig, SamVisionModel
+
+    def adopt(self, backbone: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, int]:
+        c, vit = backbone.config, backbone.vision_encoder
+        if self.cfg.attn_implementation == "flex" and not c.use_rel_pos:
+            raise ConfigError("attn_implementation 'flex' adds SAM's relative-position bias; this backbone "
+                              "has none (use_rel_pos=False): use 'sdpa'")
+        attention = {"sdpa": SamSdpaAttention, "flex": SamFlexAttention}.get(self.cfg.attn_implementation)
+        if attention is not None:
+            for layer in vit.layers:  # a subclass with the same parameters: only forward changes
+                layer.attn.__class__ = attention
+        if vit.pos_embed is not None and vit.pos_embed.shape[1] != self.grid:
+            # absolute position embedding: interpolated once here; the relative position tables of the global
+            # blocks are interpolated by transformers at every call (get_rel_pos)
+            pe = vit.pos_embed.data.permute(0, 3, 1, 2)  # (1, C, G, G)
+            pe = F.interpolate(pe, size=(self.grid, self.grid), mode="bicubic", align_corners=False)
+            vit.pos_embed = nn.Parameter(pe.permute(0, 2, 3, 1).contiguous())  # (1, g, g, C)
+        self.pos_embed = vit.pos_embed
+        return vit.patch_embed, vit.layers, vit.neck, c.output_channels
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed.projection(x).permute(0, 2, 3, 1)  # (B, g, g, C); bypasses the fixed-size check
+        return h + self.pos_embed if self.pos_embed is not None else h
+
+    def to_map(self, h: torch.Tensor) -> torch.Tensor:
+        return h.permute(0, 3, 1, 2)  # (B, g, g, C) -> (B, C, g, g)
+
+    def final_map(self, h: torch.Tensor) -> torch.Tensor:
+        return self.final(h)  # (B, g, g, C) -> (B, 256, g, g)
+
+    def frozen_extras(self) -> list[nn.Parameter]:
+        return [self.pos_embed] if self.pos_embed is not None else []
+
+
+class Dinov2Encoder(Encoder):
+    """transformers' Dinov2Model: hidden states are (B, prefix + g*g, C) tokens, CLS (+ registers) first; the
+    embeddings interpolate their position embedding at every call; a LayerNorm ends it."""
+
+    weights = "facebook/dinov2-base"
+    tiny = dict(_TINY_VIT, mlp_ratio=4)
+    final_name = "norm"
+
+    @staticmethod
+    def transformers_classes() -> tuple[type, type]:
+        from transformers import Dinov2Config, Dinov2Model
+        return Dinov2Config, Dinov2Model
+
+    def adopt(self, backbone: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module, int]:
+        c = backbone.config
+        self.num_prefix = 1 + getattr(c, "num_register_tokens", 0)  # CLS (+ registers) come before patches
+        backbone.embeddings.mask_token.requires_grad_(False)  # for masked pre-training only: never used here
+        return backbone.embeddings, backbone.encoder.layer, backbone.layernorm, c.hidden_size
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)  # (B, prefix + g*g, C), position embedding interpolated by transformers
+
+    def to_map(self, h: torch.Tensor) -> torch.Tensor:
         h = h[:, self.num_prefix:]  # drop CLS / register tokens
         return h.transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)  # (B, C, g, g)
+
+    def final_map(self, h: torch.Tensor) -> torch.Tensor:
+        return self.to_map(self.final(h))
+
+
+BACKBONES: dict[str, type[Encoder]] = {"sam": SamEncoder, "dinov2": Dinov2Encoder}  # VAEConfig.encoder -> family
+
+
+def encoder_class(encoder: str) -> type[Encoder]:
+    if encoder not in BACKBONES:
+        raise ConfigError(f"encoder must be one of {', '.join(map(repr, BACKBONES))}, got {encoder!r}")
+    return BACKBONES[encoder]
 
 
 # -----------------------------------------------------------------------------
@@ -393,7 +508,7 @@ def build_model(cfg: VAEConfig) -> EarVAE:
     filled in, so the checkpoints it writes rebuild without the network."""
     backbone = load_backbone(cfg)
     cfg = replace(cfg, encoder_config=backbone.config.to_diff_dict())
-    return EarVAE(cfg, Encoder(cfg, backbone))
+    return EarVAE(cfg, encoder_class(cfg.encoder)(cfg, backbone))
 
 
 # -----------------------------------------------------------------------------

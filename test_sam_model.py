@@ -11,10 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.profiler import ProfilerActivity, profile
 from transformers import Dinov2Config, Dinov2Model, SamConfig, SamModel, SamVisionConfig, SamVisionModel
+from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
-from model import (CheckpointError, ConfigError, LOGVAR_MAX, WeightsUnavailableError, build_model, dinov2_config,
-                   load_model, parameter_report, sam_config, tiny_config)
+from model import (CheckpointError, ConfigError, LOGVAR_MAX, SamFlexAttention, SamSdpaAttention,
+                   WeightsUnavailableError, build_model, dinov2_config, load_model, parameter_report, sam_config,
+                   tiny_config)
 
 TINY_SAM = tiny_config("sam").encoder_config
 TINY_DINO = tiny_config("dinov2").encoder_config
@@ -86,6 +89,47 @@ def test_pretrained_dinov2_loads_and_matches_transformers(tmp_path):
     torch.testing.assert_close(ours.flatten(2).transpose(1, 2), theirs)
 
 
+def test_a_third_backbone_is_one_new_encoder_class(monkeypatch):
+    """BACKBONES is the one table of backbone families: a family added there (transformers' plain ViT, below) is
+    configured, loaded, frozen and run by the common code, its final map equal to transformers' own output."""
+    import model as M
+    from transformers import ViTConfig, ViTModel
+
+    class VitEncoder(M.Encoder):
+        weights, tiny, final_name = "google/vit-base-patch16-224", dict(M._TINY_VIT, intermediate_size=256), "norm"
+
+        @staticmethod
+        def transformers_classes():
+            return ViTConfig, ViTModel
+
+        def adopt(self, backbone):
+            return backbone.embeddings, backbone.layers, backbone.layernorm, backbone.config.hidden_size
+
+        def tokens(self, x):
+            return self.embed(x)  # (B, 1 + g*g, C)
+
+        def to_map(self, h):
+            return h[:, 1:].transpose(1, 2).reshape(h.shape[0], -1, self.grid, self.grid)
+
+        def final_map(self, h):
+            return self.to_map(self.final(h))
+
+    monkeypatch.setitem(M.BACKBONES, "vit", VitEncoder)
+    torch.manual_seed(3)
+    model = build_model(tiny_config("vit")).eval()
+    torch.manual_seed(3)
+    ref = ViTModel(ViTConfig(**VitEncoder.tiny)).eval()  # the same random start
+    assert [n for n, p in model.encoder.named_parameters() if not p.requires_grad][0] == "embed.cls_token"
+    x = tiny_batch(2)
+    with torch.no_grad():
+        feats = model.encoder.features(x)
+        theirs = ref((x - model.encoder.pixel_mean) / model.encoder.pixel_std).last_hidden_state[:, 1:]
+    assert set(feats) == {"block1", "block3", "norm"} and theirs.std() > 0.1
+    torch.testing.assert_close(feats["norm"].flatten(2).transpose(1, 2), theirs)
+    with pytest.raises(ConfigError, match="'vit'"):
+        build_model(tiny_config("vit", attn_implementation="flex"))
+
+
 def test_unreachable_weights_raise_one_clear_error():
     with pytest.raises(WeightsUnavailableError) as e:
         build_model(sam_config(weights="facebook/sam-vit-base"))  # not cached here, and offline
@@ -117,8 +161,8 @@ def test_frozen_prefix_and_trainable_counts():
     assert n_frozen == sum(p.numel() for m in (enc.embed, enc.blocks[0], enc.blocks[1]) for p in m.parameters()) \
         + enc.pos_embed.numel()
     model.train()
-    assert all(not m.training for m in enc.frozen_modules()) and enc.blocks[2].training
-    assert "Frozen params:" in parameter_report({"EarVAE": model})
+    assert [m.training for m in enc.frozen_modules()] == [False, False, False]  # embed, blocks 0-1
+    assert enc.blocks[2].training
 
 
 @pytest.mark.parametrize("encoder", ["sam", "dinov2"])
@@ -142,6 +186,10 @@ def test_full_vit_b_parameter_breakdown():
     assert frozen == embed + 16 * 16 * 768 + first6
     assert 42e6 < embed + pos_1024 + first6 < 47e6  # seed: ~44M frozen
     assert 85e6 < sum(p.numel() for p in enc.parameters()) - enc.pos_embed.numel() + pos_1024 < 95e6  # ViT-B ~90M
+    total = sum(p.numel() for p in model.parameters())  # the report's lines agree with these counts
+    report = parameter_report({"EarVAE": model}).splitlines()
+    assert report[1] == f"Trainable params: {(total - frozen) / 1e6:.1f}M ({100 * (total - frozen) / total:.1f}%)"
+    assert report[2] == f"Frozen params:    {frozen / 1e6:.1f}M ({100 * frozen / total:.1f}%)"
 
 
 @pytest.mark.parametrize("encoder", ["sam", "dinov2"])
@@ -150,12 +198,14 @@ def test_forward_shapes_and_ranges(encoder):
     out = model(tiny_batch(4))
     assert out["mu"].shape == out["logvar"].shape == out["z"].shape == (4, 1024)
     assert out["recon"].shape == (4, 3, 128, 128)
-    assert 0 <= out["recon"].min() and out["recon"].max() <= 1
+    assert out["recon"].min() >= 0
+    assert out["recon"].max() <= 1
     assert not torch.equal(out["z"], out["mu"])  # sampled in training
     model.eval()
     with torch.no_grad():
         a, b = model(tiny_batch(4)), model(tiny_batch(4))
-    assert torch.equal(a["z"], a["mu"]) and torch.equal(a["recon"], b["recon"])  # mu in eval, deterministic
+    assert torch.equal(a["z"], a["mu"])  # mu in eval
+    assert torch.equal(a["recon"], b["recon"])  # deterministic
     torch.testing.assert_close(model.decode(a["mu"]), a["recon"])
     torch.testing.assert_close(model.encode(tiny_batch(4))[0], a["mu"])
 
@@ -185,7 +235,8 @@ def test_other_input_sizes_interpolate_position_embedding_once(saved_sam, input_
     with torch.no_grad():
         out = model(tiny_batch(2))
         feats = model.encoder.features(tiny_batch(2))
-    assert feats["neck"].shape == (2, 32, grid, grid) and out["recon"].shape == (2, 3, 128, 128)
+    assert feats["neck"].shape == (2, 32, grid, grid)
+    assert out["recon"].shape == (2, 3, 128, 128)
 
 
 def test_one_optimizer_step_changes_trainable_and_not_frozen_parameters():
@@ -222,7 +273,7 @@ def tiny_sam_with_rel_pos(impl: str, **overrides):
     """Tiny SAM model whose relative-position tables are random: transformers starts them at 0, which would hide a
     wrong bias. Input 80: a 10x10 grid, padded 4x4 windows, tables interpolated from the 16x16 they were made for."""
     torch.manual_seed(0)
-    model = build_model(tiny_config("sam", attn_implementation=impl, input_size=80, **overrides))
+    model = build_model(tiny_config("sam", attn_implementation=impl, **{"input_size": 80, **overrides}))
     with torch.no_grad():
         for block in model.encoder.blocks:
             block.attn.rel_pos_h.normal_()
@@ -237,7 +288,7 @@ def test_attention_implementations_agree_with_a_relative_position_bias():
         model = tiny_sam_with_rel_pos(impl).eval()
         with torch.no_grad():
             feats[impl] = model.encoder.features(tiny_batch(2))
-    assert type(model.encoder.blocks[1].attn).__name__ == "SamFlexAttention"
+    assert type(model.encoder.blocks[1].attn) is SamFlexAttention
     for impl in ("sdpa", "flex"):
         for k, ref in feats["eager"].items():
             torch.testing.assert_close(feats[impl][k], ref, atol=1e-5, rtol=1e-4)
@@ -246,15 +297,98 @@ def test_attention_implementations_agree_with_a_relative_position_bias():
         assert (zero_bias.encoder.features(tiny_batch(2))["neck"] - feats["eager"]["neck"]).abs().max() > 0.1
 
 
+def cpu_bytes(fn) -> tuple[object, int, int]:
+    """-> (fn(), peak bytes alive at once, bytes allocated in all) on the CPU while fn runs (profiler's memory
+    events, in time order)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = total = 0
+    for e in events:
+        live += e.nbytes()  # + allocation, - free
+        peak, total = max(peak, live), total + max(e.nbytes(), 0)
+    return out, peak, total
+
+
+def test_sdpa_writes_the_relative_position_mask_once():
+    """transformers' SDPA attention reshapes its dense (B, heads, N, N) bias from a permuted-stride sum, a copy that
+    keeps two masks alive; SamSdpaAttention writes it once and returns the same output."""
+    model = tiny_sam_with_rel_pos("sdpa", input_size=256).eval()  # a 32x32 grid: 1024 tokens in the global block
+    block = model.encoder.blocks[1]
+    assert type(block.attn) is SamSdpaAttention and block.window_size == 0
+    B, g, heads = 2, model.encoder.grid, block.attn.num_attention_heads
+    h = torch.randn(B, g, g, model.encoder.hidden_size, generator=torch.Generator().manual_seed(0))
+    mask = B * heads * (g * g) ** 2 * 4  # fp32 (B, heads, N, N)
+    factors = 2 * B * heads * g * g * g * 4  # rel_h and rel_w (B * heads, g, g, g), now made contiguous
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # SDPA's CPU kernel sizes its scratch buffers by the thread count
+    try:
+        with torch.no_grad():
+            ours, peak, total = cpu_bytes(lambda: block(h))
+            block.attn.__class__ = SamVisionSdpaAttention  # transformers' own, same parameters
+            theirs, peak_ref, total_ref = cpu_bytes(lambda: block(h))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(ours, theirs)
+    assert total_ref - total == mask - factors  # the copy of the mask is gone, nothing else changed
+    assert 0.85 * mask < peak_ref - peak <= mask, (peak_ref, peak, mask)
+
+
 def test_flex_checkpoints_are_interchangeable_with_sdpa():
-    sdpa, flex = tiny_sam_with_rel_pos("sdpa"), tiny_sam_with_rel_pos("flex")
-    flex.load_state_dict(sdpa.state_dict(), strict=True)
-    assert list(sdpa.state_dict()) == list(flex.state_dict())
+    """An sdpa model's state dict loads strictly into a flex model of other weights, which then computes the same."""
+    sdpa = tiny_sam_with_rel_pos("sdpa").eval()
+    torch.manual_seed(1)
+    flex = build_model(tiny_config("sam", attn_implementation="flex", input_size=80)).eval()
+    assert list(flex.state_dict()) == list(sdpa.state_dict())
+    with torch.no_grad():
+        ref = sdpa(tiny_batch(2))["recon"]
+        assert (flex(tiny_batch(2))["recon"] - ref).abs().max() > 1e-3  # other weights, other output
+        flex.load_state_dict(sdpa.state_dict(), strict=True)
+        torch.testing.assert_close(flex(tiny_batch(2))["recon"], ref, atol=1e-5, rtol=1e-4)
 
 
 def test_flex_is_for_sam_only():
     with pytest.raises(ConfigError, match="dinov2"):
         build_model(tiny_config("dinov2", attn_implementation="flex"))
+
+
+def rel_pos_flex_inputs(b: int, grid: int = 4, heads: int = 2, d: int = 8):
+    """q, k, v (b, heads, grid^2, d), SamFlexAttention's score_mod and the tensors it indexes by batch."""
+    gen = torch.Generator().manual_seed(b)
+    q, k, v = (torch.randn(b, heads, grid * grid, d, generator=gen) for _ in range(3))
+    rel_h, rel_w = (torch.randn(b, heads, grid * grid, grid, generator=gen) for _ in range(2))
+
+    def score_mod(score, bi, h, q_idx, kv_idx):
+        return score + rel_h[bi, h, q_idx, kv_idx // grid] + rel_w[bi, h, q_idx, kv_idx % grid]
+    return q, k, v, score_mod, (rel_h, rel_w)
+
+
+def test_compiled_flex_compiles_once_per_call_class_and_fails_loudly_past_its_limit(monkeypatch):
+    """One compiled flex_attention per call class (shapes but the batch, dtype, grad mode), batch dynamic: new batch
+    sizes do not recompile, grad mode is a class of its own, and a class that would compile past its limit raises
+    instead of silently running eager. CPU stand-in for CUDA: dynamo's guards and caches are the same, only the
+    backend differs (a compile counter that runs the captured graph eagerly)."""
+    import model as M
+    from torch._dynamo.testing import CompileCounter
+    from torch.nn.attention.flex_attention import flex_attention as reference
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{"backend": counter, **kw}))  # not flex's own
+    monkeypatch.setattr(M, "_compiled_flex", {})
+    with torch.no_grad():
+        for b in (2, 3, 5):
+            q, k, v, mod, tensors = rel_pos_flex_inputs(b)
+            out = M.compiled_flex_attention(q, k, v, mod, tensors)
+            torch.testing.assert_close(out, reference(q, k, v, score_mod=mod))
+        assert (len(M._compiled_flex), counter.frame_count) == (1, 1)
+        M.compiled_flex_attention(*rel_pos_flex_inputs(1))  # dynamo specialises a batch of 1: the class's 2nd compile
+        assert counter.frame_count == 2
+        q, k, v, mod, tensors = rel_pos_flex_inputs(2)
+        q = q.transpose(2, 3).contiguous().transpose(2, 3)  # same class, other strides: would be a 3rd compile
+        with pytest.raises(RuntimeError, match=f"more than {M.FLEX_RECOMPILE_LIMIT} compiles"):
+            M.compiled_flex_attention(q, k, v, mod, tensors)
+    M.compiled_flex_attention(*rel_pos_flex_inputs(2))  # grad mode on (inputs without grad: CPU flex has no backward)
+    assert (len(M._compiled_flex), counter.frame_count) == (2, 3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused FlexAttention kernel and its backward: CUDA")
@@ -288,7 +422,7 @@ def test_checkpoint_rebuilds_model_without_flags(tmp_path):
     model = build_model(tiny_config("dinov2", latent_dim=64)).eval()
     torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg)}, tmp_path / "m.pt")
     loaded, cfg = load_model(tmp_path / "m.pt")
-    assert cfg.latent_dim == 64 and cfg.encoder == "dinov2" and not loaded.training
+    assert (cfg.latent_dim, cfg.encoder, loaded.training) == (64, "dinov2", False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(tiny_batch(2))["recon"], model(tiny_batch(2))["recon"])
 
