@@ -5,7 +5,7 @@
 
 PCA is fitted on the mu of the training split (--fit-data) and reported on both splits; the held-out (--data) split
 also gives the PSNR of images decoded from their projection onto the top k components. Where a factors CSV sits
-beside the data (X_teacher.npy -> X_factors.csv, written by `data.py synth`), each PC score is correlated with each
+beside the data (X_teacher.npy -> X_factors.csv, written by `synth.py`), each PC score is correlated with each
 generating factor and a ridge probe from mu to each factor is scored on the held-out split.
 
 Writes OUT/summary.json, mean_ear.png, traversals.png, scree.png (and factors.png); with several checkpoints one

@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up would otherwise retry the network for ~30 s
 
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data  # noqa: E402
+import synth  # noqa: E402
 import train  # noqa: E402
 
 
@@ -24,6 +25,17 @@ class Hostile:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))  # hostile
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A CLI failure as the project promises it: exit 1, one line on stderr starting 'error: ' and holding each
+    fragment, no traceback."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
 
 
 def tiny_train_args(data_dir, run_dir, *extra: str) -> list[str]:
@@ -38,7 +50,7 @@ def tiny_train_args(data_dir, run_dir, *extra: str) -> list[str]:
 def synth_dir(tmp_path_factory) -> Path:
     """train_teacher.npy (64 ears), val_teacher.npy (16) and their factor CSVs."""
     d = tmp_path_factory.mktemp("synth")
-    data.write_synthetic(d, n_train=64, n_val=16, seed=0)
+    synth.write_synthetic(d, n_train=64, n_val=16, seed=0)
     return d
 
 

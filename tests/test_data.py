@@ -1,8 +1,4 @@
-"""Tests for data.py: file formats and validation, the synthetic ear renderer, the CLI, augmentation and sampling."""
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+"""Tests for data.py: file formats and validation, the CLI (check, convert), augmentation and sampling."""
 import pickle
 import re
 import subprocess
@@ -16,13 +12,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from data import (FACTOR_RANGES, FACTORS, IMAGE_SIZE, AugConfig, DataError, EarDataset,  # noqa: E402
-                  ResumableSampler, _colour, augment, main, make_loader, open_npy, render_ears, to_float, validate,
-                  write_synthetic)
-from conftest import Hostile  # noqa: E402
+from conftest import ROOT, Hostile, assert_one_line_error
+from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, ResumableSampler, _colour, augment, main,
+                  make_loader, open_npy, to_float, validate)
+from synth import render_ears
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +27,6 @@ def ears() -> np.ndarray:
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "data.py"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,60 +179,6 @@ def test_validate_15000_images_from_a_memmap_takes_seconds(tmp_path, ears):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# synthetic ears
-
-def test_render_is_deterministic_for_a_seed_and_differs_between_seeds():
-    a, fa = render_ears(6, seed=3)
-    b, fb = render_ears(6, seed=3)
-    c, fc = render_ears(6, seed=4)
-    assert a.dtype == np.uint8 and a.shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3)
-    assert fa.dtype == np.float32 and fa.shape == (6, len(FACTORS))
-    assert a.tobytes() == b.tobytes() and fa.tobytes() == fb.tobytes()
-    assert not np.array_equal(fa, fc) and (a != c).mean() > 0.5
-    prefix, fp = render_ears(4, seed=3)  # image i does not depend on n
-    assert prefix.tobytes() == a[:4].tobytes() and np.array_equal(fp, fa[:4])
-
-
-def test_factors_are_sampled_within_their_ranges():
-    _, f = render_ears(200, seed=1, size=16)
-    lo, hi = np.array(list(FACTOR_RANGES.values()), np.float32).T
-    assert FACTORS == tuple(FACTOR_RANGES)
-    assert (f >= lo).all() and (f <= hi).all()
-    assert (f.max(0) - f.min(0) > 0.8 * (hi - lo)).all()  # each factor really varies
-
-
-def test_images_vary_with_the_factors_and_are_not_blank():
-    img, _ = render_ears(16, seed=2)
-    keep, invalid = validate(img)
-    assert len(keep) == 16
-    assert img.reshape(16, -1).std(1).min() > 15  # real contrast in every image
-    assert img.std(0).mean() > 15  # and between images
-
-
-def test_render_speed():
-    render_ears(8, seed=0)  # warm up
-    t0 = time.perf_counter()
-    render_ears(256, seed=1)
-    rate = 256 / (time.perf_counter() - t0)
-    print(f"render_ears: {rate:.0f} images/s")
-    assert rate > 50
-
-
-def test_write_synthetic_writes_images_and_factor_csvs(tmp_path):
-    write_synthetic(tmp_path, n_train=10, n_val=4, seed=7)
-    train, val = np.load(tmp_path / "train_teacher.npy"), np.load(tmp_path / "val_teacher.npy")
-    assert train.shape == (10, 128, 128, 3) and val.shape == (4, 128, 128, 3) and train.dtype == np.uint8
-    images, factors = render_ears(10, seed=7)
-    assert np.array_equal(train, images)
-    assert not np.array_equal(val, render_ears(4, seed=7)[0])  # val is a different stream of the seed
-    for split, n in (("train", 10), ("val", 4)):
-        lines = (tmp_path / f"{split}_factors.csv").read_text().splitlines()
-        assert lines[0].split(",") == list(FACTORS) and len(lines) == n + 1
-    csv = np.loadtxt(tmp_path / "train_factors.csv", delimiter=",", skiprows=1, dtype=np.float32)
-    assert np.array_equal(csv, factors)  # the CSV holds exactly the values used
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # CLI
 
 def test_check_cli_exit_codes_and_one_line_errors(tmp_path, ears):
@@ -266,16 +196,6 @@ def test_check_cli_exit_codes_and_one_line_errors(tmp_path, ears):
     with pytest.raises(SystemExit) as e:  # argparse rejects the value
         main(["check", str(tmp_path / "good.npy"), "--max-invalid", "2"])
     assert e.value.code == 2
-
-
-def test_synth_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
-    assert main(["synth", "--out", str(tmp_path / "d"), "--n-train", "3", "--n-val", "2"]) == 0
-    assert "images/s" in capsys.readouterr().out
-    assert np.load(tmp_path / "d" / "train_teacher.npy").shape == (3, 128, 128, 3)
-    assert_one_line_error(run_cli("synth", "--out", "d", "--n-train", "3", "--n-val", "2", cwd=tmp_path),
-                          "train_teacher.npy: already exists", "--force")
-    assert main(["synth", "--out", str(tmp_path / "d"), "--n-train", "4", "--n-val", "2", "--force"]) == 0
-    assert np.load(tmp_path / "d" / "train_teacher.npy").shape == (4, 128, 128, 3)
 
 
 def test_convert_round_trip_pads_resizes_splits_and_lists_skipped_files(tmp_path, capsys):

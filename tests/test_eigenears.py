@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import eigenears as eg  # noqa: E402
-from data import FACTORS, EarDataset  # noqa: E402
+from data import EarDataset  # noqa: E402
+from synth import FACTORS  # noqa: E402
 from eval import encode_dataset  # noqa: E402
 from model import load_model, read_checkpoint  # noqa: E402
 from test_eval import CLI_CASES, EARLIER, bad_inputs, check_cli_error  # noqa: E402
