@@ -27,6 +27,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from files import save_npy, write_outputs
+
 IMAGE_SIZE = 128
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -323,17 +325,6 @@ def _own_session(worker_id: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # files and CLI
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    """np.save to a temporary file next to `path`, then rename: `path` is never left half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def refuse_overwrite(paths: list[Path], force: bool) -> None:
     for path in paths:
         if path.exists() and not force:
@@ -404,9 +395,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise DataError(f"{src}: {n_ok} usable images ({len(skipped)} of {len(files)} files skipped); need at least 2")
     order = np.random.default_rng(args.seed).permutation(n_ok)
     n_val = min(max(1, round(n_ok * args.val_fraction)), n_ok - 1)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_npy(targets[0], images[order[n_val:]])
-    _save_npy(targets[1], images[order[:n_val]])
+    write_outputs({targets[0]: save_npy(images[order[n_val:]]), targets[1]: save_npy(images[order[:n_val]])})
     print(f"converted {n_ok:,} images ({len(skipped):,} skipped): {targets[0]} {n_ok - n_val:,}, "
           f"{targets[1]} {n_val:,}")
     return 0

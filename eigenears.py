@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import DataError, EarDataset  # noqa: E402
-from eval import (batches, checkpoint_info, data_file, encode_dataset, resolve_device, save_figure,  # noqa: E402
-                  save_json, write_outputs)
+from files import save_figure, save_json, write_outputs  # noqa: E402
+from inference import batches, checkpoint_info, data_file, encode_dataset, resolve_device  # noqa: E402
 from losses import psnr  # noqa: E402
 from model import CheckpointError, EarVAE, WeightsUnavailableError, load_model, read_checkpoint  # noqa: E402
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from data import IMAGE_SIZE, DataError, _save_npy, int_at_least, refuse_overwrite
+from data import IMAGE_SIZE, DataError, int_at_least, refuse_overwrite
+from files import Writer, save_npy, write_outputs
 
 # Generating factors of the synthetic ears, each sampled uniformly in its range (CSV column order).
 # Ear units: the ear spans about y in [-0.9, 0.9] at scale 1, where the crop spans [-1, 1].
@@ -61,16 +62,22 @@ def render_ears(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, 
 
 def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: int) -> None:
     """Write out_dir/{train,val}_teacher.npy (uint8 (N, 128, 128, 3)) and {train,val}_factors.csv (header FACTORS,
-    one row per image). Train is render_ears(n_train, seed); val comes from a different random stream of the seed."""
+    one row per image), all four or none (files.write_outputs). Train is render_ears(n_train, seed); val comes from
+    a different random stream of the seed."""
     if n_train < 1 or n_val < 1:
         raise ValueError(f"n_train and n_val must be >= 1, got {n_train} and {n_val}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
     for split, n, entropy in (("train", n_train, seed), ("val", n_val, [seed, 1])):
         images, factors = _render(n, entropy, IMAGE_SIZE)
-        _save_npy(out_dir / f"{split}_teacher.npy", images)
-        np.savetxt(out_dir / f"{split}_factors.csv", factors, fmt="%.4f", delimiter=",",  # factors have 4 decimals
-                   header=",".join(FACTORS), comments="")
+        files[out_dir / f"{split}_teacher.npy"] = save_npy(images)
+        files[out_dir / f"{split}_factors.csv"] = _save_factors(factors)
+    write_outputs(files)
+
+
+def _save_factors(factors: np.ndarray) -> Writer:
+    """The factors CSV: header FACTORS, one row per image, 4 decimals (the factors have 4 decimals)."""
+    return lambda f: np.savetxt(f, factors, fmt="%.4f", delimiter=",", header=",".join(FACTORS), comments="")
 
 
 def _render(n: int, entropy: int | list[int], size: int) -> tuple[np.ndarray, np.ndarray]:

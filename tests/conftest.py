@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic ear set and a tiny model trained on it (CPU, seconds)."""
+"""Shared fixtures and helpers: a small synthetic ear set, a tiny model trained on it (CPU, seconds), the bad inputs
+every entry point must refuse in one line, and the check of such a refusal."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up would otherwise retry the network for ~30 s
@@ -9,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,6 +38,32 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+CLI_CASES = ["missing", "garbage", "hostile", "missing-data"]
+EARLIER = '{"earlier": true}\n'  # an earlier run's output file, which a failed run must leave alone
+
+
+def bad_inputs(tiny_run, d: Path) -> dict[str, SimpleNamespace]:
+    """{case: (ckpt, data (None: the run's), named: the file the error must name, marker: created if a hostile
+    pickle ran)} for every case of CLI_CASES."""
+    marker = d / "pwned"
+    garbage, hostile = d / "garbage.pt", d / "hostile.pt"
+    garbage.write_bytes(b"this is not a checkpoint\n" * 10)
+    torch.save({"model": Hostile(marker), "model_config": {}}, hostile)
+    cases = {"missing": (d / "missing.pt", None, d / "missing.pt"), "garbage": (garbage, None, garbage),
+             "hostile": (hostile, None, hostile), "missing-data": (tiny_run.best, d / "none.npy", d / "none.npy")}
+    return {k: SimpleNamespace(ckpt=c, data=x, named=n, marker=marker) for k, (c, x, n) in cases.items()}
+
+
+def check_cli_error(r: SimpleNamespace) -> None:
+    """A bad_inputs() case after the run (r.returncode, r.stdout, r.stderr; r.earlier: the earlier output file, alone
+    in its folder): a one-line error naming the file, no pickle ran, the earlier output is untouched."""
+    assert_one_line_error(r, str(r.named))
+    assert "Traceback" not in r.stdout
+    assert not r.marker.exists()
+    assert r.earlier.read_text() == EARLIER
+    assert sorted(p.name for p in r.earlier.parent.iterdir()) == [r.earlier.name]
 
 
 def tiny_train_args(data_dir, run_dir, *extra: str) -> list[str]:

@@ -1,10 +1,6 @@
 """Tests for eigenears.py: pca() against numpy's SVD and covariance eigendecomposition, the effective rank and the
 ridge probe on known cases, and the CLI on the tiny trained run (summary, figures, factor table against np.corrcoef,
 comparison of two checkpoints, one-line errors)."""
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import json
 import runpy
 import sys
@@ -15,15 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import eigenears as eg  # noqa: E402
-from data import EarDataset  # noqa: E402
-from synth import FACTORS  # noqa: E402
-from eval import encode_dataset  # noqa: E402
-from model import load_model, read_checkpoint  # noqa: E402
-from test_eval import CLI_CASES, EARLIER, bad_inputs, check_cli_error  # noqa: E402
+import eigenears as eg
+from conftest import CLI_CASES, EARLIER, ROOT, bad_inputs, check_cli_error
+from data import EarDataset
+from inference import encode_dataset
+from model import load_model, read_checkpoint
+from synth import FACTORS
 
 FIGURES = ("mean_ear.png", "traversals.png", "scree.png", "factors.png")
 BLANK = 5  # index of the blank (invalid) training sample in fit_file
@@ -210,5 +203,5 @@ def test_cli_bad_input_one_line_error_exit_1_earlier_output_untouched(case, tiny
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "eigenears.py"), run_name="__main__")
     captured = capsys.readouterr()
-    c.rc, c.stdout, c.stderr = exit_info.value.code, captured.out, captured.err
+    c.returncode, c.stdout, c.stderr = exit_info.value.code, captured.out, captured.err
     check_cli_error(c)

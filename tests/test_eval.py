@@ -1,9 +1,5 @@
 """Tests for eval.py on the tiny trained run: output files, metrics against scikit-image on the model's own
 reconstructions, exported latents against model.encode, determinism, and one-line CLI errors that never clobber."""
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import csv
 import json
 import pickle
@@ -18,12 +14,10 @@ import pytest
 import skimage.metrics
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import eval as ev  # noqa: E402
-from model import load_model  # noqa: E402
-from conftest import Hostile  # noqa: E402
+import eval as ev
+from conftest import CLI_CASES, EARLIER, ROOT, Hostile, bad_inputs, check_cli_error
+from inference import checkpoint_info
+from model import load_model, read_checkpoint
 
 BLANK = 3  # index of the blank (invalid) sample in the file built by holey_file
 
@@ -87,7 +81,7 @@ def test_outputs_written_one_csv_row_per_kept_image_and_a_valid_png(runs, refere
 
 
 def test_default_data_is_the_validation_file_of_the_run_that_made_the_checkpoint(tiny_run):
-    info = ev.checkpoint_info(ev.read_checkpoint(tiny_run.best))
+    info = checkpoint_info(read_checkpoint(tiny_run.best))
     assert info["val"] == tiny_run.data_dir / "val_teacher.npy"
     assert info["train"] == tiny_run.data_dir / "train_teacher.npy"
     assert info["step"] == 16
@@ -147,33 +141,6 @@ def test_two_runs_write_identical_metrics(runs):
 # -----------------------------------------------------------------------------
 # CLI errors
 
-CLI_CASES = ["missing", "garbage", "hostile", "missing-data"]
-EARLIER = '{"earlier": true}\n'  # an earlier run's output file, which a failed run must leave alone
-
-
-def bad_inputs(tiny_run, d: Path) -> dict[str, SimpleNamespace]:
-    """{case: (ckpt, data (None: the run's), named: the file the error must name, marker: created if a hostile
-    pickle ran)}."""
-    marker = d / "pwned"
-    garbage, hostile = d / "garbage.pt", d / "hostile.pt"
-    garbage.write_bytes(b"this is not a checkpoint\n" * 10)
-    torch.save({"model": Hostile(marker), "model_config": {}}, hostile)
-    cases = {"missing": (d / "missing.pt", None, d / "missing.pt"), "garbage": (garbage, None, garbage),
-             "hostile": (hostile, None, hostile), "missing-data": (tiny_run.best, d / "none.npy", d / "none.npy")}
-    return {k: SimpleNamespace(ckpt=c, data=x, named=n, marker=marker) for k, (c, x, n) in cases.items()}
-
-
-def check_cli_error(r: SimpleNamespace) -> None:
-    assert r.rc == 1
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert str(r.named) in lines[0]
-    assert "Traceback" not in r.stderr + r.stdout
-    assert not r.marker.exists()
-    assert r.earlier.read_text() == EARLIER
-    assert sorted(p.name for p in r.earlier.parent.iterdir()) == [r.earlier.name]
-
-
 @pytest.fixture(scope="module")
 def cli_errors(tiny_run, tmp_path_factory) -> dict[str, SimpleNamespace]:
     """`python eval.py CKPT [--data FILE] --out OUT` for every bad input, with an earlier OUT/metrics.json in place;
@@ -190,7 +157,7 @@ def cli_errors(tiny_run, tmp_path_factory) -> dict[str, SimpleNamespace]:
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for case, c in cases.items():
         c.stdout, c.stderr = procs[case].communicate(timeout=120)
-        c.rc = procs[case].returncode
+        c.returncode = procs[case].returncode
     return cases
 
 
