@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 from data import DataError, EarDataset, to_float  # noqa: E402
 from files import Writer, save_figure, save_json, save_npy, write_outputs  # noqa: E402
-from inference import batches, checkpoint_info, data_file, resolve_device  # noqa: E402
+from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
+                       out_of_memory_error, resolve_device, resolve_precision)
 from losses import kl_divergence, psnr, ssim  # noqa: E402
 from model import CheckpointError, EarVAE, WeightsUnavailableError, load_model, read_checkpoint  # noqa: E402
 
@@ -38,11 +39,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="checkpoint written by train.py (best.pt or last.pt)")
     p.add_argument("--data", default=None, help="uint8 .npy of ear crops (default: the run's validation file)")
     p.add_argument("--out", default="eval", help="folder for metrics.json, per_image.csv, reconstructions.png")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--export-latents", default=None, metavar="FILE.npy",
                    help="also save mu (N, latent_dim) float32 here and the kept samples' indices to FILE_index.npy")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    add_inference_args(p)
     return p
 
 
@@ -51,17 +50,20 @@ def get_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: torch.device,
-                      workers: int = 0) -> dict[str, np.ndarray]:
-    """Reconstruct every kept image from its mu. -> {"index": (N,) int64 original indices, "psnr", "ssim", "mae",
-    "mse", "kl": (N,) float64 per image, "mu": (N, latent_dim) float32}; row i is the dataset's sample i."""
+                      dtype: torch.dtype = torch.float32, workers: int = 0) -> dict[str, np.ndarray]:
+    """Reconstruct every kept image from its mu, the model under autocast(device, dtype), the metrics in float32.
+    -> {"index": (N,) int64 original indices, "psnr", "ssim", "mae", "mse", "kl": (N,) float64 per image,
+    "mu": (N, latent_dim) float32}; row i is the dataset's sample i."""
     out: dict[str, list] = {k: [] for k in ("index", "psnr", "ssim", "mae", "mse", "kl", "mu")}
     for x, index in batches(ds, batch_size, device, workers, desc=f"evaluate {ds.path.name}"):
-        mu, logvar = model.encode(x)  # (B, D) each
-        recon = model.decode(mu).float()  # (B, 3, 128, 128)
+        with autocast(device, dtype):
+            mu, logvar = model.encode(x)  # (B, D) each
+            recon = model.decode(mu)  # (B, 3, 128, 128)
+        mu, logvar, recon = mu.float(), logvar.float(), recon.float()
         diff = recon - x
         per_image = {"psnr": psnr(recon, x), "ssim": ssim(recon, x), "mae": diff.abs().mean(dim=(1, 2, 3)),
                      "mse": diff.square().mean(dim=(1, 2, 3)), "kl": kl_divergence(mu, logvar, reduction="none"),
-                     "mu": mu.float()}
+                     "mu": mu}
         for k, v in per_image.items():
             out[k].append(v.cpu())
         out["index"].append(index)
@@ -98,11 +100,11 @@ def save_csv(per_image: dict[str, np.ndarray]) -> Writer:
 # figures and report
 
 @torch.no_grad()
-def reconstruction_figure(model: EarVAE, ds: EarDataset, per_image: dict[str, np.ndarray],
-                          device: torch.device, n: int = 8) -> plt.Figure:
+def reconstruction_figure(model: EarVAE, ds: EarDataset, per_image: dict[str, np.ndarray], device: torch.device,
+                          dtype: torch.dtype = torch.float32, n: int = 8) -> plt.Figure:
     """Rows of n examples (random with a fixed seed, best and worst by PSNR), each shown as input above output above
     a heat map of the mean absolute difference over RGB, labelled with its index in the file and its PSNR. The
-    outputs are decoded from per_image_metrics()'s mu."""
+    outputs are decoded from per_image_metrics()'s mu, under autocast(device, dtype) as there."""
     order = np.argsort(-per_image["psnr"], kind="stable")  # best first
     n = min(n, len(order))
     groups = {"random": np.random.default_rng(FIGURE_SEED).choice(len(order), n, replace=False),
@@ -110,7 +112,8 @@ def reconstruction_figure(model: EarVAE, ds: EarDataset, per_image: dict[str, np
     rows = [(name, i) for name, pos in groups.items() for i in pos]
     x = to_float(torch.stack([ds[int(i)][0] for _, i in rows]))  # (3n, 3, 128, 128)
     mu = torch.from_numpy(per_image["mu"][[i for _, i in rows]]).to(device)  # (3n, D), no second encoder pass
-    recon = model.decode(mu).float()
+    with autocast(device, dtype):
+        recon = model.decode(mu).float()  # (3n, 3, 128, 128)
     x, recon = x.permute(0, 2, 3, 1).cpu().numpy(), recon.permute(0, 2, 3, 1).cpu().numpy()  # (3n, H, W, 3)
     err = np.abs(recon - x).mean(-1)  # (3n, H, W)
     vmax = max(float(err.max()), 1e-6)  # one colour scale for every heat map
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
+    dtype = resolve_precision(args.precision, device)
 
     ckpt = read_checkpoint(args.ckpt)
     info = checkpoint_info(ckpt)
@@ -167,11 +171,13 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = load_model(args.ckpt, device, ckpt)
     del ckpt
     print(f"{data_path}: {ds.summary()}")
+    print(f"device {device}, {dtype} {'(no autocast)' if dtype == torch.float32 else 'autocast'}, "
+          f"batch size {args.batch_size}")
 
-    per_image = per_image_metrics(model, ds, args.batch_size, device, args.workers)
+    per_image = per_image_metrics(model, ds, args.batch_size, device, dtype, args.workers)
     metrics = {"n_images": len(ds), "n_invalid": ds.n_total - len(ds), "checkpoint": str(args.ckpt),
                "step": info["step"], "data": str(data_path), **summarize(per_image)}
-    fig = reconstruction_figure(model, ds, per_image, device)
+    fig = reconstruction_figure(model, ds, per_image, device, dtype)
 
     out = Path(args.out)
     files = {out / "metrics.json": save_json(metrics), out / "per_image.csv": save_csv(per_image),
@@ -191,4 +197,7 @@ if __name__ == "__main__":
         main()
     except (CheckpointError, DataError, WeightsUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError:
+        print(out_of_memory_error(get_parser().parse_args().batch_size), file=sys.stderr)
         sys.exit(1)

@@ -66,6 +66,27 @@ def check_cli_error(r: SimpleNamespace) -> None:
     assert sorted(p.name for p in r.earlier.parent.iterdir()) == [r.earlier.name]
 
 
+def run_out_of_memory(script: str, *argv: str) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGV` (run as __main__ by runpy) with EarVAE.encode raising torch.OutOfMemoryError, as CUDA does
+    when a batch does not fit."""
+    code = ("import runpy, sys, torch, model\n"
+            "def boom(self, x):\n"
+            "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 3.00 GiB')\n"
+            "model.EarVAE.encode = boom\n"
+            f"sys.argv = [{script!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({script!r}, run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def assert_error_after_progress_bars(proc: subprocess.CompletedProcess, error: str) -> None:
+    """Exit 1, no traceback, and stderr is the tqdm bars of the interrupted loop followed by exactly `error`."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    *bars, last = proc.stderr.strip().splitlines()
+    assert all(line.endswith(("it/s]", "s/it]")) for line in bars), proc.stderr
+    assert last == error
+
+
 def tiny_train_args(data_dir, run_dir, *extra: str) -> list[str]:
     """Flags of a tiny CPU run: random tiny backbone, no VGG (no weights here), no worker processes."""
     return ["--tiny", "--no-pretrained", "--perceptual-weight", "0", "--data-dir", str(data_dir),

@@ -15,8 +15,10 @@ import skimage.metrics
 import torch
 
 import eval as ev
-from conftest import CLI_CASES, EARLIER, ROOT, Hostile, bad_inputs, check_cli_error
-from inference import checkpoint_info
+from conftest import (CLI_CASES, EARLIER, ROOT, Hostile, assert_error_after_progress_bars, bad_inputs,
+                      check_cli_error, run_out_of_memory)
+from data import EarDataset
+from inference import autocast, checkpoint_info, resolve_precision
 from model import load_model, read_checkpoint
 
 BLANK = 3  # index of the blank (invalid) sample in the file built by holey_file
@@ -136,6 +138,50 @@ def test_kl_column_is_the_per_image_gaussian_kl(runs, reference, tiny_run):
 def test_two_runs_write_identical_metrics(runs):
     for name in ("metrics.json", "per_image.csv"):
         assert (runs.a / name).read_bytes() == (runs.b / name).read_bytes()
+
+
+# -----------------------------------------------------------------------------
+# precision and memory
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, native_bf16, expected):
+    """A GPU that only emulates bf16 (is_bf16_supported() is True by default there) gets fp16; the CPU gets fp32."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or
+                        including_emulation)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+    assert resolve_precision("fp32", torch.device("cuda")) == torch.float32
+
+
+def test_bf16_forward_pass_metrics_are_computed_in_float32_on_its_outputs(tiny_run, holey_file, reference):
+    """Under bf16 autocast the model's outputs change (the autocast is on), but every metric is the float64
+    scikit-image value of those bf16 outputs (within fp32 rounding), not a bf16 computation of it."""
+    model, _ = load_model(tiny_run.best)
+    got = ev.per_image_metrics(model, EarDataset(holey_file), 8, torch.device("cpu"), torch.bfloat16)
+    with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
+        outs = [(model.decode(mu).double(), mu.double(), logvar.double())
+                for mu, logvar in (model.encode(x) for x in reference.x.contiguous().split(8))]  # eval's batches
+    recon, mu, logvar = (torch.cat(t) for t in zip(*outs))
+    assert got["mu"].dtype == np.float32
+    assert got["psnr"].dtype == np.float64
+    np.testing.assert_array_equal(got["mu"], mu.float().numpy())  # contiguous input as eval's: the same kernels
+    assert np.abs(got["mu"] - reference.mu.numpy()).max() > 1e-3  # bf16 rounding: the model did not run in fp32
+    x, r = reference.x.double().permute(0, 2, 3, 1).numpy(), recon.permute(0, 2, 3, 1).numpy()
+    sk_psnr = [skimage.metrics.peak_signal_noise_ratio(a, b, data_range=1) for a, b in zip(x, r)]
+    sk_ssim = [skimage.metrics.structural_similarity(a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                                     use_sample_covariance=False, data_range=1) for a, b in zip(x, r)]
+    np.testing.assert_allclose(got["psnr"], sk_psnr, atol=1e-4)
+    np.testing.assert_allclose(got["ssim"], sk_ssim, atol=1e-5)
+    kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(-1)  # (N,) float64 from the bf16 mu, logvar
+    np.testing.assert_allclose(got["kl"], kl.numpy(), rtol=1e-6)
+
+
+def test_out_of_memory_is_one_line_suggesting_half_the_batch_or_the_cpu(tiny_run, tmp_path):
+    r = run_out_of_memory("eval.py", str(tiny_run.best), "--out", str(tmp_path / "out"), "--batch-size", "6",
+                          "--workers", "0")
+    assert_error_after_progress_bars(r, "error: out of GPU memory at --batch-size 6. Use a smaller batch "
+                                        "(e.g. --batch-size 3) or --device cpu.")
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 # -----------------------------------------------------------------------------
