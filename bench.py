@@ -22,7 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import AugConfig, EarDataset, ResumableSampler, augment, make_loader, write_synthetic
+from data import AugConfig, EarDataset, ResumableSampler, augment, make_loader
+from synth import write_synthetic
 from losses import VAELoss
 from model import build_model, sam_config
 

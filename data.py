@@ -1,6 +1,6 @@
-"""Data for the ear teacher: synthetic ears, .npy image files, augmentation on the device and resumable loading.
+"""Data for the ear teacher: .npy image files, augmentation on the device and resumable loading (synthetic ears:
+synth.py).
 
-    render_ears / write_synthetic   procedural lateral ear photographs with known generating factors (FACTORS)
     open_npy / validate / EarDataset  memory-mapped (N, H, W, 3) | (N, 3, H, W) | (N, H, W) uint8 or float 0-1 files
                                     -> uint8 (3, 128, 128) samples; bad samples (NaN, inf, out of range, blank) dropped
     AugConfig / augment             batched geometric + colour jitter on the batch's device; sample i's parameters
@@ -8,7 +8,6 @@
     ResumableSampler / make_loader  epoch order from (seed, epoch), resumable mid-epoch, split across DDP ranks
 
 CLI:
-    python data.py synth --out data --n-train 2000 --n-val 200 --seed 0
     python data.py check data/train_teacher.npy
     python data.py convert ~/ear_photos --out data
 """
@@ -18,7 +17,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,226 +24,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-IMAGE_SIZE = 128
+from files import save_npy, write_outputs
 
-# Generating factors of the synthetic ears, each sampled uniformly in its range (CSV column order).
-# Ear units: the ear spans about y in [-0.9, 0.9] at scale 1, where the crop spans [-1, 1].
-FACTOR_RANGES: dict[str, tuple[float, float]] = {
-    "scale": (0.8, 0.97),         # ear size relative to the crop
-    "rotation": (-15.0, 15.0),    # degrees, counter-clockwise
-    "elongation": (0.8, 1.25),    # height / width stretch at constant area
-    "lobe_size": (0.0, 1.0),      # 0 small lobe .. 1 large lobe
-    "lobe_attached": (0.0, 1.0),  # 0 free (hanging) lobe .. 1 lobe attached to the cheek
-    "helix_width": (0.06, 0.14),  # width of the outer rim, ear units
-    "concha_depth": (0.3, 1.0),   # depth (and darkness) of the bowl around the ear canal
-    "skin_tone": (0.0, 1.0),      # 0 light .. 1 dark
-    "light_angle": (0.0, 180.0),  # degrees in the image plane: 0 from the face side, 90 from above, 180 from behind
-    "x_offset": (-0.05, 0.05),    # ear shift, fraction of the crop width (towards the face)
-    "y_offset": (-0.05, 0.05),    # ear shift, fraction of the crop height (up)
-    "hair": (0.0, 1.0),           # how far the hair behind and above the ear reaches towards it
-    "blur": (0.3, 1.0),           # Gaussian blur sigma in pixels of a 128 px image
-    "noise": (0.0, 2.0),          # sensor noise std in 8-bit levels
-}
-FACTORS: tuple[str, ...] = tuple(FACTOR_RANGES)
+IMAGE_SIZE = 128
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 INVALID_REASONS = ("non-finite", "out of range", "blank")
 BLANK_STD = 2.0 / 255  # a sample whose pixel std (all channels, [0, 1] scale) is below this is blank
 RANGE_TOLERANCE = 0.5 / 255  # float samples may exceed [0, 1] by this much (they still round into 0..255)
 
-_SKIN = np.array([[0.95, 0.78, 0.68], [0.80, 0.58, 0.45], [0.45, 0.30, 0.22]], np.float32)  # skin_tone 0, .5, 1
-_HAIR = np.array([0.16, 0.11, 0.08], np.float32)
-_EAR_TINT = np.array([1.0, 0.93, 0.9], np.float32)  # the ear is a little redder than the cheek
-_RENDER_CHUNK = 32  # images rendered at once (keeps the float32 temporaries small)
-
 
 class DataError(ValueError):
     """Bad data file or sample; str(e) is one line that starts with the file path and says the reason."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# synthetic ears
-
-def render_ears(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """Render n synthetic right ears (lateral view, face to the right) with random factors.
-
-    Returns images uint8 (n, size, size, 3) and factors float32 (n, len(FACTORS)) in FACTORS order. Deterministic
-    for (n, seed, size); image i does not depend on n (the first k of n images are the k images of render_ears(k)).
-    """
-    return _render(n, seed, size)
-
-
-def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: int) -> None:
-    """Write out_dir/{train,val}_teacher.npy (uint8 (N, 128, 128, 3)) and {train,val}_factors.csv (header FACTORS,
-    one row per image). Train is render_ears(n_train, seed); val comes from a different random stream of the seed."""
-    if n_train < 1 or n_val < 1:
-        raise ValueError(f"n_train and n_val must be >= 1, got {n_train} and {n_val}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split, n, entropy in (("train", n_train, seed), ("val", n_val, [seed, 1])):
-        images, factors = _render(n, entropy, IMAGE_SIZE)
-        _save_npy(out_dir / f"{split}_teacher.npy", images)
-        np.savetxt(out_dir / f"{split}_factors.csv", factors, fmt="%.4f", delimiter=",",  # factors have 4 decimals
-                   header=",".join(FACTORS), comments="")
-
-
-def _render(n: int, entropy: int | list[int], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """render_ears for the random stream np.random.SeedSequence(entropy); the factors and the sensor noise come from
-    two independent children of it (so image i does not depend on n)."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    factor_seq, noise_seq = np.random.SeedSequence(entropy).spawn(2)
-    lo, hi = np.array(list(FACTOR_RANGES.values())).T  # (F,), (F,)
-    # rounded to 4 decimals so that the CSV holds exactly the values used
-    factors = np.round(np.random.default_rng(factor_seq).uniform(lo, hi, (n, len(FACTORS))), 4).astype(np.float32)
-    noise_rng = np.random.default_rng(noise_seq)
-    images = np.empty((n, size, size, 3), np.uint8)
-    for i in range(0, n, _RENDER_CHUNK):
-        f = {name: factors[i:i + _RENDER_CHUNK, k] for k, name in enumerate(FACTORS)}
-        img = _render_chunk(f, size)  # (m, S, S, 3) float32 in about [0, 1]
-        for j, sigma in enumerate(f["blur"] * (size / IMAGE_SIZE)):
-            ndimage.gaussian_filter(img[j], (sigma, sigma, 0.0), output=img[j], mode="nearest", truncate=3.0)
-        img += noise_rng.standard_normal(img.shape, dtype=np.float32) * (f["noise"] / 255)[:, None, None, None]
-        images[i:i + len(img)] = np.clip(np.rint(img * 255), 0, 255)
-    return images, factors
-
-
-def _render_chunk(f: dict[str, np.ndarray], size: int) -> np.ndarray:
-    """Shade a batch of ears from a height field built from their parts (before blur and noise).
-
-    f: factor name -> (n,) float32. Returns float32 (n, size, size, 3), RGB in about [0, 1].
-    """
-    col = lambda k: f[k][:, None, None]  # noqa: E731  (n,) -> (n, 1, 1), broadcasts against the (n, S, S) grids
-    c = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
-    u, v = c[None, None, :], -c[None, :, None]  # image x (right) and y (up) in [-1, 1]: (1, 1, S), (1, S, 1)
-
-    # image -> ear coordinates: x towards the face, y up
-    scale, el = col("scale"), np.sqrt(col("elongation"))
-    rot = np.deg2rad(col("rotation"))
-    cr, sr = np.cos(rot), np.sin(rot)
-    pu, pv = u - 2.0 * col("x_offset"), v - 2.0 * col("y_offset")
-    x = (cr * pu + sr * pv) * (el / scale)  # (n, S, S)
-    y = (-sr * pu + cr * pv) / (el * scale)  # (n, S, S)
-    lobe, attached = col("lobe_size"), col("lobe_attached")
-    hw, depth = col("helix_width"), col("concha_depth")
-
-    # outline: an egg-shaped upper ear (wider at the top) smoothly joined to the lobe; an attached lobe sits further
-    # forward and merges into the cheek
-    top_a = 0.5 + 0.06 * np.clip(y - 0.12, -0.7, 0.7)
-    lobe_c = (-0.02 + 0.1 * attached, -0.46 - 0.16 * lobe + 0.06 * attached)
-    lobe_ab = (0.17 + 0.1 * lobe, 0.15 + 0.13 * lobe)
-    lobe_d = _ellipse_dist(x, y, *lobe_c, *lobe_ab)
-    d = _smin(_ellipse_dist(x, y, -0.05, 0.12, top_a, 0.74), lobe_d, 0.12)  # signed distance, negative inside
-    t = -d  # depth inside the outline
-    ear = _smoothstep(0.01, -0.01, d)
-
-    # the front of the ear (and the lobe, when attached) joins the face without a visible edge
-    front = _smoothstep(0.2, 0.4, x) * _smoothstep(0.45, 0.2, y)
-    front = np.maximum(front, attached * _smoothstep(-0.05, 0.15, x) * _smoothstep(-0.35, -0.5, y))
-    edge_w = 0.025 + 0.15 * front
-    plate = 0.06 * _smoothstep(-0.5 * edge_w, edge_w, t)  # the ear stands off the head
-
-    # helix: rounded rim along the outline from the front top, over the top and down the back into the lobe,
-    # curling into the concha at the front (the crus of the helix)
-    helix_on = (1.0 - _sector(x, y, -0.05, 0.05, -40.0, 55.0, 20.0)) * _smoothstep(-0.75, -0.4, y)
-    helix = 0.06 * _ridge(t - 0.5 * hw, 0.5 * hw) * helix_on
-    crus_d, along = _segment(x, y, (0.27, 0.22), (0.02, 0.04))
-    crus = 0.05 * _ridge(crus_d, 0.045) * (1.0 - 0.7 * along) * _smoothstep(0.0, -0.06, d)
-
-    # antihelix, the Y inside the rim: a ridge around the back and top of the concha (stem and inferior crus) with
-    # the superior crus forking off towards the top; the groove between it and the helix is the scapha, the dip
-    # between the crura the triangular fossa
-    anti_d = _ellipse_dist(x, y, 0.02, -0.02, 0.32, 0.35)
-    antihelix = 0.05 * _ridge(anti_d, 0.06) * _sector(x, y, 0.02, -0.02, 150.0, 90.0, 25.0)
-    sup_d, along = _segment(x, y, (-0.2, 0.23), (-0.05, 0.68))
-    superior = 0.045 * _ridge(sup_d, 0.055) * (1.0 - 0.5 * along)
-    fossa = _blob(x, y, 0.0, 0.47, 0.17, 0.08)
-
-    # concha: the bowl inside the antihelix with the ear canal at its front, guarded by the tragus (in front) and the
-    # antitragus (below the antihelix); the lobe is a soft dome
-    bowl = _smoothstep(0.04, -0.12, _ellipse_dist(x, y, 0.07, -0.06, 0.22, 0.27))
-    canal = _ridge(np.hypot(x - 0.2, y + 0.1), 0.07)
-    tragus = 0.05 * _blob(x, y, 0.31, -0.12, 0.09, 0.15)
-    antitragus = 0.045 * _blob(x, y, -0.1, -0.32, 0.14, 0.09)
-    lobe_dome = 0.04 * _smoothstep(0.0, -0.15, lobe_d)
-
-    height = (plate + helix + np.maximum(np.maximum(antihelix, superior), crus) + tragus + antitragus + lobe_dome
-              - 0.12 * depth * bowl - 0.08 * canal - 0.012 * fossa)  # (n, S, S), ear units
-    height = (height - 0.05 * (u * u + v * v) / scale) * scale  # on a gently curved head; -> image units
-
-    # Lambertian shading of the height field, light from light_angle in the image plane, 45 degrees up
-    gy, gx = np.gradient(height, axis=(1, 2))
-    gx *= size / 2.0  # d height / d u
-    gy *= -size / 2.0  # d height / d v (rows go down)
-    light = np.deg2rad(col("light_angle"))
-    lambert = (0.71 - 0.7 * (gx * np.cos(light) + gy * np.sin(light))) / np.sqrt(gx * gx + gy * gy + 1.0)
-    shade = 0.35 + 0.75 * np.maximum(lambert, 0.0)
-
-    # cast shadow of the ear on the head (the outline seen from the light), occlusion in the folds and around the ear
-    sx, sy = 0.06 * np.cos(light - rot), 0.06 * np.sin(light - rot)
-    shadow_d = _smin(_ellipse_dist(x + sx, y + sy, -0.05, 0.12, top_a, 0.74),  # the ear seen from (x, y) towards
-                     _ellipse_dist(x + sx, y + sy, *lobe_c, *lobe_ab), 0.12)  # the light
-    behind = (1.0 - ear) * (1.0 - front)
-    shade *= (1.0 - 0.4 * _smoothstep(0.04, -0.04, shadow_d) * behind) * (1.0 - 0.45 * depth * bowl)
-    shade *= (1.0 - 0.85 * canal) * (1.0 - 0.25 * _ridge(np.maximum(d, 0.0), 0.06) * behind)
-
-    # albedo: skin (a little redder on the ear), hair behind and above the ear
-    skin = np.stack([np.interp(f["skin_tone"], [0.0, 0.5, 1.0], _SKIN[:, k]) for k in range(3)], -1)  # (n, 3)
-    hair = _smoothstep(-0.1, 0.1, 0.8 * y - 0.6 * x - 1.4 + 0.7 * col("hair")) * (1.0 - ear)  # (n, S, S)
-    albedo = skin[:, None, None, :].astype(np.float32) * (1.0 + (_EAR_TINT - 1.0) * ear[..., None])  # (n, S, S, 3)
-    albedo += (_HAIR - albedo) * hair[..., None]
-    return albedo * shade[..., None]
-
-
-def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
-    """0 at e0, 1 at e1, cubic in between (e0 > e1 gives the falling step)."""
-    t = np.clip((x - e0) * (1.0 / (e1 - e0)), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _ridge(d: np.ndarray, width: float | np.ndarray) -> np.ndarray:
-    """Gaussian ridge profile: 1 on the centre line (d = 0), falling off with the distance d."""
-    return np.exp(-(d * d) / (width * width))
-
-
-def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
-    """Smooth minimum of two signed distances (a smooth union of the shapes) with blend radius k."""
-    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
-    return b + (a - b) * h - k * h * (1.0 - h)
-
-
-def _blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float) -> np.ndarray:
-    """Smooth bump, 1 at (cx, cy), 0 outside the ellipse with semi-axes a, b."""
-    return _smoothstep(1.0, 0.0, ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2)
-
-
-def _ellipse_dist(x: np.ndarray, y: np.ndarray, cx, cy, a, b) -> np.ndarray:
-    """Approximate signed distance to the ellipse ((x-cx)/a)^2 + ((y-cy)/b)^2 = 1, negative inside. Exact on the axes
-    and to first order at the boundary. The parameters may be arrays that broadcast against x."""
-    dx, dy = (x - cx) / a, (y - cy) / b
-    q = np.sqrt(dx * dx + dy * dy)
-    grad = np.sqrt((dx / a) ** 2 + (dy / b) ** 2) / np.maximum(q, 1e-6)  # |grad q|, in [1/max(a,b), 1/min(a,b)]
-    return (q - 1.0) / np.clip(grad, 1.0 / np.maximum(a, b), 1.0 / np.minimum(a, b))
-
-
-def _segment(x: np.ndarray, y: np.ndarray, p0: tuple[float, float], p1: tuple[float, float]):
-    """-> (distance to the segment p0-p1, position of the nearest point along it: 0 at p0 .. 1 at p1)."""
-    bx, by = p1[0] - p0[0], p1[1] - p0[1]
-    px, py = x - p0[0], y - p0[1]
-    along = np.clip((px * bx + py * by) * (1.0 / (bx * bx + by * by)), 0.0, 1.0)
-    return np.hypot(px - along * bx, py - along * by), along
-
-
-def _sector(x: np.ndarray, y: np.ndarray, cx: float, cy: float, angle: float, half: float, soft: float):
-    """1 where the direction from (cx, cy) is within `half` degrees of `angle`, fading to 0 over +-`soft` degrees."""
-    dx, dy = x - cx, y - cy
-    a = math.radians(angle)
-    cos = (dx * math.cos(a) + dy * math.sin(a)) / (np.sqrt(dx * dx + dy * dy) + 1e-6)
-    return _smoothstep(math.cos(math.radians(half + soft)), math.cos(math.radians(half - soft)), cos)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -532,18 +325,7 @@ def _own_session(worker_id: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # files and CLI
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    """np.save to a temporary file next to `path`, then rename: `path` is never left half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _refuse_overwrite(paths: list[Path], force: bool) -> None:
+def refuse_overwrite(paths: list[Path], force: bool) -> None:
     for path in paths:
         if path.exists() and not force:
             raise DataError(f"{path}: already exists; pass --force to overwrite")
@@ -558,18 +340,6 @@ def _load_image(path: Path, size: int) -> np.ndarray:
     top, left = (max(h, w) - h) // 2, (max(h, w) - w) // 2
     a = np.pad(a, ((top, max(h, w) - h - top), (left, max(h, w) - w - left), (0, 0)), mode="edge")
     return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC))
-
-
-def _cmd_synth(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    _refuse_overwrite([out / f"{s}_{kind}" for s in ("train", "val") for kind in ("teacher.npy", "factors.csv")],
-                      args.force)
-    t0 = time.perf_counter()
-    write_synthetic(out, args.n_train, args.n_val, args.seed)
-    dt = time.perf_counter() - t0
-    print(f"wrote {args.n_train:,} train + {args.n_val:,} val synthetic ears to {out}/ "
-          f"({(args.n_train + args.n_val) / dt:,.0f} images/s)")
-    return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -605,7 +375,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if not src.is_dir():
         raise DataError(f"{src}: not a directory")
     targets = [out / "train_teacher.npy", out / "val_teacher.npy"]
-    _refuse_overwrite(targets, args.force)
+    refuse_overwrite(targets, args.force)
     files = sorted(p for p in src.rglob("*") if p.is_file())
     images = np.empty((len(files), args.size, args.size, 3), np.uint8)  # filled front to back, only valid images
     n_ok, skipped = 0, []
@@ -625,15 +395,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise DataError(f"{src}: {n_ok} usable images ({len(skipped)} of {len(files)} files skipped); need at least 2")
     order = np.random.default_rng(args.seed).permutation(n_ok)
     n_val = min(max(1, round(n_ok * args.val_fraction)), n_ok - 1)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_npy(targets[0], images[order[n_val:]])
-    _save_npy(targets[1], images[order[:n_val]])
+    write_outputs({targets[0]: save_npy(images[order[n_val:]]), targets[1]: save_npy(images[order[:n_val]])})
     print(f"converted {n_ok:,} images ({len(skipped):,} skipped): {targets[0]} {n_ok - n_val:,}, "
           f"{targets[1]} {n_val:,}")
     return 0
 
 
-def _int_at_least(lo: int):
+def int_at_least(lo: int):
     def parse(s: str) -> int:
         if int(s) < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {s}")
@@ -654,17 +422,9 @@ def _open_fraction(s: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Ear-teacher data: synthetic ears, checks and conversion.")
+    parser = argparse.ArgumentParser(description="Ear-teacher data: checks and conversion.")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    p = sub.add_parser("synth", help="render synthetic ears with known factors", formatter_class=fmt)
-    p.add_argument("--out", default="data", help="output directory")
-    p.add_argument("--n-train", type=_int_at_least(1), default=2000, help="number of training images")
-    p.add_argument("--n-val", type=_int_at_least(1), default=200, help="number of validation images")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (train and val use separate streams)")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
-    p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("check", help="report on an image .npy file; exit 0 if usable for training, else 1",
                        formatter_class=fmt)
@@ -677,9 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=fmt)
     p.add_argument("image_dir", help="folder searched recursively for images")
     p.add_argument("--out", required=True, help="output directory for train_teacher.npy and val_teacher.npy")
-    p.add_argument("--size", type=_int_at_least(8), default=IMAGE_SIZE, help="output image size in pixels")
+    p.add_argument("--size", type=int_at_least(8), default=IMAGE_SIZE, help="output image size in pixels")
     p.add_argument("--val-fraction", type=_open_fraction, default=0.2, help="fraction of images for val")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the shuffle before the split")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the shuffle before the split")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=_cmd_convert)
 

@@ -35,7 +35,7 @@ def main() -> None:
         sys.exit(f"error: {out}/ exists from an earlier demo: delete it or pass --out NEW_DIR")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny model needs no download
     t0 = time.time()
-    run("data.py", "synth", "--out", f"{out}/data", "--n-train", str(args.n_train), "--n-val", str(args.n_val),
+    run("synth.py", "--out", f"{out}/data", "--n-train", str(args.n_train), "--n-val", str(args.n_val),
         "--seed", "0")
     run("train.py", "--tiny", "--no-pretrained", "--perceptual-weight", "0", "--contrastive-weight", "0",
         "--data-dir", f"{out}/data", "--ckpt-dir", f"{out}/checkpoints", "--log-dir", f"{out}/logs",

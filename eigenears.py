@@ -5,7 +5,7 @@
 
 PCA is fitted on the mu of the training split (--fit-data) and reported on both splits; the held-out (--data) split
 also gives the PSNR of images decoded from their projection onto the top k components. Where a factors CSV sits
-beside the data (X_teacher.npy -> X_factors.csv, written by `data.py synth`), each PC score is correlated with each
+beside the data (X_teacher.npy -> X_factors.csv, written by `synth.py`), each PC score is correlated with each
 generating factor and a ridge probe from mu to each factor is scored on the held-out split.
 
 Writes OUT/summary.json, mean_ear.png, traversals.png, scree.png (and factors.png); with several checkpoints one
@@ -25,8 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import DataError, EarDataset  # noqa: E402
-from eval import (batches, checkpoint_info, data_file, encode_dataset, resolve_device, save_figure,  # noqa: E402
-                  save_json, write_outputs)
+from files import save_figure, save_json, write_outputs  # noqa: E402
+from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
+                       encode_dataset, out_of_memory_error, resolve_device, resolve_precision)
 from losses import psnr  # noqa: E402
 from model import CheckpointError, EarVAE, WeightsUnavailableError, load_model, read_checkpoint  # noqa: E402
 
@@ -48,9 +49,7 @@ def get_parser() -> argparse.ArgumentParser:
                    "train file)")
     p.add_argument("--out", default="eigenears", help="folder for summary.json and the figures")
     p.add_argument("--n-components", type=int, default=50, help="PCs reported (capped at the number available)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    add_inference_args(p)
     return p
 
 
@@ -134,23 +133,26 @@ def ridge_probe_r2(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, y_e
 # decoding (torch)
 
 @torch.no_grad()
-def decode(model: EarVAE, z: np.ndarray, device: torch.device) -> np.ndarray:
-    """z (N, D) -> images float32 (N, 128, 128, 3) in [0, 1]."""
-    x = model.decode(torch.as_tensor(z, dtype=torch.float32, device=device)).float()  # (N, 3, 128, 128)
+def decode(model: EarVAE, z: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """z (N, D) -> images float32 (N, 128, 128, 3) in [0, 1]; the decoder runs under autocast(device, dtype)."""
+    with autocast(device, dtype):
+        x = model.decode(torch.as_tensor(z, dtype=torch.float32, device=device)).float()  # (N, 3, 128, 128)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
 def decoded_psnr(model: EarVAE, ds: EarDataset, codes: dict[str, np.ndarray], batch_size: int, device: torch.device,
-                 workers: int = 0) -> dict[str, np.ndarray]:
+                 dtype: torch.dtype = torch.float32, workers: int = 0) -> dict[str, np.ndarray]:
     """PSNR of each image of ds against decode(codes[name][i]), for every set of codes (N, D), in one pass over the
-    images. -> {name: (N,) float64}."""
+    images; the decoder runs under autocast(device, dtype), the PSNR in float32. -> {name: (N,) float64}."""
     out: dict[str, list[torch.Tensor]] = {name: [] for name in codes}
     start = 0
     for x, _ in batches(ds, batch_size, device, workers, desc=f"decode {ds.path.name}"):
         for name, z in codes.items():
             zb = torch.as_tensor(z[start:start + len(x)], dtype=torch.float32, device=device)  # (B, D)
-            out[name].append(psnr(model.decode(zb).float(), x).cpu())
+            with autocast(device, dtype):
+                recon = model.decode(zb)  # (B, 3, 128, 128)
+            out[name].append(psnr(recon.float(), x).cpu())
         start += len(x)
     return {name: torch.cat(v).double().numpy() for name, v in out.items()}
 
@@ -167,11 +169,11 @@ def mean_figure(image: np.ndarray) -> plt.Figure:
 
 
 def traversal_figure(model: EarVAE, mean: np.ndarray, components: np.ndarray, variances: np.ndarray,
-                     ratios: np.ndarray, device: torch.device) -> plt.Figure:
+                     ratios: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> plt.Figure:
     """One row per PC j: decode(mean + a * sqrt(variance_j) * v_j) for a = -3..3."""
     steps = np.arange(-3, 4)
     z = mean + steps[None, :, None] * (np.sqrt(variances)[:, None, None] * components[:, None, :])  # (P, 7, D)
-    images = decode(model, z.reshape(-1, len(mean)), device)  # (P * 7, H, W, 3)
+    images = decode(model, z.reshape(-1, len(mean)), device, dtype)  # (P * 7, H, W, 3)
     p = len(components)
     fig, axes = plt.subplots(p, len(steps), figsize=(1.4 * len(steps) + 0.8, 1.4 * p + 0.4), squeeze=False)
     for ax, img in zip(axes.flat, images):
@@ -217,8 +219,9 @@ def factors_figure(corr: np.ndarray, names: list[str]) -> plt.Figure:
 # -----------------------------------------------------------------------------
 # one checkpoint
 
-def analyse(ckpt: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict[str, plt.Figure]]:
-    """Everything for one checkpoint -> (summary dict, {file name: figure})."""
+def analyse(ckpt: str, args: argparse.Namespace, device: torch.device,
+            dtype: torch.dtype) -> tuple[dict, dict[str, plt.Figure]]:
+    """Everything for one checkpoint, the model under autocast(device, dtype) -> (summary dict, {file name: figure})."""
     content = read_checkpoint(ckpt)
     info = checkpoint_info(content)
     fit_path = data_file(args.fit_data, info, "train", ckpt)
@@ -230,15 +233,15 @@ def analyse(ckpt: str, args: argparse.Namespace, device: torch.device) -> tuple[
     model, cfg = load_model(ckpt, device, content)
     del content
     print(f"{ckpt}: fit {fit_path} {fit_ds.summary()}, eval {eval_path} {eval_ds.summary()}")
-    mu_fit = encode_dataset(model, fit_ds, args.batch_size, device, args.workers)[0].double().numpy()  # (Nf, D)
-    mu_eval = encode_dataset(model, eval_ds, args.batch_size, device, args.workers)[0].double().numpy()  # (Ne, D)
+    mu_fit = encode_dataset(model, fit_ds, args.batch_size, device, dtype, args.workers)[0].double().numpy()  # (Nf, D)
+    mu_eval = encode_dataset(model, eval_ds, args.batch_size, device, dtype, args.workers)[0].double().numpy()
 
     mean, components, variances, total = pca(mu_fit)  # every component: the effective rank needs all eigenvalues
     k = min(args.n_components, len(variances))
     ratios = {"fit": variances / total, "eval": explained_ratio(mu_eval, mean, components)}
     ks = sorted({min(c, len(variances)) for c in CUMULATIVE_AT})
     codes = {"full": mu_eval, **{f"{c}": project(mu_eval, mean, components[:c]) for c in ks}}
-    recon = decoded_psnr(model, eval_ds, codes, args.batch_size, device, args.workers)
+    recon = decoded_psnr(model, eval_ds, codes, args.batch_size, device, dtype, args.workers)
 
     s = {"checkpoint": str(ckpt), "step": info["step"], "fit_data": str(fit_path), "eval_data": str(eval_path),
          "n_fit": len(fit_ds), "n_eval": len(eval_ds), "latent_dim": cfg.latent_dim, "n_available": len(variances),
@@ -250,8 +253,9 @@ def analyse(ckpt: str, args: argparse.Namespace, device: torch.device) -> tuple[
     s["claim_first5_over_60pct"] = bool(s["cumulative"]["fit"][f"{min(5, len(variances))}"] > CLAIM)
 
     t = min(N_TRAVERSALS, len(variances))
-    figures = {"mean_ear.png": mean_figure(decode(model, mean[None], device)[0]),
-               "traversals.png": traversal_figure(model, mean, components[:t], variances[:t], ratios["fit"], device),
+    figures = {"mean_ear.png": mean_figure(decode(model, mean[None], device, dtype)[0]),
+               "traversals.png": traversal_figure(model, mean, components[:t], variances[:t], ratios["fit"], device,
+                                                  dtype),
                "scree.png": scree_figure(ratios["fit"][:k])}
 
     s["factors"] = None
@@ -332,13 +336,16 @@ def main(argv: list[str] | None = None) -> dict:
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
+    dtype = resolve_precision(args.precision, device)
+    print(f"device {device}, {dtype} {'(no autocast)' if dtype == torch.float32 else 'autocast'}, "
+          f"batch size {args.batch_size}")
 
     stems = [Path(c).stem for c in ckpts]
     names = stems if len(set(stems)) == len(stems) else [f"{i}_{s}" for i, s in enumerate(stems)]
     out = Path(args.out)
     summaries, files = {}, {}
     for name, ckpt in zip(names, ckpts):
-        s, figures = analyse(ckpt, args, device)
+        s, figures = analyse(ckpt, args, device, dtype)
         folder = out if len(ckpts) == 1 else out / name
         summaries[name] = s
         files[folder / "summary.json"] = save_json(s)
@@ -360,4 +367,7 @@ if __name__ == "__main__":
         main()
     except (CheckpointError, DataError, WeightsUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError:
+        print(out_of_memory_error(get_parser().parse_args().batch_size), file=sys.stderr)
         sys.exit(1)

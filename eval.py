@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
-import os
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import matplotlib
@@ -24,12 +21,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from data import DataError, EarDataset, ResumableSampler, make_loader, to_float  # noqa: E402
-from losses import psnr, ssim  # noqa: E402
-from model import (LOGVAR_MAX, LOGVAR_MIN, CheckpointError, EarVAE, WeightsUnavailableError,  # noqa: E402
-                   load_model, read_checkpoint)
+from data import DataError, EarDataset, to_float  # noqa: E402
+from files import Writer, save_figure, save_json, save_npy, write_outputs  # noqa: E402
+from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
+                       out_of_memory_error, resolve_device, resolve_precision)
+from losses import kl_divergence, psnr, ssim  # noqa: E402
+from model import CheckpointError, EarVAE, WeightsUnavailableError, load_model, read_checkpoint  # noqa: E402
 
 TARGETS = {"psnr": 28.0, "ssim": 0.85}  # the original design's goals (dB, SSIM on [0, 1] RGB)
 FIGURE_SEED = 0  # seed of the choice of the 8 random examples
@@ -41,80 +39,31 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="checkpoint written by train.py (best.pt or last.pt)")
     p.add_argument("--data", default=None, help="uint8 .npy of ear crops (default: the run's validation file)")
     p.add_argument("--out", default="eval", help="folder for metrics.json, per_image.csv, reconstructions.png")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--export-latents", default=None, metavar="FILE.npy",
                    help="also save mu (N, latent_dim) float32 here and the kept samples' indices to FILE_index.npy")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    add_inference_args(p)
     return p
 
 
 # -----------------------------------------------------------------------------
-# reusable pieces (eigenears.py imports these)
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu. 'cuda' without a GPU is a ValueError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
-    return torch.device(name)
-
-
-def checkpoint_info(ckpt: dict) -> dict:
-    """The checkpoint's step and the default data files of the run that wrote it (None without a run config):
-    {"step": int | None, "train": Path | None, "val": Path | None}. ckpt: read_checkpoint()'s result."""
-    run = ckpt.get("run_config") or {}
-    files = {"train": None, "val": None}
-    if "data_dir" in run:
-        files = {s: Path(run.get(f"{s}_npy") or Path(run["data_dir"]) / f"{s}_teacher.npy") for s in files}
-    return {"step": ckpt.get("step"), **files}
-
-
-def data_file(given: str | None, info: dict, split: str, ckpt_path: str | Path) -> Path:
-    """`given`, else the run's file of `split` ("train" or "val") from checkpoint_info()."""
-    if given is not None:
-        return Path(given)
-    if info[split] is None:
-        raise CheckpointError(f"{ckpt_path}: holds no run config naming its {split} file; give the data file")
-    return info[split]
-
-
-def batches(ds: EarDataset, batch_size: int, device: torch.device, workers: int,
-            desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The dataset in order with a tqdm bar: yields x (B, 3, 128, 128) float in [0, 1] on `device` and the samples'
-    original indices in the file (B,) int64."""
-    sampler = ResumableSampler(len(ds), 1, seed=0, shuffle=False)  # batch_size 1: no sample is dropped
-    loader = make_loader(ds, batch_size, sampler, workers, device.type == "cuda")
-    for x, index in tqdm(loader, desc=desc, total=len(loader), dynamic_ncols=True):
-        yield to_float(x.to(device, non_blocking=True)), index
-
+# metrics
 
 @torch.no_grad()
-def encode_dataset(model: EarVAE, ds: EarDataset, batch_size: int, device: torch.device,
-                   workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> mu (N, latent_dim) float32 on the CPU and the original indices (N,) int64 of the N kept samples."""
-    mus, indices = [], []
-    for x, index in batches(ds, batch_size, device, workers, desc=f"encode {ds.path.name}"):
-        mus.append(model.encode(x)[0].float().cpu())  # (B, D)
-        indices.append(index)
-    return torch.cat(mus), torch.cat(indices)
-
-
-@torch.no_grad()
-def evaluate(model: EarVAE, ds: EarDataset, batch_size: int, device: torch.device,
-             workers: int = 0) -> dict[str, np.ndarray]:
-    """Reconstruct every kept image from its mu. -> {"index": (N,) int64 original indices, "psnr", "ssim", "mae",
-    "mse", "kl": (N,) float64 per image, "mu": (N, latent_dim) float32}; row i is the dataset's sample i."""
+def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: torch.device,
+                      dtype: torch.dtype = torch.float32, workers: int = 0) -> dict[str, np.ndarray]:
+    """Reconstruct every kept image from its mu, the model under autocast(device, dtype), the metrics in float32.
+    -> {"index": (N,) int64 original indices, "psnr", "ssim", "mae", "mse", "kl": (N,) float64 per image,
+    "mu": (N, latent_dim) float32}; row i is the dataset's sample i."""
     out: dict[str, list] = {k: [] for k in ("index", "psnr", "ssim", "mae", "mse", "kl", "mu")}
     for x, index in batches(ds, batch_size, device, workers, desc=f"evaluate {ds.path.name}"):
-        mu, logvar = model.encode(x)  # (B, D) each
-        recon = model.decode(mu).float()  # (B, 3, 128, 128)
-        logvar = logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
-        kl = 0.5 * (mu.float().square() + logvar.exp() - 1.0 - logvar).sum(-1)  # (B,) KL(q(z|x) || N(0, I))
+        with autocast(device, dtype):
+            mu, logvar = model.encode(x)  # (B, D) each
+            recon = model.decode(mu)  # (B, 3, 128, 128)
+        mu, logvar, recon = mu.float(), logvar.float(), recon.float()
         diff = recon - x
         per_image = {"psnr": psnr(recon, x), "ssim": ssim(recon, x), "mae": diff.abs().mean(dim=(1, 2, 3)),
-                     "mse": diff.square().mean(dim=(1, 2, 3)), "kl": kl, "mu": mu.float()}
+                     "mse": diff.square().mean(dim=(1, 2, 3)), "kl": kl_divergence(mu, logvar, reduction="none"),
+                     "mu": mu}
         for k, v in per_image.items():
             out[k].append(v.cpu())
         out["index"].append(index)
@@ -123,8 +72,8 @@ def evaluate(model: EarVAE, ds: EarDataset, batch_size: int, device: torch.devic
 
 
 def summarize(per_image: dict[str, np.ndarray]) -> dict:
-    """Summary statistics of evaluate()'s output: PSNR and SSIM mean, std (population), median, 5th percentile and
-    whether the mean meets the original target; means of MAE, MSE and KL."""
+    """Summary statistics of per_image_metrics()'s output: PSNR and SSIM mean, std (population), median, 5th
+    percentile and whether the mean meets the original target; means of MAE, MSE and KL."""
     s = {}
     for k in ("psnr", "ssim"):
         v = per_image[k]
@@ -134,38 +83,7 @@ def summarize(per_image: dict[str, np.ndarray]) -> dict:
     return s
 
 
-def write_outputs(files: dict[Path, Callable[[io.BufferedWriter], None]]) -> None:
-    """Write every file to PATH.tmp first, then rename them all: a failure while writing leaves earlier files intact.
-    files: final path -> function writing the content to an open binary file."""
-    tmps = {}
-    try:
-        for path, write in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmps[path] = path.with_name(path.name + ".tmp")
-            with open(tmps[path], "wb") as f:
-                write(f)
-    except BaseException:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for path, tmp in tmps.items():
-        os.replace(tmp, path)
-
-
-def save_figure(fig: plt.Figure) -> Callable[[io.BufferedWriter], None]:
-    """A write_outputs writer that saves `fig` as PNG and closes it."""
-    def write(f: io.BufferedWriter) -> None:
-        fig.savefig(f, format="png", dpi=100)
-        plt.close(fig)
-    return write
-
-
-def save_json(obj) -> Callable[[io.BufferedWriter], None]:
-    """A write_outputs writer of indented JSON."""
-    return lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode())
-
-
-def save_csv(per_image: dict[str, np.ndarray]) -> Callable[[io.BufferedWriter], None]:
+def save_csv(per_image: dict[str, np.ndarray]) -> Writer:
     """per_image.csv: one row per image (index in the file, psnr, ssim, mae, mse, kl), full float precision."""
     cols = ("psnr", "ssim", "mae", "mse", "kl")
 
@@ -178,20 +96,15 @@ def save_csv(per_image: dict[str, np.ndarray]) -> Callable[[io.BufferedWriter], 
     return write
 
 
-def save_npy(arr: np.ndarray) -> Callable[[io.BufferedWriter], None]:
-    """A write_outputs writer of a plain .npy (no pickle)."""
-    return lambda f: np.save(f, arr, allow_pickle=False)
-
-
 # -----------------------------------------------------------------------------
 # figures and report
 
 @torch.no_grad()
-def reconstruction_figure(model: EarVAE, ds: EarDataset, per_image: dict[str, np.ndarray],
-                          device: torch.device, n: int = 8) -> plt.Figure:
+def reconstruction_figure(model: EarVAE, ds: EarDataset, per_image: dict[str, np.ndarray], device: torch.device,
+                          dtype: torch.dtype = torch.float32, n: int = 8) -> plt.Figure:
     """Rows of n examples (random with a fixed seed, best and worst by PSNR), each shown as input above output above
     a heat map of the mean absolute difference over RGB, labelled with its index in the file and its PSNR. The
-    outputs are decoded from evaluate()'s mu."""
+    outputs are decoded from per_image_metrics()'s mu, under autocast(device, dtype) as there."""
     order = np.argsort(-per_image["psnr"], kind="stable")  # best first
     n = min(n, len(order))
     groups = {"random": np.random.default_rng(FIGURE_SEED).choice(len(order), n, replace=False),
@@ -199,7 +112,8 @@ def reconstruction_figure(model: EarVAE, ds: EarDataset, per_image: dict[str, np
     rows = [(name, i) for name, pos in groups.items() for i in pos]
     x = to_float(torch.stack([ds[int(i)][0] for _, i in rows]))  # (3n, 3, 128, 128)
     mu = torch.from_numpy(per_image["mu"][[i for _, i in rows]]).to(device)  # (3n, D), no second encoder pass
-    recon = model.decode(mu).float()
+    with autocast(device, dtype):
+        recon = model.decode(mu).float()  # (3n, 3, 128, 128)
     x, recon = x.permute(0, 2, 3, 1).cpu().numpy(), recon.permute(0, 2, 3, 1).cpu().numpy()  # (3n, H, W, 3)
     err = np.abs(recon - x).mean(-1)  # (3n, H, W)
     vmax = max(float(err.max()), 1e-6)  # one colour scale for every heat map
@@ -248,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
+    dtype = resolve_precision(args.precision, device)
 
     ckpt = read_checkpoint(args.ckpt)
     info = checkpoint_info(ckpt)
@@ -256,11 +171,13 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = load_model(args.ckpt, device, ckpt)
     del ckpt
     print(f"{data_path}: {ds.summary()}")
+    print(f"device {device}, {dtype} {'(no autocast)' if dtype == torch.float32 else 'autocast'}, "
+          f"batch size {args.batch_size}")
 
-    per_image = evaluate(model, ds, args.batch_size, device, args.workers)
+    per_image = per_image_metrics(model, ds, args.batch_size, device, dtype, args.workers)
     metrics = {"n_images": len(ds), "n_invalid": ds.n_total - len(ds), "checkpoint": str(args.ckpt),
                "step": info["step"], "data": str(data_path), **summarize(per_image)}
-    fig = reconstruction_figure(model, ds, per_image, device)
+    fig = reconstruction_figure(model, ds, per_image, device, dtype)
 
     out = Path(args.out)
     files = {out / "metrics.json": save_json(metrics), out / "per_image.csv": save_csv(per_image),
@@ -280,4 +197,7 @@ if __name__ == "__main__":
         main()
     except (CheckpointError, DataError, WeightsUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError:
+        print(out_of_memory_error(get_parser().parse_args().batch_size), file=sys.stderr)
         sys.exit(1)

@@ -8,10 +8,17 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Writer = Callable[[io.BufferedWriter], None]  # writes one file's content to an open binary file
 
@@ -58,3 +65,25 @@ def write_outputs(files: dict[Path, Writer]) -> None:
     for path, tmp in tmps.items():
         os.replace(tmp, path)
 
+
+
+# -----------------------------------------------------------------------------
+# writers for write_outputs
+
+def save_json(obj) -> Writer:
+    """Indented JSON."""
+    return lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_npy(arr: np.ndarray) -> Writer:
+    """A plain .npy (no pickle)."""
+    return lambda f: np.save(f, arr, allow_pickle=False)
+
+
+def save_figure(fig: Figure) -> Writer:
+    """`fig` as PNG (dpi 100); the figure is closed once written."""
+    def write(f: io.BufferedWriter) -> None:
+        import matplotlib.pyplot as plt  # here: only the scripts that draw figures pay for importing pyplot
+        fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+    return write

@@ -251,11 +251,15 @@ def center_weight_map(size: int, center_weight: float) -> Tensor:
     return (m / m.mean()).float().view(1, 1, size, size)
 
 
-def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dims, mean over the batch; float32, logvar clamped to
-    [LOGVAR_MIN, LOGVAR_MAX] so extreme values stay finite. mu, logvar: (B, D) -> 0-dim."""
+def kl_divergence(mu: Tensor, logvar: Tensor, reduction: str = "mean") -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dims; float32, logvar clamped to [LOGVAR_MIN, LOGVAR_MAX]
+    so extreme values stay finite. mu, logvar: (B, D) -> reduction "mean": 0-dim mean over the batch (the loss
+    term), "none": (B,) one value per sample (eval's per-image KL)."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'none'")
     mu, logvar = mu.float(), logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
-    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1).mean()
+    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(dim=-1)  # (B,)
+    return kl.mean() if reduction == "mean" else kl
 
 
 def sobel(x: Tensor) -> Tensor:

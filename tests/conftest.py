@@ -1,18 +1,21 @@
-"""Shared fixtures: a small synthetic ear set and a tiny model trained on it (CPU, seconds)."""
+"""Shared fixtures and helpers: a small synthetic ear set, a tiny model trained on it (CPU, seconds), the bad inputs
+every entry point must refuse in one line, and the check of such a refusal."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up would otherwise retry the network for ~30 s
 
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data  # noqa: E402
+import synth  # noqa: E402
 import train  # noqa: E402
 
 
@@ -24,6 +27,65 @@ class Hostile:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))  # hostile
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A CLI failure as the project promises it: exit 1, one line on stderr starting 'error: ' and holding each
+    fragment, no traceback."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+CLI_CASES = ["missing", "garbage", "hostile", "missing-data"]
+EARLIER = '{"earlier": true}\n'  # an earlier run's output file, which a failed run must leave alone
+
+
+def bad_inputs(tiny_run, d: Path) -> dict[str, SimpleNamespace]:
+    """{case: (ckpt, data (None: the run's), named: the file the error must name, marker: created if a hostile
+    pickle ran)} for every case of CLI_CASES."""
+    marker = d / "pwned"
+    garbage, hostile = d / "garbage.pt", d / "hostile.pt"
+    garbage.write_bytes(b"this is not a checkpoint\n" * 10)
+    torch.save({"model": Hostile(marker), "model_config": {}}, hostile)
+    cases = {"missing": (d / "missing.pt", None, d / "missing.pt"), "garbage": (garbage, None, garbage),
+             "hostile": (hostile, None, hostile), "missing-data": (tiny_run.best, d / "none.npy", d / "none.npy")}
+    return {k: SimpleNamespace(ckpt=c, data=x, named=n, marker=marker) for k, (c, x, n) in cases.items()}
+
+
+def check_cli_error(r: SimpleNamespace) -> None:
+    """A bad_inputs() case after the run (r.returncode, r.stdout, r.stderr; r.earlier: the earlier output file, alone
+    in its folder): a one-line error naming the file, no pickle ran, the earlier output is untouched."""
+    assert_one_line_error(r, str(r.named))
+    assert "Traceback" not in r.stdout
+    assert not r.marker.exists()
+    assert r.earlier.read_text() == EARLIER
+    assert sorted(p.name for p in r.earlier.parent.iterdir()) == [r.earlier.name]
+
+
+def run_out_of_memory(script: str, *argv: str) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGV` (run as __main__ by runpy) with EarVAE.encode raising torch.OutOfMemoryError, as CUDA does
+    when a batch does not fit."""
+    code = ("import runpy, sys, torch, model\n"
+            "def boom(self, x):\n"
+            "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 3.00 GiB')\n"
+            "model.EarVAE.encode = boom\n"
+            f"sys.argv = [{script!r}, *sys.argv[1:]]\n"
+            f"runpy.run_path({script!r}, run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def assert_error_after_progress_bars(proc: subprocess.CompletedProcess, error: str) -> None:
+    """Exit 1, no traceback, and stderr is the tqdm bars of the interrupted loop followed by exactly `error`."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    *bars, last = proc.stderr.strip().splitlines()
+    assert all(line.endswith(("it/s]", "s/it]")) for line in bars), proc.stderr
+    assert last == error
 
 
 def tiny_train_args(data_dir, run_dir, *extra: str) -> list[str]:
@@ -38,7 +100,7 @@ def tiny_train_args(data_dir, run_dir, *extra: str) -> list[str]:
 def synth_dir(tmp_path_factory) -> Path:
     """train_teacher.npy (64 ears), val_teacher.npy (16) and their factor CSVs."""
     d = tmp_path_factory.mktemp("synth")
-    data.write_synthetic(d, n_train=64, n_val=16, seed=0)
+    synth.write_synthetic(d, n_train=64, n_val=16, seed=0)
     return d
 
 

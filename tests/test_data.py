@@ -1,8 +1,4 @@
-"""Tests for data.py: file formats and validation, the synthetic ear renderer, the CLI, augmentation and sampling."""
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+"""Tests for data.py: file formats and validation, the CLI (check, convert), augmentation and sampling."""
 import pickle
 import re
 import subprocess
@@ -16,13 +12,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from data import (FACTOR_RANGES, FACTORS, IMAGE_SIZE, AugConfig, DataError, EarDataset,  # noqa: E402
-                  ResumableSampler, _colour, augment, main, make_loader, open_npy, render_ears, to_float, validate,
-                  write_synthetic)
-from conftest import Hostile  # noqa: E402
+from conftest import ROOT, Hostile, assert_one_line_error
+from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, ResumableSampler, _colour, augment, main,
+                  make_loader, open_npy, to_float, validate)
+from synth import render_ears
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +29,6 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # NPY files and EarDataset
 
@@ -55,10 +39,13 @@ def test_every_accepted_format_gives_the_same_uint8_sample(tmp_path, ears, fmt):
            "float64": ears / 255, "nchw_float32": (ears / 255).astype(np.float32).transpose(0, 3, 1, 2)}[fmt]
     np.save(tmp_path / "x.npy", arr)
     ds = EarDataset(tmp_path / "x.npy")
-    assert len(ds) == len(ears) and ds.n_total == len(ears)
+    assert len(ds) == len(ears)
+    assert ds.n_total == len(ears)
     for i in range(len(ears)):
         x, k = ds[i]
-        assert k == i and x.dtype == torch.uint8 and x.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert k == i
+        assert x.dtype == torch.uint8
+        assert x.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
         torch.testing.assert_close(x, torch.from_numpy(ears[i]).permute(2, 0, 1), rtol=0, atol=0)
 
 
@@ -75,7 +62,8 @@ def test_other_sizes_are_resized_like_pil_and_match_the_128px_render(tmp_path, e
     ds = EarDataset(tmp_path / "big.npy")
     for i in range(len(ears)):
         x, _ = ds[i]
-        assert x.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and x.dtype == torch.uint8
+        assert x.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert x.dtype == torch.uint8
         pil = np.array(Image.fromarray(big[i]).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC))
         diff = (x.permute(1, 2, 0).int() - torch.from_numpy(pil).int()).abs()
         assert diff.max() <= 1, f"sample {i}: differs from PIL's bicubic by up to {diff.max()} levels"
@@ -98,11 +86,14 @@ def test_invalid_samples_are_dropped_and_counted_by_reason(tmp_path, ears):
     bad = {1, 2, 3, 4, 5, 6, 7, 8}
 
     keep, invalid = validate(np.load(tmp_path / "bad.npy", mmap_mode="r"), chunk=5)
-    assert keep.dtype == np.int64 and keep.tolist() == [i for i in range(24) if i not in bad]
+    assert keep.dtype == np.int64
+    assert keep.tolist() == [i for i in range(24) if i not in bad]
     assert invalid == {"non-finite": 3, "out of range": 2, "blank": 3}
 
     ds = EarDataset(tmp_path / "bad.npy", max_invalid=0.5)
-    assert len(ds) == 16 and ds.n_total == 24 and ds.invalid == invalid
+    assert len(ds) == 16
+    assert ds.n_total == 24
+    assert ds.invalid == invalid
     assert ds.summary() == "16 (filtered 8 invalid: non-finite 3, out of range 2, blank 3)"
     assert {ds[i][1] for i in range(len(ds))}.isdisjoint(bad)
 
@@ -158,7 +149,9 @@ def test_bad_files_raise_data_error_naming_the_file(tmp_path, name, arr, reason)
         np.save(path, arr)
     with pytest.raises(DataError) as e:
         open_npy(path)
-    assert str(e.value).startswith(f"{path}: ") and reason in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{path}: ")
+    assert reason in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_truncated_npy_raises_data_error(tmp_path, ears):
@@ -175,7 +168,8 @@ def test_pickled_dataset_does_not_carry_the_data(tmp_path, ears):
     blob = pickle.dumps(ds)
     assert len(blob) < 10_000  # workers started by spawn get the path, not 400 kB of images
     x, k = pickle.loads(blob)[5]
-    assert k == 5 and torch.equal(x, ds[5][0])
+    assert k == 5
+    assert torch.equal(x, ds[5][0])
 
 
 def test_validate_15000_images_from_a_memmap_takes_seconds(tmp_path, ears):
@@ -190,92 +184,39 @@ def test_validate_15000_images_from_a_memmap_takes_seconds(tmp_path, ears):
     keep, invalid = validate(open_npy(path))
     dt = time.perf_counter() - t0
     print(f"validate: 15,000 images in {dt:.2f} s")
-    assert len(keep) == 14_999 and invalid["blank"] == 1
+    assert len(keep) == 14_999
+    assert invalid["blank"] == 1
     assert dt < 20
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# synthetic ears
-
-def test_render_is_deterministic_for_a_seed_and_differs_between_seeds():
-    a, fa = render_ears(6, seed=3)
-    b, fb = render_ears(6, seed=3)
-    c, fc = render_ears(6, seed=4)
-    assert a.dtype == np.uint8 and a.shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3)
-    assert fa.dtype == np.float32 and fa.shape == (6, len(FACTORS))
-    assert a.tobytes() == b.tobytes() and fa.tobytes() == fb.tobytes()
-    assert not np.array_equal(fa, fc) and (a != c).mean() > 0.5
-    prefix, fp = render_ears(4, seed=3)  # image i does not depend on n
-    assert prefix.tobytes() == a[:4].tobytes() and np.array_equal(fp, fa[:4])
-
-
-def test_factors_are_sampled_within_their_ranges():
-    _, f = render_ears(200, seed=1, size=16)
-    lo, hi = np.array(list(FACTOR_RANGES.values()), np.float32).T
-    assert FACTORS == tuple(FACTOR_RANGES)
-    assert (f >= lo).all() and (f <= hi).all()
-    assert (f.max(0) - f.min(0) > 0.8 * (hi - lo)).all()  # each factor really varies
-
-
-def test_images_vary_with_the_factors_and_are_not_blank():
-    img, _ = render_ears(16, seed=2)
-    keep, invalid = validate(img)
-    assert len(keep) == 16
-    assert img.reshape(16, -1).std(1).min() > 15  # real contrast in every image
-    assert img.std(0).mean() > 15  # and between images
-
-
-def test_render_speed():
-    render_ears(8, seed=0)  # warm up
-    t0 = time.perf_counter()
-    render_ears(256, seed=1)
-    rate = 256 / (time.perf_counter() - t0)
-    print(f"render_ears: {rate:.0f} images/s")
-    assert rate > 50
-
-
-def test_write_synthetic_writes_images_and_factor_csvs(tmp_path):
-    write_synthetic(tmp_path, n_train=10, n_val=4, seed=7)
-    train, val = np.load(tmp_path / "train_teacher.npy"), np.load(tmp_path / "val_teacher.npy")
-    assert train.shape == (10, 128, 128, 3) and val.shape == (4, 128, 128, 3) and train.dtype == np.uint8
-    images, factors = render_ears(10, seed=7)
-    assert np.array_equal(train, images)
-    assert not np.array_equal(val, render_ears(4, seed=7)[0])  # val is a different stream of the seed
-    for split, n in (("train", 10), ("val", 4)):
-        lines = (tmp_path / f"{split}_factors.csv").read_text().splitlines()
-        assert lines[0].split(",") == list(FACTORS) and len(lines) == n + 1
-    csv = np.loadtxt(tmp_path / "train_factors.csv", delimiter=",", skiprows=1, dtype=np.float32)
-    assert np.array_equal(csv, factors)  # the CSV holds exactly the values used
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
-def test_check_cli_exit_codes_and_one_line_errors(tmp_path, ears):
+def test_check_cli_exit_codes_and_one_line_errors(tmp_path, ears, capsys):
     np.save(tmp_path / "good.npy", ears)
     proc = run_cli("check", "good.npy", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "good.npy" in proc.stdout and "(8, 128, 128, 3)" in proc.stdout and "usable" in proc.stdout
+    assert proc.stdout.splitlines() == [
+        "file:     good.npy", "samples:  8", "shape:    (8, 128, 128, 3) uint8 (NHWC)",
+        f"values:   {ears.min()} .. {ears.max()} (finite values)",
+        "invalid:  0 (non-finite 0, out of range 0, blank 0)", "verdict:  usable, 8 valid samples"]
 
-    bad = ears.copy()
-    bad[:2] = 0
+    bad = ears.transpose(0, 3, 1, 2) / 255.0  # float64 NCHW
+    bad[:2] = 0.5
+    bad[2, 0, 0, 0] = np.nan
     np.save(tmp_path / "bad.npy", bad)
-    assert_one_line_error(run_cli("check", "bad.npy", cwd=tmp_path), "bad.npy: 2 of 8 samples invalid (blank 2)")
-    assert main(["check", str(tmp_path / "bad.npy"), "--max-invalid", "0.25"]) == 0
+    assert_one_line_error(run_cli("check", "bad.npy", cwd=tmp_path),
+                          "bad.npy: 3 of 8 samples invalid (non-finite 1, blank 2)")
+    assert main(["check", str(tmp_path / "bad.npy"), "--max-invalid", "0.375"]) == 0
+    report = capsys.readouterr().out.splitlines()
+    finite = bad[np.isfinite(bad)]
+    assert report[2:] == [
+        "shape:    (8, 3, 128, 128) float64 (NCHW)", f"values:   {finite.min():g} .. {finite.max():g} (finite values)",
+        "invalid:  3 (non-finite 1, out of range 0, blank 2)", "verdict:  usable, 5 valid samples"]
     assert_one_line_error(run_cli("check", "missing.npy", cwd=tmp_path), "missing.npy: file not found")
     with pytest.raises(SystemExit) as e:  # argparse rejects the value
         main(["check", str(tmp_path / "good.npy"), "--max-invalid", "2"])
     assert e.value.code == 2
-
-
-def test_synth_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
-    assert main(["synth", "--out", str(tmp_path / "d"), "--n-train", "3", "--n-val", "2"]) == 0
-    assert "images/s" in capsys.readouterr().out
-    assert np.load(tmp_path / "d" / "train_teacher.npy").shape == (3, 128, 128, 3)
-    assert_one_line_error(run_cli("synth", "--out", "d", "--n-train", "3", "--n-val", "2", cwd=tmp_path),
-                          "train_teacher.npy: already exists", "--force")
-    assert main(["synth", "--out", str(tmp_path / "d"), "--n-train", "4", "--n-val", "2", "--force"]) == 0
-    assert np.load(tmp_path / "d" / "train_teacher.npy").shape == (4, 128, 128, 3)
 
 
 def test_convert_round_trip_pads_resizes_splits_and_lists_skipped_files(tmp_path, capsys):
@@ -297,12 +238,16 @@ def test_convert_round_trip_pads_resizes_splits_and_lists_skipped_files(tmp_path
     assert main(["convert", str(src), "--out", str(tmp_path / "out"), "--val-fraction", "0.25"]) == 0
     out = capsys.readouterr()
     train, val = np.load(tmp_path / "out" / "train_teacher.npy"), np.load(tmp_path / "out" / "val_teacher.npy")
-    assert train.dtype == np.uint8 and train.shape[1:] == (128, 128, 3) and val.shape[1:] == (128, 128, 3)
-    assert len(train) + len(val) == 9 and len(val) == 2  # round(9 * 0.25)
+    assert train.dtype == np.uint8
+    assert train.shape[1:] == (128, 128, 3)
+    assert val.shape[1:] == (128, 128, 3)
+    assert len(train) + len(val) == 9
+    assert len(val) == 2  # round(9 * 0.25)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train_teacher.npy", "val_teacher.npy"]
     for name in ("x.png", "empty.jpg", "notes.txt"):
         assert re.search(rf"skipped .*{re.escape(name)}: ", out.err), out.err
-    assert "3 skipped" in out.out
+    o = tmp_path / "out"
+    assert out.out.splitlines()[-1] == f"converted 9 images (3 skipped): {o}/train_teacher.npy 7, {o}/val_teacher.npy 2"
 
     # the aspect ratio is kept: the square stays square (64 x 64 after padding 200 x 100 to 200 x 200 -> 128)
     square = next(img for img in np.concatenate([train, val]) if img.mean() < 60)  # the mostly black one
@@ -315,7 +260,8 @@ def test_convert_round_trip_pads_resizes_splits_and_lists_skipped_files(tmp_path
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.png").write_text("nope")
     proc = run_cli("convert", "junk", "--out", "out2", cwd=tmp_path)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: junk: 0 usable images")
     assert not (tmp_path / "out2").exists()
 
@@ -329,7 +275,8 @@ def test_convert_split_is_reproducible_for_a_seed(tmp_path, capsys):
     for run in range(2):
         assert main(["convert", str(src), "--out", str(tmp_path / f"o{run}"), "--seed", "3", "--size", "16"]) == 0
         firsts.append(np.load(tmp_path / f"o{run}" / "val_teacher.npy"))
-    assert np.array_equal(*firsts) and firsts[0].shape == (2, 16, 16, 3)
+    assert np.array_equal(*firsts)
+    assert firsts[0].shape == (2, 16, 16, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,7 +291,10 @@ def test_augment_depends_only_on_seed_epoch_key_and_view(batch):
     x, keys = batch
     cfg = AugConfig()
     a = augment(x, keys, seed=1, epoch=2, cfg=cfg)
-    assert a.dtype == torch.float32 and a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert a.dtype == torch.float32
+    assert a.shape == x.shape
+    assert a.min() >= 0
+    assert a.max() <= 1
     torch.testing.assert_close(augment(x, keys, seed=1, epoch=2, cfg=cfg), a, rtol=0, atol=0)
     # a sample's result does not depend on which batch it is in
     sub = augment(x[[5, 2]], keys[[5, 2]], seed=1, epoch=2, cfg=cfg)
@@ -425,7 +375,10 @@ def test_augment_on_gpu_matches_cpu(batch):
 def test_sampler_drops_the_incomplete_global_batch_and_shuffles_per_epoch():
     s = ResumableSampler(103, batch_size=10, seed=0)
     order0 = list(s)
-    assert len(s) == 100 and len(order0) == 100 and len(set(order0)) == 100 and set(order0) <= set(range(103))
+    assert len(s) == 100
+    assert len(order0) == 100
+    assert len(set(order0)) == 100
+    assert set(order0) <= set(range(103))
     assert list(s) == order0
     s.set_epoch(1)
     assert list(s) != order0
@@ -440,7 +393,8 @@ def test_sampler_resumes_exactly_the_rest_of_the_epoch():
     s.set_epoch(3)
     full = list(s)
     s.set_epoch(3, start=80)
-    assert list(s) == full[80:] and len(s) == len(full) - 80
+    assert list(s) == full[80:]
+    assert len(s) == len(full) - 80
     with pytest.raises(ValueError, match="start"):
         s.set_epoch(3, start=len(full) + 8)
 
@@ -470,8 +424,11 @@ def test_loader_yields_uint8_batches_in_sampler_order_without_touching_the_globa
         sampler.set_epoch(epoch)
         batches = list(loader)
         keys = torch.cat([k for _, k in batches])
-        assert keys.tolist() == list(sampler) and len(batches) == 4
+        assert keys.tolist() == list(sampler)
+        assert len(batches) == 4
         x, k = batches[0]
-        assert x.dtype == torch.uint8 and x.shape == (4, 3, 128, 128) and k.dtype == torch.int64
+        assert x.dtype == torch.uint8
+        assert x.shape == (4, 3, 128, 128)
+        assert k.dtype == torch.int64
         assert torch.equal(x[0], ds[int(k[0])][0])
     assert torch.equal(state, torch.get_rng_state())

@@ -1,10 +1,6 @@
 """Tests for eigenears.py: pca() against numpy's SVD and covariance eigendecomposition, the effective rank and the
 ridge probe on known cases, and the CLI on the tiny trained run (summary, figures, factor table against np.corrcoef,
 comparison of two checkpoints, one-line errors)."""
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import json
 import runpy
 import sys
@@ -15,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import eigenears as eg  # noqa: E402
-from data import FACTORS, EarDataset  # noqa: E402
-from eval import encode_dataset  # noqa: E402
-from model import load_model, read_checkpoint  # noqa: E402
-from test_eval import CLI_CASES, EARLIER, bad_inputs, check_cli_error  # noqa: E402
+import eigenears as eg
+from conftest import (CLI_CASES, EARLIER, ROOT, assert_error_after_progress_bars, bad_inputs,
+                      check_cli_error, run_out_of_memory)
+from data import EarDataset
+from model import load_model, read_checkpoint
+from synth import FACTORS
 
 FIGURES = ("mean_ear.png", "traversals.png", "scree.png", "factors.png")
 BLANK = 5  # index of the blank (invalid) training sample in fit_file
@@ -39,7 +33,8 @@ def anisotropic(n: int, d: int, seed: int = 0) -> np.ndarray:
 def test_pca_matches_svd_and_covariance_eigendecomposition():
     x = anisotropic(300, 12)
     mean, comps, var, total = eg.pca(x, 5)
-    assert comps.shape == (5, 12) and var.shape == (5,)
+    assert comps.shape == (5, 12)
+    assert var.shape == (5,)
     np.testing.assert_allclose(mean, x.mean(0), atol=1e-12)
     eigval, eigvec = np.linalg.eigh(np.cov(x, rowvar=False))  # ascending
     np.testing.assert_allclose(var, eigval[::-1][:5], rtol=1e-9)
@@ -48,14 +43,14 @@ def test_pca_matches_svd_and_covariance_eigendecomposition():
     np.testing.assert_allclose(var, s[:5] ** 2 / (len(x) - 1), rtol=1e-9)
     np.testing.assert_allclose(comps @ comps.T, np.eye(5), atol=1e-12)
     assert total == pytest.approx(np.trace(np.cov(x, rowvar=False)), rel=1e-12)
-    ratios = var / total
-    assert np.all(np.diff(ratios) <= 0) and 0 < ratios.sum() <= 1
+    np.testing.assert_allclose(var / total, eigval[::-1][:5] / eigval.sum(), rtol=1e-9)  # explained-variance ratios
 
 
 def test_pca_with_fewer_samples_than_dimensions_returns_min_n_d_components():
     x = anisotropic(8, 20)
     mean, comps, var, total = eg.pca(x)
-    assert comps.shape == (8, 20) and var.shape == (8,)
+    assert comps.shape == (8, 20)
+    assert var.shape == (8,)
     assert var[-1] == pytest.approx(0, abs=1e-9)  # centred data has rank n - 1
     assert var.sum() == pytest.approx(total)
     np.testing.assert_allclose(eg.project(x, mean, comps), x, atol=1e-9)  # all components reconstruct exactly
@@ -79,7 +74,20 @@ def test_ridge_probe_r2_is_one_for_a_linear_target_and_near_zero_for_noise():
     r2 = eg.ridge_probe_r2(x_fit, x_fit @ w + 3, x_eval, x_eval @ w + 3)
     np.testing.assert_allclose(r2, 1.0, atol=1e-4)
     r2 = eg.ridge_probe_r2(x_fit, rng.normal(size=(400, 2)), x_eval, rng.normal(size=(200, 2)))
-    assert np.all(r2 < 0.1) and np.all(r2 <= 1)
+    assert np.all(np.abs(r2) < 0.05), r2  # held-out noise: nothing to predict, and a small ridge does not overfit
+
+
+def test_ridge_probe_r2_without_ridge_is_least_squares_with_an_intercept():
+    rng = np.random.default_rng(1)
+    x_fit, x_eval = rng.normal(size=(100, 5)), rng.normal(size=(60, 5))
+    w = rng.normal(size=(5, 3))
+    y_fit = x_fit @ w + 2 + rng.normal(size=(100, 3))  # noisy: R^2 well below 1
+    y_eval = x_eval @ w + 2 + rng.normal(size=(60, 3))
+    coef = np.linalg.lstsq(np.c_[x_fit, np.ones(100)], y_fit, rcond=None)[0]  # (6, 3)
+    pred = np.c_[x_eval, np.ones(60)] @ coef
+    expected = 1 - ((y_eval - pred) ** 2).sum(0) / ((y_eval - y_eval.mean(0)) ** 2).sum(0)
+    assert np.all(expected < 0.95)
+    np.testing.assert_allclose(eg.ridge_probe_r2(x_fit, y_fit, x_eval, y_eval, ridge=0.0), expected, rtol=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +107,28 @@ def test_factors_csv_rows_are_aligned_to_the_kept_samples(fit_file):
     names, values = eg.read_factors(fit_file, ds)
     table = np.loadtxt(fit_file.with_name("fit_factors.csv"), delimiter=",", skiprows=1)
     assert names == list(FACTORS)
-    assert len(ds) == N_FIT - 1 and BLANK not in ds.keep
+    assert len(ds) == N_FIT - 1
+    assert BLANK not in ds.keep
     np.testing.assert_array_equal(values, np.delete(table, BLANK, axis=0))
+
+
+@pytest.fixture(scope="module")
+def latents(tiny_run, fit_file) -> SimpleNamespace:
+    """Reference inputs of the analysis, without data.py or inference.py: mu (float64) of the kept fit samples and of
+    the validation file from model.encode on the raw .npy, and their factors from the CSVs."""
+    model, _ = load_model(tiny_run.best)
+
+    def encode(npy: Path) -> np.ndarray:
+        x = torch.from_numpy(np.load(npy)).permute(0, 3, 1, 2).float() / 255.0
+        with torch.no_grad():
+            return model.encode(x)[0].double().numpy()
+
+    keep = [i for i in range(N_FIT) if i != BLANK]
+    val = tiny_run.data_dir / "val_teacher.npy"
+    factors = {name: np.loadtxt(path, delimiter=",", skiprows=1) for name, path in
+               (("fit", fit_file.with_name("fit_factors.csv")), ("eval", tiny_run.data_dir / "val_factors.csv"))}
+    return SimpleNamespace(fit=encode(fit_file)[keep], eval=encode(val), y_fit=factors["fit"][keep],
+                           y_eval=factors["eval"])
 
 
 @pytest.fixture(scope="module")
@@ -118,17 +146,38 @@ def test_summary_json_keys_and_figures_written(single):
             "n_components", "explained_variance_ratio", "cumulative", "effective_rank", "recon_psnr", "factors",
             "claim_first5_over_60pct"} <= set(s)
     n = N_FIT - 1
-    assert s["n_fit"] == n and s["n_eval"] == 16 and s["n_available"] == n and s["n_components"] == n  # capped
+    assert s["n_fit"] == n
+    assert s["n_eval"] == 16
+    assert s["n_available"] == n
+    assert s["n_components"] == n  # capped
     for split in ("fit", "eval"):
-        r = np.array(s["explained_variance_ratio"][split])
-        assert len(r) == n and np.all(r >= 0) and r.sum() <= 1 + 1e-9
+        assert len(s["explained_variance_ratio"][split]) == n
         assert list(s["cumulative"][split]) == ["1", "5", "10", f"{n}"]
-        assert s["cumulative"][split]["5"] == pytest.approx(r[:5].sum())
     assert s["cumulative"]["fit"][f"{n}"] == pytest.approx(1.0)  # every PC of the fit split: all its variance
-    assert 1 <= s["effective_rank"]["fit"] <= n
     assert list(s["recon_psnr"]) == ["full", "1", "5", "10", f"{n}"]
     for name in FIGURES:
         assert (single.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variance_ratios_and_effective_rank_match_the_covariance_eigendecomposition(single, latents):
+    """Against np.linalg.eigh of the covariance of independently computed mu (not pca()'s SVD): the fit ratios are
+    its eigenvalue ratios, the eval ratios the share of the eval split's squared deviation from the fit mean along
+    its eigenvectors, the effective ranks the participation ratios of both splits' spectra."""
+    s = single.summary
+    eigval, eigvec = np.linalg.eigh(np.cov(latents.fit, rowvar=False))  # ascending, (D,), (D, D)
+    eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+    rank = len(latents.fit) - 1  # centred data of N samples: N - 1 non-zero eigenvalues, the rest an arbitrary basis
+    fit = eigval[:s["n_components"]] / eigval.sum()
+    dev = latents.eval - latents.fit.mean(0)  # (16, D)
+    ev = np.square(dev @ eigvec[:, :rank]).sum(0) / np.square(dev).sum()
+    np.testing.assert_allclose(s["explained_variance_ratio"]["fit"], fit, atol=1e-6)
+    np.testing.assert_allclose(s["explained_variance_ratio"]["eval"][:rank], ev, atol=1e-6)
+    for c in (1, 5, 10):
+        assert s["cumulative"]["fit"][f"{c}"] == pytest.approx(fit[:c].sum(), abs=1e-6)
+        assert s["cumulative"]["eval"][f"{c}"] == pytest.approx(ev[:c].sum(), abs=1e-6)
+    lam_eval = np.linalg.eigvalsh(np.cov(latents.eval, rowvar=False))
+    assert s["effective_rank"]["fit"] == pytest.approx(eigval.sum() ** 2 / np.square(eigval).sum(), rel=1e-5)
+    assert s["effective_rank"]["eval"] == pytest.approx(lam_eval.sum() ** 2 / np.square(lam_eval).sum(), rel=1e-5)
 
 
 def test_full_mu_psnr_equals_the_validation_psnr_logged_by_training(single, tiny_run):
@@ -137,29 +186,37 @@ def test_full_mu_psnr_equals_the_validation_psnr_logged_by_training(single, tiny
     assert single.summary["recon_psnr"]["full"] == pytest.approx(best, abs=1e-4)
 
 
-def test_factor_table_is_np_corrcoef_of_pc_scores_one_row_per_pc_one_column_per_factor(single, tiny_run, fit_file):
+def test_factor_table_is_the_correlation_of_pc_scores_with_each_factor(single, latents):
+    """One row per PC, one column per factor: Pearson r of the eval split's scores on the fit split's covariance
+    eigenvectors (np.linalg.eigh, independent mu) with the factors; a PC's sign is arbitrary, so row j may be -r."""
     fa = single.summary["factors"]
     corr = np.array(fa["correlation"])
-    assert fa["names"] == list(FACTORS) and corr.shape == (10, len(FACTORS))
-    assert np.all(np.abs(corr) <= 1)
-    assert fa["top_factor"] == [FACTORS[j] for j in np.abs(corr).argmax(1)]
-
-    model, _ = load_model(tiny_run.best)
-    val = EarDataset(tiny_run.data_dir / "val_teacher.npy")
-    mu_fit = encode_dataset(model, EarDataset(fit_file), 16, torch.device("cpu"))[0].double().numpy()
-    mu_val = encode_dataset(model, val, 16, torch.device("cpu"))[0].double().numpy()
-    mean, comps, _, _ = eg.pca(mu_fit, 10)
-    scores = (mu_val - mean) @ comps.T  # (16, 10)
-    factors = np.loadtxt(tiny_run.data_dir / "val_factors.csv", delimiter=",", skiprows=1)
-    expected = [[np.corrcoef(scores[:, j], factors[:, f])[0, 1] for f in range(len(FACTORS))] for j in range(10)]
-    np.testing.assert_allclose(corr, expected, atol=1e-6)
+    assert fa["names"] == list(FACTORS)
+    assert corr.shape == (10, len(FACTORS))
+    eigvec = np.linalg.eigh(np.cov(latents.fit, rowvar=False))[1][:, ::-1][:, :10]  # (D, 10)
+    scores = (latents.eval - latents.fit.mean(0)) @ eigvec  # (16, 10)
+    expected = np.array([[np.corrcoef(scores[:, j], latents.y_eval[:, f])[0, 1] for f in range(len(FACTORS))]
+                         for j in range(10)])
+    sign = np.sign((corr * expected).sum(1, keepdims=True))  # (10, 1)
+    np.testing.assert_allclose(corr, sign * expected, atol=1e-5)
+    assert fa["top_factor"] == [FACTORS[j] for j in np.abs(expected).argmax(1)]
 
 
-def test_probe_r2_is_finite_and_at_most_one_for_every_factor(single):
-    r2 = single.summary["factors"]["probe_r2"]
-    assert list(r2) == list(FACTORS)
-    assert all(np.isfinite(v) and v <= 1 for v in r2.values())
-    assert single.summary["factors"]["mean_probe_r2"] == pytest.approx(np.mean(list(r2.values())))
+def test_probe_r2_is_ridge_regression_from_fit_mu_scored_on_eval(single, latents):
+    """Against the ridge solution by least squares on the augmented system [X; sqrt(lambda) I] (not the normal
+    equations eigenears solves), lambda = RIDGE * trace(X^T X) / D for the centred fit mu X."""
+    fa = single.summary["factors"]
+    x = latents.fit - latents.fit.mean(0)  # (31, D)
+    y = latents.y_fit - latents.y_fit.mean(0)  # (31, F)
+    d = x.shape[1]
+    lam = eg.RIDGE * np.square(x).sum() / d
+    w = np.linalg.lstsq(np.r_[x, np.sqrt(lam) * np.eye(d)], np.r_[y, np.zeros((d, y.shape[1]))], rcond=None)[0]
+    pred = (latents.eval - latents.fit.mean(0)) @ w + latents.y_fit.mean(0)  # (16, F)
+    y_eval = latents.y_eval
+    expected = 1 - np.square(y_eval - pred).sum(0) / np.square(y_eval - y_eval.mean(0)).sum(0)
+    assert list(fa["probe_r2"]) == list(FACTORS)
+    np.testing.assert_allclose(list(fa["probe_r2"].values()), expected, atol=1e-4)
+    assert fa["mean_probe_r2"] == pytest.approx(expected.mean(), abs=1e-4)
 
 
 def test_compare_mode_gives_one_column_per_checkpoint(tiny_run, tmp_path):
@@ -209,5 +266,13 @@ def test_cli_bad_input_one_line_error_exit_1_earlier_output_untouched(case, tiny
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "eigenears.py"), run_name="__main__")
     captured = capsys.readouterr()
-    c.rc, c.stdout, c.stderr = exit_info.value.code, captured.out, captured.err
+    c.returncode, c.stdout, c.stderr = exit_info.value.code, captured.out, captured.err
     check_cli_error(c)
+
+
+def test_out_of_memory_is_one_line_suggesting_half_the_batch_or_the_cpu(tiny_run, tmp_path):
+    r = run_out_of_memory("eigenears.py", "--ckpt", str(tiny_run.best), "--out", str(tmp_path / "out"),
+                          "--workers", "0")
+    assert_error_after_progress_bars(r, "error: out of GPU memory at --batch-size 8. Use a smaller batch "
+                                        "(e.g. --batch-size 4) or --device cpu.")
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -1,0 +1,107 @@
+"""Run a trained ear teacher over a dataset: the device and precision, the data files of the run that wrote a
+checkpoint, the dataset in file order, and its latent means. eval.py and eigenears.py both build on these.
+
+Inference runs under autocast (bf16 where the GPU has it natively, else fp16 on CUDA; fp32 on the CPU); whatever
+is measured from the model's outputs is computed in float32 from `.float()` copies of them.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data import EarDataset, ResumableSampler, make_loader, to_float
+from model import CheckpointError, EarVAE
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_BATCH_SIZE = 8  # fits a 24 GB GPU at SAM input 1024 in bf16 (see add_inference_args)
+
+
+def add_inference_args(p: argparse.ArgumentParser) -> None:
+    """--batch-size, --precision, --device and --workers, the same for every script that runs a checkpoint."""
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="images per forward pass; 8 fits a 24 GB GPU at SAM input 1024 in bf16 (estimate: the dense "
+                        "relative-position bias of a global block is 12 heads x 4096^2 x 2 B = 384 MiB per image, "
+                        "3 GiB at 8, up to 3x that where the attention scores are materialised)")
+    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                   help="autocast dtype of the forward passes; auto: bf16 where the GPU has it natively, else fp16 on "
+                        "CUDA, fp32 on CPU. Metrics are computed in fp32 either way")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu. 'cuda' without a GPU is a ValueError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on a GPU with native bf16, float16 on other GPUs, float32 on the CPU; else PRECISIONS[name]
+    (a half precision on the CPU is allowed: torch autocasts there too)."""
+    if name != "auto":
+        return PRECISIONS[name]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
+    """Autocast to `dtype` on `device`; float32 -> no autocast at all."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def out_of_memory_error(batch_size: int) -> str:
+    """The one-line error for torch.OutOfMemoryError in a script with add_inference_args' flags."""
+    smaller = f"a smaller batch (e.g. --batch-size {batch_size // 2}) or " if batch_size > 1 else ""
+    return f"error: out of GPU memory at --batch-size {batch_size}. Use {smaller}--device cpu."
+
+
+def checkpoint_info(ckpt: dict) -> dict:
+    """The checkpoint's step and the default data files of the run that wrote it (None without a run config):
+    {"step": int | None, "train": Path | None, "val": Path | None}. ckpt: read_checkpoint()'s result."""
+    run = ckpt.get("run_config") or {}
+    files = {"train": None, "val": None}
+    if "data_dir" in run:
+        files = {s: Path(run.get(f"{s}_npy") or Path(run["data_dir"]) / f"{s}_teacher.npy") for s in files}
+    return {"step": ckpt.get("step"), **files}
+
+
+def data_file(given: str | None, info: dict, split: str, ckpt_path: str | Path) -> Path:
+    """`given`, else the run's file of `split` ("train" or "val") from checkpoint_info()."""
+    if given is not None:
+        return Path(given)
+    if info[split] is None:
+        raise CheckpointError(f"{ckpt_path}: holds no run config naming its {split} file; give the data file")
+    return info[split]
+
+
+def batches(ds: EarDataset, batch_size: int, device: torch.device, workers: int,
+            desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The dataset in order with a tqdm bar: yields x (B, 3, 128, 128) float in [0, 1] on `device` and the samples'
+    original indices in the file (B,) int64."""
+    sampler = ResumableSampler(len(ds), 1, seed=0, shuffle=False)  # batch_size 1: no sample is dropped
+    loader = make_loader(ds, batch_size, sampler, workers, device.type == "cuda")
+    for x, index in tqdm(loader, desc=desc, total=len(loader), dynamic_ncols=True):
+        yield to_float(x.to(device, non_blocking=True)), index
+
+
+@torch.no_grad()
+def encode_dataset(model: EarVAE, ds: EarDataset, batch_size: int, device: torch.device,
+                   dtype: torch.dtype = torch.float32, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> mu (N, latent_dim) float32 on the CPU and the original indices (N,) int64 of the N kept samples; the
+    encoder runs under autocast(device, dtype)."""
+    mus, indices = [], []
+    for x, index in batches(ds, batch_size, device, workers, desc=f"encode {ds.path.name}"):
+        with autocast(device, dtype):
+            mu = model.encode(x)[0]  # (B, D)
+        mus.append(mu.float().cpu())
+        indices.append(index)
+    return torch.cat(mus), torch.cat(indices)

@@ -1,0 +1,267 @@
+"""Synthetic ears: procedural lateral ear photographs with known generating factors, for training and for checking
+what the teacher's latent space encodes (eigenears.py correlates its principal components with the factors).
+
+    render_ears       n ears -> uint8 images (n, S, S, 3) and their factors (n, len(FACTORS)), deterministic per seed
+    write_synthetic   {train,val}_teacher.npy and {train,val}_factors.csv in a folder (data.py reads them)
+
+CLI:
+    python synth.py --out data --n-train 2000 --n-val 200 --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from data import IMAGE_SIZE, DataError, int_at_least, refuse_overwrite
+from files import Writer, save_npy, write_outputs
+
+# Generating factors of the synthetic ears, each sampled uniformly in its range (CSV column order).
+# Ear units: the ear spans about y in [-0.9, 0.9] at scale 1, where the crop spans [-1, 1].
+FACTOR_RANGES: dict[str, tuple[float, float]] = {
+    "scale": (0.8, 0.97),         # ear size relative to the crop
+    "rotation": (-15.0, 15.0),    # degrees, counter-clockwise
+    "elongation": (0.8, 1.25),    # height / width stretch at constant area
+    "lobe_size": (0.0, 1.0),      # 0 small lobe .. 1 large lobe
+    "lobe_attached": (0.0, 1.0),  # 0 free (hanging) lobe .. 1 lobe attached to the cheek
+    "helix_width": (0.06, 0.14),  # width of the outer rim, ear units
+    "concha_depth": (0.3, 1.0),   # depth (and darkness) of the bowl around the ear canal
+    "skin_tone": (0.0, 1.0),      # 0 light .. 1 dark
+    "light_angle": (0.0, 180.0),  # degrees in the image plane: 0 from the face side, 90 from above, 180 from behind
+    "x_offset": (-0.05, 0.05),    # ear shift, fraction of the crop width (towards the face)
+    "y_offset": (-0.05, 0.05),    # ear shift, fraction of the crop height (up)
+    "hair": (0.0, 1.0),           # how far the hair behind and above the ear reaches towards it
+    "blur": (0.3, 1.0),           # Gaussian blur sigma in pixels of a 128 px image
+    "noise": (0.0, 2.0),          # sensor noise std in 8-bit levels
+}
+FACTORS: tuple[str, ...] = tuple(FACTOR_RANGES)
+
+_SKIN = np.array([[0.95, 0.78, 0.68], [0.80, 0.58, 0.45], [0.45, 0.30, 0.22]], np.float32)  # skin_tone 0, .5, 1
+_HAIR = np.array([0.16, 0.11, 0.08], np.float32)
+_EAR_TINT = np.array([1.0, 0.93, 0.9], np.float32)  # the ear is a little redder than the cheek
+_RENDER_CHUNK = 32  # images rendered at once (keeps the float32 temporaries small)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# synthetic ears
+
+def render_ears(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Render n synthetic right ears (lateral view, face to the right) with random factors.
+
+    Returns images uint8 (n, size, size, 3) and factors float32 (n, len(FACTORS)) in FACTORS order. Deterministic
+    for (n, seed, size); image i does not depend on n (the first k of n images are the k images of render_ears(k)).
+    """
+    return _render(n, seed, size)
+
+
+def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: int) -> None:
+    """Write out_dir/{train,val}_teacher.npy (uint8 (N, 128, 128, 3)) and {train,val}_factors.csv (header FACTORS,
+    one row per image), all four or none (files.write_outputs). Train is render_ears(n_train, seed); val comes from
+    a different random stream of the seed."""
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"n_train and n_val must be >= 1, got {n_train} and {n_val}")
+    out_dir = Path(out_dir)
+    files = {}
+    for split, n, entropy in (("train", n_train, seed), ("val", n_val, [seed, 1])):
+        images, factors = _render(n, entropy, IMAGE_SIZE)
+        files[out_dir / f"{split}_teacher.npy"] = save_npy(images)
+        files[out_dir / f"{split}_factors.csv"] = _save_factors(factors)
+    write_outputs(files)
+
+
+def _save_factors(factors: np.ndarray) -> Writer:
+    """The factors CSV: header FACTORS, one row per image, 4 decimals (the factors have 4 decimals)."""
+    return lambda f: np.savetxt(f, factors, fmt="%.4f", delimiter=",", header=",".join(FACTORS), comments="")
+
+
+def _render(n: int, entropy: int | list[int], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """render_ears for the random stream np.random.SeedSequence(entropy); the factors and the sensor noise come from
+    two independent children of it (so image i does not depend on n)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    factor_seq, noise_seq = np.random.SeedSequence(entropy).spawn(2)
+    lo, hi = np.array(list(FACTOR_RANGES.values())).T  # (F,), (F,)
+    # rounded to 4 decimals so that the CSV holds exactly the values used
+    factors = np.round(np.random.default_rng(factor_seq).uniform(lo, hi, (n, len(FACTORS))), 4).astype(np.float32)
+    noise_rng = np.random.default_rng(noise_seq)
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i in range(0, n, _RENDER_CHUNK):
+        f = {name: factors[i:i + _RENDER_CHUNK, k] for k, name in enumerate(FACTORS)}
+        img = _render_chunk(f, size)  # (m, S, S, 3) float32 in about [0, 1]
+        for j, sigma in enumerate(f["blur"] * (size / IMAGE_SIZE)):
+            ndimage.gaussian_filter(img[j], (sigma, sigma, 0.0), output=img[j], mode="nearest", truncate=3.0)
+        img += noise_rng.standard_normal(img.shape, dtype=np.float32) * (f["noise"] / 255)[:, None, None, None]
+        images[i:i + len(img)] = np.clip(np.rint(img * 255), 0, 255)
+    return images, factors
+
+
+def _render_chunk(f: dict[str, np.ndarray], size: int) -> np.ndarray:
+    """Shade a batch of ears from a height field built from their parts (before blur and noise).
+
+    f: factor name -> (n,) float32. Returns float32 (n, size, size, 3), RGB in about [0, 1].
+    """
+    col = lambda k: f[k][:, None, None]  # noqa: E731  (n,) -> (n, 1, 1), broadcasts against the (n, S, S) grids
+    c = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
+    u, v = c[None, None, :], -c[None, :, None]  # image x (right) and y (up) in [-1, 1]: (1, 1, S), (1, S, 1)
+
+    # image -> ear coordinates: x towards the face, y up
+    scale, el = col("scale"), np.sqrt(col("elongation"))
+    rot = np.deg2rad(col("rotation"))
+    cr, sr = np.cos(rot), np.sin(rot)
+    pu, pv = u - 2.0 * col("x_offset"), v - 2.0 * col("y_offset")
+    x = (cr * pu + sr * pv) * (el / scale)  # (n, S, S)
+    y = (-sr * pu + cr * pv) / (el * scale)  # (n, S, S)
+    lobe, attached = col("lobe_size"), col("lobe_attached")
+    hw, depth = col("helix_width"), col("concha_depth")
+
+    # outline: an egg-shaped upper ear (wider at the top) smoothly joined to the lobe; an attached lobe sits further
+    # forward and merges into the cheek
+    top_a = 0.5 + 0.06 * np.clip(y - 0.12, -0.7, 0.7)
+    lobe_c = (-0.02 + 0.1 * attached, -0.46 - 0.16 * lobe + 0.06 * attached)
+    lobe_ab = (0.17 + 0.1 * lobe, 0.15 + 0.13 * lobe)
+    lobe_d = _ellipse_dist(x, y, *lobe_c, *lobe_ab)
+    d = _smin(_ellipse_dist(x, y, -0.05, 0.12, top_a, 0.74), lobe_d, 0.12)  # signed distance, negative inside
+    t = -d  # depth inside the outline
+    ear = _smoothstep(0.01, -0.01, d)
+
+    # the front of the ear (and the lobe, when attached) joins the face without a visible edge
+    front = _smoothstep(0.2, 0.4, x) * _smoothstep(0.45, 0.2, y)
+    front = np.maximum(front, attached * _smoothstep(-0.05, 0.15, x) * _smoothstep(-0.35, -0.5, y))
+    edge_w = 0.025 + 0.15 * front
+    plate = 0.06 * _smoothstep(-0.5 * edge_w, edge_w, t)  # the ear stands off the head
+
+    # helix: rounded rim along the outline from the front top, over the top and down the back into the lobe,
+    # curling into the concha at the front (the crus of the helix)
+    helix_on = (1.0 - _sector(x, y, -0.05, 0.05, -40.0, 55.0, 20.0)) * _smoothstep(-0.75, -0.4, y)
+    helix = 0.06 * _ridge(t - 0.5 * hw, 0.5 * hw) * helix_on
+    crus_d, along = _segment(x, y, (0.27, 0.22), (0.02, 0.04))
+    crus = 0.05 * _ridge(crus_d, 0.045) * (1.0 - 0.7 * along) * _smoothstep(0.0, -0.06, d)
+
+    # antihelix, the Y inside the rim: a ridge around the back and top of the concha (stem and inferior crus) with
+    # the superior crus forking off towards the top; the groove between it and the helix is the scapha, the dip
+    # between the crura the triangular fossa
+    anti_d = _ellipse_dist(x, y, 0.02, -0.02, 0.32, 0.35)
+    antihelix = 0.05 * _ridge(anti_d, 0.06) * _sector(x, y, 0.02, -0.02, 150.0, 90.0, 25.0)
+    sup_d, along = _segment(x, y, (-0.2, 0.23), (-0.05, 0.68))
+    superior = 0.045 * _ridge(sup_d, 0.055) * (1.0 - 0.5 * along)
+    fossa = _blob(x, y, 0.0, 0.47, 0.17, 0.08)
+
+    # concha: the bowl inside the antihelix with the ear canal at its front, guarded by the tragus (in front) and the
+    # antitragus (below the antihelix); the lobe is a soft dome
+    bowl = _smoothstep(0.04, -0.12, _ellipse_dist(x, y, 0.07, -0.06, 0.22, 0.27))
+    canal = _ridge(np.hypot(x - 0.2, y + 0.1), 0.07)
+    tragus = 0.05 * _blob(x, y, 0.31, -0.12, 0.09, 0.15)
+    antitragus = 0.045 * _blob(x, y, -0.1, -0.32, 0.14, 0.09)
+    lobe_dome = 0.04 * _smoothstep(0.0, -0.15, lobe_d)
+
+    height = (plate + helix + np.maximum(np.maximum(antihelix, superior), crus) + tragus + antitragus + lobe_dome
+              - 0.12 * depth * bowl - 0.08 * canal - 0.012 * fossa)  # (n, S, S), ear units
+    height = (height - 0.05 * (u * u + v * v) / scale) * scale  # on a gently curved head; -> image units
+
+    # Lambertian shading of the height field, light from light_angle in the image plane, 45 degrees up
+    gy, gx = np.gradient(height, axis=(1, 2))
+    gx *= size / 2.0  # d height / d u
+    gy *= -size / 2.0  # d height / d v (rows go down)
+    light = np.deg2rad(col("light_angle"))
+    lambert = (0.71 - 0.7 * (gx * np.cos(light) + gy * np.sin(light))) / np.sqrt(gx * gx + gy * gy + 1.0)
+    shade = 0.35 + 0.75 * np.maximum(lambert, 0.0)
+
+    # cast shadow of the ear on the head (the outline seen from the light), occlusion in the folds and around the ear
+    sx, sy = 0.06 * np.cos(light - rot), 0.06 * np.sin(light - rot)
+    shadow_d = _smin(_ellipse_dist(x + sx, y + sy, -0.05, 0.12, top_a, 0.74),  # the ear seen from (x, y) towards
+                     _ellipse_dist(x + sx, y + sy, *lobe_c, *lobe_ab), 0.12)  # the light
+    behind = (1.0 - ear) * (1.0 - front)
+    shade *= (1.0 - 0.4 * _smoothstep(0.04, -0.04, shadow_d) * behind) * (1.0 - 0.45 * depth * bowl)
+    shade *= (1.0 - 0.85 * canal) * (1.0 - 0.25 * _ridge(np.maximum(d, 0.0), 0.06) * behind)
+
+    # albedo: skin (a little redder on the ear), hair behind and above the ear
+    skin = np.stack([np.interp(f["skin_tone"], [0.0, 0.5, 1.0], _SKIN[:, k]) for k in range(3)], -1)  # (n, 3)
+    hair = _smoothstep(-0.1, 0.1, 0.8 * y - 0.6 * x - 1.4 + 0.7 * col("hair")) * (1.0 - ear)  # (n, S, S)
+    albedo = skin[:, None, None, :].astype(np.float32) * (1.0 + (_EAR_TINT - 1.0) * ear[..., None])  # (n, S, S, 3)
+    albedo += (_HAIR - albedo) * hair[..., None]
+    return albedo * shade[..., None]
+
+
+def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
+    """0 at e0, 1 at e1, cubic in between (e0 > e1 gives the falling step)."""
+    t = np.clip((x - e0) * (1.0 / (e1 - e0)), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _ridge(d: np.ndarray, width: float | np.ndarray) -> np.ndarray:
+    """Gaussian ridge profile: 1 on the centre line (d = 0), falling off with the distance d."""
+    return np.exp(-(d * d) / (width * width))
+
+
+def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+    """Smooth minimum of two signed distances (a smooth union of the shapes) with blend radius k."""
+    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
+    return b + (a - b) * h - k * h * (1.0 - h)
+
+
+def _blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float) -> np.ndarray:
+    """Smooth bump, 1 at (cx, cy), 0 outside the ellipse with semi-axes a, b."""
+    return _smoothstep(1.0, 0.0, ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2)
+
+
+def _ellipse_dist(x: np.ndarray, y: np.ndarray, cx, cy, a, b) -> np.ndarray:
+    """Approximate signed distance to the ellipse ((x-cx)/a)^2 + ((y-cy)/b)^2 = 1, negative inside. Exact on the axes
+    and to first order at the boundary. The parameters may be arrays that broadcast against x."""
+    dx, dy = (x - cx) / a, (y - cy) / b
+    q = np.sqrt(dx * dx + dy * dy)
+    grad = np.sqrt((dx / a) ** 2 + (dy / b) ** 2) / np.maximum(q, 1e-6)  # |grad q|, in [1/max(a,b), 1/min(a,b)]
+    return (q - 1.0) / np.clip(grad, 1.0 / np.maximum(a, b), 1.0 / np.minimum(a, b))
+
+
+def _segment(x: np.ndarray, y: np.ndarray, p0: tuple[float, float], p1: tuple[float, float]):
+    """-> (distance to the segment p0-p1, position of the nearest point along it: 0 at p0 .. 1 at p1)."""
+    bx, by = p1[0] - p0[0], p1[1] - p0[1]
+    px, py = x - p0[0], y - p0[1]
+    along = np.clip((px * bx + py * by) * (1.0 / (bx * bx + by * by)), 0.0, 1.0)
+    return np.hypot(px - along * bx, py - along * by), along
+
+
+def _sector(x: np.ndarray, y: np.ndarray, cx: float, cy: float, angle: float, half: float, soft: float):
+    """1 where the direction from (cx, cy) is within `half` degrees of `angle`, fading to 0 over +-`soft` degrees."""
+    dx, dy = x - cx, y - cy
+    a = math.radians(angle)
+    cos = (dx * math.cos(a) + dy * math.sin(a)) / (np.sqrt(dx * dx + dy * dy) + 1e-6)
+    return _smoothstep(math.cos(math.radians(half + soft)), math.cos(math.radians(half - soft)), cos)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Render synthetic ears with known factors: OUT/{train,val}_teacher.npy "
+                                "and OUT/{train,val}_factors.csv.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="data", help="output directory")
+    p.add_argument("--n-train", type=int_at_least(1), default=2000, help="number of training images")
+    p.add_argument("--n-val", type=int_at_least(1), default=200, help="number of validation images")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (train and val use separate streams)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    try:
+        refuse_overwrite([out / f"{s}_{kind}" for s in ("train", "val") for kind in ("teacher.npy", "factors.csv")],
+                         args.force)
+        t0 = time.perf_counter()
+        write_synthetic(out, args.n_train, args.n_val, args.seed)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    dt = time.perf_counter() - t0
+    print(f"wrote {args.n_train:,} train + {args.n_val:,} val synthetic ears to {out}/ "
+          f"({(args.n_train + args.n_val) / dt:,.0f} images/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
