@@ -1,11 +1,16 @@
 """Synthetic ears: procedural lateral ear photographs with known generating factors, for training and for checking
 what the teacher's latent space encodes (eigenears.py correlates its principal components with the factors).
 
-    render_ears       n ears -> uint8 images (n, S, S, 3) and their factors (n, len(FACTORS)), deterministic per seed
-    write_synthetic   {train,val}_teacher.npy and {train,val}_factors.csv in a folder (data.py reads them)
+    render_ears                 n ears -> uint8 images (n, S, S, 3) and their factors (n, len(FACTORS)),
+                                deterministic per seed
+    render_identities           K identities x V views: the same ANATOMY in every view of an identity, the other
+                                factors drawn afresh per view -> images, factors and the identity of each image
+    write_synthetic             {train,val}_teacher.npy and {train,val}_factors.csv in a folder (data.py reads them)
+    write_synthetic_identities  the same files from render_identities, with an `identity` column in the CSVs
 
 CLI:
     python synth.py --out data --n-train 2000 --n-val 200 --seed 0
+    python synth.py --out data --identities 200 --views 10 --seed 0    # 200 x 10 images per split
 """
 from __future__ import annotations
 
@@ -42,10 +47,23 @@ FACTOR_RANGES: dict[str, tuple[float, float]] = {
 }
 FACTORS: tuple[str, ...] = tuple(FACTOR_RANGES)
 
+# Identities (render_identities): what a person's ear is, fixed for the identity and drawn once over the factor's
+# range: the shape of the ear, the skin tone and the ear's size.
+ANATOMY: tuple[str, ...] = ("elongation", "lobe_size", "lobe_attached", "helix_width", "concha_depth", "skin_tone",
+                            "scale")
+# Anatomy that a view still shifts a little, uniformly by up to +- this, clipped to the factor's range: the skin tone
+# with the white balance and exposure, the ear's size in the crop with the distance to the camera.
+VIEW_JITTER: dict[str, float] = {"skin_tone": 0.05, "scale": 0.02}
+# How a photograph sees the ear, drawn afresh over the whole range for every view: pose (rotation), light, framing
+# (offsets), hair, optics (blur, noise).
+NUISANCE: tuple[str, ...] = tuple(name for name in FACTORS if name not in ANATOMY)
+IDENTITY_COLUMN = "identity"  # the factors CSV's column of identity ids (written by write_synthetic_identities only)
+
 _SKIN = np.array([[0.95, 0.78, 0.68], [0.80, 0.58, 0.45], [0.45, 0.30, 0.22]], np.float32)  # skin_tone 0, .5, 1
 _HAIR = np.array([0.16, 0.11, 0.08], np.float32)
 _EAR_TINT = np.array([1.0, 0.93, 0.9], np.float32)  # the ear is a little redder than the cheek
 _RENDER_CHUNK = 32  # images rendered at once (keeps the float32 temporaries small)
+N_TRAIN, N_VAL, VIEWS = 2000, 200, 10  # CLI defaults: images per split; views per identity (with --identities)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,6 +76,31 @@ def render_ears(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, 
     for (n, seed, size); image i does not depend on n (the first k of n images are the k images of render_ears(k)).
     """
     return _render(n, seed, size)
+
+
+def render_identities(k: int, views: int, seed: int | list[int],
+                      size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render `views` views of each of k synthetic identities: every view of an identity has its ANATOMY factors
+    (skin_tone and scale shifted by up to VIEW_JITTER), and draws the NUISANCE factors over their whole range.
+
+    Returns images uint8 (k*views, size, size, 3), factors float32 (k*views, len(FACTORS)) in FACTORS order and
+    identities int64 (k*views,) in 0..k-1, identity-major: rows i*views .. (i+1)*views - 1 are identity i.
+    Deterministic for (k, views, seed, size); for a given `views`, image j does not depend on k.
+    """
+    if k < 0 or views < 1:
+        raise ValueError(f"k must be >= 0 and views >= 1, got {k} and {views}")
+    anatomy_seq, view_seq, noise_seq = np.random.SeedSequence(seed).spawn(3)
+    lo, hi = np.array(list(FACTOR_RANGES.values())).T  # (F,), (F,)
+    factors = np.repeat(np.random.default_rng(anatomy_seq).uniform(lo, hi, (k, len(FACTORS))), views, 0)  # (kV, F)
+    u = np.random.default_rng(view_seq).random((k * views, len(FACTORS)))  # (kV, F), one draw per view and factor
+    nuisance = [FACTORS.index(name) for name in NUISANCE]
+    factors[:, nuisance] = lo[nuisance] + u[:, nuisance] * (hi - lo)[nuisance]
+    for name, jitter in VIEW_JITTER.items():
+        c = FACTORS.index(name)
+        factors[:, c] = np.clip(factors[:, c] + (2.0 * u[:, c] - 1.0) * jitter, lo[c], hi[c])
+    factors = np.round(factors, 4).astype(np.float32)  # as in _render: the CSV holds exactly the values used
+    images = _draw(factors, np.random.default_rng(noise_seq), size)
+    return images, factors, np.repeat(np.arange(k), views)
 
 
 def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: int) -> None:
@@ -75,9 +118,29 @@ def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: 
     write_outputs(files)
 
 
-def _save_factors(factors: np.ndarray) -> Writer:
-    """The factors CSV: header FACTORS, one row per image, 4 decimals (the factors have 4 decimals)."""
-    return lambda f: np.savetxt(f, factors, fmt="%.4f", delimiter=",", header=",".join(FACTORS), comments="")
+def write_synthetic_identities(out_dir: str | os.PathLike, k: int, views: int, seed: int) -> None:
+    """Write out_dir/{train,val}_teacher.npy (uint8 (k*views, 128, 128, 3)) and {train,val}_factors.csv (header
+    FACTORS + `identity`), all four or none. Train is render_identities(k, views, seed) with identities 0..k-1; val
+    holds k other identities, from a different random stream of the seed, numbered k..2k-1 (no id in both splits)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    out_dir = Path(out_dir)
+    files = {}
+    for split, entropy, first_id in (("train", seed, 0), ("val", [seed, 1], k)):
+        images, factors, identities = render_identities(k, views, entropy, IMAGE_SIZE)
+        files[out_dir / f"{split}_teacher.npy"] = save_npy(images)
+        files[out_dir / f"{split}_factors.csv"] = _save_factors(factors, identities + first_id)
+    write_outputs(files)
+
+
+def _save_factors(factors: np.ndarray, identities: np.ndarray | None = None) -> Writer:
+    """The factors CSV: header FACTORS, one row per image, 4 decimals (the factors have 4 decimals); with identities
+    (n,) a last column IDENTITY_COLUMN of integers."""
+    if identities is None:
+        return lambda f: np.savetxt(f, factors, fmt="%.4f", delimiter=",", header=",".join(FACTORS), comments="")
+    table = np.column_stack([factors.astype(np.float64), identities])  # (n, F + 1); ids exact in float64
+    return lambda f: np.savetxt(f, table, fmt=["%.4f"] * len(FACTORS) + ["%d"], delimiter=",",
+                                header=",".join([*FACTORS, IDENTITY_COLUMN]), comments="")
 
 
 def _render(n: int, entropy: int | list[int], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +152,13 @@ def _render(n: int, entropy: int | list[int], size: int) -> tuple[np.ndarray, np
     lo, hi = np.array(list(FACTOR_RANGES.values())).T  # (F,), (F,)
     # rounded to 4 decimals so that the CSV holds exactly the values used
     factors = np.round(np.random.default_rng(factor_seq).uniform(lo, hi, (n, len(FACTORS))), 4).astype(np.float32)
-    noise_rng = np.random.default_rng(noise_seq)
+    return _draw(factors, np.random.default_rng(noise_seq), size), factors
+
+
+def _draw(factors: np.ndarray, noise_rng: np.random.Generator, size: int) -> np.ndarray:
+    """Images uint8 (n, size, size, 3) of the ears with factors float32 (n, len(FACTORS)): shaded, blurred, and with
+    sensor noise drawn from noise_rng in image order (so image i does not depend on n)."""
+    n = len(factors)
     images = np.empty((n, size, size, 3), np.uint8)
     for i in range(0, n, _RENDER_CHUNK):
         f = {name: factors[i:i + _RENDER_CHUNK, k] for k, name in enumerate(FACTORS)}
@@ -98,7 +167,7 @@ def _render(n: int, entropy: int | list[int], size: int) -> tuple[np.ndarray, np
             ndimage.gaussian_filter(img[j], (sigma, sigma, 0.0), output=img[j], mode="nearest", truncate=3.0)
         img += noise_rng.standard_normal(img.shape, dtype=np.float32) * (f["noise"] / 255)[:, None, None, None]
         images[i:i + len(img)] = np.clip(np.rint(img * 255), 0, 255)
-    return images, factors
+    return images
 
 
 def _render_chunk(f: dict[str, np.ndarray], size: int) -> np.ndarray:
@@ -243,23 +312,44 @@ def main(argv: list[str] | None = None) -> int:
                                 "and OUT/{train,val}_factors.csv.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="data", help="output directory")
-    p.add_argument("--n-train", type=int_at_least(1), default=2000, help="number of training images")
-    p.add_argument("--n-val", type=int_at_least(1), default=200, help="number of validation images")
+    # SUPPRESS: absent from args unless given, so that giving them with --identities is an error
+    p.add_argument("--n-train", type=int_at_least(1), default=argparse.SUPPRESS,
+                   help=f"number of training images (default: {N_TRAIN}; not with --identities)")
+    p.add_argument("--n-val", type=int_at_least(1), default=argparse.SUPPRESS,
+                   help=f"number of validation images (default: {N_VAL}; not with --identities)")
+    p.add_argument("--identities", type=int_at_least(1), metavar="K",
+                   help="instead of independent ears, K identities per split (train ids 0..K-1, val K..2K-1), each "
+                   "seen --views times: the anatomy factors fixed per identity, the nuisance factors drawn per view")
+    p.add_argument("--views", type=int_at_least(1), default=argparse.SUPPRESS, metavar="V",
+                   help=f"images per identity (default: {VIEWS}; only with --identities)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (train and val use separate streams)")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     args = p.parse_args(argv)
+    given = vars(args)
+    if args.identities is not None and ("n_train" in given or "n_val" in given):
+        p.error("--n-train/--n-val: not with --identities (it renders K x --views images per split)")
+    if args.identities is None and "views" in given:
+        p.error("--views: only with --identities")
     out = Path(args.out)
     try:
         refuse_overwrite([out / f"{s}_{kind}" for s in ("train", "val") for kind in ("teacher.npy", "factors.csv")],
                          args.force)
         t0 = time.perf_counter()
-        write_synthetic(out, args.n_train, args.n_val, args.seed)
+        if args.identities is None:
+            n_train, n_val = given.get("n_train", N_TRAIN), given.get("n_val", N_VAL)
+            write_synthetic(out, n_train, n_val, args.seed)
+            what = f"{n_train:,} train + {n_val:,} val synthetic ears"
+        else:
+            views = given.get("views", VIEWS)
+            write_synthetic_identities(out, args.identities, views, args.seed)
+            n_train = n_val = args.identities * views
+            what = (f"{n_train:,} train + {n_val:,} val synthetic ears ({args.identities:,} identities per split x "
+                    f"{views:,} views)")
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     dt = time.perf_counter() - t0
-    print(f"wrote {args.n_train:,} train + {args.n_val:,} val synthetic ears to {out}/ "
-          f"({(args.n_train + args.n_val) / dt:,.0f} images/s)")
+    print(f"wrote {what} to {out}/ ({(n_train + n_val) / dt:,.0f} images/s)")
     return 0
 
 
