@@ -30,6 +30,7 @@ from inference import (add_inference_args, autocast, batches, checkpoint_info, d
                        encode_dataset, out_of_memory_error, resolve_device, resolve_precision)
 from losses import psnr  # noqa: E402
 from model import CheckpointError, EarVAE, WeightsUnavailableError, load_model, read_checkpoint  # noqa: E402
+from synth import IDENTITY_COLUMN  # noqa: E402
 
 CUMULATIVE_AT = (1, 5, 10, 50)  # numbers of PCs for the cumulative variance and the reconstruction PSNR
 CLAIM = 0.60  # the original claim: the first 5 PCs explain more than 60% of the variance
@@ -90,7 +91,8 @@ def project(mu: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndar
 
 def read_factors(npy: Path, ds: EarDataset) -> tuple[list[str], np.ndarray] | None:
     """The generating factors of the kept samples of `ds` from the CSV beside its file (X_teacher.npy ->
-    X_factors.csv; header = factor names, one row per sample of the file), or None when there is no such CSV.
+    X_factors.csv; header = factor names, one row per sample of the file), or None when there is no such CSV or it
+    names no factor. An `identity` column (synth.py --identities) is a label, not a generating factor: left out.
     -> (names, values float64 (len(ds), F))."""
     if not npy.name.endswith("_teacher.npy"):
         return None
@@ -106,7 +108,10 @@ def read_factors(npy: Path, ds: EarDataset) -> tuple[list[str], np.ndarray] | No
     if values.shape != (ds.n_total, len(names)):
         raise DataError(f"{path}: {values.shape[0]} rows x {values.shape[1]} columns, expected one row per sample "
                         f"of {npy} ({ds.n_total}) and one column per header name ({len(names)})")
-    return names, values[ds.keep]
+    factors = [i for i, name in enumerate(names) if name != IDENTITY_COLUMN]
+    if not factors:
+        return None
+    return [names[i] for i in factors], values[np.ix_(ds.keep, factors)]
 
 
 def factor_correlations(scores: np.ndarray, factors: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from conftest import (CLI_CASES, EARLIER, ROOT, assert_error_after_progress_bars
                       check_cli_error, run_out_of_memory)
 from data import EarDataset
 from model import load_model, read_checkpoint
-from synth import FACTORS
+from synth import FACTORS, render_ears
 
 FIGURES = ("mean_ear.png", "traversals.png", "scree.png", "factors.png")
 BLANK = 5  # index of the blank (invalid) training sample in fit_file
@@ -110,6 +110,22 @@ def test_factors_csv_rows_are_aligned_to_the_kept_samples(fit_file):
     assert len(ds) == N_FIT - 1
     assert BLANK not in ds.keep
     np.testing.assert_array_equal(values, np.delete(table, BLANK, axis=0))
+
+
+def test_identity_column_is_left_out_of_the_factors(tmp_path):
+    """synth.py --identities adds an `identity` column: a label, not a factor to correlate or probe."""
+    images, factors = render_ears(6, seed=0)
+    images[2] = 0  # blank: EarDataset drops it, and read_factors its row
+    np.save(tmp_path / "x_teacher.npy", images)
+    ids = np.array([0, 0, 1, 1, 2, 2])
+    np.savetxt(tmp_path / "x_factors.csv", np.column_stack([factors[:, :3], ids, factors[:, 3:]]), delimiter=",",
+               fmt="%.4f", header=",".join([*FACTORS[:3], "identity", *FACTORS[3:]]), comments="")
+    ds = EarDataset(tmp_path / "x_teacher.npy", max_invalid=0.5)
+    names, values = eg.read_factors(tmp_path / "x_teacher.npy", ds)
+    assert names == list(FACTORS)
+    np.testing.assert_array_equal(values.astype(np.float32), np.delete(factors, 2, axis=0))  # 4 decimals: exact
+    np.savetxt(tmp_path / "x_factors.csv", ids[:, None], fmt="%d", header="identity", comments="")
+    assert eg.read_factors(tmp_path / "x_teacher.npy", ds) is None  # labels only: no factor table
 
 
 @pytest.fixture(scope="module")
