@@ -14,6 +14,8 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import math
 import os
 import sys
@@ -27,7 +29,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from files import save_npy, write_outputs
+from files import Writer, save_npy, write_outputs
 
 IMAGE_SIZE = 128
 
@@ -374,31 +376,57 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     src, out = Path(args.image_dir), Path(args.out)
     if not src.is_dir():
         raise DataError(f"{src}: not a directory")
-    targets = [out / "train_teacher.npy", out / "val_teacher.npy"]
-    refuse_overwrite(targets, args.force)
+    targets = {split: (out / f"{split}_teacher.npy", out / f"{split}_index.csv") for split in ("train", "val")}
+    refuse_overwrite([path for pair in targets.values() for path in pair], args.force)
     files = sorted(p for p in src.rglob("*") if p.is_file())
     images = np.empty((len(files), args.size, args.size, 3), np.uint8)  # filled front to back, only valid images
-    n_ok, skipped = 0, []
+    loaded, skipped = [], []  # loaded: the source of each filled row of images, relative to src
     for path in tqdm(files, desc="convert", unit="img"):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append((path, f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"))
             continue
         try:
-            images[n_ok] = _load_image(path, args.size)
+            images[len(loaded)] = _load_image(path, args.size)
         except (OSError, ValueError, Image.DecompressionBombError) as e:  # reported below and counted, not hidden
             skipped.append((path, f"unreadable: {e}"))
             continue
-        n_ok += 1
+        loaded.append(path.relative_to(src))
+    n_ok = len(loaded)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if n_ok < 2:
         raise DataError(f"{src}: {n_ok} usable images ({len(skipped)} of {len(files)} files skipped); need at least 2")
     order = np.random.default_rng(args.seed).permutation(n_ok)
     n_val = min(max(1, round(n_ok * args.val_fraction)), n_ok - 1)
-    write_outputs({targets[0]: save_npy(images[order[n_val:]]), targets[1]: save_npy(images[order[:n_val]])})
-    print(f"converted {n_ok:,} images ({len(skipped):,} skipped): {targets[0]} {n_ok - n_val:,}, "
-          f"{targets[1]} {n_val:,}")
+    outputs = {}
+    for (npy, index), rows in zip(targets.values(), (order[n_val:], order[:n_val])):  # train, val
+        outputs[npy] = save_npy(images[rows])
+        outputs[index] = _save_index([loaded[i] for i in rows])
+    write_outputs(outputs)
+    subjects = {_subject(path) for path in loaded} - {""}
+    n_unlabelled = sum(_subject(path) == "" for path in loaded)
+    (train, train_index), (val, val_index) = targets["train"], targets["val"]
+    print(f"converted {n_ok:,} images ({len(skipped):,} skipped) of {len(subjects):,} subjects ({n_unlabelled:,} "
+          f"unlabelled): {train} {n_ok - n_val:,}, {val} {n_val:,}; their sources in {train_index}, {val_index}")
     return 0
+
+
+def _subject(path: Path) -> str:
+    """The subject of an image at `path` (relative to the converted folder): its parent folder, AWE-style
+    DIR/<subject>/<image>; '' (unlabelled) for an image directly in the folder."""
+    return "" if path.parent == Path(".") else path.parent.as_posix()
+
+
+def _save_index(paths: list[Path]) -> Writer:
+    """The index CSV of a converted split (csv module quoting: paths may hold commas): header `index,path,subject`,
+    one row per row of the split's .npy: the row, the source image relative to the converted folder, its subject."""
+    def write(f: io.BufferedWriter) -> None:
+        text = io.StringIO()
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(("index", "path", "subject"))
+        w.writerows((i, path.as_posix(), _subject(path)) for i, path in enumerate(paths))
+        f.write(text.getvalue().encode())
+    return write
 
 
 def int_at_least(lo: int):
@@ -436,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("convert", help="convert a folder of ear crops (JPEG/PNG/BMP/TIFF/WebP) to train/val .npy",
                        formatter_class=fmt)
     p.add_argument("image_dir", help="folder searched recursively for images")
-    p.add_argument("--out", required=True, help="output directory for train_teacher.npy and val_teacher.npy")
+    p.add_argument("--out", required=True, help="output directory for {train,val}_teacher.npy and "
+                   "{train,val}_index.csv (each row's source image and subject: its folder)")
     p.add_argument("--size", type=int_at_least(8), default=IMAGE_SIZE, help="output image size in pixels")
     p.add_argument("--val-fraction", type=_open_fraction, default=0.2, help="fraction of images for val")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the shuffle before the split")

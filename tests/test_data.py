@@ -1,4 +1,5 @@
 """Tests for data.py: file formats and validation, the CLI (check, convert), augmentation and sampling."""
+import csv
 import pickle
 import re
 import subprocess
@@ -13,8 +14,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from conftest import ROOT, Hostile, assert_one_line_error
-from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, ResumableSampler, _colour, augment, main,
-                  make_loader, open_npy, to_float, validate)
+from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, ResumableSampler, _colour, _load_image, augment,
+                  main, make_loader, open_npy, to_float, validate)
 from synth import render_ears
 
 
@@ -243,11 +244,14 @@ def test_convert_round_trip_pads_resizes_splits_and_lists_skipped_files(tmp_path
     assert val.shape[1:] == (128, 128, 3)
     assert len(train) + len(val) == 9
     assert len(val) == 2  # round(9 * 0.25)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train_teacher.npy", "val_teacher.npy"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train_index.csv", "train_teacher.npy",
+                                                                     "val_index.csv", "val_teacher.npy"]
     for name in ("x.png", "empty.jpg", "notes.txt"):
         assert re.search(rf"skipped .*{re.escape(name)}: ", out.err), out.err
     o = tmp_path / "out"
-    assert out.out.splitlines()[-1] == f"converted 9 images (3 skipped): {o}/train_teacher.npy 7, {o}/val_teacher.npy 2"
+    assert out.out.splitlines()[-1] == (f"converted 9 images (3 skipped) of 2 subjects (4 unlabelled): "  # a, a/b
+                                        f"{o}/train_teacher.npy 7, {o}/val_teacher.npy 2; "
+                                        f"their sources in {o}/train_index.csv, {o}/val_index.csv")
 
     # the aspect ratio is kept: the square stays square (64 x 64 after padding 200 x 100 to 200 x 200 -> 128)
     square = next(img for img in np.concatenate([train, val]) if img.mean() < 60)  # the mostly black one
@@ -264,6 +268,53 @@ def test_convert_round_trip_pads_resizes_splits_and_lists_skipped_files(tmp_path
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: junk: 0 usable images")
     assert not (tmp_path / "out2").exists()
+
+
+def read_index(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_convert_index_csvs_give_each_npy_rows_source_and_subject(tmp_path, capsys):
+    src = tmp_path / "AWE"
+    subjects = {"root.png": "", "top.jpg": "", "001/01.png": "001", "001/02.png": "001", "002/01.png": "002",
+                "Doe, Jane/a,b.png": "Doe, Jane", "site/003/01.png": "site/003", "site/003/02.bmp": "site/003"}
+    rng = np.random.default_rng(1)
+    for name in subjects:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(src / name)
+    (src / "001" / "notes.txt").write_text("skipped: no row")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--out", str(out), "--size", "16", "--val-fraction", "0.25"]) == 0
+    assert "converted 8 images (1 skipped) of 4 subjects (2 unlabelled): " in capsys.readouterr().out.splitlines()[-1]
+    listed = []
+    for split in ("train", "val"):
+        npy = np.load(out / f"{split}_teacher.npy")
+        assert (out / f"{split}_index.csv").read_text().splitlines()[0] == "index,path,subject"
+        rows = read_index(out / f"{split}_index.csv")
+        assert [int(r["index"]) for r in rows] == list(range(len(npy)))  # one row per row of the .npy
+        for r in rows:
+            assert np.array_equal(npy[int(r["index"])], _load_image(src / r["path"], 16)), r
+            assert r["subject"] == subjects[r["path"]], r
+        listed += [r["path"] for r in rows]
+    assert sorted(listed) == sorted(subjects)  # every image once, in train or val
+
+
+def test_convert_refuses_to_overwrite_an_index_csv_and_force_rewrites_all_four(tmp_path):
+    src = tmp_path / "photos"
+    for i in range(4):
+        (src / f"s{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 30, 3), i * 50, np.uint8)).save(src / f"s{i % 2}" / f"{i}.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "val_index.csv").write_text("earlier\n")
+    assert_one_line_error(run_cli("convert", "photos", "--out", "out", "--size", "16", cwd=tmp_path),
+                          "val_index.csv: already exists", "--force")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["val_index.csv"]  # nothing written
+    assert (tmp_path / "out" / "val_index.csv").read_text() == "earlier\n"
+    assert main(["convert", str(src), "--out", str(tmp_path / "out"), "--size", "16", "--force"]) == 0
+    rows = read_index(tmp_path / "out" / "train_index.csv") + read_index(tmp_path / "out" / "val_index.csv")
+    assert sorted((r["path"], r["subject"]) for r in rows) == [("s0/0.png", "s0"), ("s0/2.png", "s0"),
+                                                              ("s1/1.png", "s1"), ("s1/3.png", "s1")]
 
 
 def test_convert_split_is_reproducible_for_a_seed(tmp_path, capsys):
