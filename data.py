@@ -3,6 +3,8 @@ synth.py).
 
     open_npy / validate / EarDataset  memory-mapped (N, H, W, 3) | (N, 3, H, W) | (N, H, W) uint8 or float 0-1 files
                                     -> uint8 (3, 128, 128) samples; bad samples (NaN, inf, out of range, blank) dropped
+    read_identities                 identity labels of the kept samples from the CSV beside the file (X_index.csv
+                                    column subject, or X_factors.csv column identity)
     AugConfig / augment             batched geometric + colour jitter on the batch's device; sample i's parameters
                                     depend only on (seed, epoch, key_i, view), so a resumed run repeats them exactly
     ResumableSampler / make_loader  epoch order from (seed, epoch), resumable mid-epoch, split across DDP ranks
@@ -176,6 +178,77 @@ class EarDataset(Dataset):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._arr = open_npy(self.path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# identity labels
+
+UNLABELLED = -1  # label of a sample whose identity is unknown (recognition.py drops it)
+IDENTITY_SIDECARS = (("index", "subject"), ("factors", "identity"))  # (CSV kind, column), in the order they are read
+
+
+def sidecar(npy: Path, kind: str) -> Path:
+    """The CSV of `kind` beside an image file: X_teacher.npy -> X_{kind}.csv (a name without _teacher: X.npy ->
+    X_{kind}.csv)."""
+    return npy.with_name(f"{npy.stem.removesuffix('_teacher')}_{kind}.csv")
+
+
+def identity_files(npy: Path) -> list[tuple[Path, str]]:
+    """(CSV path, column) that read_identities looks for, in order: X_index.csv's `subject` (written by
+    `data.py convert`: the photo's folder name, empty = unknown), then X_factors.csv's `identity` (synth.py)."""
+    return [(sidecar(npy, kind), column) for kind, column in IDENTITY_SIDECARS]
+
+
+def read_identities(npy: Path, ds: EarDataset) -> np.ndarray | None:
+    """The identity label of each kept sample of `ds` (read from `npy`) -> int64 (len(ds),), UNLABELLED (-1) where
+    unknown; None when no CSV of identity_files(npy) exists with its column (the first one that does is used).
+
+    X_index.csv: subjects (strings) become integer codes in sorted order, an empty subject is UNLABELLED.
+    X_factors.csv: the identity column holds integers (-1 = unknown). Either CSV has one row per sample of the file
+    (ds.n_total, invalid ones included); a wrong row count or a bad value -> DataError naming the file."""
+    for path, column in identity_files(npy):
+        if not path.is_file():
+            continue
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if not rows or column not in rows[0]:
+            continue
+        header, rows = rows[0], rows[1:]
+        for line, row in enumerate(rows, start=2):
+            if len(row) != len(header):
+                raise DataError(f"{path}: line {line} has {len(row)} fields, the header {len(header)}")
+        if len(rows) != ds.n_total:
+            raise DataError(f"{path}: {len(rows):,} rows, expected one per sample of {npy} ({ds.n_total:,})")
+        values = [row[header.index(column)] for row in rows]
+        labels = _subject_codes(values) if column == "subject" else _integer_labels(values, path, column)
+        return labels[ds.keep]
+    return None
+
+
+def _subject_codes(subjects: list[str]) -> np.ndarray:
+    """Subject names -> int64 codes in sorted order of the names; "" -> UNLABELLED."""
+    names = np.array(sorted({s for s in subjects if s}))
+    codes = np.full(len(subjects), UNLABELLED, dtype=np.int64)
+    known = np.array([s != "" for s in subjects], dtype=bool)
+    if known.any():
+        codes[known] = np.searchsorted(names, np.array([s for s in subjects if s]))
+    return codes
+
+
+def _integer_labels(values: list[str], path: Path, column: str) -> np.ndarray:
+    """Integer strings ("3", or "3.0000" as np.savetxt writes them) -> int64; anything else or below UNLABELLED ->
+    DataError naming the file, line and column."""
+    labels = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        try:
+            x = float(v)
+        except ValueError:
+            x = math.nan
+        if not (x.is_integer() and x >= UNLABELLED):
+            raise DataError(f"{path}: line {i + 2}, column {column}: {v!r} is not an integer identity >= "
+                            f"{UNLABELLED} ({UNLABELLED} = unknown)")
+        labels[i] = int(x)
+    return labels
 
 
 # ----------------------------------------------------------------------------------------------------------------

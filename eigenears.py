@@ -44,7 +44,9 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="PCA of the ear teacher's latent means (eigenears).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", action="append", default=None,
-                   help="checkpoint written by train.py; repeat to compare several (default: checkpoints/best.pt)")
+                   help="checkpoint written by train.py, or a directory written by eval.py --export / "
+                        "model.export_model (it names no data: give --data and --fit-data); repeat to compare "
+                        "several (default: checkpoints/best.pt)")
     p.add_argument("--data", default=None, help="held-out .npy the PCA is reported on (default: the run's val file)")
     p.add_argument("--fit-data", default=None, help=".npy the PCA and probes are fitted on (default: the run's "
                    "train file)")

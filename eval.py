@@ -2,10 +2,19 @@
 
     python eval.py checkpoints/best.pt                               # the validation file of the run that made it
     python eval.py checkpoints/best.pt --data other.npy --out eval_other --export-latents mu.npy
+    python eval.py checkpoints/best.pt --identity                    # + recognition, labels beside the data file
+    python eval.py checkpoints/best.pt --lpips --export teacher      # + LPIPS, then export with these metrics
+    python eval.py teacher --data data/val_teacher.npy               # an exported directory (it names no data)
 
 Writes OUT/metrics.json (summary), OUT/per_image.csv (one row per image) and OUT/reconstructions.png (8 random,
 8 best and 8 worst images by PSNR). The model is rebuilt from the checkpoint alone and encodes to mu (no sampling),
 so two runs give the same numbers. Outputs are written only once the evaluation has succeeded.
+
+--identity adds identification (rank-1, rank-5, leave-one-out) and verification (EER, ROC AUC) from the cosine
+similarity of mu (recognition.py), with the identity labels of the CSV beside the data file (data.read_identities:
+X_index.csv column subject, or X_factors.csv column identity), and OUT/retrieval.png (queries and their top-5
+matches). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
+model.export_model(CKPT, DIR) with these metrics in its model card.
 """
 from __future__ import annotations
 
@@ -22,25 +31,40 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data import DataError, EarDataset, to_float  # noqa: E402
+from data import UNLABELLED, DataError, EarDataset, identity_files, read_identities, to_float  # noqa: E402
 from files import Writer, save_figure, save_json, save_npy, write_outputs  # noqa: E402
 from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
                        out_of_memory_error, resolve_device, resolve_precision)
-from losses import kl_divergence, psnr, ssim  # noqa: E402
-from model import CheckpointError, EarVAE, WeightsUnavailableError, load_model, read_checkpoint  # noqa: E402
+from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
+from model import (CheckpointError, EarVAE, WeightsUnavailableError, export_model, load_model,  # noqa: E402
+                   read_checkpoint)
+from recognition import probe_ranks, recognition_metrics  # noqa: E402
 
 TARGETS = {"psnr": 28.0, "ssim": 0.85}  # the original design's goals (dB, SSIM on [0, 1] RGB)
-FIGURE_SEED = 0  # seed of the choice of the 8 random examples
+FIGURE_SEED = 0  # seed of the choice of the 8 random examples and of the retrieval queries
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate an ear-teacher checkpoint: PSNR, SSIM, MAE, MSE, KL per image.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("ckpt", help="checkpoint written by train.py (best.pt or last.pt)")
+    p.add_argument("ckpt", help="checkpoint written by train.py (best.pt or last.pt), or a directory written by "
+                                "--export / model.export_model (then give --data)")
     p.add_argument("--data", default=None, help="uint8 .npy of ear crops (default: the run's validation file)")
     p.add_argument("--out", default="eval", help="folder for metrics.json, per_image.csv, reconstructions.png")
     p.add_argument("--export-latents", default=None, metavar="FILE.npy",
                    help="also save mu (N, latent_dim) float32 here and the kept samples' indices to FILE_index.npy")
+    p.add_argument("--identity", action="store_true",
+                   help="also identification (rank-1, rank-5) and verification (EER, ROC AUC) from the cosine "
+                        "similarity of mu, with the identity labels beside the data file (X_teacher.npy -> "
+                        "X_index.csv column subject, or X_factors.csv column identity), and retrieval.png")
+    p.add_argument("--lpips", action="store_true",
+                   help="also the LPIPS distance (VGG, v0.1, lower is better) of each reconstruction to its input")
+    p.add_argument("--vgg-weights", default=None, metavar="PATH",
+                   help="VGG16 backbone of --lpips: a local .pth/.safetensors state dict (default: torchvision's "
+                        "ImageNet VGG16 from $TORCH_HOME, as in training)")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="once the evaluation has succeeded, export the model to DIR (config.json, model.safetensors "
+                        "and a README.md model card with these metrics; load with model.load_model(DIR))")
     add_inference_args(p)
     return p
 
@@ -50,11 +74,15 @@ def get_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: torch.device,
-                      dtype: torch.dtype = torch.float32, workers: int = 0) -> dict[str, np.ndarray]:
+                      dtype: torch.dtype = torch.float32, workers: int = 0,
+                      lpips: LPIPS | None = None) -> dict[str, np.ndarray]:
     """Reconstruct every kept image from its mu, the model under autocast(device, dtype), the metrics in float32.
-    -> {"index": (N,) int64 original indices, "psnr", "ssim", "mae", "mse", "kl": (N,) float64 per image,
-    "mu": (N, latent_dim) float32}; row i is the dataset's sample i."""
+    -> {"index": (N,) int64 original indices, "psnr", "ssim", "mae", "mse", "kl" (and "lpips" when an LPIPS
+    module on `device` is given): (N,) float64 per image, "mu": (N, latent_dim) float32}; row i is the dataset's
+    sample i."""
     out: dict[str, list] = {k: [] for k in ("index", "psnr", "ssim", "mae", "mse", "kl", "mu")}
+    if lpips is not None:
+        out["lpips"] = []
     for x, index in batches(ds, batch_size, device, workers, desc=f"evaluate {ds.path.name}"):
         with autocast(device, dtype):
             mu, logvar = model.encode(x)  # (B, D) each
@@ -64,6 +92,8 @@ def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: to
         per_image = {"psnr": psnr(recon, x), "ssim": ssim(recon, x), "mae": diff.abs().mean(dim=(1, 2, 3)),
                      "mse": diff.square().mean(dim=(1, 2, 3)), "kl": kl_divergence(mu, logvar, reduction="none"),
                      "mu": mu}
+        if lpips is not None:
+            per_image["lpips"] = lpips(recon, x)  # (B,) float32, computed outside autocast
         for k, v in per_image.items():
             out[k].append(v.cpu())
         out["index"].append(index)
@@ -73,25 +103,32 @@ def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: to
 
 def summarize(per_image: dict[str, np.ndarray]) -> dict:
     """Summary statistics of per_image_metrics()'s output: PSNR and SSIM mean, std (population), median, 5th
-    percentile and whether the mean meets the original target; means of MAE, MSE and KL."""
+    percentile and whether the mean meets the original target; means of MAE, MSE, KL (and LPIPS when there)."""
     s = {}
     for k in ("psnr", "ssim"):
         v = per_image[k]
         s[k] = {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)),
                 "p5": float(np.percentile(v, 5)), "target": TARGETS[k], "meets_target": bool(v.mean() >= TARGETS[k])}
-    s.update({k: float(per_image[k].mean()) for k in ("mae", "mse", "kl")})
+    s.update({k: float(per_image[k].mean()) for k in ("mae", "mse", "kl", "lpips") if k in per_image})
     return s
 
 
+CSV_COLUMNS = ("index", "psnr", "ssim", "mae", "mse", "kl", "lpips", "identity", "rank")  # those present are written
+
+
 def save_csv(per_image: dict[str, np.ndarray]) -> Writer:
-    """per_image.csv: one row per image (index in the file, psnr, ssim, mae, mse, kl), full float precision."""
-    cols = ("psnr", "ssim", "mae", "mse", "kl")
+    """per_image.csv: one row per image: index in the file, psnr, ssim, mae, mse, kl (lpips with --lpips; full float
+    precision), and with --identity the image's identity label (-1: unlabelled) and its rank (probe_ranks; 0: not a
+    probe)."""
+    cols = [k for k in CSV_COLUMNS if k in per_image]
+    as_int = {k: np.issubdtype(per_image[k].dtype, np.integer) for k in cols}
 
     def write(f: io.BufferedWriter) -> None:
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
         w = csv.writer(text)
-        w.writerow(("index",) + cols)
-        w.writerows([int(i), *(repr(float(per_image[k][r])) for k in cols)] for r, i in enumerate(per_image["index"]))
+        w.writerow(cols)
+        w.writerows([int(per_image[k][r]) if as_int[k] else repr(float(per_image[k][r])) for k in cols]
+                    for r in range(len(per_image["index"])))
         text.detach()  # flushes; the caller closes f
     return write
 
@@ -137,6 +174,52 @@ def reconstruction_figure(model: EarVAE, ds: EarDataset, per_image: dict[str, np
     return fig
 
 
+def retrieval(mu: np.ndarray, labels: np.ndarray, ranks: np.ndarray, n: int = 6, k: int = 5,
+              seed: int = FIGURE_SEED) -> dict[str, np.ndarray]:
+    """Top-k retrieval by cosine similarity of mu for n queries drawn (seeded) among the probes (ranks > 0: labelled,
+    with another image of their identity). The gallery is every other labelled image. mu (N, D), labels (N,),
+    ranks (N,) as probe_ranks -> {"query": (q,) rows, "match": (q, k) rows best first, "similarity": (q, k),
+    "correct": (q, k) bool (same identity)}; rows index mu."""
+    probes, gallery = np.flatnonzero(ranks > 0), np.flatnonzero(labels != UNLABELLED)
+    query = np.sort(np.random.default_rng(seed).choice(probes, min(n, len(probes)), replace=False))  # (q,)
+    emb = mu.astype(np.float64) / np.linalg.norm(mu.astype(np.float64), axis=1, keepdims=True)  # (N, D)
+    s = emb[query] @ emb[gallery].T  # (q, G)
+    s[gallery[None, :] == query[:, None]] = -np.inf  # a query does not retrieve itself
+    order = np.argsort(-s, axis=1, kind="stable")[:, :min(k, len(gallery) - 1)]  # (q, k)
+    match = gallery[order]
+    return {"query": query, "match": match, "similarity": np.take_along_axis(s, order, axis=1),
+            "correct": labels[match] == labels[query][:, None]}
+
+
+def retrieval_figure(ds: EarDataset, per_image: dict[str, np.ndarray], found: dict[str, np.ndarray]) -> plt.Figure:
+    """One row per query of retrieval()'s result: the query, then its matches best first, each framed green with a
+    tick (same identity) or red with a cross, labelled with its cosine similarity, file index and identity."""
+    q, k = found["match"].shape
+    fig, axes = plt.subplots(q, k + 1, figsize=(1.6 * (k + 1), 1.9 * q), squeeze=False, layout="constrained")
+    idx, ids = per_image["index"], per_image["identity"]
+
+    def show(ax: plt.Axes, row: int) -> None:
+        ax.imshow(ds[int(row)][0].permute(1, 2, 0).numpy())
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"#{idx[row]} id {ids[row]}", fontsize=8)
+
+    for r in range(q):
+        qrow = found["query"][r]
+        show(axes[r, 0], qrow)
+        axes[r, 0].set_title(f"query (rank {per_image['rank'][qrow]})", fontsize=9)
+        for c in range(k):
+            ax, ok = axes[r, c + 1], bool(found["correct"][r, c])
+            show(ax, found["match"][r, c])
+            colour = "tab:green" if ok else "tab:red"
+            ax.set_title(f"{'✓' if ok else '✗'} {found['similarity'][r, c]:.3f}", fontsize=9, color=colour)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(4)
+    fig.suptitle(f"top-{k} matches by cosine similarity of mu (green: same identity)", fontsize=10)
+    return fig
+
+
 def report(metrics: dict) -> str:
     """Console lines for metrics.json."""
     def vs_target(k: str, unit: str) -> str:
@@ -144,11 +227,40 @@ def report(metrics: dict) -> str:
         return (f"{k.upper():<5}{m['mean']:.{2 if k == 'psnr' else 4}f}{unit} (target {m['target']:g}: "
                 f"{'met' if m['meets_target'] else 'below'})   std {m['std']:.4g}, median {m['median']:.4g}, "
                 f"5th percentile {m['p5']:.4g}")
-    return "\n".join([
+    lines = [
         f"checkpoint {metrics['checkpoint']} (step {metrics['step']})",
         f"data       {metrics['data']} ({metrics['n_images']} images, {metrics['n_invalid']} invalid skipped)",
         vs_target("psnr", " dB"), vs_target("ssim", ""),
-        f"MAE  {metrics['mae']:.5f}   MSE {metrics['mse']:.6f}   KL {metrics['kl']:.4g} (nats, mean per image)"])
+        f"MAE  {metrics['mae']:.5f}   MSE {metrics['mse']:.6f}   KL {metrics['kl']:.4g} (nats, mean per image)"]
+    if "lpips" in metrics:
+        lines.append(f"LPIPS {metrics['lpips']:.4f} (VGG v0.1, mean, lower is better; backbone "
+                     f"{metrics['lpips_vgg_weights']})")
+    if "identity" in metrics:
+        m = metrics["identity"]
+        lines += [
+            f"identity   {m['n_images'] - m['n_unlabelled']} labelled images of {m['n_identities']} identities "
+            f"({m['n_unlabelled']} unlabelled: left out); {m['n_probes']} probes ({m['n_single']} alone in their "
+            f"identity: not probes)",
+            f"  rank-1 {m['rank1']:.3f} (chance {m['chance_rank1']:.3f})   rank-5 {m['rank5']:.3f} "
+            f"(chance {m['chance_rank5']:.3f})   leave-one-out, cosine similarity of mu",
+            f"  verification EER {m['eer']:.3f}   ROC AUC {m['roc_auc']:.3f}   ({m['n_genuine_pairs']} genuine, "
+            f"{m['n_impostor_pairs']} impostor pairs)"]
+    return "\n".join(lines)
+
+
+def card_metrics(metrics: dict) -> dict[str, float | int | str]:
+    """The flat table of metrics.json's headline numbers for the model card of --export."""
+    card = {"data": Path(metrics["data"]).name, "images": metrics["n_images"],
+            "PSNR (dB, mean)": metrics["psnr"]["mean"], "SSIM (mean)": metrics["ssim"]["mean"],
+            "MAE (mean)": metrics["mae"], "MSE (mean)": metrics["mse"], "KL (nats, mean)": metrics["kl"]}
+    if "lpips" in metrics:
+        card["LPIPS (VGG v0.1, mean)"] = metrics["lpips"]
+    if "identity" in metrics:
+        m = metrics["identity"]
+        card.update({"rank-1 (cosine of mu, leave-one-out)": m["rank1"], "rank-1 chance": m["chance_rank1"],
+                     "rank-5": m["rank5"], "rank-5 chance": m["chance_rank5"], "verification EER": m["eer"],
+                     "verification ROC AUC": m["roc_auc"], "identities": m["n_identities"], "probes": m["n_probes"]})
+    return card
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -158,6 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--export-latents {args.export_latents}: expected a file name ending in .npy")
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: expected >= 1")
+    if args.vgg_weights is not None and not args.lpips:
+        parser.error("--vgg-weights is the backbone of --lpips: add --lpips")
+    if args.export is not None and Path(args.export).exists() and not Path(args.export).is_dir():
+        parser.error(f"--export {args.export}: exists and is not a directory")
     try:
         device = resolve_device(args.device)
     except ValueError as e:
@@ -168,20 +284,41 @@ def main(argv: list[str] | None = None) -> dict:
     info = checkpoint_info(ckpt)
     data_path = data_file(args.data, info, "val", args.ckpt)
     ds = EarDataset(data_path)
+    labels = read_identities(data_path, ds) if args.identity else None
+    if args.identity and labels is None:
+        looked = " or ".join(f"{p} (column {c})" for p, c in identity_files(data_path))
+        raise DataError(f"{data_path}: --identity needs identity labels; found no {looked}")
+    vgg_weights = args.vgg_weights or "imagenet"
+    lpips = LPIPS(vgg_weights).to(device) if args.lpips else None
     model, _ = load_model(args.ckpt, device, ckpt)
     del ckpt
     print(f"{data_path}: {ds.summary()}")
+    if labels is not None:
+        n_unlabelled = int((labels == UNLABELLED).sum())
+        print(f"identity labels: {len(labels) - n_unlabelled} of {len(labels)} images labelled, {n_unlabelled} "
+              f"unlabelled (left out of recognition)")
     print(f"device {device}, {dtype} {'(no autocast)' if dtype == torch.float32 else 'autocast'}, "
           f"batch size {args.batch_size}")
 
-    per_image = per_image_metrics(model, ds, args.batch_size, device, dtype, args.workers)
+    per_image = per_image_metrics(model, ds, args.batch_size, device, dtype, args.workers, lpips)
     metrics = {"n_images": len(ds), "n_invalid": ds.n_total - len(ds), "checkpoint": str(args.ckpt),
                "step": info["step"], "data": str(data_path), **summarize(per_image)}
-    fig = reconstruction_figure(model, ds, per_image, device, dtype)
+    if lpips is not None:
+        metrics["lpips_vgg_weights"] = vgg_weights
+    figures = {"reconstructions.png": reconstruction_figure(model, ds, per_image, device, dtype)}
+    if labels is not None:
+        try:
+            metrics["identity"] = recognition_metrics(per_image["mu"], labels)
+            per_image["rank"] = probe_ranks(per_image["mu"], labels)
+        except ValueError as e:  # labels with nothing to identify, or embeddings without a cosine similarity
+            raise DataError(f"{data_path}: --identity: {e}") from e
+        per_image["identity"] = labels
+        found = retrieval(per_image["mu"], labels, per_image["rank"])
+        figures["retrieval.png"] = retrieval_figure(ds, per_image, found)
 
     out = Path(args.out)
     files = {out / "metrics.json": save_json(metrics), out / "per_image.csv": save_csv(per_image),
-             out / "reconstructions.png": save_figure(fig)}
+             **{out / name: save_figure(fig) for name, fig in figures.items()}}
     if args.export_latents is not None:
         latents = Path(args.export_latents)
         files[latents] = save_npy(per_image["mu"].astype(np.float32))
@@ -189,6 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
     write_outputs(files)
     print(report(metrics))
     print(f"wrote {', '.join(str(p) for p in files)}")
+    if args.export is not None:
+        written = export_model(args.ckpt, args.export, card_metrics(metrics))  # its three files together or none
+        print(f"exported the model to {', '.join(str(p) for p in written)}")
     return metrics
 
 

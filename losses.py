@@ -110,7 +110,8 @@ class PerceptualLoss(nn.Module):
         super().__init__()
         from torchvision.models import vgg  # imported here: ~1 s that the metrics alone do not need
         features = vgg.make_layers(vgg.cfgs["D"])  # vgg16.features, randomly initialised until loaded below
-        _load_vgg16_features(features, weights)
+        _load_vgg16_features(features, weights, "the perceptual loss",
+                             "pass `--perceptual-weight 0` to train without the perceptual term")
         self.vgg = features[: self.TAPS[-1] + 1].to(memory_format=torch.channels_last)
         self.vgg.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
@@ -149,14 +150,15 @@ _FIXES = (
     "Fixes: (1) while online run `python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` "
     "to fill the cache, or copy vgg16-397923af.pth into $TORCH_HOME/hub/checkpoints/; "
     "(2) pass a local VGG16 state dict (.pth or .safetensors) with `--vgg-weights PATH`; "
-    "(3) pass `--perceptual-weight 0` to train without the perceptual term."
 )
 
 
-def _load_vgg16_features(features: nn.Sequential, weights: str) -> None:
+def _load_vgg16_features(features: nn.Sequential, weights: str, purpose: str, without: str) -> None:
     """Load VGG16 weights ("imagenet" or a file path) into `features` (a fresh `vgg16.features`), strictly.
 
-    Raises WeightsUnavailableError saying what was tried, why it failed and how to fix it.
+    Raises WeightsUnavailableError saying what was tried for `purpose` (e.g. "the perceptual loss"), why it failed
+    and how to fix it; `without` is the last fix, how the caller's user does without the VGG (e.g. "pass
+    `--perceptual-weight 0` to train without the perceptual term").
     """
     if weights == "imagenet":
         from torchvision.models import vgg
@@ -181,8 +183,8 @@ def _load_vgg16_features(features: nn.Sequential, weights: str) -> None:
         message = " ".join(str(e).split()).rstrip(".")
         message = message if len(message) <= 1000 else message[:1000] + " ..."  # key lists can be long
         raise WeightsUnavailableError(
-            f"Could not load VGG16 weights for the perceptual loss: tried {source}; failed with "
-            f"{type(e).__name__}: {message}. {_FIXES}") from e
+            f"Could not load VGG16 weights for {purpose}: tried {source}; failed with "
+            f"{type(e).__name__}: {message}. {_FIXES}(3) {without}.") from e
 
 
 def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
@@ -303,7 +305,7 @@ class LPIPS(nn.Module):
         import lpips  # imported here: the package pulls in torchvision models, which training does not need
         from torchvision.models import vgg
         features = vgg.make_layers(vgg.cfgs["D"])  # vgg16.features
-        _load_vgg16_features(features, weights)
+        _load_vgg16_features(features, weights, "LPIPS", "evaluate without `--lpips`")
         with warnings.catch_warnings():  # lpips builds its random trunk with torchvision's deprecated `pretrained`
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
             self.model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)

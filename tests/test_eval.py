@@ -1,11 +1,15 @@
 """Tests for eval.py on the tiny trained run: output files, metrics against scikit-image on the model's own
-reconstructions, exported latents against model.encode, determinism, and one-line CLI errors that never clobber."""
+reconstructions, exported latents against model.encode, determinism, one-line CLI errors that never clobber, and
+--identity (against recognition.py on the model's own mu), --lpips (against losses.LPIPS) and --export (the exported
+directory evaluates and analyses as the checkpoint does)."""
 import csv
 import json
 import pickle
+import runpy
 import statistics
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,12 +19,15 @@ import pytest
 import skimage.metrics
 import torch
 
+import eigenears as eg
 import eval as ev
-from conftest import (CLI_CASES, EARLIER, ROOT, Hostile, assert_error_after_progress_bars, bad_inputs,
-                      check_cli_error, run_out_of_memory)
+from conftest import (CLI_CASES, EARLIER, ROOT, Hostile, assert_error_after_progress_bars, assert_one_line_error,
+                      bad_inputs, check_cli_error, run_out_of_memory)
 from data import EarDataset
 from inference import autocast, checkpoint_info, resolve_precision
+from losses import LPIPS
 from model import load_model, read_checkpoint
+from recognition import probe_ranks, recognition_metrics
 
 BLANK = 3  # index of the blank (invalid) sample in the file built by holey_file
 
@@ -225,3 +232,211 @@ def test_hostile_checkpoint_payload_really_runs_when_unpickled(tmp_path):
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_cli_bad_checkpoint_one_line_error_exit_1_earlier_output_untouched(cli_errors, case):
     check_cli_error(cli_errors[case])
+
+
+# -----------------------------------------------------------------------------
+# --identity, --lpips, --export: one run with all three on a labelled copy of holey_file
+
+# identity of each row of holey_file (21 rows; row BLANK is dropped): -1 unlabelled; identities 1 (its other image is
+# the blank one), 5 and 7 have one kept image each, so they are not probes
+IDS = [0, 0, 0, 1, 1, -1, 2, 2, 2, 3, 3, 3, 4, 4, -1, 5, 6, 6, 6, 7, -1]
+
+
+@pytest.fixture(scope="module")
+def labelled(holey_file, tmp_path_factory) -> Path:
+    """A copy of holey_file as ears_teacher.npy with ears_factors.csv beside it (synth.py's identity mode: factor
+    columns and an identity column)."""
+    d = tmp_path_factory.mktemp("labelled")
+    path = d / "ears_teacher.npy"
+    path.write_bytes(holey_file.read_bytes())
+    (d / "ears_factors.csv").write_text("scale,identity\n" + "".join(f"0.5,{i}\n" for i in IDS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory) -> Path:
+    """A randomly initialised torchvision vgg16 `features` state dict (the ImageNet weights are not here)."""
+    from torchvision.models import vgg
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vgg") / "vgg16_random.pth"
+    torch.save(vgg.make_layers(vgg.cfgs["D"]).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def full(tiny_run, labelled, vgg_file, tmp_path_factory) -> SimpleNamespace:
+    """eval.main with --identity --lpips --vgg-weights --export on `labelled`."""
+    d = tmp_path_factory.mktemp("full")
+    metrics = ev.main([str(tiny_run.best), "--data", str(labelled), "--out", str(d / "out"), "--identity", "--lpips",
+                       "--vgg-weights", str(vgg_file), "--export", str(d / "teacher"),
+                       "--workers", "0", "--device", "cpu", "--batch-size", "8"])
+    return SimpleNamespace(out=d / "out", export=d / "teacher", metrics=metrics)
+
+
+def kept_labels(reference) -> np.ndarray:
+    return np.array(IDS, dtype=np.int64)[reference.keep]
+
+
+def test_identity_metrics_equal_recognition_metrics_on_the_models_own_mu(full, reference):
+    got = json.loads((full.out / "metrics.json").read_text())["identity"]
+    expected = recognition_metrics(reference.mu.numpy(), kept_labels(reference))
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert got["n_unlabelled"] == 3  # rows 5, 14, 20
+    assert got["n_single"] == 3  # identities 1, 5, 7
+    assert got["n_probes"] == 14
+
+
+def test_per_image_csv_gains_identity_and_rank_columns(full, reference):
+    table = read_csv(full.out / "per_image.csv")
+    assert list(table) == ["index", "psnr", "ssim", "mae", "mse", "kl", "lpips", "identity", "rank"]
+    np.testing.assert_array_equal(table["index"], reference.keep)
+    np.testing.assert_array_equal(table["identity"], kept_labels(reference))
+    np.testing.assert_array_equal(table["rank"], probe_ranks(reference.mu.numpy(), kept_labels(reference)))
+
+
+def test_report_counts_unlabelled_images_and_prints_chance_beside_rank_1(full):
+    text = ev.report(full.metrics)
+    m = full.metrics["identity"]
+    assert "17 labelled images of 8 identities (3 unlabelled: left out); 14 probes (3 alone" in text
+    assert f"rank-1 {m['rank1']:.3f} (chance {m['chance_rank1']:.3f})" in text
+
+
+def test_retrieval_is_the_top_5_by_cosine_similarity_among_other_labelled_images(full, reference):
+    mu, labels = reference.mu.numpy().astype(np.float64), kept_labels(reference)
+    ranks = probe_ranks(mu, labels)
+    found = ev.retrieval(mu, labels, ranks)
+    assert len(set(found["query"].tolist())) == 6
+    unit = mu / np.linalg.norm(mu, axis=1, keepdims=True)
+    for r, q in enumerate(found["query"]):
+        assert ranks[q] > 0  # a probe: another image of its identity is in the gallery
+        others = sorted((j for j in range(len(labels)) if j != q and labels[j] != -1), key=lambda j: -unit[q] @ unit[j])
+        assert found["match"][r].tolist() == others[:5]
+        np.testing.assert_allclose(found["similarity"][r], [unit[q] @ unit[j] for j in others[:5]], rtol=1e-12)
+        assert found["correct"][r].tolist() == [labels[j] == labels[q] for j in others[:5]]
+    again = ev.retrieval(mu, labels, ranks)
+    np.testing.assert_array_equal(again["query"], found["query"])  # seeded
+    png = full.out / "retrieval.png"
+    assert matplotlib.image.imread(png).shape[:2] == (1140, 960)  # 6 rows x 6 columns: figsize (9.6, 11.4) at dpi 100
+
+
+def test_lpips_column_is_lpips_of_each_reconstruction_and_its_mean_in_metrics(full, reference, vgg_file):
+    table = read_csv(full.out / "per_image.csv")
+    rows = [0, 5, 11, 19]  # a few rows: the VGG is the slow part
+    expected = LPIPS(str(vgg_file))(reference.recon[rows], reference.x[rows]).numpy()  # (4,)
+    np.testing.assert_allclose(table["lpips"][rows], expected, rtol=1e-4, atol=1e-6)
+    assert np.ptp(expected) > 1e-3  # images differ: a column of the wrong rows would not match
+    metrics = json.loads((full.out / "metrics.json").read_text())
+    assert metrics["lpips"] == pytest.approx(statistics.fmean(table["lpips"].tolist()), rel=1e-9)
+    assert metrics["lpips_vgg_weights"] == str(vgg_file)
+
+
+def test_vgg_weights_without_lpips_is_a_usage_error(tiny_run, vgg_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(tiny_run.best), "--vgg-weights", str(vgg_file)])
+    assert e.value.code == 2
+    assert "--vgg-weights is the backbone of --lpips: add --lpips" in capsys.readouterr().err
+
+
+def test_export_card_holds_the_evaluated_metrics(full, tiny_run):
+    assert sorted(p.name for p in full.export.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((full.export / "config.json").read_text())
+    assert config["step"] == 16
+    card = (full.export / "README.md").read_text()
+    m = full.metrics
+    for row in (f"| PSNR (dB, mean) | {m['psnr']['mean']:.4g} |", f"| LPIPS (VGG v0.1, mean) | {m['lpips']:.4g} |",
+                f"| rank-1 chance | {m['identity']['chance_rank1']:.4g} |", "| images | 20 |",
+                "| data | ears_teacher.npy |"):
+        assert row in card
+
+
+def test_eval_of_the_exported_directory_gives_the_same_per_image_metrics(full, labelled, tmp_path):
+    metrics = ev.main([str(full.export), "--data", str(labelled), "--out", str(tmp_path), "--workers", "0",
+                       "--device", "cpu", "--batch-size", "8"])
+    assert metrics["step"] == 16
+    assert metrics["psnr"]["mean"] == pytest.approx(full.metrics["psnr"]["mean"], rel=1e-6)
+    got, expected = read_csv(tmp_path / "per_image.csv"), read_csv(full.out / "per_image.csv")
+    for k in ("psnr", "ssim", "kl"):
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-6)
+
+
+def test_eigenears_on_the_exported_directory_equals_eigenears_on_the_checkpoint(full, tiny_run, tmp_path):
+    """Compare mode, the export beside the checkpoint it came from, on small files (decoding the traversals
+    dominates the time)."""
+    images = np.load(tiny_run.data_dir / "val_teacher.npy")
+    for name, rows in (("small_fit", slice(0, 8)), ("small_eval", slice(8, 12))):
+        np.save(tmp_path / f"{name}_teacher.npy", images[rows])
+    s = eg.main(["--ckpt", str(full.export), "--ckpt", str(tiny_run.best), "--out", str(tmp_path / "out"),
+                 "--fit-data", str(tmp_path / "small_fit_teacher.npy"),
+                 "--data", str(tmp_path / "small_eval_teacher.npy"), "--workers", "0", "--device", "cpu"])
+    assert s["columns"] == ["teacher", "best"]
+    from_dir, from_pt = s["checkpoints"]["teacher"], s["checkpoints"]["best"]
+    assert from_dir["checkpoint"] == str(full.export)
+    assert from_dir.keys() == from_pt.keys()
+    assert from_dir["step"] == from_pt["step"] == 16
+    np.testing.assert_allclose(from_dir["explained_variance_ratio"]["fit"], from_pt["explained_variance_ratio"]["fit"],
+                               rtol=1e-5)
+    assert from_dir["recon_psnr"] == pytest.approx(from_pt["recon_psnr"], rel=1e-6)
+
+def run_script(script: str, argv: list[str], monkeypatch, capsys) -> SimpleNamespace:
+    """`python SCRIPT ARGV` in this process (runpy: the script's own __main__ block) -> returncode, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=e.value.code, stdout=captured.out, stderr=captured.err)
+
+
+def earlier_output(d: Path) -> Path:
+    out = d / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text(EARLIER)
+    return out
+
+
+def assert_untouched(out: Path) -> None:
+    assert (out / "metrics.json").read_text() == EARLIER
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+
+
+def test_identity_without_labels_is_one_line_naming_the_files_looked_for(tiny_run, holey_file, tmp_path,
+                                                                         monkeypatch, capsys):
+    out = earlier_output(tmp_path)
+    r = run_script("eval.py", [str(tiny_run.best), "--data", str(holey_file), "--identity", "--out", str(out),
+                               "--export", str(out / "teacher"), "--workers", "0", "--device", "cpu"],
+                   monkeypatch, capsys)
+    assert_one_line_error(r, f"{holey_file}: --identity needs identity labels",
+                          f"{holey_file.with_name('holey_index.csv')} (column subject)",
+                          f"{holey_file.with_name('holey_factors.csv')} (column identity)")
+    assert_untouched(out)  # no outputs and no export
+
+
+def test_lpips_offline_is_one_line_with_eval_fixes_not_training_ones(tiny_run, tmp_path, monkeypatch, capsys):
+    """Hermetic "offline": an empty TORCH_HOME and a download that fails at once the way urllib does without
+    network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    out = earlier_output(tmp_path)
+    r = run_script("eval.py", [str(tiny_run.best), "--lpips", "--out", str(out), "--workers", "0", "--device", "cpu"],
+                   monkeypatch, capsys)
+    assert_one_line_error(r, "Could not load VGG16 weights for LPIPS", str(tmp_path / "torch_home" / "hub" /
+                          "checkpoints"), "URLError", "--vgg-weights PATH", "evaluate without `--lpips`")
+    assert "--perceptual-weight" not in r.stderr
+    assert_untouched(out)
+
+
+@pytest.mark.parametrize("script", ["eval.py", "eigenears.py"])
+def test_exported_directory_without_data_flags_is_one_line_error(full, holey_file, script, tmp_path, monkeypatch,
+                                                                 capsys):
+    """An export names no data files: eval needs --data, eigenears --fit-data (and --data)."""
+    out = earlier_output(tmp_path)
+    if script == "eval.py":
+        argv, missing = [str(full.export)], "val"
+    else:
+        argv, missing = ["--ckpt", str(full.export), "--data", str(holey_file)], "train"
+    r = run_script(script, [*argv, "--out", str(out), "--workers", "0", "--device", "cpu"], monkeypatch, capsys)
+    assert_one_line_error(r, f"{full.export}: holds no run config naming its {missing} file; give the data file")
+    assert_untouched(out)
