@@ -110,7 +110,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
     g = p.add_argument_group("run")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 where the GPU has it, else fp16 + GradScaler; fp32 on CPU")
+                   help="auto: bf16 where the GPU has it natively (compute capability >= 8), else fp16 + "
+                        "GradScaler; fp32 on CPU")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the "
                    "model (minutes of compiling first; measured slower on CPU, see BENCHMARKS.md)")
@@ -139,6 +140,17 @@ def model_config(args):
     if args.freeze_blocks is not None:
         kw["freeze_blocks"] = args.freeze_blocks
     return make(args.encoder, **kw) if args.tiny else make(**kw)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The autocast precision of a run: `requested` unless it is "auto", which means bf16 where the current CUDA
+    device computes it natively (compute capability >= 8), else fp16 (with a GradScaler), and fp32 off CUDA.
+    Emulated bf16 (V100, T4: torch.cuda.is_bf16_supported() is True there by default) is slower than fp16."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def keyed_normal(keys: torch.Tensor, seed: int, epoch: int, view: int, dim: int) -> torch.Tensor:
@@ -293,10 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("--attn flex trains on CUDA only (PyTorch's FlexAttention has no CPU backward); "
                           "use --attn sdpa on this device")
 
-    # -- precision: bf16 autocast where the GPU has it, else fp16 + GradScaler; fp32 on CPU
-    precision = args.precision
-    if precision == "auto":
-        precision = "fp32" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    # -- precision: bf16 autocast where the GPU has it natively, else fp16 + GradScaler; fp32 on CPU
+    precision = resolve_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -58,6 +58,34 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert f[100] == pytest.approx(0.01)
 
 
+def emulating_gpu(monkeypatch, native: bool) -> list[dict]:
+    """torch.cuda.is_bf16_supported of a GPU that emulates bf16 (True with emulation, like V100 / T4) and computes
+    it natively or not; returns the list of the keyword arguments of every call."""
+    calls = []
+
+    def is_bf16_supported(**kw):
+        calls.append(kw)
+        return native or kw.get("including_emulation", True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    return calls
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp16")], ids=["ampere", "v100-t4"])
+def test_auto_precision_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, native, expected):
+    calls = emulating_gpu(monkeypatch, native)
+    assert train.resolve_precision("auto", torch.device("cuda")) == expected
+    assert calls == [{"including_emulation": False}]
+
+
+def test_auto_precision_is_fp32_on_cpu_and_an_explicit_choice_is_kept(monkeypatch):
+    calls = emulating_gpu(monkeypatch, native=False)
+    assert train.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    for device in ("cpu", "cuda"):
+        for p in ("fp32", "bf16", "fp16"):
+            assert train.resolve_precision(p, torch.device(device)) == p
+    assert calls == []  # no GPU query where none decides anything
+
+
 def test_keyed_noise_depends_only_on_seed_epoch_and_sample():
     a = train.keyed_normal(torch.tensor([3, 7]), seed=0, epoch=1, view=0, dim=8)
     b = train.keyed_normal(torch.tensor([7, 3, 9]), seed=0, epoch=1, view=0, dim=8)
