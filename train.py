@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
+from files import atomic_write
 from losses import VAELoss, psnr, ssim
 from model import (CheckpointError, ConfigError, WeightsUnavailableError, build_model, config_from_checkpoint, dinov2_config,
                    load_state, parameter_report, read_checkpoint, sam_config, tiny_config)
@@ -206,15 +207,17 @@ def save_checkpoint(state: dict, path: Path) -> None:
         raise TrainingError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact") from e
 
 
-def save_grid(model, x: torch.Tensor, path: Path) -> None:
-    """Inputs (top row) above reconstructions (bottom row) of a fixed validation batch."""
+def save_grid(model, x: torch.Tensor, path: Path, autocast) -> None:
+    """Inputs (top row) above reconstructions (bottom row) of a fixed validation batch x (N, 3, 128, 128), the
+    forward under the run's autocast (in fp32 the 8-image forward at SAM input 1024 takes ~14 GiB more)."""
     from torchvision.utils import save_image
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        recon = model(x)["recon"].float()
+    with torch.no_grad(), autocast:
+        recon = model(x)["recon"]  # (N, 3, 128, 128), the autocast dtype
     model.train(was_training)
-    save_image(torch.cat([x, recon]).cpu(), path, nrow=len(x), padding=2)
+    with atomic_write(path) as f:
+        save_image(torch.cat([x, recon.float()]).cpu(), f, format="png", nrow=len(x), padding=2)
 
 
 def plot_curves(csv_path: Path, png_path: Path) -> None:
@@ -429,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
             best_psnr = val["psnr"]
             save_checkpoint(checkpoint_state(full=False), ckpt_dir / "best.pt")
         save_checkpoint(checkpoint_state(full=True), ckpt_dir / "last.pt")
-        save_grid(eval_model, grid_x, log_dir / f"recon_step{step:07d}.png")
+        save_grid(eval_model, grid_x, log_dir / f"recon_step{step:07d}.png", autocast)
         plot_curves(log_dir / "metrics.csv", log_dir / "loss_curve.png")
 
     if master:  # sanity check, as the original did: two validation batches through model and loss

@@ -86,6 +86,24 @@ def test_auto_precision_is_fp32_on_cpu_and_an_explicit_choice_is_kept(monkeypatc
     assert calls == []  # no GPU query where none decides anything
 
 
+def test_recon_grid_runs_under_the_runs_autocast_and_saves_the_reconstruction(tmp_path):
+    from torchvision.io import decode_png, read_file
+
+    class Halve(torch.nn.Module):  # records the autocast state of its forward; recon = x / 2 in the autocast dtype
+        def forward(self, x):
+            self.autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+            return {"recon": torch.nn.functional.linear(x, torch.eye(x.shape[-1]) / 2)}
+
+    model = Halve().train()
+    x = torch.rand(3, 3, 16, 16)
+    train.save_grid(model, x, tmp_path / "grid.png", torch.autocast("cpu", dtype=torch.bfloat16))
+    assert model.autocast == (True, torch.bfloat16) and model.training
+    img = decode_png(read_file(str(tmp_path / "grid.png"))).float() / 255  # (3, 2 * 18 + 2, 3 * 18 + 2)
+    bottom = img[:, 20:36, 2:18]  # the first reconstruction: row 2, column 1 (2-pixel padding)
+    torch.testing.assert_close(bottom, x[0] / 2, atol=1 / 255 + 2 ** -9, rtol=0)
+    assert not (tmp_path / "grid.png.tmp").exists()
+
+
 def test_keyed_noise_depends_only_on_seed_epoch_and_sample():
     a = train.keyed_normal(torch.tensor([3, 7]), seed=0, epoch=1, view=0, dim=8)
     b = train.keyed_normal(torch.tensor([7, 3, 9]), seed=0, epoch=1, view=0, dim=8)
