@@ -8,6 +8,9 @@
 
 Every random draw of training (epoch order, augmentation, reparameterisation noise) is a function of
 (seed, epoch, sample index), so a resumed run, or a run on another number of GPUs, sees the same data and noise.
+SIGINT / SIGTERM stop every process at the next optimizer step, after rank 0 has saved last.pt. torchrun passes a
+SIGTERM on to its processes and kills them --shutdown-timeout seconds later (30 by default): where writing last.pt
+takes longer, raise it.
 """
 from __future__ import annotations
 
@@ -511,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
             if master and (stop or (step % args.save_every == 0 and not done and nan_streak == 0)):
                 save_checkpoint(checkpoint_state(full=True), ckpt_dir / "last.pt")
             if stop:
+                if ddp:  # no process exits before rank 0's save is complete: torchrun, seeing one process end,
+                    dist.barrier()  # signals the others and kills what still runs 30 s later (rank 0 mid-write)
                 bar.close()
                 log(f"stopped by signal at step {step}; saved {ckpt_dir / 'last.pt'} (continue with --resume)")
                 sys.exit(128 + STOP_SIGNALS[0] if STOP_SIGNALS else 1)
