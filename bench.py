@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict, replace
 from datetime import date
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import AugConfig, EarDataset, ResumableSampler, augment, make_loader, write_synthetic
 from losses import VAELoss
 from model import build_model, sam_config
-from train import resolve_precision
+from train import get_parser, loss_config, resolve_precision
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -74,7 +75,8 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
         model = build_model(cfg).to(device).train()
         if v["compile"]:
             model.compile()
-        criterion = VAELoss(vgg_weights=vgg).to(device)
+        loss_cfg = replace(loss_config(get_parser().parse_args([])), vgg_weights=vgg)  # train.py's default loss
+        criterion = VAELoss(**asdict(loss_cfg), image_size=cfg.image_size).to(device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                 fused=v["fused"])
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -33,11 +33,12 @@ from tqdm import tqdm
 
 from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
 from files import atomic_write
-from losses import VAELoss, psnr, ssim
-from model import (CheckpointError, ConfigError, WeightsUnavailableError, build_model, config_from_checkpoint, dinov2_config,
-                   load_state, parameter_report, read_checkpoint, sam_config, tiny_config)
+from losses import LossConfig, VAELoss, psnr, ssim
+from model import (CheckpointError, ConfigError, VAEConfig, WeightsUnavailableError, build_model,
+                   config_from_checkpoint, dinov2_config, load_state, parameter_report, read_checkpoint, sam_config,
+                   tiny_config)
 
-DEFAULT_WEIGHTS = {"sam": "facebook/sam-vit-base", "dinov2": "facebook/dinov2-base"}
+DEFAULT_WEIGHTS = {"sam": sam_config().weights, "dinov2": dinov2_config().weights}
 # flags that may differ when resuming; every other flag comes from the checkpoint's run config
 # (batch_size and accum_steps may change only together with the number of processes, keeping the global batch)
 RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir",
@@ -67,6 +68,8 @@ class TrainingError(RuntimeError):
 
 
 def get_parser() -> argparse.ArgumentParser:
+    """Every flag; the model and loss defaults are read from VAEConfig, its factories and LossConfig."""
+    sam, dinov2, tiny, loss = sam_config(), dinov2_config(), tiny_config(), LossConfig()
     p = argparse.ArgumentParser(description="Train the SAM-encoder VAE ear teacher.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
@@ -79,27 +82,33 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (turns left ears into right ones)")
     g = p.add_argument_group("model")
     g.add_argument("--encoder", choices=["sam", "dinov2"], default="sam", help="backbone")
-    g.add_argument("--weights", default=None, help="hub id or local dir of the backbone (default: facebook/sam-vit-base "
-                   "or facebook/dinov2-base)")
+    g.add_argument("--weights", default=None, help=f"hub id or local dir of the backbone (default: {sam.weights} "
+                   f"or {dinov2.weights})")
     g.add_argument("--no-pretrained", action="store_true", help="random backbone initialisation (explicit)")
     g.add_argument("--tiny", action="store_true", help="tiny backbone and decoder: same code path, CPU speed")
     g.add_argument("--input-size", type=int, default=None, help="side the crop is resized to for the encoder "
-                   "(SAM: 1024 original, 512 or 256 for 4x / 16x fewer tokens; DINOv2: 224)")
-    g.add_argument("--freeze-blocks", type=int, default=None, help="frozen first blocks (default: 6 of 12, tiny 2 of 4)")
-    g.add_argument("--latent-dim", type=int, default=1024, help="latent size")
+                   f"(SAM: {sam.input_size} original, 512 or 256 for 4x / 16x fewer tokens; DINOv2: "
+                   f"{dinov2.input_size})")
+    g.add_argument("--freeze-blocks", type=int, default=None, help=f"frozen first blocks (default: {sam.freeze_blocks}, "
+                   f"tiny {tiny.freeze_blocks})")
+    g.add_argument("--latent-dim", type=int, default=VAEConfig.latent_dim, help="latent size")
     g.add_argument("--attn", choices=["sdpa", "eager", "flex"], default="sdpa", help="attention implementation "
                    "(flex: SAM's relative-position bias inside a FlexAttention kernel; CUDA only, see BENCHMARKS.md)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute trainable blocks in backward (may be switched on or off when resuming)")
     g = p.add_argument_group("loss")
-    g.add_argument("--kl-weight", type=float, default=1e-6, help="KL to N(0, I)")
-    g.add_argument("--perceptual-weight", type=float, default=1.5, help="VGG16 perceptual (0: no VGG needed)")
-    g.add_argument("--ssim-weight", type=float, default=0.6, help="1 - SSIM")
-    g.add_argument("--edge-weight", type=float, default=0.3, help="L1 of Sobel gradients")
-    g.add_argument("--contrastive-weight", type=float, default=0.1, help="InfoNCE between two augmented views")
-    g.add_argument("--center-weight", type=float, default=3.0, help="pixel-loss weight at the crop centre (border 1)")
-    g.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
-    g.add_argument("--vgg-weights", default="imagenet", help="'imagenet' (torchvision) or a local VGG16 state dict")
+    g.add_argument("--kl-weight", type=float, default=loss.kl, help="KL to N(0, I)")
+    g.add_argument("--perceptual-weight", type=float, default=loss.perceptual, help="VGG16 perceptual (0: no VGG "
+                   "needed)")
+    g.add_argument("--ssim-weight", type=float, default=loss.ssim, help="1 - SSIM")
+    g.add_argument("--edge-weight", type=float, default=loss.edge, help="L1 of Sobel gradients")
+    g.add_argument("--contrastive-weight", type=float, default=loss.contrastive, help="InfoNCE between two augmented "
+                   "views")
+    g.add_argument("--center-weight", type=float, default=loss.center_weight, help="pixel-loss weight at the crop "
+                   "centre (border 1)")
+    g.add_argument("--temperature", type=float, default=loss.temperature, help="InfoNCE temperature")
+    g.add_argument("--vgg-weights", default=loss.vgg_weights, help="'imagenet' (torchvision) or a local VGG16 state "
+                   "dict")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=60, help="epochs; the learning-rate schedule spans them")
     g.add_argument("--batch-size", type=positive_int, default=4, help="images per GPU per micro-step")
@@ -155,6 +164,13 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def loss_config(args: argparse.Namespace) -> LossConfig:
+    """The loss flags of a run (the pixel weight has no flag: it is the unit the others are relative to)."""
+    return LossConfig(kl=args.kl_weight, perceptual=args.perceptual_weight, ssim=args.ssim_weight,
+                      edge=args.edge_weight, contrastive=args.contrastive_weight, center_weight=args.center_weight,
+                      temperature=args.temperature, vgg_weights=args.vgg_weights)
 
 
 def keyed_normal(keys: torch.Tensor, seed: int, epoch: int, view: int, dim: int) -> torch.Tensor:
@@ -342,10 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(device)
     cfg = replace(model.cfg, pretrained=pretrained)
-    criterion = VAELoss(kl=args.kl_weight, perceptual=args.perceptual_weight, ssim=args.ssim_weight,
-                        edge=args.edge_weight, contrastive=args.contrastive_weight, center_weight=args.center_weight,
-                        temperature=args.temperature, image_size=cfg.image_size,
-                        vgg_weights=args.vgg_weights).to(device)
+    criterion = VAELoss(**asdict(loss_config(args)), image_size=cfg.image_size).to(device)
     groups = []
     for name, params in model.parameter_groups().items():
         lr = args.lr * (args.encoder_lr_scale if name == "encoder" else 1.0)

@@ -126,6 +126,19 @@ def test_recon_grid_runs_under_the_runs_autocast_and_saves_the_reconstruction(tm
     assert not (tmp_path / "grid.png.tmp").exists()
 
 
+def test_default_flags_are_the_model_factories_and_the_loss_config():
+    """train.py repeats no default: with no flags it builds exactly the factory configs and LossConfig()."""
+    import inspect
+    from losses import LossConfig, VAELoss
+    from model import dinov2_config, sam_config
+    parse = train.get_parser().parse_args
+    assert train.model_config(parse(["--no-pretrained"])) == sam_config(pretrained=False)
+    assert train.model_config(parse(["--no-pretrained", "--encoder", "dinov2"])) == dinov2_config(pretrained=False)
+    assert train.loss_config(parse([])) == LossConfig()
+    defaults = {k: p.default for k, p in inspect.signature(VAELoss).parameters.items() if k != "image_size"}
+    assert defaults == vars(LossConfig())
+
+
 def test_keyed_noise_depends_only_on_seed_epoch_and_sample():
     noise = lambda keys, epoch=1, view=0: train.keyed_normal(torch.tensor(keys), seed=0, epoch=epoch, view=view, dim=8)
     a, b = noise([3, 7]), noise([7, 3, 9])
