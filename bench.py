@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict, replace
 from datetime import date
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +27,7 @@ from data import AugConfig, EarDataset, ResumableSampler, augment, make_loader
 from synth import write_synthetic
 from losses import VAELoss
 from model import build_model, sam_config
+from train import get_parser, loss_config, resolve_precision
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -53,9 +55,9 @@ MODEL_FLOPS: dict[tuple[int, int], float] = {}
 # what each measured variant changes; "optimised" is train.py's default path
 VARIANTS = {
     "baseline": dict(attn="eager", precision="fp16", fused=False, compile=False),  # like the original run
-    "optimised": dict(attn="sdpa", precision="bf16", fused=True, compile=False),
-    "flex": dict(attn="flex", precision="bf16", fused=True, compile=False),        # --attn flex (CUDA only)
-    "compiled": dict(attn="sdpa", precision="bf16", fused=True, compile=True),     # --compile
+    "optimised": dict(attn="sdpa", precision="auto", fused=True, compile=False),
+    "flex": dict(attn="flex", precision="auto", fused=True, compile=False),        # --attn flex (CUDA only)
+    "compiled": dict(attn="sdpa", precision="auto", fused=True, compile=True),     # --compile
 }
 
 
@@ -63,12 +65,7 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
             grad_checkpointing: bool = False) -> dict:
     """One configuration: forward ms, train step ms, images/s, peak memory, FLOPs per step, MFU, status."""
     v = VARIANTS[variant]
-    if device.type == "cpu":
-        precision = "fp32"
-    elif v["precision"] == "bf16" and not torch.cuda.is_bf16_supported():
-        precision = "fp16"
-    else:
-        precision = v["precision"]
+    precision = resolve_precision(v["precision"], device) if device.type == "cuda" else "fp32"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     row = dict(variant=variant, input_size=input_size, batch=batch, precision=precision,
                grad_ckpt=grad_checkpointing, status="OK")
@@ -79,7 +76,8 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
         model = build_model(cfg).to(device).train()
         if v["compile"]:
             model.compile()
-        criterion = VAELoss(vgg_weights=vgg).to(device)
+        loss_cfg = replace(loss_config(get_parser().parse_args([])), vgg_weights=vgg)  # train.py's default loss
+        criterion = VAELoss(**asdict(loss_cfg), image_size=cfg.image_size).to(device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                 fused=v["fused"])
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")

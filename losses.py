@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +23,23 @@ from torch import Tensor, nn
 from model import LOGVAR_MAX, LOGVAR_MIN, WeightsUnavailableError
 
 
+@dataclass
+class LossConfig:
+    """The training objective's settings: the one place their defaults live (train.py's loss flags and bench.py
+    read them). `VAELoss(**asdict(cfg), image_size=...)` builds the loss."""
+    pixel: float = 1.0  # centre-weighted L1
+    kl: float = 1e-6  # KL(q(z|x) || N(0, I)), summed over latent dims
+    perceptual: float = 1.5  # VGG16 feature L1
+    ssim: float = 0.6  # 1 - SSIM
+    edge: float = 0.3  # L1 between Sobel gradients
+    contrastive: float = 0.1  # NT-Xent between the mu of two augmented views
+    center_weight: float = 3.0  # pixel-loss weight at the image centre relative to the corners
+    temperature: float = 0.1  # NT-Xent temperature
+    vgg_weights: str = "imagenet"  # "imagenet" (torchvision) or a path to a local VGG16 state dict
+
+
 class VAELoss(nn.Module):
-    """Weighted sum of reconstruction, KL, perceptual, SSIM, edge and contrastive terms.
+    """Weighted sum of reconstruction, KL, perceptual, SSIM, edge and contrastive terms (see LossConfig).
 
     A term whose weight is 0 is not computed and does not appear in the logs; with `perceptual == 0` the VGG is
     not even built (so no weights are needed).
@@ -31,16 +47,16 @@ class VAELoss(nn.Module):
 
     def __init__(
         self,
-        pixel: float = 1.0,  # centre-weighted L1
-        kl: float = 1e-6,  # KL(q(z|x) || N(0, I)), summed over latent dims
-        perceptual: float = 1.5,  # VGG16 feature L1
-        ssim: float = 0.6,  # 1 - SSIM
-        edge: float = 0.3,  # L1 between Sobel gradients
-        contrastive: float = 0.1,  # NT-Xent between the mu of two augmented views
-        center_weight: float = 3.0,  # pixel-loss weight at the image centre relative to the corners
-        temperature: float = 0.1,  # NT-Xent temperature
+        pixel: float = LossConfig.pixel,
+        kl: float = LossConfig.kl,
+        perceptual: float = LossConfig.perceptual,
+        ssim: float = LossConfig.ssim,
+        edge: float = LossConfig.edge,
+        contrastive: float = LossConfig.contrastive,
+        center_weight: float = LossConfig.center_weight,
+        temperature: float = LossConfig.temperature,
         image_size: int = 128,  # H == W of recon/target; sizes the centre-weight map
-        vgg_weights: str = "imagenet",  # "imagenet" (torchvision) or a path to a local VGG16 state dict
+        vgg_weights: str = LossConfig.vgg_weights,
     ) -> None:
         super().__init__()
         self.weights = {"pixel": pixel, "kl": kl, "perceptual": perceptual, "ssim": ssim, "edge": edge,

@@ -8,6 +8,9 @@
 
 Every random draw of training (epoch order, augmentation, reparameterisation noise) is a function of
 (seed, epoch, sample index), so a resumed run, or a run on another number of GPUs, sees the same data and noise.
+SIGINT / SIGTERM stop every process at the next optimizer step, after rank 0 has saved last.pt. torchrun passes a
+SIGTERM on to its processes and kills them --shutdown-timeout seconds later (30 by default): where writing last.pt
+takes longer, raise it.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,16 +33,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
-from losses import VAELoss, psnr, ssim
-from model import (CheckpointError, ConfigError, WeightsUnavailableError, build_model, config_from_checkpoint, dinov2_config,
-                   load_state, parameter_report, read_checkpoint, sam_config, tiny_config)
+from files import atomic_write
+from losses import LossConfig, VAELoss, psnr, ssim
+from model import (CheckpointError, ConfigError, VAEConfig, WeightsUnavailableError, build_model,
+                   config_from_checkpoint, dinov2_config, load_state, parameter_report, read_checkpoint, sam_config,
+                   tiny_config)
 
-DEFAULT_WEIGHTS = {"sam": "facebook/sam-vit-base", "dinov2": "facebook/dinov2-base"}
+DEFAULT_WEIGHTS = {"sam": sam_config().weights, "dinov2": dinov2_config().weights}
 # flags that may differ when resuming; every other flag comes from the checkpoint's run config
 # (batch_size and accum_steps may change only together with the number of processes, keeping the global batch)
 RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir",
                     "device", "batch_size", "accum_steps", "compile", "grad_checkpointing"}
-RUN_ARGS: list[argparse.Namespace] = []  # the run's settings once resolved (resume included), for the OOM message
 STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installed under __main__
 LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
               "psnr", "ssim_metric", "grad_norm", "skipped", "img_per_s", "time"]
@@ -63,6 +68,8 @@ class TrainingError(RuntimeError):
 
 
 def get_parser() -> argparse.ArgumentParser:
+    """Every flag; the model and loss defaults are read from VAEConfig, its factories and LossConfig."""
+    sam, dinov2, tiny, loss = sam_config(), dinov2_config(), tiny_config(), LossConfig()
     p = argparse.ArgumentParser(description="Train the SAM-encoder VAE ear teacher.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
@@ -75,27 +82,33 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (turns left ears into right ones)")
     g = p.add_argument_group("model")
     g.add_argument("--encoder", choices=["sam", "dinov2"], default="sam", help="backbone")
-    g.add_argument("--weights", default=None, help="hub id or local dir of the backbone (default: facebook/sam-vit-base "
-                   "or facebook/dinov2-base)")
+    g.add_argument("--weights", default=None, help=f"hub id or local dir of the backbone (default: {sam.weights} "
+                   f"or {dinov2.weights})")
     g.add_argument("--no-pretrained", action="store_true", help="random backbone initialisation (explicit)")
     g.add_argument("--tiny", action="store_true", help="tiny backbone and decoder: same code path, CPU speed")
     g.add_argument("--input-size", type=int, default=None, help="side the crop is resized to for the encoder "
-                   "(SAM: 1024 original, 512 or 256 for 4x / 16x fewer tokens; DINOv2: 224)")
-    g.add_argument("--freeze-blocks", type=int, default=None, help="frozen first blocks (default: 6 of 12, tiny 2 of 4)")
-    g.add_argument("--latent-dim", type=int, default=1024, help="latent size")
+                   f"(SAM: {sam.input_size} original, 512 or 256 for 4x / 16x fewer tokens; DINOv2: "
+                   f"{dinov2.input_size})")
+    g.add_argument("--freeze-blocks", type=int, default=None, help=f"frozen first blocks (default: {sam.freeze_blocks}, "
+                   f"tiny {tiny.freeze_blocks})")
+    g.add_argument("--latent-dim", type=int, default=VAEConfig.latent_dim, help="latent size")
     g.add_argument("--attn", choices=["sdpa", "eager", "flex"], default="sdpa", help="attention implementation "
                    "(flex: SAM's relative-position bias inside a FlexAttention kernel; CUDA only, see BENCHMARKS.md)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute trainable blocks in backward (may be switched on or off when resuming)")
     g = p.add_argument_group("loss")
-    g.add_argument("--kl-weight", type=float, default=1e-6, help="KL to N(0, I)")
-    g.add_argument("--perceptual-weight", type=float, default=1.5, help="VGG16 perceptual (0: no VGG needed)")
-    g.add_argument("--ssim-weight", type=float, default=0.6, help="1 - SSIM")
-    g.add_argument("--edge-weight", type=float, default=0.3, help="L1 of Sobel gradients")
-    g.add_argument("--contrastive-weight", type=float, default=0.1, help="InfoNCE between two augmented views")
-    g.add_argument("--center-weight", type=float, default=3.0, help="pixel-loss weight at the crop centre (border 1)")
-    g.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
-    g.add_argument("--vgg-weights", default="imagenet", help="'imagenet' (torchvision) or a local VGG16 state dict")
+    g.add_argument("--kl-weight", type=float, default=loss.kl, help="KL to N(0, I)")
+    g.add_argument("--perceptual-weight", type=float, default=loss.perceptual, help="VGG16 perceptual (0: no VGG "
+                   "needed)")
+    g.add_argument("--ssim-weight", type=float, default=loss.ssim, help="1 - SSIM")
+    g.add_argument("--edge-weight", type=float, default=loss.edge, help="L1 of Sobel gradients")
+    g.add_argument("--contrastive-weight", type=float, default=loss.contrastive, help="InfoNCE between two augmented "
+                   "views")
+    g.add_argument("--center-weight", type=float, default=loss.center_weight, help="pixel-loss weight at the crop "
+                   "centre (border 1)")
+    g.add_argument("--temperature", type=float, default=loss.temperature, help="InfoNCE temperature")
+    g.add_argument("--vgg-weights", default=loss.vgg_weights, help="'imagenet' (torchvision) or a local VGG16 state "
+                   "dict")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=60, help="epochs; the learning-rate schedule spans them")
     g.add_argument("--batch-size", type=positive_int, default=4, help="images per GPU per micro-step")
@@ -110,7 +123,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
     g = p.add_argument_group("run")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 where the GPU has it, else fp16 + GradScaler; fp32 on CPU")
+                   help="auto: bf16 where the GPU has it natively (compute capability >= 8), else fp16 + "
+                        "GradScaler; fp32 on CPU")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the "
                    "model (minutes of compiling first; measured slower on CPU, see BENCHMARKS.md)")
@@ -141,6 +155,24 @@ def model_config(args):
     return make(args.encoder, **kw) if args.tiny else make(**kw)
 
 
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The autocast precision of a run: `requested` unless it is "auto", which means bf16 where the current CUDA
+    device computes it natively (compute capability >= 8), else fp16 (with a GradScaler), and fp32 off CUDA.
+    Emulated bf16 (V100, T4: torch.cuda.is_bf16_supported() is True there by default) is slower than fp16."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def loss_config(args: argparse.Namespace) -> LossConfig:
+    """The loss flags of a run (the pixel weight has no flag: it is the unit the others are relative to)."""
+    return LossConfig(kl=args.kl_weight, perceptual=args.perceptual_weight, ssim=args.ssim_weight,
+                      edge=args.edge_weight, contrastive=args.contrastive_weight, center_weight=args.center_weight,
+                      temperature=args.temperature, vgg_weights=args.vgg_weights)
+
+
 def keyed_normal(keys: torch.Tensor, seed: int, epoch: int, view: int, dim: int) -> torch.Tensor:
     """Reparameterisation noise (B, dim), each row a function of (seed, epoch, sample index, view) alone."""
     rows = []
@@ -159,7 +191,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion, device, autocast, max_batches: int | None = None) -> dict[str, float]:
+def validate(model, loader, criterion, device, autocast, max_batches: int | None = None) -> dict[str, float]:
     """Mean of every loss term, PSNR and SSIM over the (clean, un-augmented) validation images, mu as the code."""
     was_training = model.training
     model.eval()
@@ -181,28 +213,26 @@ def evaluate(model, loader, criterion, device, autocast, max_batches: int | None
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to PATH.tmp, fsync, then rename: a crash mid-save leaves the previous file intact."""
-    tmp = path.with_name(path.name + ".tmp")
+    """torch.save through atomic_write: a crash mid-save leaves the previous file intact; an OSError (disk full,
+    no permission) becomes a TrainingError naming the file."""
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise TrainingError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact") from e
 
 
-def save_grid(model, x: torch.Tensor, path: Path) -> None:
-    """Inputs (top row) above reconstructions (bottom row) of a fixed validation batch."""
+def save_grid(model, x: torch.Tensor, path: Path, autocast) -> None:
+    """Inputs (top row) above reconstructions (bottom row) of a fixed validation batch x (N, 3, 128, 128), the
+    forward under the run's autocast (in fp32 the 8-image forward at SAM input 1024 takes ~14 GiB more)."""
     from torchvision.utils import save_image
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        recon = model(x)["recon"].float()
+    with torch.no_grad(), autocast:
+        recon = model(x)["recon"]  # (N, 3, 128, 128), the autocast dtype
     model.train(was_training)
-    save_image(torch.cat([x, recon]).cpu(), path, nrow=len(x), padding=2)
+    with atomic_write(path) as f:
+        save_image(torch.cat([x, recon.float()]).cpu(), f, format="png", nrow=len(x), padding=2)
 
 
 def plot_curves(csv_path: Path, png_path: Path) -> None:
@@ -228,13 +258,111 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+class Run(NamedTuple):
+    """What a run is, once its command line and (when resuming) its checkpoint are read."""
+    args: argparse.Namespace  # the flags; when resuming the checkpoint's run config, but for RESUME_OVERRIDES
+    cfg: VAEConfig  # the model to build
+    pretrained: bool  # whether the run's backbone started from pretrained weights (kept in what it saves)
+    ckpt: dict | None  # the checkpoint resumed from, None for a new run
+    ckpt_path: Path | None  # its file
+
+
+def resolve_run(parser: argparse.ArgumentParser, argv: list[str] | None, world: int, log) -> Run:
+    """The run's settings from argv and, with --resume, the checkpoint: its model config and run config win, a few
+    flags may change (RESUME_OVERRIDES), the global batch must stay. A new run never overwrites an earlier one."""
+    args = parser.parse_args(argv)
+    ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)
+    if args.resume is None:
+        for f in (ckpt_dir / "last.pt", log_dir / "metrics.csv"):
+            if f.exists():
+                raise TrainingError(f"{f} exists from an earlier run: pass --resume to continue it, "
+                                    f"or choose another --ckpt-dir / --log-dir")
+        cfg = model_config(args)
+        return Run(args, cfg, cfg.pretrained, None, None)
+
+    resume_path = ckpt_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
+    ckpt = read_checkpoint(resume_path)  # missing / truncated / unsafe -> CheckpointError; never a silent fresh start
+    if "run_config" not in ckpt or "optimizer" not in ckpt:
+        raise CheckpointError(f"{resume_path}: holds model weights only (no optimizer state); cannot resume from it")
+    saved = ckpt["run_config"]
+    untyped = object()  # argparse fills only the names a namespace lacks: what is still `untyped` was not given
+    given = parser.parse_args(argv, argparse.Namespace(**{k: untyped for k in vars(args)}))
+    changed = {k for k, v in vars(given).items() if v is not untyped}  # typed flags, even at their defaults
+    for k in sorted(changed - RESUME_OVERRIDES):
+        flag = "--" + k.replace("_", "-")
+        if k not in saved:
+            log(f"note: {flag} ignored: the checkpoint predates it; resuming with its default")
+        elif getattr(args, k) != saved[k]:
+            log(f"note: {flag} {getattr(args, k)} ignored: resuming with the checkpoint's {saved[k]!r}")
+    defaults = vars(parser.parse_args([]))  # for flags newer than the checkpoint
+    args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume,
+                                 **{k: getattr(args, k) for k in changed & RESUME_OVERRIDES}})
+    # another number of processes is fine if the global batch stays: the data order, the per-sample noise and
+    # augmentation, the step count and the schedule are all functions of the global batch and sample indices
+    was = (saved["batch_size"], ckpt["world_size"], saved["accum_steps"])
+    now = (args.batch_size, world, args.accum_steps)
+    if math.prod(now) != math.prod(was):
+        raise CheckpointError(
+            f"{resume_path}: the run's global batch is {math.prod(was)} (batch size {was[0]} x {was[1]} "
+            f"process(es) x {was[2]} accum steps), this command's is {math.prod(now)} ({now[0]} x {now[1]} x "
+            f"{now[2]}); choose --batch-size and --accum-steps whose product with {world} process(es) is "
+            f"{math.prod(was)}")
+    cfg = replace(config_from_checkpoint(ckpt), grad_checkpointing=args.grad_checkpointing)
+    return Run(args, cfg, ckpt["model_config"]["pretrained"], ckpt, resume_path)
+
+
+def build_optimizer(model, args: argparse.Namespace) -> torch.optim.AdamW:
+    """Fused AdamW over the model's parameter groups: the encoder at lr * encoder_lr_scale, no weight decay on norms
+    and biases (the tensors with fewer than 2 dims)."""
+    groups = []
+    for name, params in model.parameter_groups().items():
+        lr = args.lr * (args.encoder_lr_scale if name == "encoder" else 1.0)
+        groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay, "lr": lr})
+        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr})
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.99), fused=True)  # one kernel (CPU too: 6x faster there)
+
+
+class MetricsLog:
+    """LOG_DIR/metrics.csv (appended to when resuming) and, where tensorboard is installed, TensorBoard events."""
+
+    def __init__(self, log_dir: Path, log) -> None:
+        new_csv = not (log_dir / "metrics.csv").exists()
+        self.csv_file = open(log_dir / "metrics.csv", "a", newline="")
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=LOG_FIELDS)
+        if new_csv:
+            self.csv.writeheader()
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir)
+        except ImportError:
+            log("note: tensorboard is not installed; logging to metrics.csv only")
+
+    def write_row(self, row: dict) -> None:
+        """One row of LOG_FIELDS (missing ones empty); every number but step / epoch / time also to TensorBoard
+        as 'split/name'."""
+        self.csv.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.csv_file.flush()
+        if self.writer is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch", "split", "time") and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{row['split']}/{k}", v, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.csv_file.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
-    args = parser.parse_args(argv)
+    device_flag = parser.parse_args(argv).device
 
     # -- processes and devices. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = device_flag if device_flag != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -243,60 +371,31 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_device(device)
     else:
         rank, world, device = 0, 1, torch.device(kind)
-    master = rank == 0
+
+    run = resolve_run(parser, argv, world, print if rank == 0 else (lambda *a, **k: None))
+    try:
+        run_training(run, device, rank, world)
+    except torch.OutOfMemoryError as e:
+        args = run.args
+        raise TrainingError(
+            f"out of GPU memory at --batch-size {args.batch_size}. Use a smaller batch with --accum-steps to keep "
+            f"the global batch (e.g. --batch-size {max(1, args.batch_size // 2)} --accum-steps "
+            f"{2 * args.accum_steps}), --grad-checkpointing"
+            + (" (both work with --resume)." if args.resume else ", or a smaller --input-size (512 or 256).")) from e
+
+
+def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
+    """The run on this process (rank of world): set up, then the loop top to bottom."""
+    args, cfg, pretrained, ckpt, resume_path = run
+    ddp, master = world > 1, rank == 0
     log = print if master else (lambda *a, **k: None)
-
-    # -- resume: the checkpoint's model config and run config win; a few flags may change (RESUME_OVERRIDES)
     ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)
-    ckpt = None
-    if args.resume is not None:
-        resume_path = ckpt_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
-        ckpt = read_checkpoint(resume_path)  # missing / truncated / unsafe -> CheckpointError; never a silent fresh start
-        if "run_config" not in ckpt or "optimizer" not in ckpt:
-            raise CheckpointError(f"{resume_path}: holds model weights only (no optimizer state); cannot resume from it")
-        saved = ckpt["run_config"]
-        untyped = object()  # argparse fills only the names a namespace lacks: what is still `untyped` was not given
-        given = parser.parse_args(argv, argparse.Namespace(**{k: untyped for k in vars(args)}))
-        changed = {k for k, v in vars(given).items() if v is not untyped}  # typed flags, even at their defaults
-        for k in sorted(changed - RESUME_OVERRIDES):
-            flag = "--" + k.replace("_", "-")
-            if k not in saved:
-                log(f"note: {flag} ignored: the checkpoint predates it; resuming with its default")
-            elif getattr(args, k) != saved[k]:
-                log(f"note: {flag} {getattr(args, k)} ignored: resuming with the checkpoint's {saved[k]!r}")
-        defaults = vars(parser.parse_args([]))  # for flags newer than the checkpoint
-        args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume,
-                                     **{k: getattr(args, k) for k in changed & RESUME_OVERRIDES}})
-        ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)  # the run's own folders unless given again
-        # another number of processes is fine if the global batch stays: the data order, the per-sample noise and
-        # augmentation, the step count and the schedule are all functions of the global batch and sample indices
-        was = (saved["batch_size"], ckpt["world_size"], saved["accum_steps"])
-        now = (args.batch_size, world, args.accum_steps)
-        if math.prod(now) != math.prod(was):
-            raise CheckpointError(
-                f"{resume_path}: the run's global batch is {math.prod(was)} (batch size {was[0]} x {was[1]} "
-                f"process(es) x {was[2]} accum steps), this command's is {math.prod(now)} ({now[0]} x {now[1]} x "
-                f"{now[2]}); choose --batch-size and --accum-steps whose product with {world} process(es) is "
-                f"{math.prod(was)}")
-        pretrained = ckpt["model_config"]["pretrained"]  # how the run started, kept in what it saves
-        cfg = replace(config_from_checkpoint(ckpt), grad_checkpointing=args.grad_checkpointing)
-    else:
-        for f in (ckpt_dir / "last.pt", log_dir / "metrics.csv"):
-            if f.exists():
-                raise TrainingError(f"{f} exists from an earlier run: pass --resume to continue it, "
-                                    f"or choose another --ckpt-dir / --log-dir")
-        cfg = model_config(args)
-        pretrained = cfg.pretrained
-
-    RUN_ARGS.append(args)
     if cfg.attn_implementation == "flex" and device.type != "cuda":
         raise ConfigError("--attn flex trains on CUDA only (PyTorch's FlexAttention has no CPU backward); "
                           "use --attn sdpa on this device")
 
-    # -- precision: bf16 autocast where the GPU has it, else fp16 + GradScaler; fp32 on CPU
-    precision = args.precision
-    if precision == "auto":
-        precision = "fp32" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    # -- precision: bf16 autocast where the GPU has it natively, else fp16 + GradScaler; fp32 on CPU
+    precision = resolve_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -326,18 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(device)
     cfg = replace(model.cfg, pretrained=pretrained)
-    criterion = VAELoss(kl=args.kl_weight, perceptual=args.perceptual_weight, ssim=args.ssim_weight,
-                        edge=args.edge_weight, contrastive=args.contrastive_weight, center_weight=args.center_weight,
-                        temperature=args.temperature, image_size=cfg.image_size,
-                        vgg_weights=args.vgg_weights).to(device)
-    groups = []
-    for name, params in model.parameter_groups().items():
-        lr = args.lr * (args.encoder_lr_scale if name == "encoder" else 1.0)
-        groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay, "lr": lr})
-        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr})
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), fused=True)  # one kernel (CPU too: 6x faster there)
+    criterion = VAELoss(**asdict(loss_config(args)), image_size=cfg.image_size).to(device)
+    optimizer = build_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.warmup_steps, total_steps, args.min_lr_ratio))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -356,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
             ema.n_averaged.fill_(ckpt["ema_n_averaged"])
         step, epoch, epoch_pos = ckpt["step"], ckpt["epoch"], ckpt["epoch_pos"]
         best_psnr, skipped = ckpt["best_psnr"], ckpt["skipped"]
-        del ckpt
+        ckpt.clear()  # frees the checkpoint's tensors (main's Run holds the same dict)
     raw_model = model
     if args.compile:
         model.compile()  # in place: the same module and state-dict keys, its forward compiled on first call
@@ -373,30 +462,12 @@ def main(argv: list[str] | None = None) -> None:
     log(f"Steps per epoch: {steps_per_epoch:,} (global batch {global_batch}), "
         f"total {total_steps:,}" + (f", stopping at {args.max_steps:,}" if args.max_steps else ""))
 
-    writer = None
     if master:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         log_dir.mkdir(parents=True, exist_ok=True)
         json.dump({"run": run_config, "model": asdict(cfg)}, open(log_dir / "config.json", "w"), indent=2)
-        new_csv = not (log_dir / "metrics.csv").exists()
-        csv_file = open(log_dir / "metrics.csv", "a", newline="")
-        metrics = csv.DictWriter(csv_file, fieldnames=LOG_FIELDS)
-        if new_csv:
-            metrics.writeheader()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(log_dir)
-        except ImportError:
-            log("note: tensorboard is not installed; logging to metrics.csv only")
+        metrics = MetricsLog(log_dir, log)
         grid_x = to_float(torch.stack([val_ds[i][0] for i in range(min(8, len(val_ds)))])).to(device)
-
-    def write_row(row: dict) -> None:
-        metrics.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        csv_file.flush()
-        if writer is not None:
-            for k, v in row.items():
-                if k not in ("step", "epoch", "split", "time") and isinstance(v, (int, float)):
-                    writer.add_scalar(f"{row['split']}/{k}", v, row["step"])
 
     def checkpoint_state(full: bool) -> dict:
         state = {"model": raw_model.state_dict(), "model_config": asdict(cfg), "run_config": run_config,
@@ -412,18 +483,18 @@ def main(argv: list[str] | None = None) -> None:
 
     def validate_and_save(trained_epoch: int) -> None:
         nonlocal best_psnr
-        val = evaluate(eval_model, val_loader, criterion, device, autocast)
-        write_row({"step": step, "epoch": trained_epoch, "split": "val", "time": int(time.time()), **val})
+        val = validate(eval_model, val_loader, criterion, device, autocast)
+        metrics.write_row({"step": step, "epoch": trained_epoch, "split": "val", "time": int(time.time()), **val})
         log(f"val step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
         if val["psnr"] > best_psnr:
             best_psnr = val["psnr"]
             save_checkpoint(checkpoint_state(full=False), ckpt_dir / "best.pt")
         save_checkpoint(checkpoint_state(full=True), ckpt_dir / "last.pt")
-        save_grid(eval_model, grid_x, log_dir / f"recon_step{step:07d}.png")
+        save_grid(eval_model, grid_x, log_dir / f"recon_step{step:07d}.png", autocast)
         plot_curves(log_dir / "metrics.csv", log_dir / "loss_curve.png")
 
     if master:  # sanity check, as the original did: two validation batches through model and loss
-        val = evaluate(eval_model, val_loader, criterion, device, autocast, max_batches=2)
+        val = validate(eval_model, val_loader, criterion, device, autocast, max_batches=2)
         log("Sanity check (2 val batches): " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
 
     # -- the loop. epoch_pos counts the samples of this epoch consumed by all processes together
@@ -489,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["loss"] = loss_total / (args.accum_steps * world)  # mean over micro-batches and processes
                 row.update(step=step, epoch=epoch, split="train", lr=optimizer.param_groups[-1]["lr"],
                            grad_norm=grad_norm.item(), skipped=skipped, img_per_s=imgs / dt, time=int(time.time()))
-                write_row(row)
+                metrics.write_row(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", ssim=f"{1 - row.get('ssim', math.nan):.3f}",
                                 img_s=f"{imgs / dt:.1f}")
                 t0, imgs = time.time(), 0
@@ -498,6 +569,8 @@ def main(argv: list[str] | None = None) -> None:
             if master and (stop or (step % args.save_every == 0 and not done and nan_streak == 0)):
                 save_checkpoint(checkpoint_state(full=True), ckpt_dir / "last.pt")
             if stop:
+                if ddp:  # no process exits before rank 0's save is complete: torchrun, seeing one process end,
+                    dist.barrier()  # signals the others and kills what still runs 30 s later (rank 0 mid-write)
                 bar.close()
                 log(f"stopped by signal at step {step}; saved {ckpt_dir / 'last.pt'} (continue with --resume)")
                 sys.exit(128 + STOP_SIGNALS[0] if STOP_SIGNALS else 1)
@@ -513,9 +586,7 @@ def main(argv: list[str] | None = None) -> None:
             dist.barrier()
     if master:
         log(f"done: {step} steps, best val PSNR {best_psnr:.2f} dB; checkpoints in {ckpt_dir}, logs in {log_dir}")
-        if writer is not None:
-            writer.close()
-        csv_file.close()
+        metrics.close()
     if ddp:
         dist.destroy_process_group()
 
@@ -527,12 +598,4 @@ if __name__ == "__main__":
         main()
     except (DataError, CheckpointError, ConfigError, WeightsUnavailableError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except torch.OutOfMemoryError:
-        args = RUN_ARGS[-1] if RUN_ARGS else get_parser().parse_known_args()[0]
-        print(f"error: out of GPU memory at --batch-size {args.batch_size}. Use a smaller batch with "
-              f"--accum-steps to keep the global batch (e.g. --batch-size {max(1, args.batch_size // 2)} "
-              f"--accum-steps {2 * args.accum_steps}), --grad-checkpointing"
-              + (" (both work with --resume)." if args.resume else ", or a smaller --input-size (512 or 256)."),
-              file=sys.stderr)
         sys.exit(1)

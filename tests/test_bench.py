@@ -28,3 +28,36 @@ def test_measure_reports_speed_and_model_flops_on_this_device():
     assert row["img_s"] > 0 and row["step_ms"] > 0 and row["forward_ms"] > 0
     # two 256-input views through ViT-B (~35 GMACs each forward), half of it backward, plus decoder and VGG16
     assert 0.2 < row["tflop_step"] < 0.6 and math.isfinite(row["tflop_step"])
+
+
+def test_the_optimised_variant_resolves_precision_like_a_default_training_run(monkeypatch):
+    """bench's 'optimised' is train.py's default path: the same precision request, resolved by the same function
+    (so on a GPU that only emulates bf16 both run fp16 + GradScaler)."""
+    import train
+    assert bench.VARIANTS["optimised"]["precision"] == train.get_parser().get_default("precision")
+    assert bench.resolve_precision is train.resolve_precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert bench.resolve_precision(bench.VARIANTS["optimised"]["precision"], torch.device("cuda")) == "fp16"
+
+
+def test_the_benchmarked_loss_is_the_default_training_loss(monkeypatch):
+    """A changed train.py default changes the benchmark too: bench builds its loss from train's parser."""
+    import train
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    parser = train.get_parser()
+    parser.set_defaults(kl_weight=1e-3, contrastive_weight=0.7)  # as if train.py's defaults had changed
+    monkeypatch.setattr(bench, "get_parser", lambda: parser)
+    monkeypatch.setattr(bench, "build_model", lambda cfg: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(bench, "VAELoss", record)
+    with pytest.raises(Built):
+        bench.measure("optimised", 256, 1, torch.device("cpu"), "vgg.pth", steps=1)
+    expected = {**vars(train.loss_config(parser.parse_args([]))), "vgg_weights": "vgg.pth", "image_size": 128}
+    assert seen == expected and seen["kl"] == 1e-3 and seen["contrastive"] == 0.7

@@ -1,7 +1,11 @@
 """torchrun: 2 CPU processes (gloo) train like one process on the same global batch, and a run resumes on
-another number of processes when the global batch stays the same."""
+another number of processes when the global batch stays the same, also after a SIGTERM."""
+import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -74,3 +78,62 @@ def test_resume_with_another_global_batch_is_refused_in_one_line(tiny_run, tmp_p
     assert len(r.stderr.strip().splitlines()) == 1
     assert "global batch is 8 (batch size 8 x 1 process(es) x 1 accum steps)" in r.stderr and "is 4" in r.stderr
     assert tiny_run.last.read_bytes() == before and not run.exists()
+
+
+
+# run by torchrun in place of train.py: rank 0's torch.save takes 2 s more, and each rank records when its save
+# ended and when it exited (time.time() in RUN/saved, RUN/exit{RANK})
+SLOW_SAVE = """\
+import atexit, os, runpy, sys, time
+from pathlib import Path
+import torch
+run_dir, root = Path(sys.argv[1]), sys.argv[2]
+atexit.register(lambda: (run_dir / f"exit{os.environ['RANK']}").write_text(repr(time.time())))
+real_save = torch.save
+def slow_save(obj, f, *args, **kwargs):  # a 1.6 GB checkpoint on a slow disk
+    real_save(obj, f, *args, **kwargs)
+    time.sleep(2)
+    (run_dir / "saved").write_text(repr(time.time()))
+torch.save = slow_save
+sys.path.insert(0, root)
+sys.argv = [f"{root}/train.py", *sys.argv[3:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigterm_to_torchrun_saves_a_complete_checkpoint_before_any_process_exits(synth_dir, tmp_path):
+    """torchrun forwards a SIGTERM to every worker and kills what still runs --shutdown-timeout (30 s) later; when
+    one worker exits first it stops the others and kills them 30 s later. So every rank waits for rank 0's save."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "slow_save.py").write_text(SLOW_SAVE)
+    args = with_batch(tiny_train_args(synth_dir, run, "--epochs", "1"), 4)  # 2 processes x 4: global batch 8
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(tmp_path / "slow_save.py"), str(run), str(ROOT), *args],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and max(train_steps(run), default=0) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the launching shell's process group: torchrun (workers have their own)
+    _, err = proc.communicate(timeout=120)
+    assert "Sending process" in err and "closing signal SIGTERM" in err  # torchrun forwarded it
+    saved = float((run / "saved").read_text())
+    for rank in (0, 1):
+        assert float((run / f"exit{rank}").read_text()) >= saved, rank  # no process exited during the save
+    assert not (run / "checkpoints/last.pt.tmp").exists()
+    last = torch.load(run / "checkpoints/last.pt", weights_only=True)
+    stopped = max(train_steps(run))
+    assert 2 <= last["step"] == stopped < 8 and last["world_size"] == 2  # saved at the step every rank stopped at
+
+    # the run goes on from there (one process, 4 x 2 accum steps: the same global batch)
+    r = train(*args, "--resume", "--accum-steps", "2", "--max-steps", str(stopped + 2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert train_steps(run) == list(range(1, stopped + 3))  # each step once: none redone, none missing
+    assert torch.load(run / "checkpoints/last.pt", weights_only=True)["step"] == stopped + 2
+
+
+def train_steps(run) -> list[int]:
+    """Training steps logged in RUN/logs/metrics.csv, in order."""
+    path = run / "logs/metrics.csv"
+    return [int(r["step"]) for r in csv.DictReader(open(path)) if r["split"] == "train"] if path.exists() else []
