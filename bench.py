@@ -7,6 +7,7 @@ speed does not depend on them.
     python bench.py --grad-checkpointing --max-batch  # also checkpointing, and the largest batch that fits
     python bench.py --sizes 256 --batch-sizes 1 2     # a CPU-sized run
     python bench.py --markdown BENCHMARKS.md          # also append the tables there (device, command, date)
+    python bench.py --estimate-memory                 # no GPU needed: estimated peak memory at 1024, batch 1-16
 """
 from __future__ import annotations
 
@@ -15,19 +16,24 @@ import os
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import asdict, replace
 from datetime import date
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import AugConfig, EarDataset, ResumableSampler, augment, make_loader
 from synth import write_synthetic
 from losses import VAELoss
 from model import build_model, sam_config
-from train import get_parser, loss_config, resolve_precision
+from inference import PRECISIONS, resolve_precision
+from train import get_parser, loss_config
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -48,6 +54,12 @@ def random_vgg_file() -> str:
     return path
 
 
+def default_loss(vgg: str, image_size: int) -> VAELoss:
+    """train.py's default loss (its flags' defaults), with the VGG16 weights from `vgg`."""
+    loss_cfg = replace(loss_config(get_parser().parse_args([])), vgg_weights=vgg)
+    return VAELoss(**asdict(loss_cfg), image_size=image_size)
+
+
 # FLOPs of one training step per (input_size, batch), counted once on the plain optimised path: every variant does
 # the same model math, and MFU counts model FLOPs (not gradient checkpointing's recomputation)
 MODEL_FLOPS: dict[tuple[int, int], float] = {}
@@ -66,7 +78,7 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
     """One configuration: forward ms, train step ms, images/s, peak memory, FLOPs per step, MFU, status."""
     v = VARIANTS[variant]
     precision = resolve_precision(v["precision"], device) if device.type == "cuda" else "fp32"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = PRECISIONS[precision]
     row = dict(variant=variant, input_size=input_size, batch=batch, precision=precision,
                grad_ckpt=grad_checkpointing, status="OK")
     model = criterion = opt = None
@@ -76,8 +88,7 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
         model = build_model(cfg).to(device).train()
         if v["compile"]:
             model.compile()
-        loss_cfg = replace(loss_config(get_parser().parse_args([])), vgg_weights=vgg)  # train.py's default loss
-        criterion = VAELoss(**asdict(loss_cfg), image_size=cfg.image_size).to(device)
+        criterion = default_loss(vgg, cfg.image_size).to(device)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                 fused=v["fused"])
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -135,6 +146,96 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+# -----------------------------------------------------------------------------
+# memory without a GPU: the training step on fake tensors (shapes only), counting the bytes of every live storage
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of each storage an op creates until it is freed; `peak` is the most alive at once. Storages
+    that existed before (the parameters) are not counted."""
+    supports_higher_order_operators = True  # flex attention is one: its outputs are counted like any op's
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.sizes = 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and id(storage := t.untyped_storage()) not in self.sizes:
+                self.sizes[id(storage)] = storage.nbytes()
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, id(storage))
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self.sizes.pop(key)
+
+
+def estimate_peak_gib(input_size: int, batch: int, attn: str, grad_checkpointing: bool, vgg: str) -> float:
+    """Estimated peak GPU memory (GiB) of train.py's default bf16 training step (two views of `batch` images, the
+    whole loss, backward, fused AdamW) for the full ViT-B model, without a GPU: the step runs twice (the second with
+    AdamW's state) on fake tensors, which have shapes but no data, and every storage created is counted until it is
+    freed; parameters and buffers are added. Where the CPU's kernels would keep other tensors than CUDA's, CUDA's
+    are modelled: SDPA with SAM's float mask runs memory-efficient attention (no (N, N) scores kept; its backward
+    makes the mask's gradient), and flex runs the fused kernel's fake rule (no scores). bf16 autocast is the CPU's,
+    which casts the same matmuls and convolutions. Not counted: the CUDA context, cuBLAS / cuDNN workspaces and the
+    caching allocator's rounding and fragmentation, so a measured peak is higher."""
+    import torch.nn.attention.flex_attention as flex
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = build_model(sam_config(pretrained=False, input_size=input_size, attn_implementation=attn,
+                                   grad_checkpointing=grad_checkpointing)).train()
+    criterion = default_loss(vgg, model.cfg.image_size)
+    fixed = sum(t.nbytes for m in (model, criterion) for t in [*m.parameters(), *m.buffers()])
+    fake = FakeTensorMode()
+    with fake:  # the same modules, every parameter and buffer swapped for a fake of its shape
+        for m in [*model.modules(), *criterion.modules()]:
+            for tensors in (m._parameters, m._buffers):
+                for k, t in tensors.items():
+                    if t is not None:
+                        f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
+                        tensors[k] = nn.Parameter(f, t.requires_grad) if isinstance(t, nn.Parameter) else f
+
+    def efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+        grad = q.requires_grad or k.requires_grad or v.requires_grad
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, grad, scale=scale)[0]
+
+    saved = F.scaled_dot_product_attention, flex._validate_device, flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
+    F.scaled_dot_product_attention = efficient_sdpa  # what CUDA runs for a float mask
+    flex._validate_device = lambda *a: None  # the flex op's fake rule (outputs only) also for CPU fakes
+    flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True  # the op itself, not an eager compile of it
+    try:
+        with fake, LiveBytes() as mem:
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+            x = torch.rand(2 * batch, 3, model.cfg.image_size, model.cfg.image_size)  # two views of each image
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = model(x)
+                    loss, _ = criterion(out["recon"], x, out["mu"], out["logvar"], views=2)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                del out, loss
+    finally:
+        F.scaled_dot_product_attention, flex._validate_device, flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = saved
+    return (fixed + mem.peak) / 2 ** 30
+
+
+def estimate_table(sizes: list[int], batches: list[int], vgg: str) -> str:
+    """The estimate for each input size and batch: plain, with gradient checkpointing, with flex attention; a
+    column for the measured peak (bench.py's peak GiB on a GPU) to fill in."""
+    lines = ["| SAM input | batch | attention | grad ckpt | estimated peak GiB | measured peak GiB |", "|" + "---|" * 6]
+    for size in sizes:
+        for b in batches:
+            for attn, ckpt in (("sdpa", False), ("sdpa", True), ("flex", False)):
+                gib = estimate_peak_gib(size, b, attn, ckpt, vgg)
+                lines.append(f"| {size} | {b} | {attn} | {'yes' if ckpt else 'no'} | {gib:.1f} | |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 def data_pipeline(device: torch.device, workers: int, batch: int, n: int = 2048) -> float:
@@ -206,10 +307,11 @@ def largest_batch(variant: str, input_size: int, device: torch.device, vgg: str,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 512, 256] if cuda else [256],
-                   help="SAM input sizes")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64] if cuda else [1, 2],
-                   help="images per step (each seen in two augmented views, as in training)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="SAM input sizes (default: 1024 512 256 on a GPU, 256 on CPU, 1024 for --estimate-memory)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="images per step, each seen in two augmented views as in training (default: 8 32 64 on a "
+                        "GPU, 1 2 on CPU, 1 4 8 16 for --estimate-memory)")
     p.add_argument("--steps", type=int, default=10 if cuda else 2, help="timed steps per configuration")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                    default=["optimised", "baseline", "flex", "compiled"] if cuda else ["optimised", "baseline"],
@@ -220,7 +322,20 @@ def main() -> None:
                    "without gradient checkpointing, at the first of --sizes")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
     p.add_argument("--markdown", default=None, help="append the results to this file (e.g. BENCHMARKS.md)")
+    p.add_argument("--estimate-memory", action="store_true", help="only estimate the peak GPU memory of a bf16 "
+                   "training step, no GPU needed (fake tensors): plain, grad checkpointing and flex, at --sizes "
+                   "(here default 1024) and --batch-sizes (here default 1 4 8 16)")
     args = p.parse_args()
+    if args.estimate_memory:
+        out = (f"### {date.today()} - estimate (fake tensors, no GPU)\n\n`python bench.py {' '.join(sys.argv[1:])}`"
+               f"\n\n{estimate_table(args.sizes or [1024], args.batch_sizes or [1, 4, 8, 16], random_vgg_file())}\n")
+        print("\n" + out)
+        if args.markdown:
+            with open(args.markdown, "a") as f:
+                f.write("\n" + out)
+        return
+    args.sizes = args.sizes or ([1024, 512, 256] if cuda else [256])
+    args.batch_sizes = args.batch_sizes or ([8, 32, 64] if cuda else [1, 2])
     if "flex" in args.variants and not cuda:
         p.error("the flex variant trains on CUDA only (PyTorch's FlexAttention has no CPU backward)")
     variants = ["optimised"] + [v for v in args.variants if v != "optimised"]

@@ -1,5 +1,6 @@
 """The whole job on the built-in synthetic ears, CPU-sized (about 7 minutes on 2 cores):
-synthesise ears -> train the tiny model -> evaluate it -> draw its eigenears. Every artefact lands in --out.
+synthesise ears -> train the tiny model -> evaluate it -> draw its eigenears -> recognise new identities from its
+latents. Every artefact lands in --out.
 
     python demo.py              # writes demo/
 Each step is the command a user would type; it is printed before it runs.
@@ -43,6 +44,10 @@ def main() -> None:
         "--log-every", "25", "--workers", "1")
     run("eval.py", f"{out}/checkpoints/best.pt", "--out", f"{out}/eval", "--export-latents", f"{out}/eval/latents.npy")
     run("eigenears.py", "--ckpt", f"{out}/checkpoints/best.pt", "--out", f"{out}/eigenears")
+    # recognition from the latents: ears of 100 new identities, 4 views each, none seen in training
+    run("synth.py", "--out", f"{out}/identities", "--identities", "100", "--views", "4", "--seed", "1")
+    run("eval.py", f"{out}/checkpoints/best.pt", "--data", f"{out}/identities/val_teacher.npy", "--identity",
+        "--out", f"{out}/identity")
     print(f"\ndemo done in {(time.time() - t0) / 60:.1f} min: everything is in {out}/")
 
 

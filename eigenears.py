@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from data import DataError, EarDataset  # noqa: E402
 from files import save_figure, save_json, write_outputs  # noqa: E402
 from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
-                       encode_dataset, out_of_memory_error, resolve_device, resolve_precision)
+                       encode_dataset, PRECISIONS, out_of_memory_error, resolve_device,
+                       resolve_precision)
 from losses import psnr  # noqa: E402
 from model import CheckpointError, EarVAE, WeightsUnavailableError, load_model, read_checkpoint  # noqa: E402
 from synth import IDENTITY_COLUMN  # noqa: E402
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
-    dtype = resolve_precision(args.precision, device)
+    dtype = PRECISIONS[resolve_precision(args.precision, device)]
     print(f"device {device}, {dtype} {'(no autocast)' if dtype == torch.float32 else 'autocast'}, "
           f"batch size {args.batch_size}")
 

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from data import UNLABELLED, DataError, EarDataset, identity_files, read_identities, to_float  # noqa: E402
 from files import Writer, save_figure, save_json, save_npy, write_outputs  # noqa: E402
 from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
-                       out_of_memory_error, resolve_device, resolve_precision)
+                       PRECISIONS, out_of_memory_error, resolve_device,
+                       resolve_precision)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
 from model import (CheckpointError, EarVAE, WeightsUnavailableError, export_model, load_model,  # noqa: E402
                    read_checkpoint)
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
-    dtype = resolve_precision(args.precision, device)
+    dtype = PRECISIONS[resolve_precision(args.precision, device)]
 
     ckpt = read_checkpoint(args.ckpt)
     info = checkpoint_info(ckpt)

@@ -18,15 +18,15 @@ from data import EarDataset, ResumableSampler, make_loader, to_float
 from model import CheckpointError, EarVAE
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_BATCH_SIZE = 8  # fits a 24 GB GPU at SAM input 1024 in bf16 (see add_inference_args)
+DEFAULT_BATCH_SIZE = 16  # ~8.6 GiB at SAM input 1024 in bf16 (bench.py's estimate): fits 12-24 GB GPUs
 
 
 def add_inference_args(p: argparse.ArgumentParser) -> None:
     """--batch-size, --precision, --device and --workers, the same for every script that runs a checkpoint."""
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help="images per forward pass; 8 fits a 24 GB GPU at SAM input 1024 in bf16 (estimate: the dense "
-                        "relative-position bias of a global block is 12 heads x 4096^2 x 2 B = 384 MiB per image, "
-                        "3 GiB at 8, up to 3x that where the attention scores are materialised)")
+                   help="images per forward pass. At SAM input 1024 in bf16 the peak is ~4.6 GiB at 8, ~8.6 GiB at "
+                        "16 and ~16.4 GiB at 32 (fake-tensor estimate, BENCHMARKS.md; in fp32 about twice): 16 fits "
+                        "GPUs of 12 to 24 GB with room to spare")
     p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
                    help="autocast dtype of the forward passes; auto: bf16 where the GPU has it natively, else fp16 on "
                         "CUDA, fp32 on CPU. Metrics are computed in fp32 either way")
@@ -43,14 +43,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on a GPU with native bf16, float16 on other GPUs, float32 on the CPU; else PRECISIONS[name]
-    (a half precision on the CPU is allowed: torch autocasts there too)."""
-    if name != "auto":
-        return PRECISIONS[name]
-    if device.type == "cpu":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The autocast precision of a run (a key of PRECISIONS): `requested` unless it is "auto", which means bf16
+    where the current CUDA device computes it natively (compute capability >= 8), else fp16, and fp32 off CUDA.
+    Emulated bf16 (V100, T4: torch.cuda.is_bf16_supported() is True there by default) is slower than fp16. An
+    explicit half precision on the CPU is kept: torch autocasts there too."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
 from files import atomic_write
+from inference import PRECISIONS, resolve_precision
 from losses import LossConfig, VAELoss, psnr, ssim
 from model import (CheckpointError, ConfigError, VAEConfig, WeightsUnavailableError, build_model,
                    config_from_checkpoint, dinov2_config, load_state, parameter_report, read_checkpoint, sam_config,
@@ -122,7 +123,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights")
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
     g = p.add_argument_group("run")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    g.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
                    help="auto: bf16 where the GPU has it natively (compute capability >= 8), else fp16 + "
                         "GradScaler; fp32 on CPU")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -153,17 +154,6 @@ def model_config(args):
     if args.freeze_blocks is not None:
         kw["freeze_blocks"] = args.freeze_blocks
     return make(args.encoder, **kw) if args.tiny else make(**kw)
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """The autocast precision of a run: `requested` unless it is "auto", which means bf16 where the current CUDA
-    device computes it natively (compute capability >= 8), else fp16 (with a GradScaler), and fp32 off CUDA.
-    Emulated bf16 (V100, T4: torch.cuda.is_bf16_supported() is True there by default) is slower than fp16."""
-    if requested != "auto":
-        return requested
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def loss_config(args: argparse.Namespace) -> LossConfig:
@@ -399,7 +389,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = PRECISIONS[precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
     # -- data

@@ -61,3 +61,32 @@ def test_the_benchmarked_loss_is_the_default_training_loss(monkeypatch):
         bench.measure("optimised", 256, 1, torch.device("cpu"), "vgg.pth", steps=1)
     expected = {**vars(train.loss_config(parser.parse_args([]))), "vgg_weights": "vgg.pth", "image_size": 128}
     assert seen == expected and seen["kl"] == 1e-3 and seen["contrastive"] == 0.7
+
+
+def test_live_bytes_counts_what_is_alive_at_once():
+    with bench.LiveBytes() as mem:
+        a = torch.empty(2 ** 20, dtype=torch.uint8)
+        b = torch.empty(2 ** 21, dtype=torch.uint8)
+        del a
+        c = torch.empty(2 ** 19, dtype=torch.uint8)
+        view = b[:10]  # a view makes no new storage
+    assert mem.peak == 3 * 2 ** 20 and mem.live == 2 ** 21 + 2 ** 19
+    del b, c, view
+    assert mem.live == 0
+
+
+def test_memory_estimate_sees_activations_masks_and_checkpointing():
+    vgg = bench.random_vgg_file()
+    est = {k: bench.estimate_peak_gib(256, b, attn, ckpt, vgg)
+           for k, (b, attn, ckpt) in {"plain": (1, "sdpa", False), "batch2": (2, "sdpa", False),
+                                      "ckpt": (1, "sdpa", True)}.items()}
+    model = bench.build_model(bench.sam_config(pretrained=False, input_size=256))
+    params = sum(p.numel() * 4 for p in model.parameters()) / 2 ** 30
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) / 2 ** 30
+    assert est["plain"] > params + 3 * trainable  # weights, gradients and AdamW's two moments, then activations
+    assert est["batch2"] > est["plain"]  # activations grow with the batch
+    assert est["ckpt"] < est["plain"]  # the trainable blocks' activations are recomputed, not kept
+    # at 1024 (4096 tokens) SDPA's dense (B, 12, N, N) bias and its gradient are GiBs; flex keeps neither
+    sdpa, flex = (bench.estimate_peak_gib(1024, 1, attn, False, vgg) for attn in ("sdpa", "flex"))
+    mask = 2 * 12 * 4096 ** 2 * 2 / 2 ** 30  # two views, bf16
+    assert sdpa - flex > 2 * mask

@@ -24,7 +24,7 @@ import eval as ev
 from conftest import (CLI_CASES, EARLIER, ROOT, Hostile, assert_error_after_progress_bars, assert_one_line_error,
                       bad_inputs, check_cli_error, run_out_of_memory)
 from data import EarDataset
-from inference import autocast, checkpoint_info, resolve_precision
+from inference import autocast, checkpoint_info
 from losses import LPIPS
 from model import load_model, read_checkpoint
 from recognition import probe_ranks, recognition_metrics
@@ -157,16 +157,6 @@ def test_two_runs_write_identical_metrics(runs):
 
 # -----------------------------------------------------------------------------
 # precision and memory
-
-@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, native_bf16, expected):
-    """A GPU that only emulates bf16 (is_bf16_supported() is True by default there) gets fp16; the CPU gets fp32."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or
-                        including_emulation)
-    assert resolve_precision("auto", torch.device("cuda")) == expected
-    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
-    assert resolve_precision("fp32", torch.device("cuda")) == torch.float32
-
 
 def test_bf16_forward_pass_metrics_are_computed_in_float32_on_its_outputs(tiny_run, holey_file, reference):
     """Under bf16 autocast the model's outputs change (the autocast is on), but every metric is the float64
