@@ -393,16 +393,16 @@ def test_compiled_flex_compiles_once_per_call_class_and_fails_loudly_past_its_li
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused FlexAttention kernel and its backward: CUDA")
 def test_compiled_flex_matches_sdpa_on_cuda_forward_and_backward(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 matmuls (train.main turns TF32 on)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")  # fp32 matmuls (train.py turns TF32 on)
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")  # fp32 convs too: only attention differs
     grads, feats = {}, {}
     for impl in ("sdpa", "flex"):
         model = tiny_sam_with_rel_pos(impl, freeze_blocks=0).cuda()
-        with torch.backends.cudnn.flags(allow_tf32=False):  # fp32 convs too: only the attention differs
-            with torch.no_grad():  # several batch sizes: the compiled kernel meets changing shapes
-                feats[impl] = [model.eval().encoder.features(tiny_batch(b).cuda())["neck"] for b in (1, 2, 3, 5)]
-            x = tiny_batch(2).cuda()
-            out = model.train()(x, eps=torch.zeros(2, model.cfg.latent_dim, device="cuda"))
-            (out["recon"] - x).pow(2).mean().backward()
+        with torch.no_grad():  # several batch sizes: the compiled kernel meets changing shapes
+            feats[impl] = [model.eval().encoder.features(tiny_batch(b).cuda())["neck"] for b in (1, 2, 3, 5)]
+        x = tiny_batch(2).cuda()
+        out = model.train()(x, eps=torch.zeros(2, model.cfg.latent_dim, device="cuda"))
+        (out["recon"] - x).pow(2).mean().backward()
         grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for a, b in zip(feats["flex"], feats["sdpa"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
-from files import atomic_write
+from files import atomic_write, save_figure, save_json
 from inference import PRECISIONS, resolve_precision
 from losses import LossConfig, VAELoss, psnr, ssim
 from model import (CheckpointError, ConfigError, VAEConfig, WeightsUnavailableError, build_model,
@@ -244,8 +244,8 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
         a.legend()
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    with atomic_write(png_path) as f:
+        save_figure(fig)(f)
 
 
 class Run(NamedTuple):
@@ -387,8 +387,8 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     # -- precision: bf16 autocast where the GPU has it natively, else fp16 + GradScaler; fp32 on CPU
     precision = resolve_precision(args.precision, device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch's per-op switches (allow_tf32 is the legacy API;
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # mixing the two raises); SSIM turns convs back to ieee
     dtype = PRECISIONS[precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
@@ -455,7 +455,8 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     if master:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         log_dir.mkdir(parents=True, exist_ok=True)
-        json.dump({"run": run_config, "model": asdict(cfg)}, open(log_dir / "config.json", "w"), indent=2)
+        with atomic_write(log_dir / "config.json") as f:
+            save_json({"run": run_config, "model": asdict(cfg)})(f)
         metrics = MetricsLog(log_dir, log)
         grid_x = to_float(torch.stack([val_ds[i][0] for i in range(min(8, len(val_ds)))])).to(device)
 

@@ -111,3 +111,18 @@ def tiny_run(synth_dir, tmp_path_factory) -> SimpleNamespace:
     train.main(tiny_train_args(synth_dir, run, "--epochs", "2"))
     return SimpleNamespace(data_dir=synth_dir, run_dir=run, ckpt_dir=run / "checkpoints", log_dir=run / "logs",
                            best=run / "checkpoints" / "best.pt", last=run / "checkpoints" / "last.pt")
+
+
+@pytest.fixture
+def offline_torch_hub(tmp_path, monkeypatch) -> Path:
+    """Hermetic "offline" for torchvision weights: an empty TORCH_HOME (returned) and a download that fails at once the
+    way urllib does without a network."""
+    import urllib.error
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return home

@@ -15,6 +15,7 @@ import eigenears as eg
 from conftest import (CLI_CASES, EARLIER, ROOT, assert_error_after_progress_bars, bad_inputs,
                       check_cli_error, run_out_of_memory)
 from data import EarDataset
+from inference import DEFAULT_BATCH_SIZE
 from model import load_model, read_checkpoint
 from synth import FACTORS, render_ears
 
@@ -289,6 +290,7 @@ def test_cli_bad_input_one_line_error_exit_1_earlier_output_untouched(case, tiny
 def test_out_of_memory_is_one_line_suggesting_half_the_batch_or_the_cpu(tiny_run, tmp_path):
     r = run_out_of_memory("eigenears.py", "--ckpt", str(tiny_run.best), "--out", str(tmp_path / "out"),
                           "--workers", "0")
-    assert_error_after_progress_bars(r, "error: out of GPU memory at --batch-size 8. Use a smaller batch "
-                                        "(e.g. --batch-size 4) or --device cpu.")
+    b = DEFAULT_BATCH_SIZE  # no --batch-size given: the default is named, and half of it suggested
+    assert_error_after_progress_bars(r, f"error: out of GPU memory at --batch-size {b}. Use a smaller batch "
+                                        f"(e.g. --batch-size {b // 2}) or --device cpu.")
     assert not (tmp_path / "out").exists()  # nothing written

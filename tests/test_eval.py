@@ -9,7 +9,6 @@ import runpy
 import statistics
 import subprocess
 import sys
-import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -400,19 +399,12 @@ def test_identity_without_labels_is_one_line_naming_the_files_looked_for(tiny_ru
     assert_untouched(out)  # no outputs and no export
 
 
-def test_lpips_offline_is_one_line_with_eval_fixes_not_training_ones(tiny_run, tmp_path, monkeypatch, capsys):
-    """Hermetic "offline": an empty TORCH_HOME and a download that fails at once the way urllib does without
-    network."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def no_network(url, *args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+def test_lpips_offline_is_one_line_with_eval_fixes_not_training_ones(tiny_run, tmp_path, monkeypatch, capsys,
+                                                                     offline_torch_hub):
     out = earlier_output(tmp_path)
     r = run_script("eval.py", [str(tiny_run.best), "--lpips", "--out", str(out), "--workers", "0", "--device", "cpu"],
                    monkeypatch, capsys)
-    assert_one_line_error(r, "Could not load VGG16 weights for LPIPS", str(tmp_path / "torch_home" / "hub" /
+    assert_one_line_error(r, "Could not load VGG16 weights for LPIPS", str(offline_torch_hub / "hub" /
                           "checkpoints"), "URLError", "--vgg-weights PATH", "evaluate without `--lpips`")
     assert "--perceptual-weight" not in r.stderr
     assert_untouched(out)

@@ -290,20 +290,13 @@ def test_perceptual_gradient_reaches_input_but_not_vgg(vgg_features_file):
     assert all(p.grad is None for p in loss_fn.parameters())
 
 
-def test_imagenet_weights_offline_raise_actionable_error(tmp_path, monkeypatch):
-    # Hermetic "offline": an empty TORCH_HOME and a download that fails the way urllib does without a network.
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def no_network(url, *args, **kwargs):
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+def test_imagenet_weights_offline_raise_actionable_error(offline_torch_hub):
     with pytest.raises(WeightsUnavailableError) as info:
         PerceptualLoss("imagenet")
     message = str(info.value)
     assert "https://download.pytorch.org/models/vgg16-397923af.pth" in message
-    assert str(tmp_path / "hub" / "checkpoints") in message
-    assert "URLError" in message and "Name or service not known" in message
+    assert str(offline_torch_hub / "hub" / "checkpoints") in message
+    assert "URLError" in message and "Temporary failure in name resolution" in message
     assert "--vgg-weights" in message and "--perceptual-weight 0" in message
     assert isinstance(info.value.__cause__, urllib.error.URLError)
 

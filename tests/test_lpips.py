@@ -6,7 +6,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import sys
-import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -83,21 +82,14 @@ def test_rejects_mismatched_shapes(metric):
         metric(images(0), images(1, size=16))
 
 
-def test_imagenet_weights_offline_raise_actionable_error(tmp_path, monkeypatch):
-    # Hermetic "offline": an empty TORCH_HOME and a download that fails at once the way urllib does without network
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def no_network(url, *args, **kwargs):
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+def test_imagenet_weights_offline_raise_actionable_error(offline_torch_hub):
     with pytest.raises(WeightsUnavailableError) as info:
         LPIPS("imagenet")
     message = str(info.value)
     assert "\n" not in message
     assert "https://download.pytorch.org/models/vgg16-397923af.pth" in message
-    assert str(tmp_path / "hub" / "checkpoints") in message
-    assert "URLError" in message and "Name or service not known" in message
+    assert str(offline_torch_hub / "hub" / "checkpoints") in message
+    assert "URLError" in message and "Temporary failure in name resolution" in message
 
 
 def test_missing_weights_file_raises_naming_the_path(tmp_path):
