@@ -1,4 +1,4 @@
-"""The whole job on the built-in synthetic ears, CPU-sized (about 7 minutes on 2 cores):
+"""The whole job on the built-in synthetic ears, CPU-sized (7 to 30 minutes on 2 cores, by machine):
 synthesise ears -> train the tiny model -> evaluate it -> draw its eigenears -> recognise new identities from its
 latents. Every artefact lands in --out.
 
