@@ -126,3 +126,15 @@ def offline_torch_hub(tmp_path, monkeypatch) -> Path:
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     return home
+
+
+@pytest.fixture(scope="session")
+def vgg_file(tmp_path_factory) -> Path:
+    """A random-init torchvision vgg16 `features.*` state dict saved as .pth (stands in for the ImageNet weights,
+    which are not reachable here)."""
+    from torchvision.models import vgg
+    torch.manual_seed(0)
+    features = vgg.make_layers(vgg.cfgs["D"])
+    path = tmp_path_factory.mktemp("vgg") / "vgg16_features.pth"
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+    return path

@@ -243,16 +243,6 @@ def labelled(holey_file, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory) -> Path:
-    """A randomly initialised torchvision vgg16 `features` state dict (the ImageNet weights are not here)."""
-    from torchvision.models import vgg
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vgg") / "vgg16_random.pth"
-    torch.save(vgg.make_layers(vgg.cfgs["D"]).state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def full(tiny_run, labelled, vgg_file, tmp_path_factory) -> SimpleNamespace:
     """eval.main with --identity --lpips --vgg-weights --export on `labelled`."""
     d = tmp_path_factory.mktemp("full")

@@ -56,16 +56,6 @@ def photo_pairs() -> list[tuple[str, np.ndarray, np.ndarray]]:
     return pairs
 
 
-@pytest.fixture(scope="module")
-def vgg_features_file(tmp_path_factory) -> Path:
-    """A random-init torchvision vgg16 `features.*` state dict saved as .pth (stands in for ImageNet weights)."""
-    torch.manual_seed(0)
-    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
-    path = tmp_path_factory.mktemp("vgg") / "vgg16_features.pth"
-    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------- psnr / ssim
 
 def test_psnr_and_ssim_match_skimage_per_image_on_random_images():
@@ -259,9 +249,9 @@ def test_perceptual_loss_loads_full_vgg16_state_dict_and_matches_reference_featu
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
-def test_perceptual_loss_uses_exactly_the_weights_in_the_file(vgg_features_file, tmp_path, fmt):
-    state = torch.load(vgg_features_file, weights_only=True)
-    path = vgg_features_file
+def test_perceptual_loss_uses_exactly_the_weights_in_the_file(vgg_file, tmp_path, fmt):
+    state = torch.load(vgg_file, weights_only=True)
+    path = vgg_file
     if fmt == "safetensors":
         path = tmp_path / "vgg16_features.safetensors"
         save_file(state, path)
@@ -271,8 +261,8 @@ def test_perceptual_loss_uses_exactly_the_weights_in_the_file(vgg_features_file,
         torch.testing.assert_close(v, state[f"features.{k}"], rtol=0, atol=0)
 
 
-def test_perceptual_vgg_is_frozen_and_stays_in_eval_mode(vgg_features_file):
-    loss = VAELoss(vgg_weights=str(vgg_features_file))
+def test_perceptual_vgg_is_frozen_and_stays_in_eval_mode(vgg_file):
+    loss = VAELoss(vgg_weights=str(vgg_file))
     loss.train()
     assert loss.training and loss.perceptual_loss.training
     assert not loss.perceptual_loss.vgg.training
@@ -282,8 +272,8 @@ def test_perceptual_vgg_is_frozen_and_stays_in_eval_mode(vgg_features_file):
     assert not any(k.endswith(("center_map", ".mean", ".std")) for k in loss.state_dict())  # non-persistent
 
 
-def test_perceptual_gradient_reaches_input_but_not_vgg(vgg_features_file):
-    loss_fn = PerceptualLoss(str(vgg_features_file))
+def test_perceptual_gradient_reaches_input_but_not_vgg(vgg_file):
+    loss_fn = PerceptualLoss(str(vgg_file))
     x = torch.rand(1, 3, 32, 32, requires_grad=True)
     loss_fn(x, torch.rand(1, 3, 32, 32)).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -336,9 +326,9 @@ def vae_inputs(batch: int = 2, dim: int = 16, size: int = 128):
     return recon, target, mu, logvar
 
 
-def test_vae_loss_all_terms_finite_with_grads_to_recon_and_mu(vgg_features_file):
+def test_vae_loss_all_terms_finite_with_grads_to_recon_and_mu(vgg_file):
     recon, target, mu, logvar = vae_inputs()
-    total, logs = VAELoss(vgg_weights=str(vgg_features_file))(recon, target, mu, logvar, views=2)
+    total, logs = VAELoss(vgg_weights=str(vgg_file))(recon, target, mu, logvar, views=2)
     assert set(logs) == {"loss", *TERMS}
     assert all(torch.isfinite(v) for v in logs.values())
     total.backward()
@@ -347,10 +337,10 @@ def test_vae_loss_all_terms_finite_with_grads_to_recon_and_mu(vgg_features_file)
     assert (mu.grad[:2].abs().sum(1) > 0).all() and (mu.grad[2:].abs().sum(1) > 0).all()  # both views
 
 
-def test_vae_loss_logs_are_detached_0dim_and_total_is_weighted_sum(vgg_features_file):
+def test_vae_loss_logs_are_detached_0dim_and_total_is_weighted_sum(vgg_file):
     weights = dict(pixel=1.0, kl=1e-3, perceptual=1.5, ssim=0.6, edge=0.3, contrastive=0.1)
     recon, target, mu, logvar = vae_inputs()
-    total, logs = VAELoss(**weights, vgg_weights=str(vgg_features_file))(recon, target, mu, logvar, views=2)
+    total, logs = VAELoss(**weights, vgg_weights=str(vgg_file))(recon, target, mu, logvar, views=2)
     assert all(v.dim() == 0 and not v.requires_grad and v.grad_fn is None for v in logs.values())
     assert total.dim() == 0 and total.requires_grad
     torch.testing.assert_close(total.detach(), sum(weights[k] * logs[k] for k in TERMS))
@@ -405,9 +395,9 @@ def test_vae_loss_skips_contrastive_without_second_view():
         VAELoss(perceptual=0)(recon, target, mu, logvar, views=3)
 
 
-def test_vae_loss_is_float32_and_finite_under_bf16_autocast(vgg_features_file):
+def test_vae_loss_is_float32_and_finite_under_bf16_autocast(vgg_file):
     recon, target, mu, logvar = vae_inputs(batch=2, size=64)
-    loss = VAELoss(image_size=64, vgg_weights=str(vgg_features_file))
+    loss = VAELoss(image_size=64, vgg_weights=str(vgg_file))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         total, logs = loss(recon.bfloat16(), target, mu.bfloat16(), logvar.bfloat16() * 1e4, views=2)
     assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in logs.values())

@@ -21,16 +21,6 @@ from model import WeightsUnavailableError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory) -> Path:
-    """A random-init torchvision vgg16 `features.*` state dict saved as .pth."""
-    torch.manual_seed(0)
-    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
-    path = tmp_path_factory.mktemp("vgg") / "vgg16_features.pth"
-    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def metric(vgg_file) -> LPIPS:
     return LPIPS(str(vgg_file))
 
