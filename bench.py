@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 import weakref
 from dataclasses import asdict, replace
 from datetime import date
@@ -209,7 +210,8 @@ def estimate_peak_gib(input_size: int, batch: int, attn: str, grad_checkpointing
     flex._validate_device = lambda *a: None  # the flex op's fake rule (outputs only) also for CPU fakes
     flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True  # the op itself, not an eager compile of it
     try:
-        with fake, LiveBytes() as mem:
+        with fake, LiveBytes() as mem, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # by design
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
             x = torch.rand(2 * batch, 3, model.cfg.image_size, model.cfg.image_size)  # two views of each image
             for _ in range(2):
