@@ -33,7 +33,7 @@ from data import AugConfig, EarDataset, ResumableSampler, augment, make_loader
 from synth import write_synthetic
 from losses import VAELoss
 from model import build_model, sam_config
-from inference import PRECISIONS, resolve_precision
+from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
 from train import get_parser, loss_config
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -93,7 +93,7 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                 fused=v["fused"])
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+        autocast = inference_autocast(device, dtype)  # as train.py: fp32 -> no autocast at all
         x = torch.rand(2 * batch, 3, 128, 128, device=device)  # two augmented views of `batch` images
 
         def step():

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
 from files import atomic_write, save_figure, save_json
-from inference import PRECISIONS, resolve_precision
+from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
 from losses import LossConfig, VAELoss, psnr, ssim
 from model import (CheckpointError, ConfigError, VAEConfig, WeightsUnavailableError, build_model,
                    config_from_checkpoint, dinov2_config, load_state, parameter_report, read_checkpoint, sam_config,
@@ -390,7 +390,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
         torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch's per-op switches (allow_tf32 is the legacy API;
         torch.backends.cudnn.conv.fp32_precision = "tf32"  # mixing the two raises); SSIM turns convs back to ieee
     dtype = PRECISIONS[precision]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+    autocast = inference_autocast(device, dtype)  # fp32: no autocast at all
 
     # -- data
     data_dir = Path(args.data_dir)
