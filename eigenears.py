@@ -27,10 +27,10 @@ import torch  # noqa: E402
 from data import DataError, EarDataset  # noqa: E402
 from files import save_figure, save_json, write_outputs  # noqa: E402
 from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
-                       encode_dataset, PRECISIONS, out_of_memory_error, resolve_device,
-                       resolve_precision)
+                       encode_dataset, out_of_memory_error, setup)
 from losses import psnr  # noqa: E402
-from model import CheckpointError, EarVAE, WeightsUnavailableError, load_model, read_checkpoint  # noqa: E402
+from checkpoints import CheckpointError, load_model, read_checkpoint  # noqa: E402
+from model import EarVAE, WeightsUnavailableError  # noqa: E402
 from synth import IDENTITY_COLUMN  # noqa: E402
 
 CUMULATIVE_AT = (1, 5, 10, 50)  # numbers of PCs for the cumulative variance and the reconstruction PSNR
@@ -340,13 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpts = args.ckpt or ["checkpoints/best.pt"]
     if args.n_components < 1 or args.batch_size < 1:
         parser.error(f"--n-components {args.n_components}, --batch-size {args.batch_size}: expected >= 1")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
-    dtype = PRECISIONS[resolve_precision(args.precision, device)]
-    print(f"device {device}, {dtype} {'(no autocast)' if dtype == torch.float32 else 'autocast'}, "
-          f"batch size {args.batch_size}")
+    device, dtype = setup(args, parser)
 
     stems = [Path(c).stem for c in ckpts]
     names = stems if len(set(stems)) == len(stems) else [f"{i}_{s}" for i, s in enumerate(stems)]

@@ -34,11 +34,10 @@ import torch  # noqa: E402
 from data import UNLABELLED, DataError, EarDataset, identity_files, read_identities, to_float  # noqa: E402
 from files import Writer, save_figure, save_json, save_npy, write_outputs  # noqa: E402
 from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
-                       PRECISIONS, out_of_memory_error, resolve_device,
-                       resolve_precision)
+                       out_of_memory_error, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
-from model import (CheckpointError, EarVAE, WeightsUnavailableError, export_model, load_model,  # noqa: E402
-                   read_checkpoint)
+from checkpoints import CheckpointError, export_model, load_model, read_checkpoint  # noqa: E402
+from model import EarVAE, WeightsUnavailableError  # noqa: E402
 from recognition import probe_ranks, recognition_metrics  # noqa: E402
 
 TARGETS = {"psnr": 28.0, "ssim": 0.85}  # the original design's goals (dB, SSIM on [0, 1] RGB)
@@ -275,11 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--vgg-weights is the backbone of --lpips: add --lpips")
     if args.export is not None and Path(args.export).exists() and not Path(args.export).is_dir():
         parser.error(f"--export {args.export}: exists and is not a directory")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
-    dtype = PRECISIONS[resolve_precision(args.precision, device)]
+    device, dtype = setup(args, parser)
 
     ckpt = read_checkpoint(args.ckpt)
     info = checkpoint_info(ckpt)
@@ -298,8 +293,6 @@ def main(argv: list[str] | None = None) -> dict:
         n_unlabelled = int((labels == UNLABELLED).sum())
         print(f"identity labels: {len(labels) - n_unlabelled} of {len(labels)} images labelled, {n_unlabelled} "
               f"unlabelled (left out of recognition)")
-    print(f"device {device}, {dtype} {'(no autocast)' if dtype == torch.float32 else 'autocast'}, "
-          f"batch size {args.batch_size}")
 
     per_image = per_image_metrics(model, ds, args.batch_size, device, dtype, args.workers, lpips)
     metrics = {"n_images": len(ds), "n_invalid": ds.n_total - len(ds), "checkpoint": str(args.ckpt),

@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from data import EarDataset, ResumableSampler, make_loader, to_float
-from model import CheckpointError, EarVAE
+from checkpoints import CheckpointError
+from model import EarVAE
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_BATCH_SIZE = 16  # ~8.6 GiB at SAM input 1024 in bf16 (bench.py's estimate): fits 12-24 GB GPUs
@@ -32,6 +33,19 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
                         "CUDA, fp32 on CPU. Metrics are computed in fp32 either way")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+
+
+def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[torch.device, torch.dtype]:
+    """The device and autocast dtype of add_inference_args' --device and --precision, printed as one line (e.g.
+    'device cuda, torch.bfloat16 autocast, batch size 16'). --device cuda without a GPU is a parser error (exit 2)."""
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    dtype = PRECISIONS[resolve_precision(args.precision, device)]
+    print(f"device {device}, {dtype} {'(no autocast)' if dtype == torch.float32 else 'autocast'}, "
+          f"batch size {args.batch_size}")
+    return device, dtype
 
 
 def resolve_device(name: str) -> torch.device:

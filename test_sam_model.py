@@ -16,7 +16,7 @@ from transformers import Dinov2Config, Dinov2Model, SamConfig, SamModel, SamVisi
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
 from model import (CheckpointError, ConfigError, LOGVAR_MAX, SamFlexAttention, SamSdpaAttention,
-                   WeightsUnavailableError, build_model, dinov2_config, load_model, parameter_report, sam_config,
+                   WeightsUnavailableError, build_model, load_model, parameter_report, sam_config,
                    tiny_config)
 
 TINY_SAM = tiny_config("sam").encoder_config
@@ -92,7 +92,7 @@ def test_pretrained_dinov2_loads_and_matches_transformers(tmp_path):
 def test_a_third_backbone_is_one_new_encoder_class(monkeypatch):
     """BACKBONES is the one table of backbone families: a family added there (transformers' plain ViT, below) is
     configured, loaded, frozen and run by the common code, its final map equal to transformers' own output."""
-    import model as M
+    import encoders as M
     from transformers import ViTConfig, ViTModel
 
     class VitEncoder(M.Encoder):
@@ -369,7 +369,7 @@ def test_compiled_flex_compiles_once_per_call_class_and_fails_loudly_past_its_li
     sizes do not recompile, grad mode is a class of its own, and a class that would compile past its limit raises
     instead of silently running eager. CPU stand-in for CUDA: dynamo's guards and caches are the same, only the
     backend differs (a compile counter that runs the captured graph eagerly)."""
-    import model as M
+    import attention as M
     from torch._dynamo.testing import CompileCounter
     from torch.nn.attention.flex_attention import flex_attention as reference
     counter, compile_ = CompileCounter(), torch.compile

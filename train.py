@@ -36,9 +36,9 @@ from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, ma
 from files import atomic_write, save_figure, save_json
 from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
 from losses import LossConfig, VAELoss, psnr, ssim
-from model import (CheckpointError, ConfigError, VAEConfig, WeightsUnavailableError, build_model,
-                   config_from_checkpoint, dinov2_config, load_state, parameter_report, read_checkpoint, sam_config,
-                   tiny_config)
+from checkpoints import CheckpointError, config_from_checkpoint, load_state, read_checkpoint
+from model import (ConfigError, VAEConfig, WeightsUnavailableError, build_model, dinov2_config, parameter_report,
+                   sam_config, tiny_config)
 
 DEFAULT_WEIGHTS = {"sam": sam_config().weights, "dinov2": dinov2_config().weights}
 # flags that may differ when resuming; every other flag comes from the checkpoint's run config

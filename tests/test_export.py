@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import model as model_module  # noqa: E402
+import checkpoints  # noqa: E402
 import train  # noqa: E402
 from conftest import Hostile, tiny_train_args  # noqa: E402
 from model import (EXPORT_FORMAT, CheckpointError, build_model, export_model, load_model, read_checkpoint,  # noqa: E402
@@ -115,7 +115,7 @@ def test_failed_export_leaves_the_previous_export_intact(exported, tmp_path, mon
     def broken_card(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(model_module, "model_card", broken_card)  # the last of the three files fails
+    monkeypatch.setattr(checkpoints, "model_card", broken_card)  # the last of the three files fails
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(random_tiny(seed=5), target)
     assert {f.name: f.read_bytes() for f in target.iterdir()} == before
