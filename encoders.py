@@ -17,8 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import SamFlexAttention, SamSdpaAttention
-
 if TYPE_CHECKING:
     from model import VAEConfig
 
@@ -196,6 +194,7 @@ class SamEncoder(Encoder):
         if self.cfg.attn_implementation == "flex" and not c.use_rel_pos:
             raise ConfigError("attn_implementation 'flex' adds SAM's relative-position bias; this backbone "
                               "has none (use_rel_pos=False): use 'sdpa'")
+        from attention import SamFlexAttention, SamSdpaAttention  # here: importing transformers' SAM takes seconds
         attention = {"sdpa": SamSdpaAttention, "flex": SamFlexAttention}.get(self.cfg.attn_implementation)
         if attention is not None:
             for layer in vit.layers:  # a subclass with the same parameters: only forward changes

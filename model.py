@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import SamFlexAttention, SamSdpaAttention, flex_attention  # noqa: F401  (re-exported)
 from encoders import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, ConfigError, Dinov2Encoder, Encoder,  # noqa: F401
                       SamEncoder, WeightsUnavailableError, encoder_class, load_backbone)
 
@@ -209,15 +208,17 @@ def parameter_report(parts: dict[str, nn.Module]) -> str:
     return "\n".join(lines)
 
 
-# checkpoints.py builds on this module; its public names are importable from here too, looked up on first use
-# (PEP 562) so that either module can be imported first
-_CHECKPOINT_NAMES = {"CheckpointError", "EXPORT_CARD", "EXPORT_CONFIG", "EXPORT_FORMAT", "EXPORT_WEIGHTS",
-                     "config_from_checkpoint", "export_model", "load_model", "load_state", "model_card",
-                     "read_checkpoint", "read_export"}
+# Names of other modules importable from here, looked up on first use (PEP 562): checkpoints.py builds on this
+# module (either may be imported first), and attention.py imports transformers' SAM, which takes seconds
+_ELSEWHERE = {"checkpoints": {"CheckpointError", "EXPORT_CARD", "EXPORT_CONFIG", "EXPORT_FORMAT", "EXPORT_WEIGHTS",
+                              "config_from_checkpoint", "export_model", "load_model", "load_state", "model_card",
+                              "read_checkpoint", "read_export"},
+              "attention": {"SamFlexAttention", "SamSdpaAttention", "flex_attention"}}
 
 
 def __getattr__(name: str):
-    if name in _CHECKPOINT_NAMES:
-        import checkpoints
-        return getattr(checkpoints, name)
+    import importlib
+    for module, names in _ELSEWHERE.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'model' has no attribute {name!r}")

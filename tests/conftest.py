@@ -3,14 +3,22 @@ every entry point must refuse in one line, and the check of such a refusal."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up would otherwise retry the network for ~30 s
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist runs one worker per core: one thread each, also in the
+    os.environ["OMP_NUM_THREADS"] = "1"  # subprocesses the tests start (torch reads it at import)
 
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from filelock import FileLock
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,27 +96,50 @@ def assert_error_after_progress_bars(proc: subprocess.CompletedProcess, error: s
     assert last == error
 
 
+TINY_LATENT = 64  # latent size of the tests' runs: 1.6M parameters instead of 13.8M, 23 MB checkpoints, not 165 MB
+
+
+TWO_VIEWS = ("--contrastive-weight", "0.1")  # the seed's default: two augmented views per image and the NT-Xent term
+
+
 def tiny_train_args(data_dir, run_dir, *extra: str) -> list[str]:
-    """Flags of a tiny CPU run: random tiny backbone, no VGG (no weights here), no worker processes."""
+    """Flags of a tiny CPU run: random tiny backbone, no VGG (no weights here), no worker processes, a small latent,
+    one view per image (no contrastive term: it doubles the images per step). `extra` comes last: it overrides."""
     return ["--tiny", "--no-pretrained", "--perceptual-weight", "0", "--data-dir", str(data_dir),
             "--ckpt-dir", str(Path(run_dir) / "checkpoints"), "--log-dir", str(Path(run_dir) / "logs"),
             "--batch-size", "8", "--workers", "0", "--warmup-steps", "2", "--log-every", "1", "--lr", "1e-3",
-            *extra]
+            "--latent-dim", str(TINY_LATENT), "--contrastive-weight", "0", *extra]
+
+
+def build_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder made by build(folder) once per test session and shared read-only by the tests, also across
+    pytest-xdist's worker processes: the first worker to ask builds it under a file lock, the others wait and reuse
+    it (xdist's documented recipe). Tests that change such files copy them first."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (root / f"{name}.done").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """train_teacher.npy (64 ears), val_teacher.npy (16) and their factor CSVs."""
-    d = tmp_path_factory.mktemp("synth")
-    synth.write_synthetic(d, n_train=64, n_val=16, seed=0)
-    return d
+    return build_once(tmp_path_factory, "synth", lambda d: synth.write_synthetic(d, n_train=64, n_val=16, seed=0))
 
 
 @pytest.fixture(scope="session")
 def tiny_run(synth_dir, tmp_path_factory) -> SimpleNamespace:
-    """A tiny model trained for 2 epochs (16 optimizer steps) on synth_dir: checkpoints/{last,best}.pt and logs/."""
-    run = tmp_path_factory.mktemp("run")
-    train.main(tiny_train_args(synth_dir, run, "--epochs", "2"))
+    """A tiny model trained for 2 epochs (16 optimizer steps) on synth_dir with the contrastive term (two views):
+    checkpoints/{last,best}.pt and logs/."""
+    run = build_once(tmp_path_factory, "run",
+                     lambda d: train.main(tiny_train_args(synth_dir, d, "--epochs", "2", *TWO_VIEWS)))
     return SimpleNamespace(data_dir=synth_dir, run_dir=run, ckpt_dir=run / "checkpoints", log_dir=run / "logs",
                            best=run / "checkpoints" / "best.pt", last=run / "checkpoints" / "last.pt")
 

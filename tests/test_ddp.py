@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from conftest import ROOT, tiny_train_args
+from conftest import ROOT, TINY_LATENT, tiny_train_args
 from model import build_model, tiny_config
 
 
@@ -30,7 +30,7 @@ def assert_same_training(a: dict, b: dict, steps: int) -> None:
     # agree to rounding relative to how far the steps moved the weights from their shared initialisation
     assert a["step"] == b["step"] == steps and a["epoch_pos"] == b["epoch_pos"]
     torch.manual_seed(0)
-    init = build_model(tiny_config()).state_dict()
+    init = build_model(tiny_config(latent_dim=TINY_LATENT)).state_dict()
     for k in a["model"]:
         moved = (a["model"][k].float() - init[k].float()).abs().max().item()
         diff = (a["model"][k].float() - b["model"][k].float()).abs().max().item()
@@ -43,8 +43,8 @@ def assert_same_training(a: dict, b: dict, steps: int) -> None:
 
 
 def test_two_processes_match_one_process_and_resume_on_one_process(synth_dir, tmp_path):
-    # no contrastive term: InfoNCE compares the samples of a batch, so a split batch changes it by design
-    common = ["--epochs", "2", "--contrastive-weight", "0"]
+    # no contrastive term (tiny_train_args): InfoNCE compares the samples of a batch, so a split batch changes it
+    common = ["--epochs", "2"]
     one = with_batch(tiny_train_args(synth_dir, tmp_path / "one", *common), 8)
     two = with_batch(tiny_train_args(synth_dir, tmp_path / "two", *common), 4)  # per process: 2 x 4 = 8
     r = train(*one, "--max-steps", "4")

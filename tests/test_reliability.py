@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, Hostile, tiny_train_args
+from conftest import ROOT, TWO_VIEWS, Hostile, build_once, tiny_train_args
 from model import CheckpointError
 
 STEPS = 12  # of 16 in the schedule (2 epochs x 8 steps): runs end mid-epoch
@@ -54,9 +54,9 @@ def train_losses(log_dir: Path) -> dict[int, str]:
 def reference(request, synth_dir, tmp_path_factory):
     """An uninterrupted run of STEPS optimizer steps (with 1 and with 2 micro-steps per step)."""
     accum = request.param
-    run = tmp_path_factory.mktemp(f"ref_accum{accum}")
-    extra = ["--epochs", "2", "--max-steps", str(STEPS), "--accum-steps", str(accum), "--batch-size", str(8 // accum)]
-    train.main(tiny_train_args(synth_dir, run, *extra))
+    extra = ["--epochs", "2", "--max-steps", str(STEPS), "--accum-steps", str(accum), "--batch-size", str(8 // accum),
+             *TWO_VIEWS]  # both views' augmentation and noise must resume exactly too
+    run = build_once(tmp_path_factory, f"ref_accum{accum}", lambda d: train.main(tiny_train_args(synth_dir, d, *extra)))
     return run, extra
 
 
@@ -278,7 +278,7 @@ def test_nan_losses_in_a_row_stop_the_run_and_keep_the_good_checkpoint(synth_dir
 
 def test_resume_into_a_checkpoint_of_another_configuration_fails_loudly(tiny_run, tmp_path):
     ckpt = torch.load(tiny_run.last, weights_only=True)
-    ckpt["model_config"]["latent_dim"] = 32  # the weights are for 1024
+    ckpt["model_config"]["latent_dim"] = 32  # the weights are for TINY_LATENT
     torch.save(ckpt, tmp_path / "other.pt")
     r = run_cli("train.py", *tiny_train_args(tiny_run.data_dir, tmp_path / "run", "--resume",
                                              str(tmp_path / "other.pt")))
