@@ -10,6 +10,7 @@ import torch
 
 import data
 import train
+from model import tiny_config
 from conftest import ROOT, tiny_train_args
 
 
@@ -214,19 +215,31 @@ def test_a_model_flag_out_of_range_is_one_line(synth_dir, tmp_path, flags, needl
     assert r.stderr.startswith("error: ") and needle in r.stderr
 
 
-def test_compile_trains_like_eager_and_saves_the_same_checkpoint_layout(synth_dir, tmp_path):
-    steps = ["--epochs", "1", "--max-steps", "3"]
-    kernels = tmp_path / "inductor"  # where the compiled run's generated kernels go: proof that it compiled
-    for name, flags in (("eager", []), ("compiled", ["--compile"])):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(kernels / name)}
-        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_train_args(synth_dir, tmp_path / name,
-                            *steps, *flags)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
-    assert not any((kernels / "eager").rglob("*.py")) and any((kernels / "compiled").rglob("*.py"))
+def smaller_tiny(encoder: str = "sam", **overrides):
+    """tiny_config with 2 of its 4 blocks and 3 of its 5 decoder stages: the same code paths, a third of the graph
+    for torch.compile to turn into kernels (compiling the tiny model's training step takes minutes on 2 cores)."""
+    enc = {**tiny_config(encoder).encoder_config, "num_hidden_layers": 2, "global_attn_indexes": [1]}
+    return tiny_config(encoder, **{"encoder_config": enc, "feature_blocks": (1,), "freeze_blocks": 1,
+                                   "decoder_channels": (32, 16, 16), **overrides})
+
+
+def test_compile_trains_like_eager_and_saves_the_same_checkpoint_layout(synth_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "tiny_config", smaller_tiny)  # what --tiny builds, in this test only
+    kernels = tmp_path / "inductor"  # where inductor writes the kernels it generates: proof that it compiled
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(kernels))
+    steps = ["--epochs", "1", "--max-steps", "3", "--latent-dim", "16"]
+    try:
+        train.main(tiny_train_args(synth_dir, tmp_path / "eager", *steps))
+        assert not any(kernels.rglob("*.cpp"))
+        train.main(tiny_train_args(synth_dir, tmp_path / "compiled", *steps, "--compile"))
+        assert any(kernels.rglob("*.cpp"))
+    finally:
+        torch._dynamo.reset()  # the test process goes on without this model's compiled graphs
     losses = {name: [float(row["loss"]) for row in csv.DictReader(open(tmp_path / name / "logs/metrics.csv"))
                      if row["split"] == "train"] for name in ("eager", "compiled")}
     assert len(losses["eager"]) == 3 and losses["eager"][0] > losses["eager"][-1]  # it trained
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)  # fused kernels: rounding differs only
-    a = torch.load(tmp_path / "eager/checkpoints/last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "compiled/checkpoints/last.pt", weights_only=True)["model"]
-    assert list(a) == list(b)  # compiled in place: no `_orig_mod.` prefixes, loads anywhere without --compile
+    a = torch.load(tmp_path / "eager/checkpoints/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "compiled/checkpoints/last.pt", weights_only=True)
+    assert list(a["model_config"]["decoder_channels"]) == [32, 16, 16]  # the smaller model was the one trained
+    assert list(a["model"]) == list(b["model"])  # compiled in place: no `_orig_mod.` prefixes, loads without --compile
