@@ -211,9 +211,12 @@ def _to_rgb8(im: Image.Image, wide: bool) -> tuple[np.ndarray, np.ndarray | None
         return np.repeat(g[..., None], 3, axis=2), None, "32-bit float x 255"
     if im.mode == "I" or im.mode.startswith("I;16"):
         x = np.asarray(im).astype(np.int64)  # I;16 (PNG, TIFF) and 16-bit PGM (mode I, scaled by Pillow to 65535)
-        if not (im.mode.startswith("I;16") or wide) or x.min() < 0 or x.max() > 65535:
+        if not (im.mode.startswith("I;16") or wide):
             raise UnusableImage(f"32-bit integer pixels ({x.min()}..{x.max()}): no known white level; save it as "
                                 f"8- or 16-bit")
+        if x.min() < 0 or x.max() > 65535:
+            raise UnusableImage(f"integer pixels {x.min()}..{x.max()}, outside 16-bit 0..65535: no known black and "
+                                f"white levels")
         g = np.round(x / 257.0).astype(np.uint8)  # (h, w)
         key = im.info.get("transparency")
         alpha = None if key is None else np.where(x == key, 0, 255).astype(np.uint8)
