@@ -4,14 +4,16 @@ synth.py).
     open_npy / validate / EarDataset  memory-mapped (N, H, W, 3) | (N, 3, H, W) | (N, H, W) uint8 or float 0-1 files
                                     -> uint8 (3, 128, 128) samples; bad samples (NaN, inf, out of range, blank) dropped
     read_identities                 identity labels of the kept samples from the CSV beside the file (X_index.csv
-                                    column subject, or X_factors.csv column identity)
+                                    column subject, or X_factors.csv column identity); shared_identities: those of
+                                    a val file that also have images in a train file
+    dataset_files / write_dataset   a folder holds one dataset: its .npy files and CSVs are replaced as one set
     AugConfig / augment             batched geometric + colour jitter on the batch's device; sample i's parameters
                                     depend only on (seed, epoch, key_i, view), so a resumed run repeats them exactly
     ResumableSampler / make_loader  epoch order from (seed, epoch), resumable mid-epoch, split across DDP ranks
 
 CLI:
-    python data.py check data/train_teacher.npy
-    python data.py convert ~/ear_photos --out data
+    python data.py check data/train_teacher.npy       # names the bad samples (and their source images)
+    python data.py convert ~/ear_photos --out data    # photos.py: any Pillow format, split by subject
 """
 from __future__ import annotations
 
@@ -27,15 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from files import Writer, save_npy, write_outputs
+from files import Writer, check_output_dir, save_npy, write_outputs
+from photos import (BACKGROUND, CHANGE_KINDS, SQUARE_RULES, UnusableImage, load_image, path_text, scan,
+                    split_groups, subject_of)
 
 IMAGE_SIZE = 128
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 INVALID_REASONS = ("non-finite", "out of range", "blank")
 BLANK_STD = 2.0 / 255  # a sample whose pixel std (all channels, [0, 1] scale) is below this is blank
 RANGE_TOLERANCE = 0.5 / 255  # float samples may exceed [0, 1] by this much (they still round into 0..255)
@@ -91,17 +94,15 @@ def _layout(arr: np.ndarray, path: Path) -> str:
     return layout
 
 
-def validate(arr: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, dict[str, int]]:
-    """Find the usable samples of an image array (any layout open_npy accepts), reading `chunk` samples at a time.
+def invalid_reasons(arr: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Why each sample of an image array (any layout open_npy accepts) is unusable, reading `chunk` samples at a time.
 
-    Returns (keep, invalid): keep int64 (K,) the indices of the valid samples; invalid {reason: count} for every
-    reason of INVALID_REASONS: 'non-finite' (NaN or inf), 'out of range' (outside [0, 1], float data only) and
-    'blank' (pixel std below BLANK_STD: a constant or near-constant image). An invalid sample counts once, under
-    the first reason that applies.
-    """
+    -> int8 (N,): 0 for a valid sample, else 1 + the index in INVALID_REASONS of the first reason that applies:
+    'non-finite' (NaN or inf), 'out of range' (outside [0, 1], float data only) and 'blank' (pixel std below
+    BLANK_STD: a constant or near-constant image)."""
     is_float = arr.dtype != np.uint8
     unit = 1.0 if is_float else 255.0
-    reason = np.zeros(len(arr), np.int8)  # index into ("valid",) + INVALID_REASONS
+    reason = np.zeros(len(arr), np.int8)
     for i in range(0, len(arr), chunk):
         x = np.asarray(arr[i:i + chunk]).reshape(min(chunk, len(arr) - i), -1)  # (m, P)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf statistics of non-finite samples are not used
@@ -112,18 +113,49 @@ def validate(arr: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, dict[str, 
                 outside = (x.min(axis=1) < -RANGE_TOLERANCE) | (x.max(axis=1) > 1.0 + RANGE_TOLERANCE)
                 r = np.where(~np.isfinite(x).all(axis=1), 1, np.where(outside, 2, r))
         reason[i:i + len(x)] = r
+    return reason
+
+
+def validate(arr: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, dict[str, int]]:
+    """Find the usable samples of an image array (invalid_reasons) -> (keep, invalid): keep int64 (K,) the indices of
+    the valid samples; invalid {reason: count} for every reason of INVALID_REASONS (an invalid sample counts once,
+    under its first reason)."""
+    reason = invalid_reasons(arr, chunk)
+    return np.flatnonzero(reason == 0), _counts(reason)
+
+
+def _counts(reason: np.ndarray) -> dict[str, int]:
     counts = np.bincount(reason, minlength=len(INVALID_REASONS) + 1)
-    return np.flatnonzero(reason == 0), {name: int(counts[k + 1]) for k, name in enumerate(INVALID_REASONS)}
+    return {name: int(counts[k + 1]) for k, name in enumerate(INVALID_REASONS)}
 
 
-def _check_invalid(path: Path, n_total: int, invalid: dict[str, int], max_invalid: float) -> None:
-    """DataError if more than max_invalid of the samples (or all of them) are invalid."""
+def _check_invalid(path: Path, reason: np.ndarray, max_invalid: float) -> None:
+    """DataError if more than max_invalid of the samples (or all of them) are invalid; it names the first few
+    (index and, where an index CSV is beside the file, source image). reason: invalid_reasons() of the file."""
+    invalid, n_total = _counts(reason), len(reason)
     n_bad = sum(invalid.values())
-    if n_bad > max_invalid * n_total:
-        raise DataError(f"{path}: {n_bad:,} of {n_total:,} samples invalid ({_reasons(invalid)}); more than the "
-                        f"{max_invalid * 100:g}% allowed (--max-invalid)")
-    if n_bad == n_total:
-        raise DataError(f"{path}: all {n_total:,} samples invalid ({_reasons(invalid)})")
+    if n_bad > max_invalid * n_total or n_bad == n_total:
+        lines = bad_samples(path, reason)
+        named = ", ".join(lines[:3]) + (f", {n_bad - 3:,} more (python data.py check lists all)" if n_bad > 3 else "")
+        if n_bad > max_invalid * n_total:
+            raise DataError(f"{path}: {n_bad:,} of {n_total:,} samples invalid ({_reasons(invalid)}: {named}); more "
+                            f"than the {max_invalid * 100:g}% allowed (--max-invalid)")
+        raise DataError(f"{path}: all {n_total:,} samples invalid ({_reasons(invalid)}: {named})")
+
+
+def bad_samples(path: Path, reason: np.ndarray, limit: int | None = None) -> list[str]:
+    """'#3 blank s01/x.png' for each invalid sample (the first `limit`), with its source image where the file's index
+    CSV (X_index.csv, written by `data.py convert`) has one row per sample."""
+    bad = np.flatnonzero(reason)[:limit]
+    sources = _sources(path, len(reason))
+    return [f"#{i} {INVALID_REASONS[reason[i] - 1]}" + (f" {sources[i]}" if sources else "") for i in bad]
+
+
+def _sources(npy: Path, n_total: int) -> list[str] | None:
+    """The `path` column of the index CSV beside `npy` (path_text of each sample's source image), None without one or
+    when its row count is not the file's."""
+    paths = _read_column(sidecar(npy, "index"), "path")
+    return paths if paths is not None and len(paths) == n_total else None
 
 
 def _reasons(invalid: dict[str, int]) -> str:
@@ -144,8 +176,9 @@ class EarDataset(Dataset):
         self._arr = open_npy(self.path)
         self.layout = _layout(self._arr, self.path)
         self.n_total = len(self._arr)
-        self.keep, self.invalid = validate(self._arr)  # int64 (K,), {reason: count}
-        _check_invalid(self.path, self.n_total, self.invalid, max_invalid)
+        reason = invalid_reasons(self._arr)  # int8 (N,)
+        self.keep, self.invalid = np.flatnonzero(reason == 0), _counts(reason)  # int64 (K,), {reason: count}
+        _check_invalid(self.path, reason, max_invalid)
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -206,23 +239,57 @@ def read_identities(npy: Path, ds: EarDataset) -> np.ndarray | None:
     X_index.csv: subjects (strings) become integer codes in sorted order, an empty subject is UNLABELLED.
     X_factors.csv: the identity column holds integers (-1 = unknown). Either CSV has one row per sample of the file
     (ds.n_total, invalid ones included); a wrong row count or a bad value -> DataError naming the file."""
+    found = _identity_column(npy)
+    if found is None:
+        return None
+    path, column, values = found
+    if len(values) != ds.n_total:
+        raise DataError(f"{path}: {len(values):,} rows, expected one per sample of {npy} ({ds.n_total:,})")
+    labels = _subject_codes(values) if column == "subject" else _integer_labels(values, path, column)
+    return labels[ds.keep]
+
+
+def shared_identities(train_npy: Path, val_npy: Path) -> tuple[set[str], set[str]] | None:
+    """(identities of val_npy, those of them that also have images in train_npy), by name (a subject of X_index.csv,
+    an integer of X_factors.csv's identity column; unlabelled rows left out). None when either file has no identity
+    CSV, or the two label in different CSV kinds (the names would not compare). Every row counts, invalid samples'
+    too: a subject is in a split if any of its images is."""
+    names = []
+    for npy in (val_npy, train_npy):
+        found = _identity_column(npy)
+        if found is None:
+            return None
+        path, column, values = found
+        if column == "identity":
+            values = [str(v) for v in _integer_labels(values, path, column).tolist()]
+        names.append((column, {v for v in values if v not in ("", str(UNLABELLED))}))
+    (val_kind, val), (train_kind, train) = names
+    return (val, val & train) if val_kind == train_kind else None
+
+
+def _identity_column(npy: Path) -> tuple[Path, str, list[str]] | None:
+    """(CSV, column, its values) of the first CSV of identity_files(npy) that exists with its column, else None."""
     for path, column in identity_files(npy):
-        if not path.is_file():
-            continue
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-        if not rows or column not in rows[0]:
-            continue
-        header, rows = rows[0], rows[1:]
-        for line, row in enumerate(rows, start=2):
-            if len(row) != len(header):
-                raise DataError(f"{path}: line {line} has {len(row)} fields, the header {len(header)}")
-        if len(rows) != ds.n_total:
-            raise DataError(f"{path}: {len(rows):,} rows, expected one per sample of {npy} ({ds.n_total:,})")
-        values = [row[header.index(column)] for row in rows]
-        labels = _subject_codes(values) if column == "subject" else _integer_labels(values, path, column)
-        return labels[ds.keep]
+        values = _read_column(path, column)
+        if values is not None:
+            return path, column, values
     return None
+
+
+def _read_column(path: Path, column: str) -> list[str] | None:
+    """The values of `column` in CSV `path` (header + rows), None when the file or the column does not exist; a row
+    whose field count is not the header's -> DataError naming the file and line."""
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or column not in rows[0]:
+        return None
+    header, rows = rows[0], rows[1:]
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {line} has {len(row)} fields, the header {len(header)}")
+    return [row[header.index(column)] for row in rows]
 
 
 def _subject_codes(subjects: list[str]) -> np.ndarray:
@@ -400,27 +467,43 @@ def _own_session(worker_id: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # files and CLI
 
-def refuse_overwrite(paths: list[Path], force: bool) -> None:
-    for path in paths:
-        if path.exists() and not force:
-            raise DataError(f"{path}: already exists; pass --force to overwrite")
+SPLITS = ("train", "val")
+SIDECAR_KINDS = ("index", "factors")  # CSVs beside a split's .npy: convert's index, synth.py's factors
+SKIPPED_CSV = "skipped.csv"  # convert: every entry of the source folder that is not in the .npy files, and why
 
 
-def _load_image(path: Path, size: int) -> np.ndarray:
-    """Read an image file (PIL) -> uint8 (size, size, 3) RGB: EXIF-rotated, padded to square by repeating the edge
-    pixels (the aspect ratio is kept and nothing is cropped), resized (bicubic, antialiased)."""
-    with Image.open(path) as im:
-        a = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))  # (h, w, 3)
-    h, w = a.shape[:2]
-    top, left = (max(h, w) - h) // 2, (max(h, w) - w) // 2
-    a = np.pad(a, ((top, max(h, w) - h - top), (left, max(h, w) - w - left), (0, 0)), mode="edge")
-    return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BICUBIC))
+def dataset_files(out: Path) -> list[Path]:
+    """The files of a dataset that exist in folder `out`: {train,val}_teacher.npy, their sidecar CSVs (index,
+    factors) and skipped.csv. A folder holds one dataset: convert and synth.py write these as one set."""
+    names = [p for split in SPLITS for npy in [out / f"{split}_teacher.npy"]
+             for p in (npy, *(sidecar(npy, kind) for kind in SIDECAR_KINDS))] + [out / SKIPPED_CSV]
+    return [p for p in names if p.exists() or p.is_symlink()]
+
+
+def refuse_dataset(out: Path, force: bool) -> None:
+    """DataError unless `out` can take a new dataset: it holds none of dataset_files(), or `force` (the new set then
+    replaces all of them, write_dataset)."""
+    existing = dataset_files(out)
+    if existing and not force:
+        raise DataError(f"{existing[0]}: already exists ({out} holds a dataset: "
+                        f"{', '.join(p.name for p in existing)}); pass --force to replace the whole set")
+
+
+def write_dataset(out: Path, files: dict[Path, Writer]) -> list[Path]:
+    """Write a dataset's files together (files.write_outputs), then delete the dataset files of `out` that they do
+    not replace (another dataset's index or factors CSV would describe other images). -> the deleted paths."""
+    stale = [p for p in dataset_files(out) if p not in files]
+    write_outputs(files)
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     path = Path(args.file)
     arr = open_npy(path)
-    keep, invalid = validate(arr)
+    reason = invalid_reasons(arr)
+    keep, invalid = np.flatnonzero(reason == 0), _counts(reason)
     lo, hi = _value_range(arr)
     n_bad = sum(invalid.values())
     print(f"file:     {path}")
@@ -428,9 +511,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
     print(f"shape:    {arr.shape} {arr.dtype} ({_layout(arr, path)})")
     print(f"values:   {lo:g} .. {hi:g} (finite values)")
     print(f"invalid:  {n_bad:,} ({', '.join(f'{k} {v:,}' for k, v in invalid.items())})")
-    _check_invalid(path, len(arr), invalid, args.max_invalid)
+    for line in bad_samples(path, reason, CHECK_LISTED):
+        print(f"  {line}")
+    if n_bad > CHECK_LISTED:
+        print(f"  ... {n_bad - CHECK_LISTED:,} more")
+    _check_invalid(path, reason, args.max_invalid)
     print(f"verdict:  usable, {len(keep):,} valid samples")
     return 0
+
+
+CHECK_LISTED = 50  # invalid samples `check` names one per line
 
 
 def _value_range(arr: np.ndarray, chunk: int = 1024) -> tuple[float, float]:
@@ -448,58 +538,125 @@ def _value_range(arr: np.ndarray, chunk: int = 1024) -> tuple[float, float]:
 def _cmd_convert(args: argparse.Namespace) -> int:
     src, out = Path(args.image_dir), Path(args.out)
     if not src.is_dir():
-        raise DataError(f"{src}: not a directory")
-    targets = {split: (out / f"{split}_teacher.npy", out / f"{split}_index.csv") for split in ("train", "val")}
-    refuse_overwrite([path for pair in targets.values() for path in pair], args.force)
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    images = np.empty((len(files), args.size, args.size, 3), np.uint8)  # filled front to back, only valid images
-    loaded, skipped = [], []  # loaded: the source of each filled row of images, relative to src
-    for path in tqdm(files, desc="convert", unit="img"):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append((path, f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"))
-            continue
+        raise DataError(f"{path_text(src)}: {'not a directory' if src.exists() else 'no such folder'}")
+    try:
+        check_output_dir(out)
+    except ValueError as e:
+        raise DataError(f"--out {path_text(str(e))}") from e
+    refuse_dataset(out, args.force)
+    found = scan(src, exclude=out)
+    n_entries = len(found.files) + len(found.skipped)
+    images = np.empty((len(found.files), args.size, args.size, 3), np.uint8)  # filled front to back
+    loaded, changes, skipped = [], [], list(found.skipped)  # loaded: the source of each filled row, relative to src
+    for rel in tqdm(found.files, desc="convert", unit="img"):
         try:
-            images[len(loaded)] = _load_image(path, args.size)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # reported below and counted, not hidden
-            skipped.append((path, f"unreadable: {e}"))
-            continue
-        loaded.append(path.relative_to(src))
+            images[len(loaded)], changed = load_image(src / rel, args.size, args.square, args.background)
+        except UnidentifiedImageError:
+            skipped.append((rel, "not an image Pillow can read"))
+        except UnusableImage as e:
+            skipped.append((rel, str(e)))
+        except (OSError, ValueError, EOFError, Image.DecompressionBombError) as e:  # named below, not hidden
+            skipped.append((rel, f"unreadable: {_printable(str(e))}"))
+        else:
+            loaded.append(rel)
+            changes.append(changed)
+    skipped.sort(key=lambda item: item[0].parts)
+    for rel, reason in skipped:
+        print(f"skipped {path_text(rel)}: {reason}", file=sys.stderr)
     n_ok = len(loaded)
-    for path, reason in skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
     if n_ok < 2:
-        raise DataError(f"{src}: {n_ok} usable images ({len(skipped)} of {len(files)} files skipped); need at least 2")
-    order = np.random.default_rng(args.seed).permutation(n_ok)
-    n_val = min(max(1, round(n_ok * args.val_fraction)), n_ok - 1)
-    outputs = {}
-    for (npy, index), rows in zip(targets.values(), (order[n_val:], order[:n_val])):  # train, val
-        outputs[npy] = save_npy(images[rows])
-        outputs[index] = _save_index([loaded[i] for i in rows])
-    write_outputs(outputs)
-    subjects = {_subject(path) for path in loaded} - {""}
-    n_unlabelled = sum(_subject(path) == "" for path in loaded)
-    (train, train_index), (val, val_index) = targets["train"], targets["val"]
-    print(f"converted {n_ok:,} images ({len(skipped):,} skipped) of {len(subjects):,} subjects ({n_unlabelled:,} "
-          f"unlabelled): {train} {n_ok - n_val:,}, {val} {n_val:,}; their sources in {train_index}, {val_index}")
+        raise DataError(f"{path_text(src)}: {n_ok} usable images ({len(skipped):,} of {n_entries:,} entries "
+                        f"skipped); need at least 2")
+
+    subjects = [subject_of(rel, args.subject_depth) for rel in loaded]
+    named = sorted(set(subjects) - {""})
+    split_by = args.split_by or ("subject" if len(named) >= 2 else "image")
+    keys = [s if split_by == "subject" and s else "\0" + path_text(rel) for s, rel in zip(subjects, loaded)]
+    try:
+        val = split_groups(keys, args.val_fraction, args.seed)  # bool (n_ok,)
+    except ValueError as e:
+        raise DataError(f"{path_text(src)}: --split-by {split_by}: {len(named)} subject(s) at --subject-depth "
+                        f"{args.subject_depth} and {subjects.count('')} image(s) without one: {e}; use --split-by "
+                        f"image or another --subject-depth") from e
+
+    files, npys = {}, {}
+    for split, rows in (("train", np.flatnonzero(~val)), ("val", np.flatnonzero(val))):
+        npys[split] = npy = out / f"{split}_teacher.npy"
+        files[npy] = save_npy(images[rows])
+        files[sidecar(npy, "index")] = _save_index([(loaded[i], subjects[i], changes[i]) for i in rows])
+    files[out / SKIPPED_CSV] = _save_skipped(skipped)
+    removed = write_dataset(out, files)
+
+    in_split = {split: {subjects[i] for i in np.flatnonzero(mask)} - {""} for split, mask in
+                (("train", ~val), ("val", val))}
+    shared = in_split["val"] & in_split["train"]
+    n_val = int(val.sum())
+    print(f"converted {n_ok:,} of {n_entries:,} entries ({len(skipped):,} skipped: {out / SKIPPED_CSV}); "
+          f"{_n(len(named), 'subject')} (folders at --subject-depth {args.subject_depth}), "
+          f"{_n(subjects.count(''), 'image')} without one")
+    print(f"split by {split_by}{'' if args.split_by else ' (default)'}: train {_n(n_ok - n_val, 'image')} of "
+          f"{_n(len(in_split['train']), 'subject')} -> {npys['train']}, val {_n(n_val, 'image')} of "
+          f"{_n(len(in_split['val']), 'subject')} ({n_val / n_ok:.1%}; --val-fraction {args.val_fraction:g}) -> "
+          f"{npys['val']}; their sources in {sidecar(npys['train'], 'index')}, {sidecar(npys['val'], 'index')}")
+    counts = {kind: sum(kind in {k for k, _ in c} for c in changes) for kind in CHANGE_KINDS}
+    print(f"content changes: {', '.join(f'{kind} {n:,}' for kind, n in counts.items() if n) or 'none'} (background "
+          f"{','.join(map(str, args.background))}; each image's in the changes column of the index CSVs)")
+    if removed:
+        print(f"removed the earlier dataset's {', '.join(p.name for p in removed)} (--force)")
+    if shared:
+        print(f"warning: {len(shared):,} of {len(in_split['val']):,} val subjects also have images in train "
+              f"({', '.join(sorted(shared)[:5])}{', ...' if len(shared) > 5 else ''}): identity metrics on val would "
+              f"not be on unseen subjects; --split-by subject keeps each subject in one split", file=sys.stderr)
     return 0
 
 
-def _subject(path: Path) -> str:
-    """The subject of an image at `path` (relative to the converted folder): its parent folder, AWE-style
-    DIR/<subject>/<image>; '' (unlabelled) for an image directly in the folder."""
-    return "" if path.parent == Path(".") else path.parent.as_posix()
+def _n(count: int, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
-def _save_index(paths: list[Path]) -> Writer:
-    """The index CSV of a converted split (csv module quoting: paths may hold commas): header `index,path,subject`,
-    one row per row of the split's .npy: the row, the source image relative to the converted folder, its subject."""
+def _printable(text: str) -> str:
+    """Text any console can print: the undecodable bytes of a file name in it (lone surrogates) as \\udcXX."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _save_index(rows: list[tuple[Path, str, list[tuple[str, str]]]]) -> Writer:
+    """The index CSV of a converted split (csv module quoting: paths may hold commas): header
+    `index,path,subject,changes`, one row per row of the split's .npy: the row, the source image relative to the
+    converted folder (photos.path_text: '%' as %25, bytes that are not UTF-8 as %XX), its subject and what changed
+    its content ('kind (detail)' joined by '; ', photos.load_image)."""
     def write(f: io.BufferedWriter) -> None:
         text = io.StringIO()
         w = csv.writer(text, lineterminator="\n")
-        w.writerow(("index", "path", "subject"))
-        w.writerows((i, path.as_posix(), _subject(path)) for i, path in enumerate(paths))
+        w.writerow(("index", "path", "subject", "changes"))
+        w.writerows((i, path_text(rel), subject, "; ".join(f"{kind} ({detail})" for kind, detail in changed))
+                    for i, (rel, subject, changed) in enumerate(rows))
         f.write(text.getvalue().encode())
     return write
+
+
+def _save_skipped(skipped: list[tuple[Path, str]]) -> Writer:
+    """skipped.csv: header `path,reason`, one row per entry of the source folder left out (path as in the index)."""
+    def write(f: io.BufferedWriter) -> None:
+        text = io.StringIO()
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(("path", "reason"))
+        w.writerows((path_text(rel), reason) for rel, reason in skipped)
+        f.write(text.getvalue().encode())
+    return write
+
+
+def _rgb(s: str) -> tuple[int, int, int]:
+    """'R,G,B' (each 0-255) or one grey level -> (R, G, B)."""
+    try:
+        values = [int(v) for v in s.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(0 <= v <= 255 for v in values):
+        raise argparse.ArgumentTypeError(f"expected R,G,B or one grey level, each 0-255, got {s!r}")
+    return tuple(values)
 
 
 def int_at_least(lo: int):
@@ -534,15 +691,31 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest fraction of invalid samples that still counts as usable")
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("convert", help="convert a folder of ear crops (JPEG/PNG/BMP/TIFF/WebP) to train/val .npy",
+    p = sub.add_parser("convert", help="convert a folder of ear crops (any format Pillow reads) to train/val .npy",
                        formatter_class=fmt)
-    p.add_argument("image_dir", help="folder searched recursively for images")
-    p.add_argument("--out", required=True, help="output directory for {train,val}_teacher.npy and "
-                   "{train,val}_index.csv (each row's source image and subject: its folder)")
+    p.add_argument("image_dir", help="folder searched recursively for images (symlinks followed); every entry that "
+                   "is not converted is named with its reason")
+    p.add_argument("--out", required=True, help="output folder for {train,val}_teacher.npy, {train,val}_index.csv "
+                   "(each row's source image, subject and content changes) and skipped.csv (entries left out, why)")
     p.add_argument("--size", type=int_at_least(8), default=IMAGE_SIZE, help="output image size in pixels")
-    p.add_argument("--val-fraction", type=_open_fraction, default=0.2, help="fraction of images for val")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the shuffle before the split")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.add_argument("--square", choices=SQUARE_RULES, default="pad",
+                   help="how a non-square image becomes square: pad (centred on --background: the whole ear kept, "
+                        "nothing invented), reflect (mirrored at its edges) or crop (the centre square: loses the top "
+                        "and bottom of a portrait crop)")
+    p.add_argument("--background", type=_rgb, default=BACKGROUND, metavar="R,G,B",
+                   help="colour of the padding and behind transparent pixels (default: the ImageNet mean, which the "
+                        "encoder's normalisation maps to 0)")
+    p.add_argument("--split-by", choices=("subject", "image"), default=None,
+                   help="subject: every subject's images in one split (ear recognition protocols need this); image: "
+                        "images split one by one (default: subject when there are 2+ subject folders)")
+    p.add_argument("--subject-depth", type=int_at_least(1), default=1,
+                   help="folder levels under IMAGE_DIR that name the subject: 1 for DIR/s09/left/x.jpg -> s09, "
+                        "2 for DIR/site/s09/x.jpg -> site/s09")
+    p.add_argument("--val-fraction", type=_open_fraction, default=0.2,
+                   help="fraction of the images for val (met as closely as whole subjects allow)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the split")
+    p.add_argument("--force", action="store_true", help="replace the dataset already in --out (all its files: "
+                   ".npy, index, factors and skipped CSVs)")
     p.set_defaults(func=_cmd_convert)
 
     args = parser.parse_args(argv)

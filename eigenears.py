@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data import DataError, EarDataset  # noqa: E402
-from files import save_figure, save_json, write_outputs  # noqa: E402
+from files import check_output_dir, save_figure, save_json, write_outputs  # noqa: E402
 from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
-                       encode_dataset, out_of_memory_error, setup)
+                       encode_dataset, max_invalid, out_of_memory_error, setup)
 from losses import psnr  # noqa: E402
 from checkpoints import CheckpointError, load_model, read_checkpoint  # noqa: E402
 from model import EarVAE, WeightsUnavailableError  # noqa: E402
@@ -234,7 +234,7 @@ def analyse(ckpt: str, args: argparse.Namespace, device: torch.device,
     info = checkpoint_info(content)
     fit_path = data_file(args.fit_data, info, "train", ckpt)
     eval_path = data_file(args.data, info, "val", ckpt)
-    fit_ds, eval_ds = EarDataset(fit_path), EarDataset(eval_path)
+    fit_ds, eval_ds = (EarDataset(path, max_invalid=max_invalid(args, info)) for path in (fit_path, eval_path))
     fit_factors, eval_factors = read_factors(fit_path, fit_ds), read_factors(eval_path, eval_ds)
     if fit_factors is not None and eval_factors is not None and fit_factors[0] != eval_factors[0]:
         raise DataError(f"{fit_path} and {eval_path}: their factor CSVs name different factors")
@@ -340,6 +340,10 @@ def main(argv: list[str] | None = None) -> dict:
     ckpts = args.ckpt or ["checkpoints/best.pt"]
     if args.n_components < 1 or args.batch_size < 1:
         parser.error(f"--n-components {args.n_components}, --batch-size {args.batch_size}: expected >= 1")
+    try:
+        check_output_dir(args.out)  # before the long work
+    except ValueError as e:
+        parser.error(f"--out {e}")
     device, dtype = setup(args, parser)
 
     stems = [Path(c).stem for c in ckpts]

@@ -8,12 +8,14 @@
 
 Writes OUT/metrics.json (summary), OUT/per_image.csv (one row per image) and OUT/reconstructions.png (8 random,
 8 best and 8 worst images by PSNR). The model is rebuilt from the checkpoint alone and encodes to mu (no sampling),
-so two runs give the same numbers. Outputs are written only once the evaluation has succeeded.
+so two runs give the same numbers. Outputs are written only once the evaluation has succeeded. Invalid samples are
+dropped up to the --max-invalid the run was trained with.
 
 --identity adds identification (rank-1, rank-5, leave-one-out) and verification (EER, ROC AUC) from the cosine
 similarity of mu (recognition.py), with the identity labels of the CSV beside the data file (data.read_identities:
 X_index.csv column subject, or X_factors.csv column identity), and OUT/retrieval.png (queries and their top-5
-matches). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
+matches); it says how many of those identities also have images in the run's training file (a split by image, not
+by subject). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
 model.export_model(CKPT, DIR) with these metrics in its model card.
 """
 from __future__ import annotations
@@ -31,9 +33,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data import UNLABELLED, DataError, EarDataset, identity_files, read_identities, to_float  # noqa: E402
-from files import Writer, save_figure, save_json, save_npy, write_outputs  # noqa: E402
-from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
+from data import (UNLABELLED, DataError, EarDataset, identity_files, read_identities, shared_identities,  # noqa: E402
+                  to_float)
+from files import (Writer, check_output_dir, check_output_file, save_figure, save_json, save_npy,  # noqa: E402
+                   write_outputs)
+from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file, max_invalid,  # noqa: E402
                        out_of_memory_error, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
 from checkpoints import CheckpointError, export_model, load_model, read_checkpoint  # noqa: E402
@@ -42,6 +46,7 @@ from recognition import probe_ranks, recognition_metrics  # noqa: E402
 
 TARGETS = {"psnr": 28.0, "ssim": 0.85}  # the original design's goals (dB, SSIM on [0, 1] RGB)
 FIGURE_SEED = 0  # seed of the choice of the 8 random examples and of the retrieval queries
+OPTIONAL_FIGURES = ("retrieval.png",)  # written only with some flags: removed from --out when a run does not
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -244,7 +249,8 @@ def report(metrics: dict) -> str:
             f"  rank-1 {m['rank1']:.3f} (chance {m['chance_rank1']:.3f})   rank-5 {m['rank5']:.3f} "
             f"(chance {m['chance_rank5']:.3f})   leave-one-out, cosine similarity of mu",
             f"  verification EER {m['eer']:.3f}   ROC AUC {m['roc_auc']:.3f}   ({m['n_genuine_pairs']} genuine, "
-            f"{m['n_impostor_pairs']} impostor pairs)"]
+            f"{m['n_impostor_pairs']} impostor pairs)",
+            f"  {'warning: ' if metrics['train_overlap']['shared'] else ''}{metrics['train_overlap']['note']}"]
     return "\n".join(lines)
 
 
@@ -259,8 +265,31 @@ def card_metrics(metrics: dict) -> dict[str, float | int | str]:
         m = metrics["identity"]
         card.update({"rank-1 (cosine of mu, leave-one-out)": m["rank1"], "rank-1 chance": m["chance_rank1"],
                      "rank-5": m["rank5"], "rank-5 chance": m["chance_rank5"], "verification EER": m["eer"],
-                     "verification ROC AUC": m["roc_auc"], "identities": m["n_identities"], "probes": m["n_probes"]})
+                     "verification ROC AUC": m["roc_auc"], "identities": m["n_identities"], "probes": m["n_probes"],
+                     "identities also in training": metrics["train_overlap"]["card"]})
     return card
+
+
+def training_overlap(train: Path | None, data: Path) -> dict:
+    """Whether the identities of `data` also have images in the training file `train` (data.shared_identities): rank-1
+    and EER on identities seen in training are not those of new ones. -> {"train_data": str | None, "identities":
+    int | None, "shared": int | None (None: unknown), "note": a console line, "card": the model card's value}."""
+    found = None if train is None else shared_identities(train, data)
+    if found is None:
+        why = ("the checkpoint names no training data (an export)" if train is None else
+               f"{train} has no identity labels beside it, or labels of another kind")
+        return {"train_data": None if train is None else str(train), "identities": None, "shared": None,
+                "note": f"identities of the training data unknown ({why}): some here may have been seen in training",
+                "card": "unknown"}
+    names, shared = found
+    if shared:
+        examples = ", ".join(sorted(shared)[:5]) + (", ..." if len(shared) > 5 else "")
+        note = (f"{len(shared)} of {len(names)} identities here also have images in the training data {train} "
+                f"({examples}): rank-1 and EER are not on unseen identities (data.py convert --split-by subject)")
+    else:
+        note = f"none of the {len(names)} identities here has images in the training data {train} (subject-disjoint)"
+    return {"train_data": str(train), "identities": len(names), "shared": len(shared), "note": note,
+            "card": f"{len(shared)} of {len(names)}" + (" (not subject-disjoint)" if shared else "")}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -272,14 +301,20 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--batch-size {args.batch_size}: expected >= 1")
     if args.vgg_weights is not None and not args.lpips:
         parser.error("--vgg-weights is the backbone of --lpips: add --lpips")
-    if args.export is not None and Path(args.export).exists() and not Path(args.export).is_dir():
-        parser.error(f"--export {args.export}: exists and is not a directory")
+    outputs = [("--out", args.out, check_output_dir), ("--export", args.export, check_output_dir),
+               ("--export-latents", args.export_latents, check_output_file)]
+    for flag, path, check in outputs:  # before the long work
+        try:
+            if path is not None:
+                check(path)
+        except ValueError as e:
+            parser.error(f"{flag} {e}")
     device, dtype = setup(args, parser)
 
     ckpt = read_checkpoint(args.ckpt)
     info = checkpoint_info(ckpt)
     data_path = data_file(args.data, info, "val", args.ckpt)
-    ds = EarDataset(data_path)
+    ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
     labels = read_identities(data_path, ds) if args.identity else None
     if args.identity and labels is None:
         looked = " or ".join(f"{p} (column {c})" for p, c in identity_files(data_path))
@@ -306,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
             per_image["rank"] = probe_ranks(per_image["mu"], labels)
         except ValueError as e:  # labels with nothing to identify, or embeddings without a cosine similarity
             raise DataError(f"{data_path}: --identity: {e}") from e
+        metrics["train_overlap"] = training_overlap(info["train"], data_path)
         per_image["identity"] = labels
         found = retrieval(per_image["mu"], labels, per_image["rank"])
         figures["retrieval.png"] = retrieval_figure(ds, per_image, found)
@@ -317,9 +353,13 @@ def main(argv: list[str] | None = None) -> dict:
         latents = Path(args.export_latents)
         files[latents] = save_npy(per_image["mu"].astype(np.float32))
         files[latents.with_name(latents.stem + "_index.npy")] = save_npy(per_image["index"].astype(np.int64))
+    stale = [out / name for name in OPTIONAL_FIGURES if out / name not in files and (out / name).exists()]
     write_outputs(files)
+    for path in stale:  # an earlier evaluation's figure would sit beside these metrics as if it were theirs
+        path.unlink()
     print(report(metrics))
-    print(f"wrote {', '.join(str(p) for p in files)}")
+    print(f"wrote {', '.join(str(p) for p in files)}" + (f"; removed the earlier {', '.join(p.name for p in stale)}"
+                                                        if stale else ""))
     if args.export is not None:
         written = export_model(args.ckpt, args.export, card_metrics(metrics))  # its three files together or none
         print(f"exported the model to {', '.join(str(p) for p in written)}")

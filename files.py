@@ -67,6 +67,28 @@ def write_outputs(files: dict[Path, Writer]) -> None:
 
 
 
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Before the long work of a command: ValueError 'PATH: reason' if `path` cannot become or be the folder its
+    outputs go to: it, or a folder above it, exists and is not a folder, or the nearest existing folder is not
+    writable. Creates nothing."""
+    path = Path(path)
+    for p in (path, *path.absolute().parents):
+        if p.is_dir():
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ValueError(f"{path}: {'it' if p == path else p} is not writable")
+            return
+        if p.exists() or p.is_symlink():
+            raise ValueError(f"{path}: {'exists and is not a folder' if p == path else f'{p} is not a folder'}")
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """check_output_dir for the folder of an output file, and ValueError if `path` itself is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected a file name")
+    check_output_dir(path.parent)
+
+
 # -----------------------------------------------------------------------------
 # writers for write_outputs
 

@@ -14,16 +14,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import EarDataset, ResumableSampler, make_loader, to_float
+from data import EarDataset, ResumableSampler, _fraction, make_loader, to_float
 from checkpoints import CheckpointError
 from model import EarVAE
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_BATCH_SIZE = 16  # ~8.6 GiB at SAM input 1024 in bf16 (bench.py's estimate): fits 12-24 GB GPUs
+DEFAULT_MAX_INVALID = 0.05  # train.py's default --max-invalid
 
 
 def add_inference_args(p: argparse.ArgumentParser) -> None:
-    """--batch-size, --precision, --device and --workers, the same for every script that runs a checkpoint."""
+    """--batch-size, --precision, --device, --workers and --max-invalid, the same for every script that runs a
+    checkpoint."""
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images per forward pass. At SAM input 1024 in bf16 the peak is ~4.6 GiB at 8, ~8.6 GiB at "
                         "16 and ~16.4 GiB at 32 (fake-tensor estimate, BENCHMARKS.md; in fp32 about twice): 16 fits "
@@ -33,6 +35,9 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
                         "CUDA, fp32 on CPU. Metrics are computed in fp32 either way")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    p.add_argument("--max-invalid", type=_fraction, default=None,
+                   help="largest fraction of invalid samples (NaN, out of range, blank) a data file may hold, as in "
+                        f"train.py (default: the value the run was trained with, else {DEFAULT_MAX_INVALID})")
 
 
 def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[torch.device, torch.dtype]:
@@ -81,13 +86,22 @@ def out_of_memory_error(batch_size: int) -> str:
 
 
 def checkpoint_info(ckpt: dict) -> dict:
-    """The checkpoint's step and the default data files of the run that wrote it (None without a run config):
-    {"step": int | None, "train": Path | None, "val": Path | None}. ckpt: read_checkpoint()'s result."""
+    """The checkpoint's step, the default data files of the run that wrote it and the invalid-sample threshold it was
+    trained with (None without a run config): {"step": int | None, "train": Path | None, "val": Path | None,
+    "max_invalid": float | None}. ckpt: read_checkpoint()'s result."""
     run = ckpt.get("run_config") or {}
     files = {"train": None, "val": None}
     if "data_dir" in run:
         files = {s: Path(run.get(f"{s}_npy") or Path(run["data_dir"]) / f"{s}_teacher.npy") for s in files}
-    return {"step": ckpt.get("step"), **files}
+    return {"step": ckpt.get("step"), **files, "max_invalid": run.get("max_invalid")}
+
+
+def max_invalid(args: argparse.Namespace, info: dict) -> float:
+    """add_inference_args' --max-invalid, else the run's (checkpoint_info), else DEFAULT_MAX_INVALID."""
+    for value in (args.max_invalid, info["max_invalid"]):
+        if value is not None:
+            return value
+    return DEFAULT_MAX_INVALID
 
 
 def data_file(given: str | None, info: dict, split: str, ckpt_path: str | Path) -> Path:

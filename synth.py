@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from data import IMAGE_SIZE, DataError, int_at_least, refuse_overwrite
-from files import Writer, save_npy, write_outputs
+from data import IMAGE_SIZE, DataError, int_at_least, refuse_dataset, write_dataset
+from files import Writer, check_output_dir, save_npy
 
 # Generating factors of the synthetic ears, each sampled uniformly in its range (CSV column order).
 # Ear units: the ear spans about y in [-0.9, 0.9] at scale 1, where the crop spans [-1, 1].
@@ -105,8 +105,8 @@ def render_identities(k: int, views: int, seed: int | list[int],
 
 def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: int) -> None:
     """Write out_dir/{train,val}_teacher.npy (uint8 (N, 128, 128, 3)) and {train,val}_factors.csv (header FACTORS,
-    one row per image), all four or none (files.write_outputs). Train is render_ears(n_train, seed); val comes from
-    a different random stream of the seed."""
+    one row per image), all four or none (data.write_dataset: another dataset's files in out_dir are removed). Train
+    is render_ears(n_train, seed); val comes from a different random stream of the seed."""
     if n_train < 1 or n_val < 1:
         raise ValueError(f"n_train and n_val must be >= 1, got {n_train} and {n_val}")
     out_dir = Path(out_dir)
@@ -115,13 +115,14 @@ def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: 
         images, factors = _render(n, entropy, IMAGE_SIZE)
         files[out_dir / f"{split}_teacher.npy"] = save_npy(images)
         files[out_dir / f"{split}_factors.csv"] = _save_factors(factors)
-    write_outputs(files)
+    write_dataset(out_dir, files)
 
 
 def write_synthetic_identities(out_dir: str | os.PathLike, k: int, views: int, seed: int) -> None:
     """Write out_dir/{train,val}_teacher.npy (uint8 (k*views, 128, 128, 3)) and {train,val}_factors.csv (header
-    FACTORS + `identity`), all four or none. Train is render_identities(k, views, seed) with identities 0..k-1; val
-    holds k other identities, from a different random stream of the seed, numbered k..2k-1 (no id in both splits)."""
+    FACTORS + `identity`), all four or none (data.write_dataset). Train is render_identities(k, views, seed) with
+    identities 0..k-1; val holds k other identities, from a different random stream of the seed, numbered k..2k-1
+    (no id in both splits)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     out_dir = Path(out_dir)
@@ -130,7 +131,7 @@ def write_synthetic_identities(out_dir: str | os.PathLike, k: int, views: int, s
         images, factors, identities = render_identities(k, views, entropy, IMAGE_SIZE)
         files[out_dir / f"{split}_teacher.npy"] = save_npy(images)
         files[out_dir / f"{split}_factors.csv"] = _save_factors(factors, identities + first_id)
-    write_outputs(files)
+    write_dataset(out_dir, files)
 
 
 def _save_factors(factors: np.ndarray, identities: np.ndarray | None = None) -> Writer:
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--views", type=int_at_least(1), default=argparse.SUPPRESS, metavar="V",
                    help=f"images per identity (default: {VIEWS}; only with --identities)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (train and val use separate streams)")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.add_argument("--force", action="store_true", help="replace the dataset already in --out (all its files: .npy, "
+                   "factors, index and skipped CSVs)")
     args = p.parse_args(argv)
     given = vars(args)
     if args.identities is not None and ("n_train" in given or "n_val" in given):
@@ -332,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--views: only with --identities")
     out = Path(args.out)
     try:
-        refuse_overwrite([out / f"{s}_{kind}" for s in ("train", "val") for kind in ("teacher.npy", "factors.csv")],
-                         args.force)
+        check_output_dir(out)
+    except ValueError as e:
+        p.error(f"--out {e}")
+    try:
+        refuse_dataset(out, args.force)
         t0 = time.perf_counter()
         if args.identities is None:
             n_train, n_val = given.get("n_train", N_TRAIN), given.get("n_val", N_VAL)

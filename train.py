@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
-from files import atomic_write, save_figure, save_json
+from files import atomic_write, check_output_dir, save_figure, save_json
 from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
 from losses import LossConfig, VAELoss, psnr, ssim
 from checkpoints import CheckpointError, config_from_checkpoint, load_state, read_checkpoint
@@ -263,6 +263,7 @@ def resolve_run(parser: argparse.ArgumentParser, argv: list[str] | None, world: 
     args = parser.parse_args(argv)
     ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)
     if args.resume is None:
+        check_output_dirs(args)
         for f in (ckpt_dir / "last.pt", log_dir / "metrics.csv"):
             if f.exists():
                 raise TrainingError(f"{f} exists from an earlier run: pass --resume to continue it, "
@@ -297,8 +298,19 @@ def resolve_run(parser: argparse.ArgumentParser, argv: list[str] | None, world: 
             f"process(es) x {was[2]} accum steps), this command's is {math.prod(now)} ({now[0]} x {now[1]} x "
             f"{now[2]}); choose --batch-size and --accum-steps whose product with {world} process(es) is "
             f"{math.prod(was)}")
+    check_output_dirs(args)
     cfg = replace(config_from_checkpoint(ckpt), grad_checkpointing=args.grad_checkpointing)
     return Run(args, cfg, ckpt["model_config"]["pretrained"], ckpt, resume_path)
+
+
+def check_output_dirs(args: argparse.Namespace) -> None:
+    """TrainingError naming the flag if --ckpt-dir or --log-dir cannot be a folder to write in (files.check_output_dir),
+    before the data, the model and the steps."""
+    for flag, folder in (("--ckpt-dir", args.ckpt_dir), ("--log-dir", args.log_dir)):
+        try:
+            check_output_dir(folder)
+        except ValueError as e:
+            raise TrainingError(f"{flag} {e}") from e
 
 
 def build_optimizer(model, args: argparse.Namespace) -> torch.optim.AdamW:

@@ -14,8 +14,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from conftest import ROOT, Hostile, assert_one_line_error
-from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, ResumableSampler, _colour, _load_image, augment,
-                  main, make_loader, open_npy, to_float, validate)
+from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, ResumableSampler, _colour, augment, main,
+                  make_loader, open_npy, to_float, validate)
+from photos import BACKGROUND, load_image
 from synth import render_ears
 
 
@@ -113,8 +114,9 @@ def test_too_many_invalid_samples_raise_data_error_with_counts(tmp_path):
     np.save(path, arr)
     with pytest.raises(DataError) as e:
         EarDataset(path)
-    assert str(e.value) == (f"{path}: 312 of 1,000 samples invalid (non-finite 12, blank 300); more than the 5% "
-                            "allowed (--max-invalid)")
+    assert str(e.value) == (f"{path}: 312 of 1,000 samples invalid (non-finite 12, blank 300: #0 non-finite, "
+                            "#1 non-finite, #2 non-finite, 309 more (python data.py check lists all)); more than the "
+                            "5% allowed (--max-invalid)")
     assert len(EarDataset(path, size=16, max_invalid=0.32)) == 688
 
 
@@ -207,13 +209,15 @@ def test_check_cli_exit_codes_and_one_line_errors(tmp_path, ears, capsys):
     bad[2, 0, 0, 0] = np.nan
     np.save(tmp_path / "bad.npy", bad)
     assert_one_line_error(run_cli("check", "bad.npy", cwd=tmp_path),
-                          "bad.npy: 3 of 8 samples invalid (non-finite 1, blank 2)")
+                          "bad.npy: 3 of 8 samples invalid (non-finite 1, blank 2: #0 blank, #1 blank, "
+                          "#2 non-finite)")
     assert main(["check", str(tmp_path / "bad.npy"), "--max-invalid", "0.375"]) == 0
     report = capsys.readouterr().out.splitlines()
     finite = bad[np.isfinite(bad)]
     assert report[2:] == [
         "shape:    (8, 3, 128, 128) float64 (NCHW)", f"values:   {finite.min():g} .. {finite.max():g} (finite values)",
-        "invalid:  3 (non-finite 1, out of range 0, blank 2)", "verdict:  usable, 5 valid samples"]
+        "invalid:  3 (non-finite 1, out of range 0, blank 2)", "  #0 blank", "  #1 blank", "  #2 non-finite",
+        "verdict:  usable, 5 valid samples"]
     assert_one_line_error(run_cli("check", "missing.npy", cwd=tmp_path), "missing.npy: file not found")
     with pytest.raises(SystemExit) as e:  # argparse rejects the value
         main(["check", str(tmp_path / "good.npy"), "--max-invalid", "2"])
@@ -244,20 +248,35 @@ def test_convert_round_trip_pads_resizes_splits_and_lists_skipped_files(tmp_path
     assert val.shape[1:] == (128, 128, 3)
     assert len(train) + len(val) == 9
     assert len(val) == 2  # round(9 * 0.25)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train_index.csv", "train_teacher.npy",
-                                                                     "val_index.csv", "val_teacher.npy"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["skipped.csv", "train_index.csv",
+                                                                     "train_teacher.npy", "val_index.csv",
+                                                                     "val_teacher.npy"]
     for name in ("x.png", "empty.jpg", "notes.txt"):
         assert re.search(rf"skipped .*{re.escape(name)}: ", out.err), out.err
+    assert sorted(read_index(tmp_path / "out" / "skipped.csv"), key=lambda r: r["path"]) == [
+        {"path": "a/b/empty.jpg", "reason": "not an image Pillow can read"},
+        {"path": "a/x.png", "reason": "not an image Pillow can read"},
+        {"path": "notes.txt", "reason": "not an image Pillow can read"}]
     o = tmp_path / "out"
-    assert out.out.splitlines()[-1] == (f"converted 9 images (3 skipped) of 2 subjects (4 unlabelled): "  # a, a/b
-                                        f"{o}/train_teacher.npy 7, {o}/val_teacher.npy 2; "
-                                        f"their sources in {o}/train_index.csv, {o}/val_index.csv")
+    n_val_subjects = len({r["subject"] for r in read_index(o / "val_index.csv")} - {""})
+    assert out.out.splitlines()[-3:] == [  # a and a/b are one subject (a), 4 images lie directly in photos/
+        f"converted 9 of 12 entries (3 skipped: {o}/skipped.csv); 1 subject (folders at --subject-depth 1), "
+        f"4 images without one",
+        f"split by image (default): train 7 images of 1 subject -> {o}/train_teacher.npy, val 2 images of "
+        f"{n_val_subjects} subject{'s' * (n_val_subjects != 1)} (22.2%; --val-fraction 0.25) -> {o}/val_teacher.npy; "
+        f"their sources in {o}/train_index.csv, {o}/val_index.csv",
+        "content changes: padded to square 7 (background 124,116,104; each image's in the changes column of the "
+        "index CSVs)"]
 
     # the aspect ratio is kept: the square stays square (64 x 64 after padding 200 x 100 to 200 x 200 -> 128)
-    square = next(img for img in np.concatenate([train, val]) if img.mean() < 60)  # the mostly black one
-    rows, cols = np.nonzero(square.min(-1) > 128)
-    assert abs((rows.max() - rows.min()) - (cols.max() - cols.min())) <= 1
-    assert 30 <= rows.max() - rows.min() <= 34
+    rows = {r["path"]: (split, int(r["index"])) for split in ("train", "val")
+            for r in read_index(tmp_path / "out" / f"{split}_index.csv")}
+    split, i = rows["wide.png"]
+    square = {"train": train, "val": val}[split][i]
+    ys, xs = np.nonzero(square.min(-1) > 200)
+    assert abs((ys.max() - ys.min()) - (xs.max() - xs.min())) <= 1
+    assert 30 <= ys.max() - ys.min() <= 34
+    assert (square[:20] == BACKGROUND).all() and (square[-20:] == BACKGROUND).all()  # the padding, top and bottom
 
     again = run_cli("convert", "photos", "--out", "out", cwd=tmp_path)
     assert_one_line_error(again, "train_teacher.npy: already exists")
@@ -266,7 +285,7 @@ def test_convert_round_trip_pads_resizes_splits_and_lists_skipped_files(tmp_path
     proc = run_cli("convert", "junk", "--out", "out2", cwd=tmp_path)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: junk: 0 usable images")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: junk: 0 usable images (1 of 1 entries skipped)")
     assert not (tmp_path / "out2").exists()
 
 
@@ -278,7 +297,7 @@ def read_index(path: Path) -> list[dict[str, str]]:
 def test_convert_index_csvs_give_each_npy_rows_source_and_subject(tmp_path, capsys):
     src = tmp_path / "AWE"
     subjects = {"root.png": "", "top.jpg": "", "001/01.png": "001", "001/02.png": "001", "002/01.png": "002",
-                "Doe, Jane/a,b.png": "Doe, Jane", "site/003/01.png": "site/003", "site/003/02.bmp": "site/003"}
+                "Doe, Jane/a,b.png": "Doe, Jane", "site/003/01.png": "site", "site/003/02.bmp": "site"}
     rng = np.random.default_rng(1)
     for name in subjects:
         (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -286,21 +305,23 @@ def test_convert_index_csvs_give_each_npy_rows_source_and_subject(tmp_path, caps
     (src / "001" / "notes.txt").write_text("skipped: no row")
     out = tmp_path / "out"
     assert main(["convert", str(src), "--out", str(out), "--size", "16", "--val-fraction", "0.25"]) == 0
-    assert "converted 8 images (1 skipped) of 4 subjects (2 unlabelled): " in capsys.readouterr().out.splitlines()[-1]
+    assert capsys.readouterr().out.splitlines()[0].startswith("converted 8 of 9 entries (1 skipped: ")
     listed = []
     for split in ("train", "val"):
         npy = np.load(out / f"{split}_teacher.npy")
-        assert (out / f"{split}_index.csv").read_text().splitlines()[0] == "index,path,subject"
+        assert (out / f"{split}_index.csv").read_text().splitlines()[0] == "index,path,subject,changes"
         rows = read_index(out / f"{split}_index.csv")
         assert [int(r["index"]) for r in rows] == list(range(len(npy)))  # one row per row of the .npy
         for r in rows:
-            assert np.array_equal(npy[int(r["index"])], _load_image(src / r["path"], 16)), r
+            image, changes = load_image(src / r["path"], 16)
+            assert np.array_equal(npy[int(r["index"])], image), r
+            assert r["changes"] == "; ".join(f"{kind} ({detail})" for kind, detail in changes) != "", r
             assert r["subject"] == subjects[r["path"]], r
         listed += [r["path"] for r in rows]
     assert sorted(listed) == sorted(subjects)  # every image once, in train or val
 
 
-def test_convert_refuses_to_overwrite_an_index_csv_and_force_rewrites_all_four(tmp_path):
+def test_convert_refuses_to_overwrite_an_index_csv_and_force_rewrites_the_set(tmp_path):
     src = tmp_path / "photos"
     for i in range(4):
         (src / f"s{i % 2}").mkdir(parents=True, exist_ok=True)
