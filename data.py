@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
+from cli import float_range, fraction, int_range, progress, safe_console, seed_int
 from files import Writer, save_npy, write_outputs
 
 IMAGE_SIZE = 128
@@ -454,7 +454,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     files = sorted(p for p in src.rglob("*") if p.is_file())
     images = np.empty((len(files), args.size, args.size, 3), np.uint8)  # filled front to back, only valid images
     loaded, skipped = [], []  # loaded: the source of each filled row of images, relative to src
-    for path in tqdm(files, desc="convert", unit="img"):
+    for path in progress(files, desc="convert", unit="img"):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append((path, f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"))
             continue
@@ -502,27 +502,7 @@ def _save_index(paths: list[Path]) -> Writer:
     return write
 
 
-def int_at_least(lo: int):
-    def parse(s: str) -> int:
-        if int(s) < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {s}")
-        return int(s)
-    return parse
-
-
-def _fraction(s: str) -> float:
-    if not 0 <= float(s) <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
-    return float(s)
-
-
-def _open_fraction(s: str) -> float:
-    if not 0 < float(s) < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {s}")
-    return float(s)
-
-
-def main(argv: list[str] | None = None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Ear-teacher data: checks and conversion.")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -530,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="report on an image .npy file; exit 0 if usable for training, else 1",
                        formatter_class=fmt)
     p.add_argument("file", help="the .npy file")
-    p.add_argument("--max-invalid", type=_fraction, default=0.05,
+    p.add_argument("--max-invalid", type=fraction, default=0.05,
                    help="largest fraction of invalid samples that still counts as usable")
     p.set_defaults(func=_cmd_check)
 
@@ -539,13 +519,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("image_dir", help="folder searched recursively for images")
     p.add_argument("--out", required=True, help="output directory for {train,val}_teacher.npy and "
                    "{train,val}_index.csv (each row's source image and subject: its folder)")
-    p.add_argument("--size", type=int_at_least(8), default=IMAGE_SIZE, help="output image size in pixels")
-    p.add_argument("--val-fraction", type=_open_fraction, default=0.2, help="fraction of images for val")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the shuffle before the split")
+    p.add_argument("--size", type=int_range(8), default=IMAGE_SIZE, help="output image size in pixels")
+    p.add_argument("--val-fraction", type=float_range(0, 1, lo_open=True, hi_open=True), default=0.2,
+                   help="fraction of images for val")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the shuffle before the split")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=_cmd_convert)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
     try:
         return args.func(args)
     except (DataError, FileNotFoundError) as e:
@@ -554,4 +538,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    safe_console()
     sys.exit(main())

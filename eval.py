@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cli import safe_console  # noqa: E402
 from data import UNLABELLED, DataError, EarDataset, identity_files, read_identities, to_float  # noqa: E402
 from files import Writer, save_figure, save_json, save_npy, write_outputs  # noqa: E402
 from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
@@ -268,8 +269,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.export_latents is not None and not args.export_latents.endswith(".npy"):
         parser.error(f"--export-latents {args.export_latents}: expected a file name ending in .npy")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: expected >= 1")
     if args.vgg_weights is not None and not args.lpips:
         parser.error("--vgg-weights is the backbone of --lpips: add --lpips")
     if args.export is not None and Path(args.export).exists() and not Path(args.export).is_dir():
@@ -327,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    safe_console()
     try:
         main()
     except (CheckpointError, DataError, WeightsUnavailableError) as e:
