@@ -183,7 +183,9 @@ def weights_problem(scales: dict[str, float], initial: dict[str, float], what: s
     are sane: every value finite, and no tensor's max |value| above SANE_GROWTH x max(its max |value| at
     initialisation (`initial`), 1). Adam moves a weight by about lr per step at most, so at lr 3e-4 a weight needs
     over 3 million steps to grow by 1000: a sane run never comes near the bound, a diverged one (lr 1e8) passes it
-    in one step. The floor of 1 lets tensors initialised at 0 (biases) grow to 1000."""
+    in one step. The floor of 1 lets tensors initialised at 0 (biases) grow to 1000. On resume `initial` is the seed's
+    initialisation with a random backbone (a pretrained one is not loaded again): a pretrained weight is flagged only
+    beyond 1000 x max(that random scale, 1)."""
     for name, m in scales.items():
         if not math.isfinite(m):
             return f"the {what} diverged ({name} holds non-finite values)"

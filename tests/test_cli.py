@@ -170,7 +170,8 @@ def test_progress_is_a_tqdm_bar_on_a_terminal_and_plain_lines_elsewhere(monkeypa
     bar = cli.progress(range(3), desc="x")
     assert isinstance(bar, cli.LogProgress)
     list(bar)
-    assert sys.stderr.getvalue() == "x:   0% 0/3 [00:00<?, ?it/s]\n" + sys.stderr.getvalue().splitlines()[1] + "\n"
+    first, last = sys.stderr.getvalue().split("\n")[:-1]  # two lines, each ended by a newline
+    assert first == "x:   0% 0/3 [00:00<?, ?it/s]" and last.startswith("x: 100% 3/3 [00:00<00:00, ")
 
 
 # -- a console that is not UTF-8 -----------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_every_step_of_the_demo_succeeds_on_a_cp1252_console_with_a_non_latin_pa
     assert "done: 1 steps, best val PSNR" in text and f"{ESCAPED}/demo/checkpoints" in text
     for path in ("checkpoints/best.pt", "eval/metrics.json", "eigenears/summary.json", "identity/metrics.json"):
         assert (out / path).is_file(), path
-    assert text.rstrip().endswith(f"everything is in /{str(out.relative_to('/')).replace(NON_LATIN, ESCAPED)}/")
+    assert text.rstrip().endswith(f"everything is in {str(out).replace(NON_LATIN, ESCAPED)}/")
 
 
 def test_progress_redirected_to_a_file_has_no_carriage_returns(demo_log):
