@@ -34,7 +34,8 @@ from synth import write_synthetic
 from losses import VAELoss
 from model import build_model, sam_config
 from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
-from train import get_parser, loss_config
+from cli import int_range, non_negative_int, positive_int, safe_console
+from train import get_parser as train_parser, loss_config
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -57,7 +58,7 @@ def random_vgg_file() -> str:
 
 def default_loss(vgg: str, image_size: int) -> VAELoss:
     """train.py's default loss (its flags' defaults), with the VGG16 weights from `vgg`."""
-    loss_cfg = replace(loss_config(get_parser().parse_args([])), vgg_weights=vgg)
+    loss_cfg = replace(loss_config(train_parser().parse_args([])), vgg_weights=vgg)
     return VAELoss(**asdict(loss_cfg), image_size=image_size)
 
 
@@ -306,15 +307,16 @@ def largest_batch(variant: str, input_size: int, device: torch.device, vgg: str,
     return lo
 
 
-def main() -> None:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cuda = torch.cuda.is_available()
-    p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="SAM input sizes (default: 1024 512 256 on a GPU, 256 on CPU, 1024 for --estimate-memory)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+    p.add_argument("--sizes", type=int_range(16, multiple_of=16), nargs="+", default=None,
+                   help="SAM input sizes, multiples of its patch 16 (default: 1024 512 256 on a GPU, 256 on CPU, "
+                        "1024 for --estimate-memory)")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
                    help="images per step, each seen in two augmented views as in training (default: 8 32 64 on a "
                         "GPU, 1 2 on CPU, 1 4 8 16 for --estimate-memory)")
-    p.add_argument("--steps", type=int, default=10 if cuda else 2, help="timed steps per configuration")
+    p.add_argument("--steps", type=positive_int, default=10 if cuda else 2, help="timed steps per configuration")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                    default=["optimised", "baseline", "flex", "compiled"] if cuda else ["optimised", "baseline"],
                    help="paths to measure (optimised is always measured: the others are compared with it); "
@@ -322,12 +324,19 @@ def main() -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="also measure with gradient checkpointing")
     p.add_argument("--max-batch", action="store_true", help="GPU: also search the largest batch that fits, with and "
                    "without gradient checkpointing, at the first of --sizes")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader workers")
+    p.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
+                   help="data loader workers")
     p.add_argument("--markdown", default=None, help="append the results to this file (e.g. BENCHMARKS.md)")
     p.add_argument("--estimate-memory", action="store_true", help="only estimate the peak GPU memory of a bf16 "
                    "training step, no GPU needed (fake tensors): plain, grad checkpointing and flex, at --sizes "
                    "(here default 1024) and --batch-sizes (here default 1 4 8 16)")
+    return p
+
+
+def main() -> None:
+    p = get_parser()
     args = p.parse_args()
+    cuda = torch.cuda.is_available()
     if args.estimate_memory:
         out = (f"### {date.today()} - estimate (fake tensors, no GPU)\n\n`python bench.py {' '.join(sys.argv[1:])}`"
                f"\n\n{estimate_table(args.sizes or [1024], args.batch_sizes or [1, 4, 8, 16], random_vgg_file())}\n")
@@ -377,4 +386,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    safe_console()
     main()

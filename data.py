@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
+from cli import float_range, fraction, int_range, progress, safe_console, seed_int
 from files import Writer, check_output_dir, save_npy, write_outputs
 from photos import (BACKGROUND, CHANGE_KINDS, SQUARE_RULES, UnusableImage, load_image, path_text, scan,
                     split_groups, subject_of)
@@ -548,7 +548,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     n_entries = len(found.files) + len(found.skipped)
     images = np.empty((len(found.files), args.size, args.size, 3), np.uint8)  # filled front to back
     loaded, changes, skipped = [], [], list(found.skipped)  # loaded: the source of each filled row, relative to src
-    for rel in tqdm(found.files, desc="convert", unit="img"):
+    for rel in progress(found.files, desc="convert", unit="img"):
         try:
             images[len(loaded)], changed = load_image(src / rel, args.size, args.square, args.background)
         except UnidentifiedImageError:
@@ -659,27 +659,7 @@ def _rgb(s: str) -> tuple[int, int, int]:
     return tuple(values)
 
 
-def int_at_least(lo: int):
-    def parse(s: str) -> int:
-        if int(s) < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {s}")
-        return int(s)
-    return parse
-
-
-def _fraction(s: str) -> float:
-    if not 0 <= float(s) <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {s}")
-    return float(s)
-
-
-def _open_fraction(s: str) -> float:
-    if not 0 < float(s) < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {s}")
-    return float(s)
-
-
-def main(argv: list[str] | None = None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Ear-teacher data: checks and conversion.")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -687,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="report on an image .npy file; exit 0 if usable for training, else 1",
                        formatter_class=fmt)
     p.add_argument("file", help="the .npy file")
-    p.add_argument("--max-invalid", type=_fraction, default=0.05,
+    p.add_argument("--max-invalid", type=fraction, default=0.05,
                    help="largest fraction of invalid samples that still counts as usable")
     p.set_defaults(func=_cmd_check)
 
@@ -697,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
                    "is not converted is named with its reason")
     p.add_argument("--out", required=True, help="output folder for {train,val}_teacher.npy, {train,val}_index.csv "
                    "(each row's source image, subject and content changes) and skipped.csv (entries left out, why)")
-    p.add_argument("--size", type=int_at_least(8), default=IMAGE_SIZE, help="output image size in pixels")
+    p.add_argument("--size", type=int_range(8), default=IMAGE_SIZE, help="output image size in pixels")
     p.add_argument("--square", choices=SQUARE_RULES, default="pad",
                    help="how a non-square image becomes square: pad (centred on --background: the whole ear kept, "
                         "nothing invented), reflect (mirrored at its edges) or crop (the centre square: loses the top "
@@ -708,17 +688,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-by", choices=("subject", "image"), default=None,
                    help="subject: every subject's images in one split (ear recognition protocols need this); image: "
                         "images split one by one (default: subject when there are 2+ subject folders)")
-    p.add_argument("--subject-depth", type=int_at_least(1), default=1,
+    p.add_argument("--subject-depth", type=int_range(1), default=1,
                    help="folder levels under IMAGE_DIR that name the subject: 1 for DIR/s09/left/x.jpg -> s09, "
                         "2 for DIR/site/s09/x.jpg -> site/s09")
-    p.add_argument("--val-fraction", type=_open_fraction, default=0.2,
+    p.add_argument("--val-fraction", type=float_range(0, 1, lo_open=True, hi_open=True), default=0.2,
                    help="fraction of the images for val (met as closely as whole subjects allow)")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the split")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the split")
     p.add_argument("--force", action="store_true", help="replace the dataset already in --out (all its files: "
                    ".npy, index, factors and skipped CSVs)")
     p.set_defaults(func=_cmd_convert)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
     try:
         return args.func(args)
     except (DataError, FileNotFoundError) as e:
@@ -727,4 +710,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    safe_console()
     sys.exit(main())

@@ -13,7 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+from cli import int_range, positive_int, safe_console
+
 ROOT = Path(__file__).resolve().parent
+BATCH = 16  # the training batch: --n-train is at least one batch
 
 
 def run(*args: str) -> None:
@@ -24,13 +27,20 @@ def run(*args: str) -> None:
         sys.exit(f"error: step failed (exit {r.returncode}): python {shlex.join(args)}")
 
 
-def main() -> None:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo", help="folder for data, checkpoints, logs, eval and eigenears")
-    p.add_argument("--n-train", type=int, default=2000, help="synthetic training ears")
-    p.add_argument("--n-val", type=int, default=200, help="synthetic validation ears")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs")
-    args = p.parse_args()
+    p.add_argument("--n-train", type=int_range(BATCH), default=2000,
+                   help=f"synthetic training ears (at least one batch of {BATCH})")
+    p.add_argument("--n-val", type=int_range(2), default=200, help="synthetic validation ears (a PCA needs 2)")
+    p.add_argument("--epochs", type=positive_int, default=8, help="training epochs")
+    p.add_argument("--identities", type=int_range(2), default=100,
+                   help="new identities (4 views each, none seen in training) that the latents must recognise")
+    return p
+
+
+def main() -> None:
+    args = get_parser().parse_args()
     out = Path(args.out)
     if out.exists():
         sys.exit(f"error: {out}/ exists from an earlier demo: delete it or pass --out NEW_DIR")
@@ -40,16 +50,18 @@ def main() -> None:
         "--seed", "0")
     run("train.py", "--tiny", "--no-pretrained", "--perceptual-weight", "0", "--contrastive-weight", "0",
         "--data-dir", f"{out}/data", "--ckpt-dir", f"{out}/checkpoints", "--log-dir", f"{out}/logs",
-        "--epochs", str(args.epochs), "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "50",
+        "--epochs", str(args.epochs), "--batch-size", str(BATCH), "--lr", "1e-3", "--warmup-steps", "50",
         "--log-every", "25", "--workers", "1")
     run("eval.py", f"{out}/checkpoints/best.pt", "--out", f"{out}/eval", "--export-latents", f"{out}/eval/latents.npy")
     run("eigenears.py", "--ckpt", f"{out}/checkpoints/best.pt", "--out", f"{out}/eigenears")
-    # recognition from the latents: ears of 100 new identities, 4 views each, none seen in training
-    run("synth.py", "--out", f"{out}/identities", "--identities", "100", "--views", "4", "--seed", "1")
+    # recognition from the latents: ears of new identities, 4 views each, none seen in training
+    run("synth.py", "--out", f"{out}/identities", "--identities", str(args.identities), "--views", "4",
+        "--seed", "1")
     run("eval.py", f"{out}/checkpoints/best.pt", "--data", f"{out}/identities/val_teacher.npy", "--identity",
         "--out", f"{out}/identity")
     print(f"\ndemo done in {(time.time() - t0) / 60:.1f} min: everything is in {out}/")
 
 
 if __name__ == "__main__":
+    safe_console()
     main()

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cli import positive_int, safe_console  # noqa: E402
 from data import DataError, EarDataset  # noqa: E402
 from files import check_output_dir, save_figure, save_json, write_outputs  # noqa: E402
 from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
@@ -52,7 +53,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-data", default=None, help=".npy the PCA and probes are fitted on (default: the run's "
                    "train file)")
     p.add_argument("--out", default="eigenears", help="folder for summary.json and the figures")
-    p.add_argument("--n-components", type=int, default=50, help="PCs reported (capped at the number available)")
+    p.add_argument("--n-components", type=positive_int, default=50,
+                   help="PCs reported (capped at the number available)")
     add_inference_args(p)
     return p
 
@@ -63,12 +65,18 @@ def get_parser() -> argparse.ArgumentParser:
 def pca(mu: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """PCA by SVD of the mean-centred data. mu (N, D), N >= 2 -> mean (D,), components (k, D) orthonormal rows in
     order of decreasing variance, variances (k,) (eigenvalues of the sample covariance, ddof 1) and the total
-    variance (its trace: the sum of all min(N, D) eigenvalues). k=None or k > min(N, D): all min(N, D)."""
+    variance (its trace: the sum of all min(N, D) eigenvalues). k=None or k > min(N, D): all min(N, D).
+
+    A component's sign is arbitrary (the SVD may return v or -v, and which one changes with the order of the rows):
+    each is flipped so that its loading of largest magnitude is positive, scikit-learn's `svd_flip` convention
+    (u_based_decision=False, PCA's since 1.5). The same data in any row order then gives the same components, hence
+    the same table, correlation signs and traversal figures."""
     x = np.asarray(mu, np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"pca: expected mu (N, D) with N >= 2, got shape {x.shape}")
     mean = x.mean(0)  # (D,)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)  # s (min(N, D),), vt (min(N, D), D)
+    vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])[:, None]  # largest |loading| of each row > 0
     eig = s ** 2 / (len(x) - 1)
     return mean, vt[:k], eig[:k], float(eig.sum())
 
@@ -338,8 +346,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser = get_parser()
     args = parser.parse_args(argv)
     ckpts = args.ckpt or ["checkpoints/best.pt"]
-    if args.n_components < 1 or args.batch_size < 1:
-        parser.error(f"--n-components {args.n_components}, --batch-size {args.batch_size}: expected >= 1")
     try:
         check_output_dir(args.out)  # before the long work
     except ValueError as e:
@@ -369,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    safe_console()
     try:
         main()
     except (CheckpointError, DataError, WeightsUnavailableError) as e:

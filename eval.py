@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cli import safe_console  # noqa: E402
 from data import (UNLABELLED, DataError, EarDataset, identity_files, read_identities, shared_identities,  # noqa: E402
                   to_float)
 from files import (Writer, check_output_dir, check_output_file, save_figure, save_json, save_npy,  # noqa: E402
@@ -297,8 +298,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.export_latents is not None and not args.export_latents.endswith(".npy"):
         parser.error(f"--export-latents {args.export_latents}: expected a file name ending in .npy")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: expected >= 1")
     if args.vgg_weights is not None and not args.lpips:
         parser.error("--vgg-weights is the backbone of --lpips: add --lpips")
     outputs = [("--out", args.out, check_output_dir), ("--export", args.export, check_output_dir),
@@ -367,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    safe_console()
     try:
         main()
     except (CheckpointError, DataError, WeightsUnavailableError) as e:

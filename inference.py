@@ -12,9 +12,9 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from data import EarDataset, ResumableSampler, _fraction, make_loader, to_float
+from cli import fraction, non_negative_int, positive_int, progress
+from data import EarDataset, ResumableSampler, make_loader, to_float
 from checkpoints import CheckpointError
 from model import EarVAE
 
@@ -26,7 +26,7 @@ DEFAULT_MAX_INVALID = 0.05  # train.py's default --max-invalid
 def add_inference_args(p: argparse.ArgumentParser) -> None:
     """--batch-size, --precision, --device, --workers and --max-invalid, the same for every script that runs a
     checkpoint."""
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help="images per forward pass. At SAM input 1024 in bf16 the peak is ~4.6 GiB at 8, ~8.6 GiB at "
                         "16 and ~16.4 GiB at 32 (fake-tensor estimate, BENCHMARKS.md; in fp32 about twice): 16 fits "
                         "GPUs of 12 to 24 GB with room to spare")
@@ -34,8 +34,8 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype of the forward passes; auto: bf16 where the GPU has it natively, else fp16 on "
                         "CUDA, fp32 on CPU. Metrics are computed in fp32 either way")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-    p.add_argument("--max-invalid", type=_fraction, default=None,
+    p.add_argument("--workers", type=non_negative_int, default=2, help="data loader worker processes")
+    p.add_argument("--max-invalid", type=fraction, default=None,
                    help="largest fraction of invalid samples (NaN, out of range, blank) a data file may hold, as in "
                         f"train.py (default: the value the run was trained with, else {DEFAULT_MAX_INVALID})")
 
@@ -115,11 +115,11 @@ def data_file(given: str | None, info: dict, split: str, ckpt_path: str | Path) 
 
 def batches(ds: EarDataset, batch_size: int, device: torch.device, workers: int,
             desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The dataset in order with a tqdm bar: yields x (B, 3, 128, 128) float in [0, 1] on `device` and the samples'
-    original indices in the file (B,) int64."""
+    """The dataset in order, with cli.progress (a bar, or lines in a log file): yields x (B, 3, 128, 128) float in
+    [0, 1] on `device` and the samples' original indices in the file (B,) int64."""
     sampler = ResumableSampler(len(ds), 1, seed=0, shuffle=False)  # batch_size 1: no sample is dropped
     loader = make_loader(ds, batch_size, sampler, workers, device.type == "cuda")
-    for x, index in tqdm(loader, desc=desc, total=len(loader), dynamic_ncols=True):
+    for x, index in progress(loader, desc=desc, total=len(loader)):
         yield to_float(x.to(device, non_blocking=True)), index
 
 

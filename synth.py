@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from data import IMAGE_SIZE, DataError, int_at_least, refuse_dataset, write_dataset
+from cli import positive_int, safe_console, seed_int
+from data import IMAGE_SIZE, DataError, refuse_dataset, write_dataset
 from files import Writer, check_output_dir, save_npy
 
 # Generating factors of the synthetic ears, each sampled uniformly in its range (CSV column order).
@@ -308,24 +309,29 @@ def _sector(x: np.ndarray, y: np.ndarray, cx: float, cy: float, angle: float, ha
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
-def main(argv: list[str] | None = None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Render synthetic ears with known factors: OUT/{train,val}_teacher.npy "
                                 "and OUT/{train,val}_factors.csv.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="data", help="output directory")
     # SUPPRESS: absent from args unless given, so that giving them with --identities is an error
-    p.add_argument("--n-train", type=int_at_least(1), default=argparse.SUPPRESS,
+    p.add_argument("--n-train", type=positive_int, default=argparse.SUPPRESS,
                    help=f"number of training images (default: {N_TRAIN}; not with --identities)")
-    p.add_argument("--n-val", type=int_at_least(1), default=argparse.SUPPRESS,
+    p.add_argument("--n-val", type=positive_int, default=argparse.SUPPRESS,
                    help=f"number of validation images (default: {N_VAL}; not with --identities)")
-    p.add_argument("--identities", type=int_at_least(1), metavar="K",
+    p.add_argument("--identities", type=positive_int, metavar="K",
                    help="instead of independent ears, K identities per split (train ids 0..K-1, val K..2K-1), each "
                    "seen --views times: the anatomy factors fixed per identity, the nuisance factors drawn per view")
-    p.add_argument("--views", type=int_at_least(1), default=argparse.SUPPRESS, metavar="V",
+    p.add_argument("--views", type=positive_int, default=argparse.SUPPRESS, metavar="V",
                    help=f"images per identity (default: {VIEWS}; only with --identities)")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (train and val use separate streams)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (train and val use separate streams)")
     p.add_argument("--force", action="store_true", help="replace the dataset already in --out (all its files: .npy, "
                    "factors, index and skipped CSVs)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = get_parser()
     args = p.parse_args(argv)
     given = vars(args)
     if args.identities is not None and ("n_train" in given or "n_val" in given):
@@ -359,4 +365,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    safe_console()
     sys.exit(main())

@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -32,6 +33,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from cli import (float_range, fraction, non_negative, non_negative_int, positive, positive_int, progress,
+                 safe_console, seed_int)
 from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
 from files import atomic_write, check_output_dir, save_figure, save_json
 from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
@@ -45,23 +48,10 @@ DEFAULT_WEIGHTS = {"sam": sam_config().weights, "dinov2": dinov2_config().weight
 # (batch_size and accum_steps may change only together with the number of processes, keeping the global batch)
 RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir",
                     "device", "batch_size", "accum_steps", "compile", "grad_checkpointing"}
+SANE_GROWTH = 1000.0  # a weight tensor whose max |value| passes this x max(its initial one, 1) has diverged
 STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installed under __main__
 LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
               "psnr", "ssim_metric", "grad_norm", "skipped", "img_per_s", "time"]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value}")
-    return value
 
 
 class TrainingError(RuntimeError):
@@ -78,7 +68,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-npy", default=None, help="training file (default DATA_DIR/train_teacher.npy)")
     g.add_argument("--val-npy", default=None, help="validation file (default DATA_DIR/val_teacher.npy)")
     g.add_argument("--max-invalid", type=fraction, default=0.05, help="stop if more than this fraction of samples is bad")
-    g.add_argument("--workers", type=int, default=2, help="data loader worker processes per GPU")
+    g.add_argument("--workers", type=non_negative_int, default=2, help="data loader worker processes per GPU")
     g.add_argument("--no-augment", action="store_true", help="train on the images as they are")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (turns left ears into right ones)")
     g = p.add_argument_group("model")
@@ -87,41 +77,43 @@ def get_parser() -> argparse.ArgumentParser:
                    f"or {dinov2.weights})")
     g.add_argument("--no-pretrained", action="store_true", help="random backbone initialisation (explicit)")
     g.add_argument("--tiny", action="store_true", help="tiny backbone and decoder: same code path, CPU speed")
-    g.add_argument("--input-size", type=int, default=None, help="side the crop is resized to for the encoder "
+    g.add_argument("--input-size", type=positive_int, default=None, help="side the crop is resized to for the encoder "
                    f"(SAM: {sam.input_size} original, 512 or 256 for 4x / 16x fewer tokens; DINOv2: "
                    f"{dinov2.input_size})")
-    g.add_argument("--freeze-blocks", type=int, default=None, help=f"frozen first blocks (default: {sam.freeze_blocks}, "
-                   f"tiny {tiny.freeze_blocks})")
-    g.add_argument("--latent-dim", type=int, default=VAEConfig.latent_dim, help="latent size")
+    g.add_argument("--freeze-blocks", type=non_negative_int, default=None, help=f"frozen first blocks (default: "
+                   f"{sam.freeze_blocks}, tiny {tiny.freeze_blocks})")
+    g.add_argument("--latent-dim", type=positive_int, default=VAEConfig.latent_dim, help="latent size")
     g.add_argument("--attn", choices=["sdpa", "eager", "flex"], default="sdpa", help="attention implementation "
                    "(flex: SAM's relative-position bias inside a FlexAttention kernel; CUDA only, see BENCHMARKS.md)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute trainable blocks in backward (may be switched on or off when resuming)")
     g = p.add_argument_group("loss")
-    g.add_argument("--kl-weight", type=float, default=loss.kl, help="KL to N(0, I)")
-    g.add_argument("--perceptual-weight", type=float, default=loss.perceptual, help="VGG16 perceptual (0: no VGG "
-                   "needed)")
-    g.add_argument("--ssim-weight", type=float, default=loss.ssim, help="1 - SSIM")
-    g.add_argument("--edge-weight", type=float, default=loss.edge, help="L1 of Sobel gradients")
-    g.add_argument("--contrastive-weight", type=float, default=loss.contrastive, help="InfoNCE between two augmented "
-                   "views")
-    g.add_argument("--center-weight", type=float, default=loss.center_weight, help="pixel-loss weight at the crop "
+    g.add_argument("--kl-weight", type=non_negative, default=loss.kl, help="KL to N(0, I)")
+    g.add_argument("--perceptual-weight", type=non_negative, default=loss.perceptual, help="VGG16 perceptual (0: no "
+                   "VGG needed)")
+    g.add_argument("--ssim-weight", type=non_negative, default=loss.ssim, help="1 - SSIM")
+    g.add_argument("--edge-weight", type=non_negative, default=loss.edge, help="L1 of Sobel gradients")
+    g.add_argument("--contrastive-weight", type=non_negative, default=loss.contrastive, help="InfoNCE between two "
+                   "augmented views")
+    g.add_argument("--center-weight", type=positive, default=loss.center_weight, help="pixel-loss weight at the crop "
                    "centre (border 1)")
-    g.add_argument("--temperature", type=float, default=loss.temperature, help="InfoNCE temperature")
+    g.add_argument("--temperature", type=positive, default=loss.temperature, help="InfoNCE temperature")
     g.add_argument("--vgg-weights", default=loss.vgg_weights, help="'imagenet' (torchvision) or a local VGG16 state "
                    "dict")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=60, help="epochs; the learning-rate schedule spans them")
     g.add_argument("--batch-size", type=positive_int, default=4, help="images per GPU per micro-step")
     g.add_argument("--accum-steps", type=positive_int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (head and decoder)")
-    g.add_argument("--encoder-lr-scale", type=float, default=0.1, help="encoder blocks train at lr * this")
-    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="cosine decays to lr * this")
-    g.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up (optimizer steps)")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay (not on norms and biases)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--lr", type=positive, default=3e-4, help="peak learning rate (head and decoder)")
+    g.add_argument("--encoder-lr-scale", type=non_negative, default=0.1, help="encoder blocks train at lr * this")
+    g.add_argument("--min-lr-ratio", type=fraction, default=0.01, help="cosine decays to lr * this")
+    g.add_argument("--warmup-steps", type=non_negative_int, default=500, help="linear warm-up (optimizer steps)")
+    g.add_argument("--weight-decay", type=non_negative, default=0.05, help="AdamW decay (not on norms and biases)")
+    g.add_argument("--grad-clip", type=non_negative, default=1.0, help="max gradient norm (0: off; a negative value is "
+                   "refused: it would reverse the update)")
     g.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights")
-    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per optimizer step")
+    g.add_argument("--ema-decay", type=float_range(0, 1, hi_open=True), default=0.999,
+                   help="EMA decay per optimizer step")
     g = p.add_argument_group("run")
     g.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
                    help="auto: bf16 where the GPU has it natively (compute capability >= 8), else fp16 + "
@@ -129,12 +121,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the "
                    "model (minutes of compiling first; measured slower on CPU, see BENCHMARKS.md)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of every random draw")
     g.add_argument("--ckpt-dir", default="checkpoints", help="last.pt and best.pt go here")
     g.add_argument("--log-dir", default="logs", help="metrics.csv, TensorBoard events, figures")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from CKPT_DIR/last.pt, or from the given checkpoint")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total "
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps in total "
                    "(the schedule still spans --epochs)")
     g.add_argument("--save-every", type=positive_int, default=500, help="write last.pt every N optimizer steps")
     g.add_argument("--log-every", type=positive_int, default=10, help="log training metrics every N optimizer steps")
@@ -178,6 +170,52 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def weight_scales(model: torch.nn.Module) -> dict[str, float]:
+    """max |value| of each parameter tensor of the model, by name (NaN where a tensor holds a NaN); one host sync."""
+    names, params = zip(*model.named_parameters())
+    return dict(zip(names, torch.stack([p.detach().abs().max().float() for p in params]).tolist()))
+
+
+def weights_problem(scales: dict[str, float], initial: dict[str, float], what: str = "weights") -> str | None:
+    """Why weights whose weight_scales() are `scales` are not a state worth saving or resuming from, or None when they
+    are sane: every value finite, and no tensor's max |value| above SANE_GROWTH x max(its max |value| at
+    initialisation (`initial`), 1). Adam moves a weight by about lr per step at most, so at lr 3e-4 a weight needs
+    over 3 million steps to grow by 1000: a sane run never comes near the bound, a diverged one (lr 1e8) passes it
+    in one step. The floor of 1 lets tensors initialised at 0 (biases) grow to 1000. On resume `initial` is the seed's
+    initialisation with a random backbone (a pretrained one is not loaded again): a pretrained weight is flagged only
+    beyond 1000 x max(that random scale, 1)."""
+    for name, m in scales.items():
+        if not math.isfinite(m):
+            return f"the {what} diverged ({name} holds non-finite values)"
+        if m > SANE_GROWTH * max(initial[name], 1.0):
+            return (f"the {what} diverged ({name} reached max |value| {m:.3g}, more than {SANE_GROWTH:g} x "
+                    f"max(its initial {initial[name]:.3g}, 1))")
+    return None
+
+
+def restart_command(args: argparse.Namespace, world: int) -> str:
+    """The command of a new run that may work where this one diverged: the same flags, --lr a tenth of this run's (at
+    most the default), gradient clipping on (the default) if it was off, and a --ckpt-dir and --log-dir that do not
+    exist yet (a new run refuses to overwrite an earlier one). Other flags at their default are left out."""
+    defaults = vars(get_parser().parse_args([]))
+    lr = min(args.lr / 10, defaults["lr"])
+    new = {"lr": float(f"{lr:.3g}"), "grad_clip": args.grad_clip or defaults["grad_clip"], "resume": None}
+    for key in ("ckpt_dir", "log_dir"):
+        path, n = f"{getattr(args, key)}_lr{new['lr']:g}", 1
+        while Path(path).exists():
+            n += 1
+            path = f"{getattr(args, key)}_lr{new['lr']:g}_{n}"
+        new[key] = path
+    argv = []
+    for k, default in defaults.items():
+        v = new.get(k, getattr(args, k, default))
+        if v is not None and v is not False and (v != default or k in new):  # --lr and --grad-clip always shown
+            flag = "--" + k.replace("_", "-")
+            argv += [flag] if v is True else [flag, str(v)]  # every boolean flag of the parser defaults to False
+    launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+    return shlex.join([*launcher, "train.py", *argv])
 
 
 @torch.no_grad()
@@ -426,6 +464,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     # -- model, loss, optimizer (initialisation from the seed; under DDP rank 0's weights are broadcast)
     torch.manual_seed(args.seed)
     model = build_model(cfg).to(device)
+    initial = weight_scales(model)  # each tensor's scale at initialisation (on resume the same seeded one)
     cfg = replace(model.cfg, pretrained=pretrained)
     criterion = VAELoss(**asdict(loss_config(args)), image_size=cfg.image_size).to(device)
     optimizer = build_optimizer(model, args)
@@ -437,6 +476,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
     step, epoch, epoch_pos, best_psnr, skipped = 0, 0, 0, -math.inf, 0
+    last_good = None  # (file, step) of the last good state saved or resumed from
     if ckpt is not None:
         load_state(model, ckpt["model"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -454,6 +494,33 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = ema.module if ema is not None else raw_model
+
+    # -- what is saved must be good: finite validation values, finite and sane weights (weights_problem)
+    def state_problem(val: dict[str, float] | None = None) -> str | None:
+        """Why the state now is not good, or None. val: validate()'s values (a PSNR of +inf is a perfect image)."""
+        bad = {k: v for k, v in (val or {}).items() if not math.isfinite(v) and not (k == "psnr" and v == math.inf)}
+        if bad:
+            return "non-finite validation values (" + " ".join(f"{k} {v}" for k, v in bad.items()) + ")"
+        problem = weights_problem(weight_scales(raw_model), initial)
+        if problem is None and ema is not None:
+            problem = weights_problem(weight_scales(ema.module), initial, "EMA weights")
+        return problem
+
+    def new_run() -> str:
+        """What to do instead: restart_command(), and why a resume would not help."""
+        overrides = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_OVERRIDES - {"resume"}))
+        return (f"Start a new run with a lower learning rate in new folders: `{restart_command(args, world)}` "
+                f"(--resume keeps the run's --lr; it may change only {overrides})")
+
+    def not_saved(problem: str) -> TrainingError:
+        """The error that stops a run whose state is not good, naming the last good state and a new run's command."""
+        good = f"{last_good[0]} (step {last_good[1]}) is the last good state" if last_good else "no checkpoint exists"
+        return TrainingError(f"{problem} at step {step}; stopped without saving: {good}. {new_run()}")
+
+    if ckpt is not None:
+        if (problem := state_problem()) is not None:
+            raise TrainingError(f"{resume_path} (step {step}): {problem}; it cannot be resumed. {new_run()}")
+        last_good = (resume_path, step)
 
     run_config = vars(args)
     log("Config:\n" + json.dumps({"run": run_config, "model": asdict(cfg), "precision": precision,
@@ -484,21 +551,41 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
                 state["ema_n_averaged"] = int(ema.n_averaged)
         return state
 
+    def save_last(bar: tqdm | None = None) -> None:
+        """last.pt, if the state is good; else not_saved() (the epoch's progress `bar` closed first, so that the
+        error is the last line printed)."""
+        nonlocal last_good
+        if (problem := state_problem()) is not None:
+            if bar is not None:
+                bar.close()
+            raise not_saved(problem)
+        save_checkpoint(checkpoint_state(full=True), ckpt_dir / "last.pt")
+        last_good = (ckpt_dir / "last.pt", step)
+
     def validate_and_save(trained_epoch: int) -> None:
         nonlocal best_psnr
         val = validate(eval_model, val_loader, criterion, device, autocast)
         metrics.write_row({"step": step, "epoch": trained_epoch, "split": "val", "time": int(time.time()), **val})
         log(f"val step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+        if (problem := state_problem(val)) is not None:
+            raise not_saved(problem)
         if val["psnr"] > best_psnr:
             best_psnr = val["psnr"]
             save_checkpoint(checkpoint_state(full=False), ckpt_dir / "best.pt")
-        save_checkpoint(checkpoint_state(full=True), ckpt_dir / "last.pt")
+        save_last()
         save_grid(eval_model, grid_x, log_dir / f"recon_step{step:07d}.png", autocast)
         plot_curves(log_dir / "metrics.csv", log_dir / "loss_curve.png")
 
     if master:  # sanity check, as the original did: two validation batches through model and loss
         val = validate(eval_model, val_loader, criterion, device, autocast, max_batches=2)
         log("Sanity check (2 val batches): " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+        if (problem := state_problem(val)) is not None:
+            if ckpt is not None:
+                raise TrainingError(f"sanity check of {resume_path} (step {step}): {problem}; it cannot be resumed. "
+                                    f"{new_run()}")
+            raise TrainingError(f"sanity check before step 0: {problem} from the initial model; nothing was "
+                                f"trained or saved. Check the data (python data.py check FILE) and, under fp16 or "
+                                f"bf16, try --precision fp32")
 
     # -- the loop. epoch_pos counts the samples of this epoch consumed by all processes together
     model.train()
@@ -507,8 +594,8 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     while not done and epoch < args.epochs:
         sampler.set_epoch(epoch, start=epoch_pos)
         batches = iter(train_loader)
-        bar = tqdm(total=steps_per_epoch, initial=epoch_pos // global_batch,
-                   desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True)
+        bar = progress(total=steps_per_epoch, initial=epoch_pos // global_batch, desc=f"epoch {epoch}",
+                       disable=not master)
         t0, imgs = time.time(), 0
         while epoch_pos < epoch_len:
             loss_sum = torch.zeros((), device=device)
@@ -548,9 +635,8 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
                 grad_norm = torch.tensor(math.nan)
                 log(f"\nwarning: non-finite loss at step {step}; update skipped ({nan_streak} in a row)")
                 if nan_streak >= args.max_nan:
-                    raise TrainingError(f"{nan_streak} non-finite losses in a row at step {step}; stopped without "
-                                        f"saving (the last checkpoint in {ckpt_dir} is the last good state). "
-                                        f"Try a lower --lr or --precision fp32.")
+                    bar.close()
+                    raise not_saved(f"{nan_streak} non-finite losses in a row")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
@@ -570,7 +656,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
             stop = stop_requests > 0 if ddp else bool(STOP_SIGNALS)  # SIGINT / SIGTERM: save last.pt, exit
             done = args.max_steps is not None and step >= args.max_steps
             if master and (stop or (step % args.save_every == 0 and not done and nan_streak == 0)):
-                save_checkpoint(checkpoint_state(full=True), ckpt_dir / "last.pt")
+                save_last(bar)
             if stop:
                 if ddp:  # no process exits before rank 0's save is complete: torchrun, seeing one process end,
                     dist.barrier()  # signals the others and kills what still runs 30 s later (rank 0 mid-write)
@@ -595,6 +681,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
 
 
 if __name__ == "__main__":
+    safe_console()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: STOP_SIGNALS.append(signum))
     try:

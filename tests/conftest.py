@@ -88,9 +88,10 @@ def run_out_of_memory(script: str, *argv: str) -> subprocess.CompletedProcess:
 
 
 def assert_error_after_progress_bars(proc: subprocess.CompletedProcess, error: str) -> None:
-    """Exit 1, no traceback, and stderr is the tqdm bars of the interrupted loop followed by exactly `error`."""
+    """Exit 1, no traceback, and stderr is the progress lines of the interrupted loop (plain lines, no carriage
+    return: stderr is not a terminal) followed by exactly `error`."""
     assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "\r" not in proc.stderr
     *bars, last = proc.stderr.strip().splitlines()
     assert all(line.endswith(("it/s]", "s/it]")) for line in bars), proc.stderr
     assert last == error

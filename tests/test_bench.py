@@ -54,7 +54,7 @@ def test_the_benchmarked_loss_is_the_default_training_loss(monkeypatch):
 
     parser = train.get_parser()
     parser.set_defaults(kl_weight=1e-3, contrastive_weight=0.7)  # as if train.py's defaults had changed
-    monkeypatch.setattr(bench, "get_parser", lambda: parser)
+    monkeypatch.setattr(bench, "train_parser", lambda: parser)
     monkeypatch.setattr(bench, "build_model", lambda cfg: torch.nn.Linear(1, 1))
     monkeypatch.setattr(bench, "VAELoss", record)
     with pytest.raises(Built):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -31,6 +32,16 @@ def anisotropic(n: int, d: int, seed: int = 0) -> np.ndarray:
     return (rng.normal(size=(n, d)) * np.geomspace(10, 0.1, d)) @ q.T + rng.normal(size=d) * 5
 
 
+def signed(vectors: np.ndarray) -> np.ndarray:
+    """Rows (k, D) flipped so that each one's entry of largest magnitude is positive (scikit-learn's svd_flip with
+    u_based_decision=False), written out independently of pca()."""
+    out = vectors.copy()
+    for row in out:
+        if row[np.argmax(np.abs(row))] < 0:
+            row *= -1
+    return out
+
+
 def test_pca_matches_svd_and_covariance_eigendecomposition():
     x = anisotropic(300, 12)
     mean, comps, var, total = eg.pca(x, 5)
@@ -39,12 +50,23 @@ def test_pca_matches_svd_and_covariance_eigendecomposition():
     np.testing.assert_allclose(mean, x.mean(0), atol=1e-12)
     eigval, eigvec = np.linalg.eigh(np.cov(x, rowvar=False))  # ascending
     np.testing.assert_allclose(var, eigval[::-1][:5], rtol=1e-9)
-    np.testing.assert_allclose(np.abs(comps), np.abs(eigvec[:, ::-1][:, :5].T), atol=1e-6)  # up to sign
+    np.testing.assert_allclose(comps, signed(eigvec[:, ::-1][:, :5].T), atol=1e-6)  # signs by the convention too
     s = np.linalg.svd(x - x.mean(0), compute_uv=False)
     np.testing.assert_allclose(var, s[:5] ** 2 / (len(x) - 1), rtol=1e-9)
     np.testing.assert_allclose(comps @ comps.T, np.eye(5), atol=1e-12)
     assert total == pytest.approx(np.trace(np.cov(x, rowvar=False)), rel=1e-12)
     np.testing.assert_allclose(var / total, eigval[::-1][:5] / eigval.sum(), rtol=1e-9)  # explained-variance ratios
+
+
+def test_pca_signs_follow_the_largest_loading_so_row_order_does_not_matter():
+    """The same data in another row order (reversed, shuffled) gives the same components, signs included, and each
+    component's loading of largest magnitude is positive."""
+    x = anisotropic(300, 12)
+    comps = eg.pca(x)[1]
+    for order in (np.arange(300)[::-1], np.random.default_rng(0).permutation(300)):
+        np.testing.assert_allclose(eg.pca(x[order])[1], comps, atol=1e-9)
+    assert np.all(comps[np.arange(len(comps)), np.abs(comps).argmax(1)] > 0)
+    np.testing.assert_allclose(eg.pca(-x)[1], comps, atol=1e-9)  # mirrored data: the same axes, the same signs
 
 
 def test_pca_with_fewer_samples_than_dimensions_returns_min_n_d_components():
@@ -205,17 +227,16 @@ def test_full_mu_psnr_equals_the_validation_psnr_logged_by_training(single, tiny
 
 def test_factor_table_is_the_correlation_of_pc_scores_with_each_factor(single, latents):
     """One row per PC, one column per factor: Pearson r of the eval split's scores on the fit split's covariance
-    eigenvectors (np.linalg.eigh, independent mu) with the factors; a PC's sign is arbitrary, so row j may be -r."""
+    eigenvectors (np.linalg.eigh, independent mu, signed by the largest loading) with the factors."""
     fa = single.summary["factors"]
     corr = np.array(fa["correlation"])
     assert fa["names"] == list(FACTORS)
     assert corr.shape == (10, len(FACTORS))
-    eigvec = np.linalg.eigh(np.cov(latents.fit, rowvar=False))[1][:, ::-1][:, :10]  # (D, 10)
+    eigvec = signed(np.linalg.eigh(np.cov(latents.fit, rowvar=False))[1][:, ::-1][:, :10].T).T  # (D, 10)
     scores = (latents.eval - latents.fit.mean(0)) @ eigvec  # (16, 10)
     expected = np.array([[np.corrcoef(scores[:, j], latents.y_eval[:, f])[0, 1] for f in range(len(FACTORS))]
                          for j in range(10)])
-    sign = np.sign((corr * expected).sum(1, keepdims=True))  # (10, 1)
-    np.testing.assert_allclose(corr, sign * expected, atol=1e-5)
+    np.testing.assert_allclose(corr, expected, atol=1e-5)
     assert fa["top_factor"] == [FACTORS[j] for j in np.abs(expected).argmax(1)]
 
 
@@ -234,6 +255,42 @@ def test_probe_r2_is_ridge_regression_from_fit_mu_scored_on_eval(single, latents
     assert list(fa["probe_r2"]) == list(FACTORS)
     np.testing.assert_allclose(list(fa["probe_r2"].values()), expected, atol=1e-4)
     assert fa["mean_probe_r2"] == pytest.approx(expected.mean(), abs=1e-4)
+
+
+def leaves(tree, prefix: str = "") -> dict:
+    """{'a/b/0': value} for every leaf of nested dicts and lists."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else None
+    if items is None:
+        return {prefix: tree}
+    return {k: v for key, sub in items for k, v in leaves(sub, f"{prefix}/{key}" if prefix else f"{key}").items()}
+
+
+def test_the_same_data_in_reverse_order_gives_the_same_table_and_figures(single, tiny_run, fit_file, tmp_path):
+    """eigenears on a copy of both files (and their factor CSVs) with the rows reversed: the same summary (signs of
+    the correlations included), the same printed table and, to within one 8-bit level, the same figures."""
+    files = {}
+    for name, npy in (("fit", fit_file), ("eval", tiny_run.data_dir / "val_teacher.npy")):
+        np.save(tmp_path / f"{name}_teacher.npy", np.load(npy)[::-1])
+        header, *rows = npy.with_name(npy.name.replace("_teacher.npy", "_factors.csv")).read_text().splitlines(True)
+        (tmp_path / f"{name}_factors.csv").write_text(header + "".join(rows[::-1]))
+        files[name] = tmp_path / f"{name}_teacher.npy"
+    out = tmp_path / "out"
+    s = eg.main(["--ckpt", str(tiny_run.best), "--fit-data", str(files["fit"]), "--data", str(files["eval"]),
+                 "--out", str(out), "--workers", "0", "--device", "cpu", "--batch-size", "16"])
+    ref = single.summary
+    assert s["factors"]["top_factor"] == ref["factors"]["top_factor"]
+    np.testing.assert_allclose(s["factors"]["correlation"], ref["factors"]["correlation"], atol=1e-5)
+    flat, flat_ref = leaves(s), leaves(ref)
+    assert flat.keys() == flat_ref.keys()
+    n = ref["n_available"]  # N fit samples: N components, the last of zero variance (centred data has rank N - 1),
+    null = (f"explained_variance_ratio/eval/{n - 1}", f"cumulative/eval/{n}")  # a direction no convention can fix
+    for k, v in flat.items():
+        if k not in ("fit_data", "eval_data", *null):
+            assert v == (pytest.approx(flat_ref[k], rel=1e-5, abs=1e-6) if isinstance(v, float) else flat_ref[k]), k
+    assert eg.report(s).splitlines()[2:] == eg.report(ref).splitlines()[2:]  # all but the two lines naming files
+    for name in FIGURES:
+        a, b = plt.imread(out / name), plt.imread(single.out / name)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1 / 255 + 1e-6, name
 
 
 def test_compare_mode_gives_one_column_per_checkpoint(tiny_run, tmp_path):

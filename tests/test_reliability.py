@@ -3,8 +3,10 @@
 Each test names the guarantee it checks (README, "What the tool guarantees")."""
 import csv
 import errno
+import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -268,10 +270,90 @@ def test_nan_losses_in_a_row_stop_the_run_and_keep_the_good_checkpoint(synth_dir
     monkeypatch.setattr(train, "VAELoss", NaNAt)
     NaNAt.calls, NaNAt.bad_calls = 0, set(range(5, 100))
     args = tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--save-every", "2", "--max-nan", "3")
-    with pytest.raises(train.TrainingError, match="3 non-finite losses in a row"):
+    good = re.escape(f"{tmp_path / 'checkpoints/last.pt'} (step 4) is the last good state")
+    with pytest.raises(train.TrainingError, match=f"3 non-finite losses in a row at step 6; stopped without saving: "
+                                                  f"{good}"):
         train.main(args)
     last = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
     assert last["step"] == 4 and last["skipped"] == 0  # saved at step 4, before the first NaN (step 5)
+
+
+# 8b. diverged weights: what is saved as good is good, and the advice is a command that works ---------------------
+
+def advised_command(message: str) -> list[str]:
+    """The train.py flags of the new run a TrainingError advises (`python train.py ...`)."""
+    found = re.search(r"`python train\.py ([^`]*)`", message)
+    assert found, message
+    return shlex.split(found.group(1))
+
+
+def test_a_diverging_run_saves_nothing_and_the_command_it_advises_ends_with_finite_weights(synth_dir, tmp_path):
+    """--lr 1e8 without clipping: Adam's first update puts every weight near 1e6 while the loss of that step was
+    finite, so a save at step 1 (--save-every 1) is what earlier versions kept as the "last good state". It must be
+    refused, and the advised command (a tenth of the lr, at most the default; clipping on; new folders) trains."""
+    args = tiny_train_args(synth_dir, tmp_path, "--lr", "1e8", "--grad-clip", "0", "--epochs", "1",
+                           "--save-every", "1", "--max-steps", "2")
+    with pytest.raises(train.TrainingError) as e:
+        train.main(args)
+    message = str(e.value)
+    assert re.match(r"the weights diverged \(\S+ reached max \|value\| \S+, more than 1000 x max\(its initial "
+                    r"\S+, 1\)\) at step 1; stopped without saving: no checkpoint exists\. Start a new run", message)
+    assert "--resume keeps the run's --lr; it may change only --accum-steps, --batch-size" in message
+    assert not (tmp_path / "checkpoints" / "last.pt").exists() and not (tmp_path / "checkpoints" / "best.pt").exists()
+    advised = advised_command(message)
+    value = lambda flag: advised[advised.index(flag) + 1]  # noqa: E731
+    assert (value("--lr"), value("--grad-clip"), value("--max-steps")) == ("0.0003", "1.0", "2")
+    assert value("--ckpt-dir") == f"{tmp_path / 'checkpoints'}_lr0.0003" and "--resume" not in advised
+    train.main(advised)
+    last = torch.load(value("--ckpt-dir") + "/last.pt", weights_only=True)
+    assert last["step"] == 2
+    scales = {k: v.abs().max().item() for k, v in last["model"].items() if v.is_floating_point()}
+    assert all(math.isfinite(v) and v < 100 for v in scales.values()), max(scales.values())
+
+
+def test_resuming_a_diverged_checkpoint_stops_before_step_0_and_changes_nothing(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run.last, weights_only=True)
+    ckpt["model"]["head.fc.weight"] *= 1e6  # a finite but blown-up state, as a diverged run of earlier versions saved
+    path = tmp_path / "checkpoints" / "last.pt"
+    path.parent.mkdir()
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    with pytest.raises(train.TrainingError) as e:
+        train.main(tiny_train_args(tiny_run.data_dir, tmp_path, "--lr", "5e-4", "--resume"))
+    message = str(e.value)
+    assert message.startswith(f"{path} (step 16): the weights diverged (head.fc.weight reached max |value| "), message
+    assert "it cannot be resumed. Start a new run with a lower learning rate in new folders: `python train.py" \
+        in message
+    assert path.read_bytes() == before and not (tmp_path / "logs").exists()  # nothing trained, logged or saved
+    advised = advised_command(message)  # the run's own flags (the checkpoint's), not this command's --lr 5e-4
+    assert advised[advised.index("--lr") + 1] == "0.0001" and advised[advised.index("--epochs") + 1] == "2"
+
+
+def test_a_sanity_check_with_non_finite_values_stops_the_run_before_step_0(synth_dir, tmp_path, monkeypatch):
+    validate = train.validate
+    monkeypatch.setattr(train, "validate", lambda *a, **k: {**validate(*a, **k), "kl": math.inf})
+    with pytest.raises(train.TrainingError, match=r"^sanity check before step 0: non-finite validation values "
+                       r"\(kl inf\) from the initial model; nothing was trained or saved"):
+        train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1"))
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    assert [r["split"] for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv"))] == []  # no step taken
+
+
+def test_weights_are_sane_unless_non_finite_or_grown_a_thousandfold():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    scales = train.weight_scales(model)
+    assert scales == {k: pytest.approx(v.abs().max().item()) for k, v in model.state_dict().items()}
+    assert train.weights_problem(scales, scales) is None
+    grown = {**scales, "0.bias": 999.0, "1.weight": 999.0}  # floor 1: a zero or unit initialisation may reach 1000
+    assert train.weights_problem(grown, scales) is None
+    assert scales["0.weight"] < 1  # Linear's initialisation: the floor of 1 sets its bound at 1000
+    assert train.weights_problem({**scales, "0.weight": 1001.0}, scales) == (
+        f"the weights diverged (0.weight reached max |value| 1e+03, more than 1000 x max(its initial "
+        f"{scales['0.weight']:.3g}, 1))")
+    with torch.no_grad():
+        model[0].weight[1, 2] = math.nan
+    assert train.weights_problem(train.weight_scales(model), scales, "EMA weights") == (
+        "the EMA weights diverged (0.weight holds non-finite values)")
 
 
 # 11. another configuration ----------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """train.py: artefacts of a short run, schedule, and the one-line errors a user can meet."""
 import csv
 import json
-import os
 import subprocess
 import sys
 
