@@ -236,7 +236,7 @@ def test_progress_redirected_to_a_file_has_no_carriage_returns(demo_log):
 
 
 def test_data_convert_and_check_succeed_on_a_cp1252_console_with_a_non_latin_path(tmp_path):
-    src = tmp_path / NON_LATIN / "subject é"
+    src = tmp_path / NON_LATIN / f"subject é {NON_LATIN}"
     src.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(3):
@@ -249,8 +249,8 @@ def test_data_convert_and_check_succeed_on_a_cp1252_console_with_a_non_latin_pat
                               cwd=ROOT, timeout=300)
     r = run("convert", str(src.parent), "--out", str(out), "--val-fraction", "0.34")
     assert r.returncode == 0, r.stderr.decode("cp1252")
-    assert f"skipped {tmp_path}/{ESCAPED}/subject \xe9/notes.txt" in r.stderr.decode("cp1252")
-    assert f"{ESCAPED}/data/train_teacher.npy 2, " in r.stdout.decode("cp1252")
+    assert f"skipped subject \xe9 {ESCAPED}/notes.txt" in r.stderr.decode("cp1252")  # relative to the folder
+    assert f"{ESCAPED}/data/train_teacher.npy" in r.stdout.decode("cp1252")
     r = run("check", str(out / "train_teacher.npy"))
     assert r.returncode == 0, r.stderr.decode("cp1252")
     report = r.stdout.decode("cp1252").splitlines()
