@@ -65,7 +65,9 @@ def get_parser() -> argparse.ArgumentParser:
 def pca(mu: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """PCA by SVD of the mean-centred data. mu (N, D), N >= 2 -> mean (D,), components (k, D) orthonormal rows in
     order of decreasing variance, variances (k,) (eigenvalues of the sample covariance, ddof 1) and the total
-    variance (its trace: the sum of all min(N, D) eigenvalues). k=None or k > min(N, D): all min(N, D).
+    variance (its trace). Only the r components of non-zero variance exist, r the numerical rank of the centred
+    data (at most min(N - 1, D); numpy's `matrix_rank` tolerance): a direction of zero variance is arbitrary, so
+    it would make the output depend on the row order. k=None or k > r: all r.
 
     A component's sign is arbitrary (the SVD may return v or -v, and which one changes with the order of the rows):
     each is flipped so that its loading of largest magnitude is positive, scikit-learn's `svd_flip` convention
@@ -76,7 +78,9 @@ def pca(mu: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, n
         raise ValueError(f"pca: expected mu (N, D) with N >= 2, got shape {x.shape}")
     mean = x.mean(0)  # (D,)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)  # s (min(N, D),), vt (min(N, D), D)
-    vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])[:, None]  # largest |loading| of each row > 0
+    r = int((s > s[0] * max(x.shape) * np.finfo(np.float64).eps).sum())  # numerical rank, <= min(N - 1, D)
+    s, vt = s[:r], vt[:r]  # (r,), (r, D)
+    vt *= np.sign(vt[np.arange(r), np.abs(vt).argmax(1)])[:, None]  # largest |loading| of each row > 0
     eig = s ** 2 / (len(x) - 1)
     return mean, vt[:k], eig[:k], float(eig.sum())
 

@@ -22,7 +22,7 @@ from synth import FACTORS, render_ears
 
 FIGURES = ("mean_ear.png", "traversals.png", "scree.png", "factors.png")
 BLANK = 5  # index of the blank (invalid) training sample in fit_file
-N_FIT = 32  # training ears in fit_file (31 kept: 31 PCs, fewer than --n-components 50)
+N_FIT = 32  # training ears in fit_file (31 kept: 30 PCs, the rank of 31 centred latents; fewer than --n-components 50)
 
 
 def anisotropic(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -69,12 +69,11 @@ def test_pca_signs_follow_the_largest_loading_so_row_order_does_not_matter():
     np.testing.assert_allclose(eg.pca(-x)[1], comps, atol=1e-9)  # mirrored data: the same axes, the same signs
 
 
-def test_pca_with_fewer_samples_than_dimensions_returns_min_n_d_components():
+def test_pca_with_fewer_samples_than_dimensions_returns_the_rank_of_the_centred_data():
     x = anisotropic(8, 20)
     mean, comps, var, total = eg.pca(x)
-    assert comps.shape == (8, 20)
-    assert var.shape == (8,)
-    assert var[-1] == pytest.approx(0, abs=1e-9)  # centred data has rank n - 1
+    assert comps.shape == (7, 20)  # centred data has rank n - 1: no arbitrary direction of zero variance
+    assert var.shape == (7,) and var[-1] > 1e-6
     assert var.sum() == pytest.approx(total)
     np.testing.assert_allclose(eg.project(x, mean, comps), x, atol=1e-9)  # all components reconstruct exactly
 
@@ -187,13 +186,14 @@ def test_summary_json_keys_and_figures_written(single):
     n = N_FIT - 1
     assert s["n_fit"] == n
     assert s["n_eval"] == 16
-    assert s["n_available"] == n
-    assert s["n_components"] == n  # capped
+    r = n - 1  # the rank of n centred latents
+    assert s["n_available"] == r
+    assert s["n_components"] == r  # capped
     for split in ("fit", "eval"):
-        assert len(s["explained_variance_ratio"][split]) == n
-        assert list(s["cumulative"][split]) == ["1", "5", "10", f"{n}"]
-    assert s["cumulative"]["fit"][f"{n}"] == pytest.approx(1.0)  # every PC of the fit split: all its variance
-    assert list(s["recon_psnr"]) == ["full", "1", "5", "10", f"{n}"]
+        assert len(s["explained_variance_ratio"][split]) == r
+        assert list(s["cumulative"][split]) == ["1", "5", "10", f"{r}"]
+    assert s["cumulative"]["fit"][f"{r}"] == pytest.approx(1.0)  # every PC of the fit split: all its variance
+    assert list(s["recon_psnr"]) == ["full", "1", "5", "10", f"{r}"]
     for name in FIGURES:
         assert (single.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -282,10 +282,9 @@ def test_the_same_data_in_reverse_order_gives_the_same_table_and_figures(single,
     np.testing.assert_allclose(s["factors"]["correlation"], ref["factors"]["correlation"], atol=1e-5)
     flat, flat_ref = leaves(s), leaves(ref)
     assert flat.keys() == flat_ref.keys()
-    n = ref["n_available"]  # N fit samples: N components, the last of zero variance (centred data has rank N - 1),
-    null = (f"explained_variance_ratio/eval/{n - 1}", f"cumulative/eval/{n}")  # a direction no convention can fix
+    assert ref["n_available"] == ref["n_fit"] - 1  # the rank of the centred fit data: no null direction reported
     for k, v in flat.items():
-        if k not in ("fit_data", "eval_data", *null):
+        if k not in ("fit_data", "eval_data"):
             assert v == (pytest.approx(flat_ref[k], rel=1e-5, abs=1e-6) if isinstance(v, float) else flat_ref[k]), k
     assert eg.report(s).splitlines()[2:] == eg.report(ref).splitlines()[2:]  # all but the two lines naming files
     for name in FIGURES:
@@ -317,7 +316,7 @@ def test_compare_mode_gives_one_column_per_checkpoint(tiny_run, tmp_path):
     for c, col in enumerate(s["columns"]):
         one = s["checkpoints"][col]
         assert one == json.loads((out / col / "summary.json").read_text())
-        first10 = one["cumulative"]["fit"]["8"]  # 8 fit images: 8 PCs, the first 10 are all of them
+        first10 = one["cumulative"]["fit"]["7"]  # 8 fit images: 7 PCs (their rank), the first 10 are all of them
         assert [v[c] for v in s["comparison"].values()] == pytest.approx([
             100 * one["explained_variance_ratio"]["fit"][0], 100 * one["cumulative"]["fit"]["5"], 100 * first10,
             one["effective_rank"]["fit"], one["recon_psnr"]["full"], one["factors"]["mean_probe_r2"]])
