@@ -70,40 +70,55 @@ def read_export(path: str | Path, map_location: str | torch.device = "cpu") -> d
     A missing file, bad JSON, another format or a config that does not fit VAEConfig -> CheckpointError naming
     the file."""
     path = Path(path)
-    config_path, weights_path = path / EXPORT_CONFIG, path / EXPORT_WEIGHTS
-    for f in (config_path, weights_path):
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing: an exported model directory holds {EXPORT_CONFIG} and "
-                                  f"{EXPORT_WEIGHTS} (written by model.export_model)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_path}: not a readable JSON file ({type(e).__name__}: {e})") from e
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise CheckpointError(f"{config_path}: format {found!r}, expected {EXPORT_FORMAT!r} (written by "
-                              f"model.export_model)")
-    problem = _model_config_problem(config.get("model_config"))
+    config = read_folder_config(path, EXPORT_FORMAT, "model.export_model")
+    config_path = path / EXPORT_CONFIG
+    problem = config_problem(config.get("model_config"))
     if problem:
         raise CheckpointError(f"{config_path}: model_config {problem}")
     step = config.get("step")
     if not (step is None or type(step) is int) or config.get("weights") not in ("ema", "model"):
         raise CheckpointError(f"{config_path}: step {step!r} / weights {config.get('weights')!r}: expected an "
                               f"integer or null / 'ema' or 'model'")
-    try:
-        state = load_file(weights_path, device=str(map_location))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:160]})") from e
+    state = read_folder_weights(path, map_location)
     return {"model": state, "model_config": config["model_config"], "step": step, "weights": config["weights"]}
 
 
-def _model_config_problem(d: object) -> str | None:
-    """What is wrong with a JSON model config (missing fields take VAEConfig's defaults, as for a checkpoint),
+def read_folder_config(path: Path, fmt: str, writer: str) -> dict:
+    """config.json of a saved folder (export_model / save_pretrained), whose "format" must be `fmt`; both of its
+    files must be there. writer: what writes such folders, for the messages. -> the JSON object. A missing file,
+    bad JSON or another format -> CheckpointError naming the file."""
+    config_path, weights_path = path / EXPORT_CONFIG, path / EXPORT_WEIGHTS
+    for f in (config_path, weights_path):
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing: an exported model directory holds {EXPORT_CONFIG} and "
+                                  f"{EXPORT_WEIGHTS} (written by {writer})")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: not a readable JSON file ({type(e).__name__}: {e})") from e
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{config_path}: format {found!r}, expected {fmt!r} (written by {writer})")
+    return config
+
+
+def read_folder_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """model.safetensors of a saved folder -> its state dict on map_location (safetensors: no pickle).
+    Unreadable -> CheckpointError naming the file."""
+    weights_path = path / EXPORT_WEIGHTS
+    try:
+        return load_file(weights_path, device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]})") from e
+
+
+def config_problem(d: object, config_class: type = VAEConfig) -> str | None:
+    """What is wrong with a JSON model config (missing fields take config_class's defaults, as for a checkpoint),
     or None. Types follow the defaults: tuples are JSON lists of integers, encoder_config a dict or null."""
     if not isinstance(d, dict):
         return f"is a {type(d).__name__}, expected an object"
-    defaults = {f.name: f.default for f in fields(VAEConfig)}
+    defaults = {f.name: f.default for f in fields(config_class)}
     unknown = sorted(set(d) - set(defaults))
     if unknown:
         return f"has unknown fields {unknown}"
