@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from huggingface_hub import ModelCard, hf_hub_download
+from huggingface_hub import hf_hub_download
 from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from safetensors import SafetensorError

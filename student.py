@@ -42,7 +42,7 @@ ARCHS: dict[str, tuple[Callable[[nn.Module], nn.Module], int]] = {
 
 @dataclass
 class StudentConfig:
-    arch: str = "mobilenet_v3_small"  # torchvision builder: one of ARCHS (mobilenet_v3_small, resnet18, efficientnet_b0)
+    arch: str = "mobilenet_v3_small"  # torchvision builder, one of ARCHS: mobilenet_v3_small, resnet18, efficientnet_b0
     weights: str = "imagenet"         # "imagenet": torchvision's IMAGENET1K_V1 (cached in $TORCH_HOME/hub/checkpoints),
                                       # or a local .safetensors / .pth state dict of the whole torchvision model
     pretrained: bool = True           # False: random trunk, chosen on purpose (--no-pretrained); never a fallback
