@@ -93,6 +93,12 @@ class Student(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
         h = self.hidden(feature.mean(dim=(2, 3)))  # (B, head_dim)
         return {"embed": F.normalize(self.to_embed(h), dim=1), "mu": self.to_mu(h), "features": [feature]}
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"encoder": the trunk (pretrained: train.py gives it lr * encoder_lr_scale), "head": the head}, as
+        EarVAE.parameter_groups."""
+        return {"encoder": list(self.trunk.parameters()),
+                "head": [p for m in (self.hidden, self.to_embed, self.to_mu) for p in m.parameters()]}
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, image_size, image_size) in [0, 1] -> the identity embedding (B, embed_dim), L2-normalised."""
         return self(x)["embed"]

@@ -228,3 +228,34 @@ def test_a_failed_save_leaves_the_earlier_save_whole(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="config must be None"):
         student.save_pretrained(tmp_path / "other", config={"a": 1})
     assert not (tmp_path / "other").exists()
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
+    """The mixin's push_to_hub, with its HfApi replaced by a recorder: one repo, one folder of the three files."""
+    import huggingface_hub.hub_mixin
+    uploaded = {}
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()}, repo_id=repo_id)
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", RecordingApi)
+    student = tiny_student()
+    url = student.push_to_hub("someone/ear-student", model_card_kwargs={"metrics": {"rank1": 0.5}})
+    assert url == "https://huggingface.co/someone/ear-student/commit/0"
+    assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors", "repo_id"]
+    assert uploaded["repo_id"] == "someone/ear-student" and b"| rank1 | 0.5 |" in uploaded["README.md"]
+    (tmp_path / "pulled").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "pulled" / name).write_bytes(uploaded[name])
+    x = images(2)
+    with torch.no_grad():
+        expected = {k: student.eval()(x)[k] for k in ("embed", "mu")}
+        assert_same_outputs(expected, Student.from_pretrained(tmp_path / "pulled")(x))
