@@ -131,11 +131,12 @@ class Student(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
         problem = config_problem(config.get("student_config"), StudentConfig)
         if problem:
             raise CheckpointError(f"{folder / EXPORT_CONFIG}: student_config {problem}")
-        cfg = replace(StudentConfig(**config["student_config"]), pretrained=False)  # weights come from the folder
+        cfg = StudentConfig(**config["student_config"])
         try:
-            model = cls(cfg)
+            model = cls(replace(cfg, pretrained=False))  # the weights come from the folder, not from ImageNet
         except ConfigError as e:
             raise CheckpointError(f"{folder / EXPORT_CONFIG}: its student_config cannot be built ({e})") from e
+        model.cfg = cfg  # as saved: a re-save still says where the trunk started
         load_state(model, read_folder_weights(folder), folder / EXPORT_WEIGHTS)
         return model.to(map_location).eval()
 

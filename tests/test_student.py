@@ -137,12 +137,19 @@ def test_student_loads_a_local_torchvision_state_dict(tmp_path):
     from torchvision import models
     torch.manual_seed(3)
     reference = models.mobilenet_v3_small()
+    other = tmp_path / "resnet18.pth"
+    torch.save(models.resnet18().state_dict(), other)
+    with pytest.raises(WeightsUnavailableError, match="mobilenet_v3_small weights.*local file.*resnet18.pth"):
+        Student(StudentConfig(weights=str(other)))  # another arch's file: refused, never random
     path = tmp_path / "mobilenet.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
     student = Student(StudentConfig(weights=str(path), embed_dim=EMBED, latent_dim=TINY_LATENT))
     torch.testing.assert_close(student.trunk.state_dict(), reference.features.state_dict(), rtol=0, atol=0)
-    with pytest.raises(WeightsUnavailableError, match="resnet18 weights.*local file"):
-        Student(StudentConfig(arch="resnet18", weights=str(path)))  # another arch's file: refused, never random
+    student.save_pretrained(tmp_path / "saved")
+    path.unlink()  # loading a saved student never reads its starting weights again
+    loaded = Student.from_pretrained(tmp_path / "saved")
+    assert loaded.cfg == student.cfg and loaded.cfg.pretrained and loaded.cfg.weights == str(path)
+    assert f"initialised from `{path}`" in (tmp_path / "saved" / "README.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------- sharing
