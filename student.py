@@ -49,15 +49,7 @@ class StudentConfig:
     embed_dim: int = 128              # size of the teacher's identity embedding (EarVAE.embed), L2-normalised
     latent_dim: int = 1024            # size of the teacher's mu (VAEConfig.latent_dim)
     head_dim: int = 256               # width of the head's hidden layer
-    input_size: int = 224             # side the crop is resized to before the trunk (ImageNet's 224)
-    image_size: int = 128             # ear crop side the student takes
-
-
-def student_config(teacher_cfg, embed_dim: int, **overrides) -> StudentConfig:
-    """A StudentConfig whose outputs fit a teacher: latent_dim and image_size from its VAEConfig, embed_dim the size
-    of its identity embedding."""
-    return StudentConfig(**{"latent_dim": teacher_cfg.latent_dim, "image_size": teacher_cfg.image_size,
-                            "embed_dim": embed_dim, **overrides})
+    input_size: int = 224             # side the ear crop (128 in this project) is resized to before the trunk
 
 
 class Student(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
@@ -69,7 +61,7 @@ class Student(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
         super().__init__()
         if cfg.arch not in ARCHS:
             raise ConfigError(f"student arch must be one of {', '.join(map(repr, ARCHS))}, got {cfg.arch!r}")
-        for name in ("embed_dim", "latent_dim", "head_dim", "input_size", "image_size"):
+        for name in ("embed_dim", "latent_dim", "head_dim", "input_size"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"student {name} must be >= 1, got {getattr(cfg, name)}")
         self.cfg = cfg
@@ -83,7 +75,7 @@ class Student(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """x (B, 3, image_size, image_size) in [0, 1] -> {"embed": (B, embed_dim) unit vectors, "mu": (B,
+        """x (B, 3, H, W) in [0, 1] (ear crops, 128 x 128 here) -> {"embed": (B, embed_dim) unit vectors, "mu": (B,
         latent_dim), "features": [(B, C, h, w)] the trunk's last map (a FitNets hint's student side)}."""
         if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
             x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", antialias=True,
@@ -100,7 +92,7 @@ class Student(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
                 "head": [p for m in (self.hidden, self.to_embed, self.to_mu) for p in m.parameters()]}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 3, image_size, image_size) in [0, 1] -> the identity embedding (B, embed_dim), L2-normalised."""
+        """x (B, 3, H, W) in [0, 1] -> the identity embedding (B, embed_dim), L2-normalised."""
         return self(x)["embed"]
 
     # -- sharing through huggingface_hub's mixin (checkpoints.py)
@@ -167,7 +159,7 @@ def student_card(model: Student, metrics: dict | None) -> str:
     lines = [
         card_metadata(type(model)), "# Ear student", "",
         f"A small ear model distilled from the ear-teacher VAE: torchvision's `{cfg.arch}` ({start}) on "
-        f"{cfg.image_size}x{cfg.image_size} RGB ear crops in [0, 1] (resized to {cfg.input_size}), with a head to "
+        f"RGB ear crops in [0, 1] (resized to {cfg.input_size}x{cfg.input_size}), with a head to "
         f"the teacher's L2-normalised identity embedding ({cfg.embed_dim}-d) and its latent mean `mu` "
         f"({cfg.latent_dim}-d). {total / 1e6:.2f}M parameters.", "",
         "## Config", "", "| field | value |", "|---|---|", *[f"| {k} | `{v}` |" for k, v in asdict(cfg).items()], "",
