@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from model import LOGVAR_MAX, LOGVAR_MIN, WeightsUnavailableError
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 
 @dataclass
@@ -176,31 +181,46 @@ def _load_vgg16_features(features: nn.Sequential, weights: str, purpose: str, wi
     and how to fix it; `without` is the last fix, how the caller's user does without the VGG (e.g. "pass
     `--perceptual-weight 0` to train without the perceptual term").
     """
+    from torchvision.models import vgg
+    # a full vgg16 state dict or only its features.* keys; anything else is reported by the strict load
+    load_torchvision_weights(features, weights, vgg.VGG16_Weights.IMAGENET1K_V1, "VGG16", purpose,
+                             f"{_FIXES}(3) {without}.",
+                             select=lambda state: {k.removeprefix("features."): v for k, v in state.items()
+                                                   if not k.startswith("classifier.")})
+
+
+def load_torchvision_weights(module: nn.Module, weights: str, imagenet: WeightsEnum, name: str, purpose: str,
+                             fixes: str, select: Callable[[dict], dict] | None = None) -> None:
+    """Load weights into a torchvision network `module` (built with weights=None), strictly.
+
+    weights: "imagenet" is `imagenet` (a torchvision WeightsEnum member, e.g. VGG16_Weights.IMAGENET1K_V1), read
+    with its get_state_dict: from $TORCH_HOME/hub/checkpoints, downloaded there once; any other string is a path to a
+    local `.safetensors` or `.pth` (torch.load weights_only: no pickle runs) state dict. `select` maps the file's
+    state dict to the module's keys (default: as it is). Raises WeightsUnavailableError, one line: "Could not load
+    {name} weights for {purpose}: tried {source}; failed with {error}. {fixes}". It never falls back to random
+    weights.
+    """
     if weights == "imagenet":
-        from torchvision.models import vgg
-        w = vgg.VGG16_Weights.IMAGENET1K_V1
-        source = f"torchvision VGG16_Weights.IMAGENET1K_V1 from {w.url} (cache dir " \
+        source = f"torchvision {type(imagenet).__name__}.{imagenet.name} from {imagenet.url} (cache dir " \
                  f"{os.path.join(torch.hub.get_dir(), 'checkpoints')})"
     else:
         source = f"local file {weights}"
     try:
         if weights == "imagenet":
-            state = w.get_state_dict(progress=False)
+            state = imagenet.get_state_dict(progress=False)
         elif Path(weights).suffix == ".safetensors":
             state = load_file(weights)
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
-            raise ValueError(f"the file holds a {type(state).__name__}, expected a vgg16 state dict")
-        # a full vgg16 state dict or only its features.* keys; anything else is reported by the strict load
-        features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
-                                  if not k.startswith("classifier.")})
+            raise ValueError(f"the file holds a {type(state).__name__}, expected a {name} state dict")
+        module.load_state_dict(select(state) if select is not None else state)
     except _LOAD_ERRORS as e:
         message = " ".join(str(e).split()).rstrip(".")
         message = message if len(message) <= 1000 else message[:1000] + " ..."  # key lists can be long
         raise WeightsUnavailableError(
-            f"Could not load VGG16 weights for {purpose}: tried {source}; failed with "
-            f"{type(e).__name__}: {message}. {_FIXES}(3) {without}.") from e
+            f"Could not load {name} weights for {purpose}: tried {source}; failed with "
+            f"{type(e).__name__}: {message}. {fixes}") from e
 
 
 def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
@@ -351,3 +371,93 @@ class LPIPS(nn.Module):
             raise ValueError(f"LPIPS inputs {tuple(x.shape)}, {tuple(y.shape)}: expected equal (B, 3, H, W)")
         with torch.autocast(x.device.type, enabled=False):
             return self.model(2 * x.float() - 1, 2 * y.float() - 1).flatten()  # (B, 1, 1, 1) -> (B,)
+
+
+# -----------------------------------------------------------------------------
+# distillation of the teacher into a student (issue 20)
+
+@dataclass
+class DistillConfig:
+    """The distillation objective's settings, the one place their defaults live. `DistillLoss(**asdict(cfg),
+    hint_channels=...)` builds the loss."""
+    embed_cosine: float = 1.0  # 1 - cosine between student and teacher identity embeddings
+    embed_l2: float = 0.0  # MSE between the embeddings; both are unit vectors, where MSE = (2 - 2 cos) / E repeats
+                           # the cosine term at a 2/E scale: off by default
+    mu_cosine: float = 1.0  # 1 - cosine between student and teacher mu (the direction of the latent)
+    mu_l2: float = 1.0  # MSE between the mu (its scale as well)
+    hint: float = 0.0  # FitNets hint: MSE between regressed student maps and the teacher's pyramid maps
+
+
+class DistillLoss(nn.Module):
+    """Feature distillation of the teacher's outputs into a student, with the field's names (torchdistill): cosine
+    and L2 (mean squared error) terms on the identity embedding and on `mu`, and optionally FitNets hints (Romero et
+    al. 2015, "FitNets: Hints for Thin Deep Nets"): each student map goes through its own 1x1 conv regressor to the
+    teacher map's channels, the teacher map is average-pooled (torch adaptive_avg_pool2d) to the student map's
+    grid, and their MSE is the term. The regressors are parameters of this module, trained with the student and not
+    part of it: the optimizer takes `loss.parameters()` too.
+
+    A term whose weight is 0 is not computed and not logged; with `hint == 0` no regressor is built. Every term is
+    float32, also for bf16/fp16 inputs. Teacher outputs are constants: they are detached here.
+    hint_channels: one (student channels, teacher channels) pair per hint (needed when hint > 0).
+    """
+
+    def __init__(
+        self,
+        embed_cosine: float = DistillConfig.embed_cosine,
+        embed_l2: float = DistillConfig.embed_l2,
+        mu_cosine: float = DistillConfig.mu_cosine,
+        mu_l2: float = DistillConfig.mu_l2,
+        hint: float = DistillConfig.hint,
+        hint_channels: tuple[tuple[int, int], ...] = (),
+    ) -> None:
+        super().__init__()
+        self.weights = {"embed_cosine": embed_cosine, "embed_l2": embed_l2, "mu_cosine": mu_cosine, "mu_l2": mu_l2,
+                        "hint": hint}
+        for name, w in self.weights.items():
+            if not (w >= 0 and math.isfinite(w)):
+                raise ValueError(f"distillation weight {name}={w}: expected a finite value >= 0")
+        if not any(w > 0 for w in self.weights.values()):
+            raise ValueError(f"all distillation weights are 0 ({self.weights}): nothing to learn")
+        if hint > 0 and not hint_channels:
+            raise ValueError("hint > 0 needs hint_channels: one (student channels, teacher channels) pair per hint")
+        self.regressors = nn.ModuleList(nn.Conv2d(cs, ct, 1) for cs, ct in hint_channels) if hint > 0 else None
+
+    def forward(self, student: dict[str, Tensor | list[Tensor]], teacher: dict[str, Tensor | list[Tensor]]
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """student, teacher: {"embed": (B, E), "mu": (B, D), "features": [(B, C_i, h_i, w_i), ...]}, each key needed
+        only by the terms with a weight > 0 (hints: the i-th student map against the i-th teacher map).
+
+        Returns (total, logs): total is the 0-dim weighted sum; logs maps 'loss' and each computed term to its
+        detached, unweighted 0-dim float32 value. A missing key or unequal shapes -> ValueError naming them.
+        """
+        w = self.weights
+        terms: dict[str, Tensor] = {}
+        for key in ("embed", "mu"):
+            if w[f"{key}_cosine"] == 0 and w[f"{key}_l2"] == 0:
+                continue
+            if key not in student or key not in teacher:
+                whose = "student" if key not in student else "teacher"
+                raise ValueError(f"distillation of {key!r}: missing from the {whose}'s outputs")
+            s, t = student[key].float(), teacher[key].detach().float()  # (B, E) or (B, D)
+            if s.shape != t.shape or s.dim() != 2:
+                raise ValueError(f"{key}: student {tuple(s.shape)}, teacher {tuple(t.shape)}: expected equal (B, N)")
+            if w[f"{key}_cosine"] > 0:
+                terms[f"{key}_cosine"] = 1.0 - F.cosine_similarity(s, t, dim=1).mean()
+            if w[f"{key}_l2"] > 0:
+                terms[f"{key}_l2"] = F.mse_loss(s, t)
+        if self.regressors is not None:
+            fs, ft = student.get("features"), teacher.get("features")
+            if fs is None or ft is None or not len(fs) == len(ft) == len(self.regressors):
+                raise ValueError(f"hints: {len(self.regressors)} regressors, expected as many student and teacher "
+                                 f"'features' maps, got {None if fs is None else len(fs)} and "
+                                 f"{None if ft is None else len(ft)}")
+            hints = []
+            for regressor, s, t in zip(self.regressors, fs, ft):
+                with torch.autocast(s.device.type, enabled=False):
+                    r = regressor(s.float())  # (B, C_t, h, w)
+                t = F.adaptive_avg_pool2d(t.detach().float(), r.shape[-2:])  # (B, C_t, h, w)
+                hints.append(F.mse_loss(r, t))
+            terms["hint"] = torch.stack(hints).mean()
+        total = sum(w[name] * value for name, value in terms.items())
+        logs = {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
+        return total, logs

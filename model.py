@@ -11,17 +11,20 @@ Where each part lives:
     encoders.py     the backbone adapters (SAM, DINOv2 from transformers), load_backbone, ConfigError,
                     WeightsUnavailableError
     attention.py    SAM attention kernels (SDPA with the bias written once, FlexAttention)
-    checkpoints.py  read_checkpoint, load_model, export_model, CheckpointError
+    checkpoints.py  read_checkpoint, load_model, export_model, CheckpointError; what EarVAE's save_pretrained /
+                    from_pretrained (huggingface_hub's PyTorchModelHubMixin) run
 Every public name of those modules that users import is importable from here (`from model import load_model`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 
 from encoders import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, ConfigError, Dinov2Encoder, Encoder,  # noqa: F401
                       SamEncoder, WeightsUnavailableError, encoder_class, load_backbone)
@@ -138,7 +141,12 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.net(x))  # (B, 3, S, S)
 
 
-class EarVAE(nn.Module):
+class EarVAE(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
+             tags=["ear-recognition", "biometrics", "vae", "sam", "image-feature-extraction"]):
+    """The teacher. Shared through huggingface_hub's PyTorchModelHubMixin: save_pretrained(dir) writes config.json +
+    model.safetensors + README.md (the export_model layout), from_pretrained(dir or hub id) rebuilds it, and
+    push_to_hub(repo_id) uploads what save_pretrained writes; checkpoints.py implements the first two."""
+
     def __init__(self, cfg: VAEConfig, encoder: Encoder):
         super().__init__()
         self.cfg = cfg
@@ -169,6 +177,19 @@ class EarVAE(nn.Module):
         """Trainable parameters: {"encoder": the trainable ViT blocks + neck, "vae": head + decoder}."""
         return {"encoder": [p for p in self.encoder.parameters() if p.requires_grad],
                 "vae": [p for m in (self.head, self.decoder) for p in m.parameters()]}
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> str | None:
+        """huggingface_hub's save_pretrained (same keywords; model_card_kwargs={"metrics": {...}} puts figures in
+        the card): see checkpoints.save_pretrained."""
+        import checkpoints  # it imports this module
+        return checkpoints.save_pretrained(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> EarVAE:
+        """huggingface_hub's from_pretrained (same keywords, and map_location): a saved folder or a hub id -> the
+        model in eval mode; CheckpointError otherwise (see checkpoints.from_pretrained)."""
+        import checkpoints
+        return checkpoints.from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
 
 
 def build_model(cfg: VAEConfig) -> EarVAE:
@@ -211,8 +232,8 @@ def parameter_report(parts: dict[str, nn.Module]) -> str:
 # Names of other modules importable from here, looked up on first use (PEP 562): checkpoints.py builds on this
 # module (either may be imported first), and attention.py imports transformers' SAM, which takes seconds
 _ELSEWHERE = {"checkpoints": {"CheckpointError", "EXPORT_CARD", "EXPORT_CONFIG", "EXPORT_FORMAT", "EXPORT_WEIGHTS",
-                              "config_from_checkpoint", "export_model", "load_model", "load_state", "model_card",
-                              "read_checkpoint", "read_export"},
+                              "config_from_checkpoint", "export_model", "hub_folder", "load_model", "load_state",
+                              "model_card", "read_checkpoint", "read_export"},
               "attention": {"SamFlexAttention", "SamSdpaAttention", "flex_attention"}}
 
 

@@ -1,0 +1,172 @@
+"""Students: small torchvision CNNs that learn the teacher's identity embedding and `mu` (feature distillation).
+
+    x (B, 3, 128, 128) in [0, 1]
+      -> resize to input_size, ImageNet normalisation
+      -> trunk: a torchvision classifier (ARCHS) without its pooling and classifier -> (B, C, h, w)   "features"[0]
+      -> global average pool (B, C) -> Linear(C, head_dim) + SiLU
+      -> "embed": Linear -> L2-normalised (B, embed_dim)      the teacher's identity embedding (EarVAE.embed)
+      -> "mu":    Linear -> (B, latent_dim)                    the teacher's posterior mean
+
+`Student(StudentConfig(...))` builds one: the trunk from torchvision's ImageNet weights (through its cache, the
+loading path of the perceptual loss's VGG16: losses.load_torchvision_weights), from a local state dict, or random on
+purpose (pretrained=False); never a silent fallback. The config is stored with the weights: Student shares through
+huggingface_hub's PyTorchModelHubMixin as the teacher does (save_pretrained(dir): config.json + model.safetensors +
+README.md, from_pretrained(dir or hub id), push_to_hub; checkpoints.py). losses.DistillLoss is the objective.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+
+from checkpoints import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, CheckpointError, card_metadata, config_problem,
+                         load_state, metrics_table, read_folder_config, read_folder_weights)
+from losses import load_torchvision_weights
+from model import IMAGENET_MEAN, IMAGENET_STD, ConfigError, count
+
+STUDENT_FORMAT = "ear-teacher-student/1"  # config.json's "format" in a saved student folder
+
+# torchvision builder name -> (the trunk of a model it built: every layer before global pooling, its channels)
+ARCHS: dict[str, tuple[Callable[[nn.Module], nn.Module], int]] = {
+    "mobilenet_v3_small": (lambda m: m.features, 576),
+    "resnet18": (lambda m: nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4),
+                 512),
+    "efficientnet_b0": (lambda m: m.features, 1280),
+}
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "mobilenet_v3_small"  # torchvision builder, one of ARCHS: mobilenet_v3_small, resnet18, efficientnet_b0
+    weights: str = "imagenet"         # "imagenet": torchvision's IMAGENET1K_V1 (cached in $TORCH_HOME/hub/checkpoints),
+                                      # or a local .safetensors / .pth state dict of the whole torchvision model
+    pretrained: bool = True           # False: random trunk, chosen on purpose (--no-pretrained); never a fallback
+    embed_dim: int = 128              # size of the teacher's identity embedding (EarVAE.embed), L2-normalised
+    latent_dim: int = 1024            # size of the teacher's mu (VAEConfig.latent_dim)
+    head_dim: int = 256               # width of the head's hidden layer
+    input_size: int = 224             # side the ear crop (128 in this project) is resized to before the trunk
+
+
+class Student(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
+              tags=["ear-recognition", "biometrics", "knowledge-distillation", "image-feature-extraction"]):
+    """A torchvision trunk and a small head to the teacher's embedding and mu (module docstring). Raises ConfigError
+    for an unknown arch or sizes out of range, WeightsUnavailableError when pretrained weights cannot be loaded."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        if cfg.arch not in ARCHS:
+            raise ConfigError(f"student arch must be one of {', '.join(map(repr, ARCHS))}, got {cfg.arch!r}")
+        for name in ("embed_dim", "latent_dim", "head_dim", "input_size"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"student {name} must be >= 1, got {getattr(cfg, name)}")
+        self.cfg = cfg
+        trunk, channels = ARCHS[cfg.arch]
+        self.trunk = trunk(build_torchvision(cfg))
+        self.feature_channels = channels
+        self.hidden = nn.Sequential(nn.Linear(channels, cfg.head_dim), nn.SiLU())
+        self.to_embed = nn.Linear(cfg.head_dim, cfg.embed_dim)
+        self.to_mu = nn.Linear(cfg.head_dim, cfg.latent_dim)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """x (B, 3, H, W) in [0, 1] (ear crops, 128 x 128 here) -> {"embed": (B, embed_dim) unit vectors, "mu": (B,
+        latent_dim), "features": [(B, C, h, w)] the trunk's last map (a FitNets hint's student side)}."""
+        if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
+            x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", antialias=True,
+                              align_corners=False)
+        x = (x - self.pixel_mean) / self.pixel_std  # (B, 3, S, S)
+        feature = self.trunk(x)  # (B, C, h, w)
+        h = self.hidden(feature.mean(dim=(2, 3)))  # (B, head_dim)
+        return {"embed": F.normalize(self.to_embed(h), dim=1), "mu": self.to_mu(h), "features": [feature]}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"encoder": the trunk (pretrained: train.py gives it lr * encoder_lr_scale), "head": the head}, as
+        EarVAE.parameter_groups."""
+        return {"encoder": list(self.trunk.parameters()),
+                "head": [p for m in (self.hidden, self.to_embed, self.to_mu) for p in m.parameters()]}
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, H, W) in [0, 1] -> the identity embedding (B, embed_dim), L2-normalised."""
+        return self(x)["embed"]
+
+    # -- sharing through huggingface_hub's mixin (checkpoints.py)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> str | None:
+        """huggingface_hub's save_pretrained (same keywords; model_card_kwargs={"metrics": {...}} puts figures in
+        the card): see checkpoints.save_pretrained."""
+        import checkpoints
+        return checkpoints.save_pretrained(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> Student:
+        """huggingface_hub's from_pretrained (same keywords, and map_location): a saved folder or a hub id -> the
+        student in eval mode; CheckpointError otherwise (see checkpoints.from_pretrained)."""
+        import checkpoints
+        return checkpoints.from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+
+    def hub_files(self, metrics: dict | None = None) -> tuple[dict, str]:
+        """config.json ({"format": STUDENT_FORMAT, "student_config": StudentConfig}) and the README.md card."""
+        return {"format": STUDENT_FORMAT, "student_config": asdict(self.cfg)}, student_card(self, metrics)
+
+    @classmethod
+    def from_folder(cls, folder: Path, map_location: str | torch.device = "cpu") -> Student:
+        """A folder that save_pretrained wrote -> the student in eval mode (JSON and safetensors only). A missing
+        file, bad JSON, another format, a config that does not fit StudentConfig or weights that do not fit it ->
+        CheckpointError naming the file."""
+        config = read_folder_config(folder, STUDENT_FORMAT, "Student.save_pretrained")
+        problem = config_problem(config.get("student_config"), StudentConfig)
+        if problem:
+            raise CheckpointError(f"{folder / EXPORT_CONFIG}: student_config {problem}")
+        cfg = StudentConfig(**config["student_config"])
+        try:
+            model = cls(replace(cfg, pretrained=False))  # the weights come from the folder, not from ImageNet
+        except ConfigError as e:
+            raise CheckpointError(f"{folder / EXPORT_CONFIG}: its student_config cannot be built ({e})") from e
+        model.cfg = cfg  # as saved: a re-save still says where the trunk started
+        load_state(model, read_folder_weights(folder), folder / EXPORT_WEIGHTS)
+        return model.to(map_location).eval()
+
+
+def build_torchvision(cfg: StudentConfig) -> nn.Module:
+    """The whole torchvision model cfg.arch (its classifier included, so that a full state dict loads strictly):
+    ImageNet or local weights when cfg.pretrained, random otherwise. WeightsUnavailableError when they cannot be
+    loaded, saying what was tried and how to fix it."""
+    from torchvision import models  # imported here: ~1 s that loading a saved student's config does not need
+    model = models.get_model(cfg.arch, weights=None)
+    if cfg.pretrained:
+        imagenet = models.get_model_weights(cfg.arch).IMAGENET1K_V1
+        fixes = (f"Fixes: (1) while online run `python -c \"import torchvision; torchvision.models.{cfg.arch}"
+                 f"(weights='IMAGENET1K_V1')\"` to fill the cache, or copy {Path(imagenet.url).name} into "
+                 f"$TORCH_HOME/hub/checkpoints/; (2) give a local {cfg.arch} state dict (.pth or .safetensors) as "
+                 f"the student's weights; (3) start from random weights on purpose: pretrained=False "
+                 f"(--no-pretrained).")
+        load_torchvision_weights(model, cfg.weights, imagenet, cfg.arch, "the student", fixes)
+    return model
+
+
+def student_card(model: Student, metrics: dict | None) -> str:
+    """README.md of a saved student: what it is, its config, `metrics` when given, how to load it."""
+    cfg = model.cfg
+    total, _ = count(model)
+    start = (f"initialised from {'ImageNet' if cfg.weights == 'imagenet' else f'`{cfg.weights}`'}"
+             if cfg.pretrained else "trained from a random initialisation")
+    lines = [
+        card_metadata(type(model)), "# Ear student", "",
+        f"A small ear model distilled from the ear-teacher VAE: torchvision's `{cfg.arch}` ({start}) on "
+        f"RGB ear crops in [0, 1] (resized to {cfg.input_size}x{cfg.input_size}), with a head to "
+        f"the teacher's L2-normalised identity embedding ({cfg.embed_dim}-d) and its latent mean `mu` "
+        f"({cfg.latent_dim}-d). {total / 1e6:.2f}M parameters.", "",
+        "## Config", "", "| field | value |", "|---|---|", *[f"| {k} | `{v}` |" for k, v in asdict(cfg).items()], "",
+        *metrics_table(metrics),
+        "## Load", "", "With this repository's `student.py` (JSON and safetensors only, nothing is unpickled):", "",
+        "```python", "from student import Student", "",
+        "student = Student.from_pretrained(\"path/to/this/directory\")  # or its hub id; eval mode, CPU",
+        "out = student(x)  # x: (B, 3, 128, 128) in [0, 1] -> embed (B, embed_dim), mu (B, latent_dim)", "```", "",
+        f"Files: `{EXPORT_CONFIG}` (format `{STUDENT_FORMAT}`), `{EXPORT_WEIGHTS}`, `{EXPORT_CARD}`.", ""]
+    return "\n".join(lines)
