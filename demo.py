@@ -17,6 +17,7 @@ from cli import int_range, positive_int, safe_console
 
 ROOT = Path(__file__).resolve().parent
 BATCH = 16  # the training batch: --n-train is at least one batch
+THREADS = "2"  # CPU threads of every step, unless OMP_NUM_THREADS is set: the README's figures are for 2 threads
 
 
 def run(*args: str) -> None:
@@ -45,6 +46,13 @@ def main() -> None:
     if out.exists():
         sys.exit(f"error: {out}/ exists from an earlier demo: delete it or pass --out NEW_DIR")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny model needs no download
+    # A float sum's order, hence the last bits of every figure, depends on the thread count and the CPU's vector
+    # instructions (AVX2 / AVX-512: torch's cpu capability), never on the run: same threads, same capability and
+    # the same packages give bit-identical files.
+    os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+    import torch  # here, so that it reads OMP_NUM_THREADS like the steps do
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
     t0 = time.time()
     run("synth.py", "--out", f"{out}/data", "--n-train", str(args.n_train), "--n-val", str(args.n_val),
         "--seed", "0")

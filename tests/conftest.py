@@ -129,6 +129,17 @@ def build_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     return folder
 
 
+SLOW_FIXTURES = {"tiny_run", "reference", "demo_log"}  # a training run or the demo, built once for the tests that ask
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test that needs a training run (the shared tiny run, the resume references, the demo), beside
+    those marked by hand (DDP, --compile, training subprocesses): `pytest -m "not slow"` is the inner loop's subset."""
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """train_teacher.npy (64 ears), val_teacher.npy (16) and their factor CSVs."""

@@ -21,6 +21,7 @@ def test_largest_batch_search_finds_the_edge(monkeypatch, edge):
     assert len(tried) < 25
 
 
+@pytest.mark.slow
 def test_measure_reports_speed_and_model_flops_on_this_device():
     vgg = bench.random_vgg_file()
     row = bench.measure("optimised", 256, 1, torch.device("cpu"), vgg, steps=1)
@@ -75,6 +76,7 @@ def test_live_bytes_counts_what_is_alive_at_once():
     assert mem.live == 0
 
 
+@pytest.mark.slow
 def test_memory_estimate_sees_activations_masks_and_checkpointing():
     vgg = bench.random_vgg_file()
     est = {k: bench.estimate_peak_gib(256, b, attn, ckpt, vgg)

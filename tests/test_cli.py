@@ -235,6 +235,7 @@ def test_progress_redirected_to_a_file_has_no_carriage_returns(demo_log):
     assert max(map(len, lines)) < 1000
 
 
+@pytest.mark.slow
 def test_data_convert_and_check_succeed_on_a_cp1252_console_with_a_non_latin_path(tmp_path):
     src = tmp_path / NON_LATIN / f"subject é {NON_LATIN}"
     src.mkdir(parents=True)

@@ -208,7 +208,8 @@ def test_only_bad_entries_is_a_one_line_error_counting_every_entry(tmp_path, cap
     (src / "x.txt").write_text("x")
     proc = run_main(["convert", str(src), "--out", str(tmp_path / "out")], capsys)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {src}: 0 usable images (7 of 7 entries skipped); need at least 2"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"error: {src}: 0 usable images (7 of 7 entries skipped); need at least 2"
     assert "skipped gone.png: broken symlink (to missing.png)" in proc.stderr
     assert not (tmp_path / "out").exists()
 

@@ -195,6 +195,7 @@ def test_validate_15000_images_from_a_memmap_takes_seconds(tmp_path, ears):
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
+@pytest.mark.slow
 def test_check_cli_exit_codes_and_one_line_errors(tmp_path, ears, capsys):
     np.save(tmp_path / "good.npy", ears)
     proc = run_cli("check", "good.npy", cwd=tmp_path)

@@ -7,10 +7,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY_LATENT, tiny_train_args
 from model import build_model, tiny_config
+
+pytestmark = pytest.mark.slow  # every test here starts torchrun or a training process
 
 
 def train(*args: str, procs: int = 1) -> subprocess.CompletedProcess:

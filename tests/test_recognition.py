@@ -25,7 +25,7 @@ def ref_cos(a: list[float], b: list[float]) -> float:
 def ref_metrics(mu: np.ndarray, labels: np.ndarray) -> dict:
     """Pure Python: sort each probe's gallery by similarity, impostors first among equals (pessimistic); AUC by
     comparing every genuine with every impostor pair; EER by walking the thresholds one by one."""
-    rows = [(list(map(float, m)), int(l)) for m, l in zip(mu, labels) if l != -1]
+    rows = [(list(map(float, m)), int(y)) for m, y in zip(mu, labels) if y != -1]
     n = len(rows)
     sim = [[ref_cos(rows[i][0], rows[j][0]) for j in range(n)] for i in range(n)]
     ranks, chance = [], {1: [], 5: []}

@@ -181,6 +181,7 @@ def test_bad_checkpoint_given_to_resume_fails_in_one_line_and_overwrites_nothing
     assert not (run / "logs").exists()  # training never started from scratch
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_never_starts_fresh(synth_dir, tmp_path):
     r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path, "--resume"))
     assert_one_line_error(r, "last.pt")
@@ -214,6 +215,7 @@ def test_pickled_npy_is_refused_by_every_entry_point(tiny_run, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_too_many_bad_samples_stop_the_run_before_step_0_with_counts(synth_dir, tmp_path):
     x = np.load(synth_dir / "train_teacher.npy").astype(np.float32) / 255
     x[:10] = np.nan  # non-finite
@@ -225,6 +227,7 @@ def test_too_many_bad_samples_stop_the_run_before_step_0_with_counts(synth_dir, 
     assert not (tmp_path / "run/checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_few_bad_samples_are_filtered_counted_and_training_goes_on(synth_dir, tmp_path):
     x = np.load(synth_dir / "train_teacher.npy").copy()
     x[5] = 7  # blank
@@ -251,6 +254,7 @@ class NaNAt(train.VAELoss):
         return loss, logs
 
 
+@pytest.mark.slow
 def test_a_nan_loss_skips_the_update_and_leaves_parameters_unchanged(synth_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "VAELoss", NaNAt)
     NaNAt.calls, NaNAt.bad_calls = 0, {3}
@@ -266,6 +270,7 @@ def test_a_nan_loss_skips_the_update_and_leaves_parameters_unchanged(synth_dir, 
     assert a["skipped"] == 1 and a["step"] == 3
 
 
+@pytest.mark.slow
 def test_nan_losses_in_a_row_stop_the_run_and_keep_the_good_checkpoint(synth_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "VAELoss", NaNAt)
     NaNAt.calls, NaNAt.bad_calls = 0, set(range(5, 100))
@@ -287,6 +292,7 @@ def advised_command(message: str) -> list[str]:
     return shlex.split(found.group(1))
 
 
+@pytest.mark.slow
 def test_a_diverging_run_saves_nothing_and_the_command_it_advises_ends_with_finite_weights(synth_dir, tmp_path):
     """--lr 1e8 without clipping: Adam's first update puts every weight near 1e6 while the loss of that step was
     finite, so a save at step 1 (--save-every 1) is what earlier versions kept as the "last good state". It must be
@@ -410,6 +416,7 @@ def test_resume_by_path_alone_continues_in_the_runs_own_folders(reference, synth
     assert train_losses(ref_run / "logs") == train_losses(run / "logs")
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(synth_dir, tmp_path):
     """A scheduler (SLURM preemption, `kill -- -PGID`) signals the workers too: they must not die first."""
     args = [sys.executable, str(ROOT / "train.py"), *tiny_train_args(synth_dir, tmp_path, "--epochs", "2")]
@@ -428,6 +435,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(synt
     assert 2 <= stopped == max(train_losses(tmp_path / "logs"))  # saved at the step it finished
 
 
+@pytest.mark.slow
 def test_a_finished_run_with_loader_workers_exits(synth_dir, tmp_path):
     """Workers must still end when Python terminates its daemon processes at exit (no hang after 'done')."""
     args = tiny_train_args(synth_dir, tmp_path, "--epochs", "1")

@@ -140,7 +140,9 @@ def test_default_flags_are_the_model_factories_and_the_loss_config():
 
 
 def test_keyed_noise_depends_only_on_seed_epoch_and_sample():
-    noise = lambda keys, epoch=1, view=0: train.keyed_normal(torch.tensor(keys), seed=0, epoch=epoch, view=view, dim=8)
+    def noise(keys, epoch=1, view=0):
+        return train.keyed_normal(torch.tensor(keys), seed=0, epoch=epoch, view=view, dim=8)
+
     a, b = noise([3, 7]), noise([7, 3, 9])
     torch.testing.assert_close(a[0], b[1])  # the same sample at another batch position, in another batch
     torch.testing.assert_close(a[1], b[0])
@@ -152,12 +154,14 @@ def test_keyed_noise_depends_only_on_seed_epoch_and_sample():
     assert not torch.equal(a, train.keyed_normal(torch.tensor([3, 7]), seed=1, epoch=1, view=0, dim=8))
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_line_naming_the_file(tmp_path):
     r = run_cli(*tiny_train_args(tmp_path / "nowhere", tmp_path / "run"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and "train_teacher.npy" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_unreachable_pretrained_weights_are_one_line(synth_dir, tmp_path):
     r = run_cli("--perceptual-weight", "0", "--data-dir", str(synth_dir), "--ckpt-dir", str(tmp_path / "c"),
                 "--log-dir", str(tmp_path / "l"))
@@ -165,6 +169,7 @@ def test_unreachable_pretrained_weights_are_one_line(synth_dir, tmp_path):
     assert "facebook/sam-vit-base" in r.stderr and "--no-pretrained" in r.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_vgg_weights_suggest_disabling_the_term(synth_dir, tmp_path):
     args = tiny_train_args(synth_dir, tmp_path)
     i = args.index("--perceptual-weight")
@@ -174,6 +179,7 @@ def test_unreachable_vgg_weights_suggest_disabling_the_term(synth_dir, tmp_path)
     assert "missing_vgg.pth" in r.stderr and "--perceptual-weight 0" in r.stderr
 
 
+@pytest.mark.slow
 def test_tiny_without_weights_flag_asks_to_be_explicit(synth_dir, tmp_path):
     r = run_cli("--tiny", "--data-dir", str(synth_dir), "--ckpt-dir", str(tmp_path / "c"))
     assert r.returncode == 1 and "--no-pretrained" in r.stderr and "Traceback" not in r.stderr
@@ -186,6 +192,7 @@ def test_a_new_run_never_overwrites_an_earlier_one(tiny_run):
     assert tiny_run.last.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_one_line_naming_the_batch_size_and_the_ways_out(synth_dir, tmp_path):
     script = ("import runpy, sys, torch, model\n"
               "def boom(cfg):\n"
@@ -202,6 +209,7 @@ def test_out_of_memory_is_one_line_naming_the_batch_size_and_the_ways_out(synth_
         assert needle in r.stderr, (needle, r.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,needle", [
     (["--input-size", "100"], "input_size 100"),
     (["--freeze-blocks", "9"], "freeze_blocks"),
@@ -222,6 +230,7 @@ def smaller_tiny(encoder: str = "sam", **overrides):
                                    "decoder_channels": (32, 16, 16), **overrides})
 
 
+@pytest.mark.slow
 def test_compile_trains_like_eager_and_saves_the_same_checkpoint_layout(synth_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "tiny_config", smaller_tiny)  # what --tiny builds, in this test only
     kernels = tmp_path / "inductor"  # where inductor writes the kernels it generates: proof that it compiled
