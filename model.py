@@ -141,7 +141,26 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.net(x))  # (B, 3, S, S)
 
 
-class EarVAE(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
+class SharedOnHub(PyTorchModelHubMixin):
+    """huggingface_hub's PyTorchModelHubMixin whose save_pretrained / from_pretrained are checkpoints.py's (the
+    export layout: config.json + model.safetensors + README.md, never a pickle; a hub id offline fails in one line).
+    push_to_hub is the mixin's own. The teacher (EarVAE) and the students (student.Student) share through it."""
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> str | None:
+        """huggingface_hub's save_pretrained (same keywords; model_card_kwargs={"metrics": {...}} puts figures in
+        the card): see checkpoints.save_pretrained."""
+        import checkpoints  # it imports this module
+        return checkpoints.save_pretrained(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs):
+        """huggingface_hub's from_pretrained (same keywords, and map_location): a saved folder or a hub id -> the
+        model in eval mode; CheckpointError otherwise (see checkpoints.from_pretrained)."""
+        import checkpoints
+        return checkpoints.from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+
+
+class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
              tags=["ear-recognition", "biometrics", "vae", "sam", "image-feature-extraction"]):
     """The teacher. Shared through huggingface_hub's PyTorchModelHubMixin: save_pretrained(dir) writes config.json +
     model.safetensors + README.md (the export_model layout), from_pretrained(dir or hub id) rebuilds it, and
@@ -178,18 +197,6 @@ class EarVAE(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
         return {"encoder": [p for p in self.encoder.parameters() if p.requires_grad],
                 "vae": [p for m in (self.head, self.decoder) for p in m.parameters()]}
 
-    def save_pretrained(self, save_directory: str | Path, **kwargs) -> str | None:
-        """huggingface_hub's save_pretrained (same keywords; model_card_kwargs={"metrics": {...}} puts figures in
-        the card): see checkpoints.save_pretrained."""
-        import checkpoints  # it imports this module
-        return checkpoints.save_pretrained(self, save_directory, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> EarVAE:
-        """huggingface_hub's from_pretrained (same keywords, and map_location): a saved folder or a hub id -> the
-        model in eval mode; CheckpointError otherwise (see checkpoints.from_pretrained)."""
-        import checkpoints
-        return checkpoints.from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
 
 
 def build_model(cfg: VAEConfig) -> EarVAE:

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 
 from checkpoints import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, CheckpointError, card_metadata, config_problem,
                          load_state, metrics_table, read_folder_config, read_folder_weights)
 from losses import load_torchvision_weights
-from model import IMAGENET_MEAN, IMAGENET_STD, ConfigError, count
+from model import IMAGENET_MEAN, IMAGENET_STD, ConfigError, SharedOnHub, count
 
 STUDENT_FORMAT = "ear-teacher-student/1"  # config.json's "format" in a saved student folder
 
@@ -52,7 +51,7 @@ class StudentConfig:
     input_size: int = 224             # side the ear crop (128 in this project) is resized to before the trunk
 
 
-class Student(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
+class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
               tags=["ear-recognition", "biometrics", "knowledge-distillation", "image-feature-extraction"]):
     """A torchvision trunk and a small head to the teacher's embedding and mu (module docstring). Raises ConfigError
     for an unknown arch or sizes out of range, WeightsUnavailableError when pretrained weights cannot be loaded."""
@@ -95,20 +94,7 @@ class Student(nn.Module, PyTorchModelHubMixin, library_name="ear-teacher",
         """x (B, 3, H, W) in [0, 1] -> the identity embedding (B, embed_dim), L2-normalised."""
         return self(x)["embed"]
 
-    # -- sharing through huggingface_hub's mixin (checkpoints.py)
-
-    def save_pretrained(self, save_directory: str | Path, **kwargs) -> str | None:
-        """huggingface_hub's save_pretrained (same keywords; model_card_kwargs={"metrics": {...}} puts figures in
-        the card): see checkpoints.save_pretrained."""
-        import checkpoints
-        return checkpoints.save_pretrained(self, save_directory, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> Student:
-        """huggingface_hub's from_pretrained (same keywords, and map_location): a saved folder or a hub id -> the
-        student in eval mode; CheckpointError otherwise (see checkpoints.from_pretrained)."""
-        import checkpoints
-        return checkpoints.from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+    # -- sharing through huggingface_hub's mixin (model.SharedOnHub, checkpoints.py)
 
     def hub_files(self, metrics: dict | None = None) -> tuple[dict, str]:
         """config.json ({"format": STUDENT_FORMAT, "student_config": StudentConfig}) and the README.md card."""
