@@ -247,10 +247,12 @@ def estimate_peak_gib(input_size: int, batch: int, attn: str, grad_checkpointing
     return (fixed + mem.peak) / 2 ** 30
 
 
-def estimate_table(sizes: list[int], batches: list[int], vgg: str) -> tuple[str, list[dict]]:
+def estimate_table(sizes: list[int], batches: list[int], vgg: str,
+                   on_row: Callable[[list[dict]], None] | None = None) -> tuple[str, list[dict]]:
     """The estimate for each input size and batch: sdpa and flex attention, each without and with gradient
     checkpointing; a column for the measured peak (bench.py's peak GiB on a GPU) to fill in. Returns the markdown
-    table and its rows (input_size, batch, attn, grad_ckpt, est_gib)."""
+    table and its rows (input_size, batch, attn, grad_ckpt, est_gib); on_row: called with the rows so far after
+    each."""
     lines = ["| SAM input | batch | attention | grad ckpt | estimated peak GiB | measured peak GiB |", "|" + "---|" * 6]
     rows = []
     for size in sizes:
@@ -260,6 +262,8 @@ def estimate_table(sizes: list[int], batches: list[int], vgg: str) -> tuple[str,
                                  est_gib=estimate_peak_gib(size, b, attn, ckpt, vgg)))
                 lines.append(f"| {size} | {b} | {attn} | {'yes' if ckpt else 'no'} | {rows[-1]['est_gib']:.1f} | |")
                 print(lines[-1], flush=True)
+                if on_row is not None:
+                    on_row(rows)
     return "\n".join(lines), rows
 
 
@@ -374,15 +378,18 @@ def main() -> None:
             p.error(f"--json {e}")
     cuda = torch.cuda.is_available()
     if args.estimate_memory:
-        md, est = estimate_table(args.sizes or [1024], args.batch_sizes or [1, 4, 8, 16], random_vgg_file())
+        def save(est: list[dict], complete: bool = False) -> None:  # after every row, as the measuring run does
+            if args.json:
+                write_outputs({args.json: save_json(dict(run_info(), complete=complete, estimates=est))})
+
+        md, est = estimate_table(args.sizes or [1024], args.batch_sizes or [1, 4, 8, 16], random_vgg_file(), save)
         out = (f"### {date.today()} - estimate (fake tensors, no GPU)\n\n`python bench.py {' '.join(sys.argv[1:])}`"
                f"\n\n{md}\n")
         print("\n" + out)
         if args.markdown:
             with open(args.markdown, "a") as f:
                 f.write("\n" + out)
-        if args.json:
-            write_outputs({args.json: save_json(dict(run_info(), estimates=est))})
+        save(est, complete=True)
         return
     args.sizes = args.sizes or ([1024, 512, 256] if cuda else [256])
     args.batch_sizes = args.batch_sizes or ([8, 32, 64] if cuda else [1, 2])
@@ -395,12 +402,21 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; peak bf16 {peak_tflops(device) or '-'} TFLOP/s", flush=True)
     vgg = random_vgg_file()
     rows, notes, largest = [], [], []
+
+    def save(pipe: float | None = None) -> None:  # after every row: a run cut short keeps what it measured
+        if args.json:
+            write_outputs({args.json: save_json(dict(run_info(), device=name, complete=pipe is not None, rows=rows,
+                                                     largest_batch=largest, data_pipeline_img_s=pipe, notes=notes))})
+
     for size in args.sizes:
         for b in args.batch_sizes:
-            results = {v: measure(v, size, b, device, vgg, args.steps) for v in variants}
-            rows += results.values()
-            if args.grad_checkpointing:
-                rows += [measure(v, size, b, device, vgg, args.steps, grad_checkpointing=True) for v in variants]
+            results = {}  # variant -> its row without checkpointing
+            for ckpt in (False, True) if args.grad_checkpointing else (False,):
+                for v in variants:
+                    rows.append(measure(v, size, b, device, vgg, args.steps, grad_checkpointing=ckpt))
+                    results.setdefault(v, rows[-1])
+                    save()
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
             base = results.get("baseline", {}).get("img_s")
             print(f"input {size} batch {b}: " + ", ".join(
                 f"{v} {r.get('img_s', 0):.3g} img/s ({r['status']}"
@@ -413,6 +429,7 @@ def main() -> None:
             notes.append(f"Largest batch that fits (optimised, input {args.sizes[0]}, "
                          f"{'with' if ckpt else 'without'} gradient checkpointing): {n}")
             print(notes[-1], flush=True)
+            save()
     pipe = data_pipeline(device, args.workers, max(args.batch_sizes))
     fastest = max((r["img_s"] for r in rows if "img_s" in r), default=None)
     notes.append(f"Data pipeline ({args.workers} workers, memory-mapped NPY + on-device augmentation of 2 views): "
@@ -423,9 +440,7 @@ def main() -> None:
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write("\n" + out)
-    if args.json:
-        write_outputs({args.json: save_json(dict(run_info(), device=name, rows=rows, largest_batch=largest,
-                                                 data_pipeline_img_s=pipe, notes=notes))})
+    save(pipe)
 
 
 def run_info() -> dict:

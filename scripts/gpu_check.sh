@@ -75,14 +75,14 @@ fi
 step env 45 "$PY" scripts/gpu_check.py env "$WORK"
 step vgg 30 "$PY" scripts/gpu_check.py vgg "$WORK"
 # shellcheck disable=SC2086  # word splitting of the size lists is wanted
-step bench 170 "$PY" bench.py --sizes $SIZE --batch-sizes $BATCHES --variants $VARIANTS --grad-checkpointing \
+step bench 200 "$PY" bench.py --sizes $SIZE --batch-sizes $BATCHES --variants $VARIANTS --grad-checkpointing \
   --steps $BENCH_STEPS --workers $WORKERS --json "$WORK/bench.json" --markdown "$WORK/bench.md"
 # the estimate needs no GPU: on the CPU beside the steps whose timings matter less (its own log, shown at the end)
 # shellcheck disable=SC2086
 (export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=4; step estimate 300 "$PY" bench.py --estimate-memory \
   --sizes $SIZE --batch-sizes $BATCHES --json "$WORK/estimate.json") >"$WORK/estimate.log" 2>&1 &
 step maxbatch 90 "$PY" scripts/gpu_check.py maxbatch "$WORK"
-step cuda 90 "$PY" -m pytest -m cuda -n 0 -p no:cacheprovider -rA --continue-on-collection-errors \
+step cuda 120 "$PY" -m pytest -m cuda -n 0 -p no:cacheprovider -rA --continue-on-collection-errors \
   --junitxml="$WORK/cuda_tests.xml"
 # shellcheck disable=SC2086
 step synth 30 "$PY" synth.py --out "$WORK/data" $DATA --seed 0

@@ -45,7 +45,7 @@ def test_grad_checkpointing_measures_every_variant_and_json_holds_every_row(monk
     assert sorted(measured) == sorted(expected) and len(measured) == 8
     result = json.loads(out.read_text())
     assert [(r["variant"], r["input_size"], r["batch"], r["grad_ckpt"]) for r in result["rows"]] == measured
-    assert result["data_pipeline_img_s"] == 123.0 and result["torch"] == torch.__version__
+    assert result["complete"] and result["data_pipeline_img_s"] == 123.0 and result["torch"] == torch.__version__
     assert result["cuda_device"] is None and result["largest_batch"] == [] and "--json" in result["command"]
 
 
