@@ -235,8 +235,11 @@ def markdown(r: dict) -> str:
         ev = r["eval"]
         lines.append(f"eval.py: PSNR {ev['psnr']['mean']:.2f} dB, SSIM {ev['ssim']['mean']:.4f} on {ev['n_images']} "
                      f"val images (mean-image baseline PSNR {fmt(r['mean_image_psnr_db'], '.2f')} dB)")
-    if r["eigenears"]:
-        lines.append(f"eigenears.py: summary.json keys {sorted(r['eigenears'])[:8]}")
+    g = r["eigenears"]
+    if g:
+        lines.append(f"eigenears.py: {g['n_fit']} fit / {g['n_eval']} eval images; cumulative variance (fit) "
+                     f"{g['cumulative']['fit']}; effective rank {g['effective_rank']}; PSNR of decoded projections "
+                     f"{ {k: round(v, 2) for k, v in g['recon_psnr'].items()} }")
     return "\n".join(lines) + "\n"
 
 

@@ -60,7 +60,7 @@ step() {  # step NAME TIMEOUT COMMAND...: under `timeout`, cut to the time left;
 }
 
 if [ "$DRY" = 1 ]; then
-  SIZE=64 BATCHES="1 2" VARIANTS="optimised" BENCH_STEPS=1 WORKERS=2
+  SIZE=64 BATCHES="1" VARIANTS="optimised" BENCH_STEPS=1 WORKERS=2
   DATA="--n-train 24 --n-val 8" TRAIN="--tiny --no-pretrained --max-steps 6 --log-every 1"
 else
   SIZE=1024 BATCHES="4 8" VARIANTS="optimised flex" BENCH_STEPS=8 WORKERS=8
