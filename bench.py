@@ -52,10 +52,12 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def random_vgg_file() -> str:
-    """A VGG16 features state dict with random weights: the perceptual term costs the same as with ImageNet's."""
-    from torchvision.models import vgg16
+    """A VGG16 features state dict with random weights: the perceptual term costs the same as with ImageNet's.
+    Built by torchvision's own make_layers (what vgg16() uses for `features`), without vgg16's 124M-parameter
+    classifier, whose random initialisation took minutes on a loaded CPU."""
+    from torchvision.models.vgg import cfgs, make_layers
     path = os.path.join(tempfile.mkdtemp(), "vgg16_random.pth")
-    torch.save(vgg16().features.state_dict(), path)
+    torch.save(make_layers(cfgs["D"]).state_dict(), path)
     return path
 
 
