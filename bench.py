@@ -145,7 +145,7 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
             model(x[:batch])
             sync()
             if device.type == "cuda":
-                weights = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+                weights = sum(w.nbytes for w in [*model.parameters(), *model.buffers()])
                 before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 model(x[:batch])
