@@ -17,8 +17,9 @@
 #   summary   OUT/gpu_check.json (every figure) and OUT/summary.md (readable), beside OUT/log.txt and OUT/bench.md
 #
 # Environment: OUT (the device tool sets it; default WORK/out), PYTHON (default python3), GPU_CHECK_BUDGET (seconds,
-# default 510), GPU_CHECK_STEPS ("bench maxbatch": only these, for a rerun), GPU_CHECK_DRY=1 (the same steps on the
-# CPU at tiny sizes, with 4x the time: a rehearsal, none of its figures is a GPU figure).
+# default 510), GPU_CHECK_STEPS ("bench maxbatch": only these, for a rerun; with GPU_CHECK_WORK=DIR, an earlier
+# run's folder, their results join its), GPU_CHECK_DRY=1 (the same steps on the CPU at tiny sizes, with 4x the
+# time: a rehearsal, none of its figures is a GPU figure).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +34,7 @@ PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY:-0}
 SCALE=$([ "$DRY" = 1 ] && echo 4 || echo 1)
 BUDGET=${GPU_CHECK_BUDGET:-$((510 * SCALE))}
-WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}  # GPU_CHECK_WORK: an earlier run's, to add steps to it
 OUT=${OUT:-$WORK/out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
