@@ -82,6 +82,7 @@ step bench 200 "$PY" bench.py --sizes $SIZE --batch-sizes $BATCHES --variants $V
 # shellcheck disable=SC2086
 (export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=4; step estimate 300 "$PY" bench.py --estimate-memory \
   --sizes $SIZE --batch-sizes $BATCHES --json "$WORK/estimate.json") >"$WORK/estimate.log" 2>&1 &
+ESTIMATE=$!
 step maxbatch 90 "$PY" scripts/gpu_check.py maxbatch "$WORK"
 step cuda 120 "$PY" -m pytest -m cuda -n 0 -p no:cacheprovider -rA --continue-on-collection-errors \
   --junitxml="$WORK/cuda_tests.xml"
@@ -92,7 +93,7 @@ step train 120 "$PY" train.py $TRAIN --data-dir "$WORK/data" --epochs 1 --warmup
   --vgg-weights "$WORK/vgg16_random.pth" --ckpt-dir "$WORK/run/checkpoints" --log-dir "$WORK/run/logs"
 step eval 45 "$PY" eval.py "$WORK/run/checkpoints/best.pt" --out "$WORK/eval"
 step eigenears 45 "$PY" eigenears.py --ckpt "$WORK/run/checkpoints/best.pt" --out "$WORK/eigenears"
-wait  # the estimate (its own timeout)
+wait "$ESTIMATE"  # the estimate (under its own timeout); a bare `wait` would also wait for tee, forever
 echo "== estimate log"
 cat "$WORK/estimate.log" 2>/dev/null
 cp "$WORK/bench.md" "$OUT/bench.md" 2>/dev/null
