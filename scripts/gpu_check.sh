@@ -19,7 +19,7 @@
 # Environment: OUT (the device tool sets it; default WORK/out), PYTHON (default python3), GPU_CHECK_BUDGET (seconds,
 # default 510), GPU_CHECK_STEPS ("bench maxbatch": only these, for a rerun; with GPU_CHECK_WORK=DIR, an earlier
 # run's folder, their results join its), GPU_CHECK_DRY=1 (the same steps on the CPU at tiny sizes, with 4x the
-# time: a rehearsal, none of its figures is a GPU figure).
+# time: a rehearsal, none of its figures is a GPU figure), GPU_CHECK_SCALE (every timeout x this; dry default 4).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +32,7 @@ fi
 
 PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY:-0}
-SCALE=$([ "$DRY" = 1 ] && echo 4 || echo 1)
+SCALE=${GPU_CHECK_SCALE:-$([ "$DRY" = 1 ] && echo 4 || echo 1)}  # every timeout x this
 BUDGET=${GPU_CHECK_BUDGET:-$((510 * SCALE))}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}  # GPU_CHECK_WORK: an earlier run's, to add steps to it
 OUT=${OUT:-$WORK/out}
