@@ -7,6 +7,8 @@ keys, so checkpoints are interchangeable) that Encoder swaps in by `VAEConfig.at
 """
 from __future__ import annotations
 
+import inspect
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -14,6 +16,10 @@ from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSd
 
 FLEX_RECOMPILE_LIMIT = 2  # compiles per call class: one with a dynamic batch, one more for a batch of 1
 _compiled_flex: dict[tuple, Callable] = {}  # call class -> its own compiled flex_attention
+# torch.compile's own keywords, read at import (before a test can patch torch.compile): from torch 2.14 a compiled
+# function can have a recompile limit of its own (recompile_limit, isolate_recompiles); torch 2.11 has neither
+_OWN_LIMIT = {"recompile_limit", "isolate_recompiles"} <= set(inspect.signature(torch.compile).parameters)
+_LIMIT_CONFIG = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable,
@@ -35,18 +41,24 @@ def compiled_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     (twice if it meets a batch of 1, which dynamo specialises): SAM ViT-B has 2 shape classes (window and global
     blocks) x grad / no-grad. Past dynamo's recompile limit a compiled function silently runs eager, which here
     materialises the (B, heads, N, N) scores; each class has its own limit (isolate_recompiles) and fullgraph=True
-    makes hitting it raise instead."""
+    makes hitting it raise instead. On a torch without per-function limits (2.11) every class compiles the same code
+    object, whose cache dynamo counts as one: there the limit is torch._dynamo.config's, set to FLEX_RECOMPILE_LIMIT
+    x the classes met so far, for the call only (a shared budget, not one per class; other compiled code keeps
+    its own)."""
     from torch.nn.attention.flex_attention import flex_attention as flex
     tensors = (q, k, v, *score_tensors)
     key = (q.device, q.dtype, torch.is_grad_enabled(), q.requires_grad, torch.is_autocast_enabled(q.device.type),
            *(tuple(t.shape[1:]) for t in tensors))
     if key not in _compiled_flex:
-        _compiled_flex[key] = torch.compile(flex, fullgraph=True, recompile_limit=FLEX_RECOMPILE_LIMIT,
-                                            isolate_recompiles=True)
+        own = dict(recompile_limit=FLEX_RECOMPILE_LIMIT, isolate_recompiles=True) if _OWN_LIMIT else {}
+        _compiled_flex[key] = torch.compile(flex, fullgraph=True, **own)
     for t in tensors:
         torch._dynamo.maybe_mark_dynamic(t, 0)  # the batch (x windows); left static where it is 1
+    limit = nullcontext() if _OWN_LIMIT else torch._dynamo.config.patch(
+        **{_LIMIT_CONFIG: FLEX_RECOMPILE_LIMIT * len(_compiled_flex)})
     try:
-        return _compiled_flex[key](q, k, v, score_mod=score_mod)
+        with limit:
+            return _compiled_flex[key](q, k, v, score_mod=score_mod)
     except torch._dynamo.exc.FailOnRecompileLimitHit as e:
         raise RuntimeError(f"flex attention needed more than {FLEX_RECOMPILE_LIMIT} compiles for one call class "
                            f"{key} (see dynamo's 'last reason' above); running it eagerly instead would materialise "

@@ -7,6 +7,7 @@ speed does not depend on them.
     python bench.py --grad-checkpointing --max-batch  # also checkpointing, and the largest batch that fits
     python bench.py --sizes 256 --batch-sizes 1 2     # a CPU-sized run
     python bench.py --markdown BENCHMARKS.md          # also append the tables there (device, command, date)
+    python bench.py --json bench.json                 # also every figure as JSON
     python bench.py --estimate-memory                 # no GPU needed: estimated peak memory at 1024, batch 1-16
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import warnings
 import weakref
 from dataclasses import asdict, replace
 from datetime import date
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,6 +37,7 @@ from losses import VAELoss
 from model import build_model, sam_config
 from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
 from cli import int_range, non_negative_int, positive_int, safe_console
+from files import check_output_file, save_json, write_outputs
 from train import get_parser as train_parser, loss_config
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -49,10 +52,12 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def random_vgg_file() -> str:
-    """A VGG16 features state dict with random weights: the perceptual term costs the same as with ImageNet's."""
-    from torchvision.models import vgg16
+    """A VGG16 features state dict with random weights: the perceptual term costs the same as with ImageNet's.
+    Built by torchvision's own make_layers (what vgg16() uses for `features`), without vgg16's 124M-parameter
+    classifier, whose random initialisation took minutes on a loaded CPU."""
+    from torchvision.models.vgg import cfgs, make_layers
     path = os.path.join(tempfile.mkdtemp(), "vgg16_random.pth")
-    torch.save(vgg16().features.state_dict(), path)
+    torch.save(make_layers(cfgs["D"]).state_dict(), path)
     return path
 
 
@@ -76,8 +81,12 @@ VARIANTS = {
 
 
 def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg: str, steps: int,
-            grad_checkpointing: bool = False) -> dict:
-    """One configuration: forward ms, train step ms, images/s, peak memory, FLOPs per step, MFU, status."""
+            grad_checkpointing: bool = False, probe: bool = False) -> dict:
+    """One configuration: forward ms, train step ms, images/s, FLOPs per step, MFU, status ("OK" or "OOM") and, on
+    CUDA, peak memory (GiB, torch.cuda.max_memory_allocated): of training (peak_gib) and of the no-grad forward of
+    `batch` images as eval.py runs it (fwd_peak_gib: the forward's own peak above what training left allocated,
+    plus the model's parameters and buffers). probe: only whether training fits, two steps (the second with AdamW's
+    state), nothing timed or counted."""
     v = VARIANTS[variant]
     precision = resolve_precision(v["precision"], device) if device.type == "cuda" else "fp32"
     dtype = PRECISIONS[precision]
@@ -113,6 +122,11 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step()  # warm-up (and compilation)
+        if probe:
+            step()
+            sync()
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+            return row
         if (input_size, batch) not in MODEL_FLOPS and variant == "optimised" and not grad_checkpointing:
             with FlopCounterMode(display=False) as counter:
                 step()
@@ -125,10 +139,18 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
             step()
         sync()
         step_s = (time.perf_counter() - t) / steps
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
         model.eval()
         with torch.no_grad(), autocast:
             model(x[:batch])
             sync()
+            if device.type == "cuda":
+                weights = sum(w.nbytes for w in [*model.parameters(), *model.buffers()])
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                model(x[:batch])
+                sync()
+                row["fwd_peak_gib"] = (torch.cuda.max_memory_allocated(device) - before + weights) / 2 ** 30
             t = time.perf_counter()
             for _ in range(steps):
                 model(x[:batch])
@@ -137,8 +159,7 @@ def measure(variant: str, input_size: int, batch: int, device: torch.device, vgg
         peak = peak_tflops(device)
         row.update(forward_ms=1e3 * fwd_s, step_ms=1e3 * step_s, img_s=batch / step_s,
                    tflop_step=flops / 1e12 if flops else None,
-                   mfu=flops / step_s / (peak * 1e12) if peak and flops else None,
-                   peak_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+                   mfu=flops / step_s / (peak * 1e12) if peak and flops else None, peak_gib=peak_gib)
     except torch.OutOfMemoryError:
         row["status"] = "OOM"  # a measured outcome, not an error: the table shows where memory runs out
     finally:
@@ -228,17 +249,24 @@ def estimate_peak_gib(input_size: int, batch: int, attn: str, grad_checkpointing
     return (fixed + mem.peak) / 2 ** 30
 
 
-def estimate_table(sizes: list[int], batches: list[int], vgg: str) -> str:
-    """The estimate for each input size and batch: plain, with gradient checkpointing, with flex attention; a
-    column for the measured peak (bench.py's peak GiB on a GPU) to fill in."""
+def estimate_table(sizes: list[int], batches: list[int], vgg: str,
+                   on_row: Callable[[list[dict]], None] | None = None) -> tuple[str, list[dict]]:
+    """The estimate for each input size and batch: sdpa and flex attention, each without and with gradient
+    checkpointing; a column for the measured peak (bench.py's peak GiB on a GPU) to fill in. Returns the markdown
+    table and its rows (input_size, batch, attn, grad_ckpt, est_gib); on_row: called with the rows so far after
+    each."""
     lines = ["| SAM input | batch | attention | grad ckpt | estimated peak GiB | measured peak GiB |", "|" + "---|" * 6]
+    rows = []
     for size in sizes:
         for b in batches:
-            for attn, ckpt in (("sdpa", False), ("sdpa", True), ("flex", False)):
-                gib = estimate_peak_gib(size, b, attn, ckpt, vgg)
-                lines.append(f"| {size} | {b} | {attn} | {'yes' if ckpt else 'no'} | {gib:.1f} | |")
+            for attn, ckpt in (("sdpa", False), ("sdpa", True), ("flex", False), ("flex", True)):
+                rows.append(dict(input_size=size, batch=b, attn=attn, grad_ckpt=ckpt,
+                                 est_gib=estimate_peak_gib(size, b, attn, ckpt, vgg)))
+                lines.append(f"| {size} | {b} | {attn} | {'yes' if ckpt else 'no'} | {rows[-1]['est_gib']:.1f} | |")
                 print(lines[-1], flush=True)
-    return "\n".join(lines)
+                if on_row is not None:
+                    on_row(rows)
+    return "\n".join(lines), rows
 
 
 def data_pipeline(device: torch.device, workers: int, batch: int, n: int = 2048) -> float:
@@ -266,13 +294,13 @@ def fmt(v, spec: str) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| variant | SAM input | batch | precision | grad ckpt | forward ms | train step ms | images/s | "
-             "TFLOP/step | MFU | peak GiB | status |", "|" + "---|" * 12]
+             "TFLOP/step | MFU | peak GiB | forward peak GiB | status |", "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['input_size']} | {r['batch']} | {r['precision']} | "
                      f"{'yes' if r['grad_ckpt'] else 'no'} | {fmt(r.get('forward_ms'), '.0f')} | "
                      f"{fmt(r.get('step_ms'), '.0f')} | {fmt(r.get('img_s'), '.3g')} | "
                      f"{fmt(r.get('tflop_step'), '.2f')} | {fmt(r.get('mfu'), '.1%')} | "
-                     f"{fmt(r.get('peak_gib'), '.1f')} | {r['status']} |")
+                     f"{fmt(r.get('peak_gib'), '.1f')} | {fmt(r.get('fwd_peak_gib'), '.1f')} | {r['status']} |")
     return "\n".join(lines)
 
 
@@ -292,11 +320,17 @@ def seed_table() -> None:
 
 
 def largest_batch(variant: str, input_size: int, device: torch.device, vgg: str, grad_checkpointing: bool,
-                  limit: int = 4096) -> int:
-    """Largest batch whose training step fits in GPU memory: doubling from 8, then bisection (one step per try)."""
-    fits = lambda b: measure(variant, input_size, b, device, vgg, steps=1, grad_checkpointing=grad_checkpointing
-                             )["status"] == "OK"
-    lo, hi = 0, 8
+                  limit: int = 4096, start: int = 8, on_try: Callable[[dict], None] | None = None) -> int:
+    """Largest batch whose training step fits in GPU memory: doubling from `start`, then bisection to within ~6%
+    (two steps per try, measure's probe). Stops at the first batch past `limit` (returning the last that fit).
+    on_try: called with each try's row (batch, status, peak_gib)."""
+    def fits(b: int) -> bool:
+        row = measure(variant, input_size, b, device, vgg, steps=1, grad_checkpointing=grad_checkpointing, probe=True)
+        if on_try is not None:
+            on_try(row)
+        return row["status"] == "OK"
+
+    lo, hi = 0, start
     while fits(hi):
         lo, hi = hi, 2 * hi
         if hi > limit:
@@ -321,12 +355,15 @@ def get_parser() -> argparse.ArgumentParser:
                    default=["optimised", "baseline", "flex", "compiled"] if cuda else ["optimised", "baseline"],
                    help="paths to measure (optimised is always measured: the others are compared with it); "
                         "flex trains on CUDA only")
-    p.add_argument("--grad-checkpointing", action="store_true", help="also measure with gradient checkpointing")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="also measure every variant with gradient checkpointing")
     p.add_argument("--max-batch", action="store_true", help="GPU: also search the largest batch that fits, with and "
                    "without gradient checkpointing, at the first of --sizes")
     p.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
                    help="data loader workers")
     p.add_argument("--markdown", default=None, help="append the results to this file (e.g. BENCHMARKS.md)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write every figure to this JSON file (device, "
+                   "versions, command, rows, notes); replaced, not appended")
     p.add_argument("--estimate-memory", action="store_true", help="only estimate the peak GPU memory of a bf16 "
                    "training step, no GPU needed (fake tensors): plain, grad checkpointing and flex, at --sizes "
                    "(here default 1024) and --batch-sizes (here default 1 4 8 16)")
@@ -336,14 +373,25 @@ def get_parser() -> argparse.ArgumentParser:
 def main() -> None:
     p = get_parser()
     args = p.parse_args()
+    if args.json:
+        try:
+            check_output_file(args.json)  # before the long work
+        except ValueError as e:
+            p.error(f"--json {e}")
     cuda = torch.cuda.is_available()
     if args.estimate_memory:
+        def save(est: list[dict], complete: bool = False) -> None:  # after every row, as the measuring run does
+            if args.json:
+                write_outputs({args.json: save_json(dict(run_info(), complete=complete, estimates=est))})
+
+        md, est = estimate_table(args.sizes or [1024], args.batch_sizes or [1, 4, 8, 16], random_vgg_file(), save)
         out = (f"### {date.today()} - estimate (fake tensors, no GPU)\n\n`python bench.py {' '.join(sys.argv[1:])}`"
-               f"\n\n{estimate_table(args.sizes or [1024], args.batch_sizes or [1, 4, 8, 16], random_vgg_file())}\n")
+               f"\n\n{md}\n")
         print("\n" + out)
         if args.markdown:
             with open(args.markdown, "a") as f:
                 f.write("\n" + out)
+        save(est, complete=True)
         return
     args.sizes = args.sizes or ([1024, 512, 256] if cuda else [256])
     args.batch_sizes = args.batch_sizes or ([8, 32, 64] if cuda else [1, 2])
@@ -355,13 +403,22 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; peak bf16 {peak_tflops(device) or '-'} TFLOP/s", flush=True)
     vgg = random_vgg_file()
-    rows, notes = [], []
+    rows, notes, largest = [], [], []
+
+    def save(pipe: float | None = None) -> None:  # after every row: a run cut short keeps what it measured
+        if args.json:
+            write_outputs({args.json: save_json(dict(run_info(), device=name, complete=pipe is not None, rows=rows,
+                                                     largest_batch=largest, data_pipeline_img_s=pipe, notes=notes))})
+
     for size in args.sizes:
         for b in args.batch_sizes:
-            results = {v: measure(v, size, b, device, vgg, args.steps) for v in variants}
-            rows += results.values()
-            if args.grad_checkpointing:
-                rows.append(measure("optimised", size, b, device, vgg, args.steps, grad_checkpointing=True))
+            results = {}  # variant -> its row without checkpointing
+            for ckpt in (False, True) if args.grad_checkpointing else (False,):
+                for v in variants:
+                    rows.append(measure(v, size, b, device, vgg, args.steps, grad_checkpointing=ckpt))
+                    results.setdefault(v, rows[-1])
+                    save()
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
             base = results.get("baseline", {}).get("img_s")
             print(f"input {size} batch {b}: " + ", ".join(
                 f"{v} {r.get('img_s', 0):.3g} img/s ({r['status']}"
@@ -370,9 +427,11 @@ def main() -> None:
     if args.max_batch and cuda:
         for ckpt in (False, True):
             n = largest_batch("optimised", args.sizes[0], device, vgg, ckpt)
+            largest.append(dict(variant="optimised", input_size=args.sizes[0], grad_ckpt=ckpt, batch=n))
             notes.append(f"Largest batch that fits (optimised, input {args.sizes[0]}, "
                          f"{'with' if ckpt else 'without'} gradient checkpointing): {n}")
             print(notes[-1], flush=True)
+            save()
     pipe = data_pipeline(device, args.workers, max(args.batch_sizes))
     fastest = max((r["img_s"] for r in rows if "img_s" in r), default=None)
     notes.append(f"Data pipeline ({args.workers} workers, memory-mapped NPY + on-device augmentation of 2 views): "
@@ -383,6 +442,15 @@ def main() -> None:
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write("\n" + out)
+    save(pipe)
+
+
+def run_info() -> dict:
+    """What a JSON result names: command, date, torch / transformers versions, CUDA device (or None)."""
+    import transformers
+    return dict(command=f"python bench.py {' '.join(sys.argv[1:])}", date=str(date.today()), torch=torch.__version__,
+                transformers=transformers.__version__,
+                cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
 
 if __name__ == "__main__":

@@ -391,6 +391,7 @@ def test_compiled_flex_compiles_once_per_call_class_and_fails_loudly_past_its_li
     assert (len(M._compiled_flex), counter.frame_count) == (2, 3)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused FlexAttention kernel and its backward: CUDA")
 def test_compiled_flex_matches_sdpa_on_cuda_forward_and_backward(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")  # fp32 matmuls (train.py turns TF32 on)

@@ -9,16 +9,52 @@ import bench
 
 @pytest.mark.parametrize("edge", [5, 8, 100, 5000])
 def test_largest_batch_search_finds_the_edge(monkeypatch, edge):
-    tried = []
+    tried, seen = [], []
 
-    def fake_measure(variant, input_size, batch, *args, **kwargs):
+    def fake_measure(variant, input_size, batch, *args, probe=False, **kwargs):
+        assert probe  # a try only asks whether it fits: nothing timed or counted
         tried.append(batch)
-        return {"status": "OK" if batch <= edge else "OOM"}
+        return {"batch": batch, "status": "OK" if batch <= edge else "OOM"}
 
     monkeypatch.setattr(bench, "measure", fake_measure)
-    found = bench.largest_batch("optimised", 1024, torch.device("cpu"), "vgg.pth", False, limit=4096)
+    found = bench.largest_batch("optimised", 1024, torch.device("cpu"), "vgg.pth", False, limit=4096,
+                                on_try=seen.append)
     assert found <= min(edge, 4096) and found >= min(edge, 4096) * 15 / 16
-    assert len(tried) < 25
+    assert len(tried) < 25 and [r["batch"] for r in seen] == tried
+
+
+def test_grad_checkpointing_measures_every_variant_and_json_holds_every_row(monkeypatch, tmp_path):
+    """--grad-checkpointing adds each variant's checkpointed row (flex's too, on a GPU), and --json writes the
+    rows, notes and versions that the markdown table shows."""
+    import json
+    measured = []
+
+    def fake_measure(variant, input_size, batch, device, vgg, steps, grad_checkpointing=False, probe=False):
+        measured.append((variant, input_size, batch, grad_checkpointing))
+        return dict(variant=variant, input_size=input_size, batch=batch, precision="fp32",
+                    grad_ckpt=grad_checkpointing, status="OK", img_s=1.0 + grad_checkpointing, step_ms=1.0)
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench, "data_pipeline", lambda device, workers, batch: 123.0)
+    monkeypatch.setattr(bench, "random_vgg_file", lambda: "vgg.pth")
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr("sys.argv", ["bench.py", "--sizes", "64", "--batch-sizes", "1", "2", "--variants",
+                                     "optimised", "baseline", "--grad-checkpointing", "--json", str(out)])
+    bench.main()
+    expected = [(v, 64, b, ckpt) for b in (1, 2) for ckpt in (False, True) for v in ("optimised", "baseline")]
+    assert sorted(measured) == sorted(expected) and len(measured) == 8
+    result = json.loads(out.read_text())
+    assert [(r["variant"], r["input_size"], r["batch"], r["grad_ckpt"]) for r in result["rows"]] == measured
+    assert result["complete"] and result["data_pipeline_img_s"] == 123.0 and result["torch"] == torch.__version__
+    assert result["cuda_device"] is None and result["largest_batch"] == [] and "--json" in result["command"]
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_any_measurement(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("measured before the --json check"))
+    monkeypatch.setattr("sys.argv", ["bench.py", "--json", str(tmp_path)])  # a folder
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and f"--json {tmp_path}: is a folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -92,3 +128,18 @@ def test_memory_estimate_sees_activations_masks_and_checkpointing():
     sdpa, flex = (bench.estimate_peak_gib(1024, 1, attn, False, vgg) for attn in ("sdpa", "flex"))
     mask = 2 * 12 * 4096 ** 2 * 2 / 2 ** 30  # two views, bf16
     assert sdpa - flex > 2 * mask
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures GPU memory and trains flex (CUDA only)")
+def test_measured_peak_memory_is_near_the_estimate_and_flex_trains_with_checkpointing_on_cuda():
+    """The fake-tensor estimate against torch.cuda.max_memory_allocated for the default path and for flex with
+    gradient checkpointing (the recomputation calls the compiled kernel inside backward). The estimate leaves out
+    workspaces and the allocator's rounding, hence the margin above it."""
+    vgg = bench.random_vgg_file()
+    for variant, attn, ckpt in (("optimised", "sdpa", False), ("flex", "flex", True)):
+        row = bench.measure(variant, 256, 2, torch.device("cuda"), vgg, steps=1, grad_checkpointing=ckpt)
+        est = bench.estimate_peak_gib(256, 2, attn, ckpt, vgg)
+        assert row["status"] == "OK" and math.isfinite(row["step_ms"]), row
+        assert 0.8 * est < row["peak_gib"] < 1.3 * est + 0.25, (variant, ckpt, row["peak_gib"], est)
+        assert 0 < row["fwd_peak_gib"] < row["peak_gib"]

@@ -435,6 +435,7 @@ def test_hue_rotation_keeps_luma_and_changes_colour(batch):
     assert (out - x).abs().mean() > 1e-3
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_augment_on_gpu_matches_cpu(batch):
     x, keys = batch
