@@ -15,7 +15,8 @@ dropped up to the --max-invalid the run was trained with.
 similarity of mu (recognition.py), with the identity labels of the CSV beside the data file (data.read_identities:
 X_index.csv column subject, or X_factors.csv column identity), and OUT/retrieval.png (queries and their top-5
 matches); it says how many of those identities also have images in the run's training file (a split by image, not
-by subject). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
+by subject). Beside the teacher's figures it computes the same metrics for the trivial baseline, the raw pixels of
+the same images centred on their mean image (metrics.json "identity_pixels", the console and the model card). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
 model.export_model(CKPT, DIR) with these metrics in its model card.
 """
 from __future__ import annotations
@@ -105,6 +106,16 @@ def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: to
         out["index"].append(index)
     res = {k: torch.cat(v).numpy() for k, v in out.items()}
     return {k: v if k in ("index", "mu") else v.astype(np.float64) for k, v in res.items()}
+
+
+def pixel_embeddings(ds: EarDataset, chunk: int = 256) -> np.ndarray:
+    """The trivial identity baseline: every kept image of `ds` as its raw pixels in [0, 1], flattened and centred on
+    the mean image of the set -> (N, 3 * H * W) float32, row i the dataset's sample i. Cosine similarity of these
+    rows is what a latent must beat to claim it knows more about identity than the pixels (issue 17)."""
+    rows = [to_float(torch.stack([ds[i][0] for i in range(s, min(s + chunk, len(ds)))])).flatten(1).numpy()
+            for s in range(0, len(ds), chunk)]  # each (c, 3 * H * W)
+    pixels = np.concatenate(rows)  # (N, 3 * H * W)
+    return pixels - pixels.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def summarize(per_image: dict[str, np.ndarray]) -> dict:
@@ -250,7 +261,11 @@ def report(metrics: dict) -> str:
             f"  rank-1 {m['rank1']:.3f} (chance {m['chance_rank1']:.3f})   rank-5 {m['rank5']:.3f} "
             f"(chance {m['chance_rank5']:.3f})   leave-one-out, cosine similarity of mu",
             f"  verification EER {m['eer']:.3f}   ROC AUC {m['roc_auc']:.3f}   ({m['n_genuine_pairs']} genuine, "
-            f"{m['n_impostor_pairs']} impostor pairs)",
+            f"{m['n_impostor_pairs']} impostor pairs)"]
+        b = metrics["identity_pixels"]
+        lines += [
+            f"  baseline, centred raw pixels of the same images: rank-1 {b['rank1']:.3f}   rank-5 {b['rank5']:.3f}   "
+            f"EER {b['eer']:.3f}   ROC AUC {b['roc_auc']:.3f}",
             f"  {'warning: ' if metrics['train_overlap']['shared'] else ''}{metrics['train_overlap']['note']}"]
     return "\n".join(lines)
 
@@ -268,6 +283,10 @@ def card_metrics(metrics: dict) -> dict[str, float | int | str]:
                      "rank-5": m["rank5"], "rank-5 chance": m["chance_rank5"], "verification EER": m["eer"],
                      "verification ROC AUC": m["roc_auc"], "identities": m["n_identities"], "probes": m["n_probes"],
                      "identities also in training": metrics["train_overlap"]["card"]})
+        b = metrics["identity_pixels"]
+        card.update({"rank-1, baseline: centred raw pixels": b["rank1"], "rank-5, baseline: centred raw pixels":
+                     b["rank5"], "verification EER, baseline: centred raw pixels": b["eer"],
+                     "verification ROC AUC, baseline: centred raw pixels": b["roc_auc"]})
     return card
 
 
@@ -338,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             metrics["identity"] = recognition_metrics(per_image["mu"], labels)
             per_image["rank"] = probe_ranks(per_image["mu"], labels)
+            metrics["identity_pixels"] = recognition_metrics(pixel_embeddings(ds), labels)
         except ValueError as e:  # labels with nothing to identify, or embeddings without a cosine similarity
             raise DataError(f"{data_path}: --identity: {e}") from e
         metrics["train_overlap"] = training_overlap(info["train"], data_path)
