@@ -289,6 +289,10 @@ def card_metrics(metrics: dict) -> dict[str, float | int | str]:
                      "rank-5": m["rank5"], "rank-5 chance": m["chance_rank5"], "verification EER": m["eer"],
                      "verification ROC AUC": m["roc_auc"], "identities": m["n_identities"], "probes": m["n_probes"],
                      "identities also in training": metrics["train_overlap"]["card"]})
+        if "identity_mu" in metrics:
+            u = metrics["identity_mu"]
+            card.update({"rank-1 of mu (the embedding head's input)": u["rank1"],
+                         "verification EER of mu (the embedding head's input)": u["eer"]})
         b = metrics["identity_pixels"]
         card.update({"rank-1, baseline: centred raw pixels": b["rank1"], "rank-5, baseline: centred raw pixels":
                      b["rank5"], "verification EER, baseline: centred raw pixels": b["eer"],
