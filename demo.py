@@ -86,7 +86,7 @@ def main() -> None:
     run("eigenears.py", "--ckpt", f"{out}/checkpoints/best.pt", "--out", f"{out}/eigenears")
     # recognition from the identity embedding: ears of new identities, 4 views each, none seen in training
     run("synth.py", "--out", f"{out}/identities", "--identities", str(args.identities), "--views", str(VIEWS),
-        "--seed", "1")
+        "--seed", "1", "--first-identity", str(2 * args.train_identities))  # numbers apart from training's
     new_ids = ["--data", f"{out}/identities/val_teacher.npy", "--identity"]
     run("eval.py", f"{out}/checkpoints/best.pt", *new_ids, "--out", f"{out}/identity")
     if args.identity_table:  # the same training with the term off and label-free, on the same data
