@@ -170,9 +170,12 @@ def loss_config(args: argparse.Namespace) -> LossConfig:
 
 def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset) -> tuple[str, np.ndarray | None]:
     """The run's contrastive term -> ("off" | "supcon" | "nt-xent", the training file's identity labels (supcon) or
-    None). --contrastive auto picks supcon when the file has labels (data.read_identities) with at least one identity
+    None; ConfigError for an embedding head without the term). --contrastive auto picks supcon when the file has labels (data.read_identities) with at least one identity
     of 2 images, else nt-xent; --contrastive supcon without such labels is a DataError naming the files looked for."""
     if args.contrastive_weight == 0:
+        if args.embed_dim > 0:  # its parameters would get no gradient (and DDP stops on unused parameters)
+            raise ConfigError(f"--embed-dim {args.embed_dim}: an embedding head needs the contrastive term that "
+                              f"trains it (--contrastive-weight > 0)")
         return "off", None
     if args.contrastive == "nt-xent":
         return "nt-xent", None

@@ -258,3 +258,5 @@ def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, t
     assert train.contrastive_mode(args("--contrastive-weight", "0"), labelled) == ("off", None)
     with pytest.raises(data.DataError, match="--contrastive supcon needs identity labels; found no "):
         train.contrastive_mode(args("--contrastive", "supcon"), plain)
+    with pytest.raises(train.ConfigError, match="--embed-dim 8: an embedding head needs the contrastive term"):
+        train.contrastive_mode(args("--contrastive-weight", "0", "--embed-dim", "8"), labelled)
