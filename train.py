@@ -170,8 +170,9 @@ def loss_config(args: argparse.Namespace) -> LossConfig:
 
 def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset) -> tuple[str, np.ndarray | None]:
     """The run's contrastive term -> ("off" | "supcon" | "nt-xent", the training file's identity labels (supcon) or
-    None; ConfigError for an embedding head without the term). --contrastive auto picks supcon when the file has labels (data.read_identities) with at least one identity
-    of 2 images, else nt-xent; --contrastive supcon without such labels is a DataError naming the files looked for."""
+    None). --contrastive auto picks supcon when the file has labels (data.read_identities) with at least one
+    identity of 2 images, else nt-xent; --contrastive supcon without such labels is a DataError naming the files
+    looked for; an embedding head (--embed-dim) without the term is a ConfigError."""
     if args.contrastive_weight == 0:
         if args.embed_dim > 0:  # its parameters would get no gradient (and DDP stops on unused parameters)
             raise ConfigError(f"--embed-dim {args.embed_dim}: an embedding head needs the contrastive term that "
@@ -195,7 +196,8 @@ def contrastive_summary(mode: str, args: argparse.Namespace, sampler) -> str:
     if mode == "off":
         return "off (--contrastive-weight 0)"
     if mode == "nt-xent":
-        return f"NT-Xent between two augmented views, weight {args.contrastive_weight:g}, temperature {args.temperature:g}"
+        return (f"NT-Xent between two augmented views, weight {args.contrastive_weight:g}, temperature "
+                f"{args.temperature:g}")
     short = f"; {sampler.n_short:,} with fewer than K images drawn with replacement" if sampler.n_short else ""
     return (f"SupCon on identity labels, weight {args.contrastive_weight:g}, temperature {args.temperature:g}; "
             f"batches of {args.batch_size // args.images_per_identity} identities x K={args.images_per_identity} "
