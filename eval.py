@@ -13,11 +13,12 @@ dropped up to the --max-invalid the run was trained with.
 
 --identity adds identification (rank-1, rank-5, leave-one-out) and verification (EER, ROC AUC) from the cosine
 similarity of the identity embedding model.embed(x) (recognition.py; mu itself unless the model has an embedding
-head, then mu's figures are reported too, as "identity_mu"), with the identity labels of the CSV beside the data file (data.read_identities:
-X_index.csv column subject, or X_factors.csv column identity), and OUT/retrieval.png (queries and their top-5
-matches); it says how many of those identities also have images in the run's training file (a split by image, not
-by subject). Beside the teacher's figures it computes the same metrics for the trivial baseline, the raw pixels of
-the same images centred on their mean image (metrics.json "identity_pixels", the console and the model card). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
+head, then mu's figures are reported too, as "identity_mu"), with the identity labels of the CSV beside the data
+file (data.read_identities: X_index.csv column subject, or X_factors.csv column identity), and OUT/retrieval.png
+(queries and their top-5 matches); it says how many of those identities also have images in the run's training file
+(a split by image, not by subject). Beside the teacher's figures it computes the same metrics for the trivial
+baseline, the raw pixels of the same images centred on their mean image (metrics.json "identity_pixels", the console
+and the model card). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
 model.export_model(CKPT, DIR) with these metrics in its model card.
 """
 from __future__ import annotations
@@ -63,8 +64,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="also save mu (N, latent_dim) float32 here and the kept samples' indices to FILE_index.npy")
     p.add_argument("--identity", action="store_true",
                    help="also identification (rank-1, rank-5) and verification (EER, ROC AUC) from the cosine "
-                        "similarity of the identity embedding (model.embed), beside the centred raw pixels, with the identity labels beside the data file (X_teacher.npy -> "
-                        "X_index.csv column subject, or X_factors.csv column identity), and retrieval.png")
+                        "similarity of the identity embedding (model.embed), beside the centred raw pixels, with the "
+                        "identity labels beside the data file (X_teacher.npy -> X_index.csv column subject, or "
+                        "X_factors.csv column identity), and retrieval.png")
     p.add_argument("--lpips", action="store_true",
                    help="also the LPIPS distance (VGG, v0.1, lower is better) of each reconstruction to its input")
     p.add_argument("--vgg-weights", default=None, metavar="PATH",
@@ -194,8 +196,8 @@ def reconstruction_figure(model: EarVAE, ds: EarDataset, per_image: dict[str, np
 
 def retrieval(mu: np.ndarray, labels: np.ndarray, ranks: np.ndarray, n: int = 6, k: int = 5,
               seed: int = FIGURE_SEED) -> dict[str, np.ndarray]:
-    """Top-k retrieval by cosine similarity of the embeddings `mu` for n queries drawn (seeded) among the probes (ranks > 0: labelled,
-    with another image of their identity). The gallery is every other labelled image. mu (N, D), labels (N,),
+    """Top-k retrieval by cosine similarity of the embeddings `mu` for n queries drawn (seeded) among the probes
+    (ranks > 0: labelled, with another image of their identity). The gallery is every other labelled image. mu (N, D), labels (N,),
     ranks (N,) as probe_ranks -> {"query": (q,) rows, "match": (q, k) rows best first, "similarity": (q, k),
     "correct": (q, k) bool (same identity)}; rows index mu."""
     probes, gallery = np.flatnonzero(ranks > 0), np.flatnonzero(labels != UNLABELLED)
