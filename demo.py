@@ -55,10 +55,11 @@ def train(out: Path, name: str, epochs: int, *flags: str) -> None:
         "--log-every", "25", "--workers", "1")
 
 
-def table(out: Path, runs: dict[str, str]) -> str:
+def table(out: Path, runs: dict[str, str], identities: int) -> str:
     """identity_table.md: one row per trained variant (runs: label -> eval folder) and the centred raw pixels of the
-    same images, from the metrics.json of each eval.py --identity."""
-    rows = ["| embedding of the 100 new identities | rank-1 | rank-5 | EER | ROC AUC | val PSNR (dB) | val SSIM |",
+    same images, from the metrics.json of each eval.py --identity on the new identities (PSNR, SSIM: of their
+    reconstructions)."""
+    rows = [f"| embedding of the {identities} new identities | rank-1 | rank-5 | EER | ROC AUC | PSNR (dB) | SSIM |",
             "|---|---|---|---|---|---|---|"]
     for label, folder in runs.items():
         m = json.loads((out / folder / "metrics.json").read_text())
@@ -96,7 +97,7 @@ def main() -> None:
             run("eval.py", f"{out}/checkpoints_{name}/best.pt", *new_ids, "--out", f"{out}/identity_{name}")
         text = table(out, {"contrastive term off": "identity_off", f"NT-Xent (label-free), weight "
                            f"{CONTRASTIVE_WEIGHT}": "identity_ntxent",
-                           f"SupCon (identity labels), weight {CONTRASTIVE_WEIGHT}": "identity"})
+                           f"SupCon (identity labels), weight {CONTRASTIVE_WEIGHT}": "identity"}, args.identities)
         (out / "identity_table.md").write_text(text)
         print(f"\n{text}")
     print(f"\ndemo done in {(time.time() - t0) / 60:.1f} min: everything is in {out}/")
