@@ -227,6 +227,8 @@ def model_card(model: EarVAE, step: int | None, weights: str, metrics: dict | No
         f"encoder ({enc.get('num_hidden_layers', '?')} blocks of width {enc.get('hidden_size', '?')}, input "
         f"{cfg.input_size}x{cfg.input_size}, {start}), a VAE head to a {cfg.latent_dim}-d latent and a "
         f"convolutional decoder. The posterior mean `mu` is the ear embedding a student distils from; "
+        f"`model.embed(x)` is the identity embedding (unit L2 norm, compared by cosine similarity: "
+        f"{'an MLP head over mu to ' + str(cfg.embed_dim) + ' dimensions' if cfg.embed_dim else 'mu itself'}); "
         f"`model.encoder.features(x)` returns the multi-scale pyramid (blocks {list(cfg.feature_blocks)}).", "",
         f"Weights: {what} at {f'step {step}' if step is not None else 'an unknown step'}; "
         f"{total / 1e6:.1f}M parameters.", "",
@@ -240,6 +242,7 @@ def model_card(model: EarVAE, step: int | None, weights: str, metrics: dict | No
               "model = EarVAE.from_pretrained(\"path/to/this/directory\")  # or its hub id; eval mode, CPU",
               "model, cfg = load_model(\"path/to/this/directory\")  # the same, with its VAEConfig",
               "out = model(x)  # x: (B, 3, 128, 128) in [0, 1] -> recon (B, 3, 128, 128), mu, logvar, z (B, latent_dim)",
+              "e = model.embed(x)  # (B, E) identity embedding, unit L2 norm: compare by cosine similarity",
               "```", "",
               f"Files: `{EXPORT_CONFIG}` (format `{EXPORT_FORMAT}`), `{EXPORT_WEIGHTS}`, `{EXPORT_CARD}`.", ""]
     return "\n".join(lines)

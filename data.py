@@ -10,6 +10,7 @@ synth.py).
     AugConfig / augment             batched geometric + colour jitter on the batch's device; sample i's parameters
                                     depend only on (seed, epoch, key_i, view), so a resumed run repeats them exactly
     ResumableSampler / make_loader  epoch order from (seed, epoch), resumable mid-epoch, split across DDP ranks
+    IdentitySampler                 P identities x K images per batch (for SupCon), as resumable and rank-split
 
 CLI:
     python data.py check data/train_teacher.npy       # names the bad samples (and their source images)
@@ -442,6 +443,72 @@ class ResumableSampler(Sampler[int]):
         else:
             order = torch.arange(self.n)
         return iter(order[self.start + self.rank:self.n_used:self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return (self.n_used - self.start) // self.world_size
+
+
+class IdentitySampler(Sampler[int]):
+    """P identities x K images per batch (re-identification's batch, deep-person-reid's RandomIdentitySampler), for
+    SupCon: every image of a batch has K - 1 positives.
+
+    labels: (N,) int64 identity of each dataset sample (UNLABELLED rows are never drawn). An epoch visits every
+    identity once, in the order torch.randperm from a generator seeded by (seed, epoch), and takes K of its images:
+    drawn without replacement from a generator seeded by (seed, epoch, identity); an identity with fewer than K images
+    is drawn WITH replacement (its images repeat within its group; their augmentations then repeat too). The epoch is
+    the groups in that order, n_used = (identities * K) // global_batch * global_batch positions (the incomplete
+    last global batch dropped): with more than K images per identity, an epoch sees K of each identity's images.
+
+    Global batch s is positions [s * G, (s + 1) * G), G = batch_size * world_size * accum_steps; rank r yields its
+    contiguous share [s * G + r * batch_size * accum_steps, ...), so each of its micro-batches holds batch_size / K
+    whole identities, and the union over ranks is the same global batch whatever the number of processes. After
+    set_epoch(epoch, start) iteration begins at global position `start`, a multiple of G (samples of this epoch
+    already consumed over all ranks). len() is what this rank yields.
+    """
+
+    def __init__(self, labels: np.ndarray, images_per_identity: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, accum_steps: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        k = images_per_identity
+        if k < 2 or batch_size % k:
+            raise ValueError(f"batch size {batch_size} per process: expected a multiple of the images per identity "
+                             f"K={k} >= 2 (each micro-batch holds whole identities)")
+        labels = np.asarray(labels)
+        ids = np.unique(labels[labels != UNLABELLED])  # (I,) sorted
+        self.members = [np.flatnonzero(labels == i) for i in ids]  # dataset indices of each identity
+        self.ids, self.k, self.seed, self.rank, self.world_size = ids, k, seed, rank, world_size
+        self.share = batch_size * accum_steps  # positions per rank per optimizer step
+        self.global_batch = self.share * world_size
+        self.n_used = len(ids) * k // self.global_batch * self.global_batch
+        if self.n_used == 0:
+            raise ValueError(f"{len(ids)} labelled identities x K={k} images is less than one global batch of "
+                             f"{self.global_batch} ({batch_size} x {world_size} processes x {accum_steps} accum steps)")
+        self.n_short = sum(len(m) < k for m in self.members)  # identities drawn with replacement
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.n_used or start % self.global_batch:
+            raise ValueError(f"start must be a multiple of the global batch {self.global_batch} in "
+                             f"[0, {self.n_used}], got {start}")
+        self.epoch, self.start = epoch, start
+
+    def epoch_order(self) -> torch.Tensor:
+        """The epoch's n_used dataset indices, global batch after global batch (every rank's share) -> (n_used,)."""
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0x1D))
+        groups = []
+        for i in torch.randperm(len(self.ids), generator=g).tolist():
+            members = torch.from_numpy(self.members[i])
+            gi = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0x1D, int(self.ids[i])))
+            pick = (torch.randperm(len(members), generator=gi)[:self.k] if len(members) >= self.k else
+                    torch.randint(len(members), (self.k,), generator=gi))
+            groups.append(members[pick])
+        return torch.cat(groups)[:self.n_used]
+
+    def __iter__(self):
+        order = self.epoch_order().view(-1, self.world_size, self.share)  # (steps, ranks, share)
+        first = self.start // self.global_batch
+        return iter(order[first:, self.rank].flatten().tolist())
 
     def __len__(self) -> int:
         return (self.n_used - self.start) // self.world_size

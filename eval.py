@@ -12,10 +12,13 @@ so two runs give the same numbers. Outputs are written only once the evaluation 
 dropped up to the --max-invalid the run was trained with.
 
 --identity adds identification (rank-1, rank-5, leave-one-out) and verification (EER, ROC AUC) from the cosine
-similarity of mu (recognition.py), with the identity labels of the CSV beside the data file (data.read_identities:
-X_index.csv column subject, or X_factors.csv column identity), and OUT/retrieval.png (queries and their top-5
-matches); it says how many of those identities also have images in the run's training file (a split by image, not
-by subject). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
+similarity of the identity embedding model.embed(x) (recognition.py; mu itself unless the model has an embedding
+head, then mu's figures are reported too, as "identity_mu"), with the identity labels of the CSV beside the data
+file (data.read_identities: X_index.csv column subject, or X_factors.csv column identity), and OUT/retrieval.png
+(queries and their top-5 matches); it says how many of those identities also have images in the run's training file
+(a split by image, not by subject). Beside the teacher's figures it computes the same metrics for the trivial
+baseline, the raw pixels of the same images centred on their mean image (metrics.json "identity_pixels", the console
+and the model card). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
 model.export_model(CKPT, DIR) with these metrics in its model card.
 """
 from __future__ import annotations
@@ -61,8 +64,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="also save mu (N, latent_dim) float32 here and the kept samples' indices to FILE_index.npy")
     p.add_argument("--identity", action="store_true",
                    help="also identification (rank-1, rank-5) and verification (EER, ROC AUC) from the cosine "
-                        "similarity of mu, with the identity labels beside the data file (X_teacher.npy -> "
-                        "X_index.csv column subject, or X_factors.csv column identity), and retrieval.png")
+                        "similarity of the identity embedding (model.embed), beside the centred raw pixels, with the "
+                        "identity labels beside the data file (X_teacher.npy -> X_index.csv column subject, or "
+                        "X_factors.csv column identity), and retrieval.png")
     p.add_argument("--lpips", action="store_true",
                    help="also the LPIPS distance (VGG, v0.1, lower is better) of each reconstruction to its input")
     p.add_argument("--vgg-weights", default=None, metavar="PATH",
@@ -84,9 +88,9 @@ def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: to
                       lpips: LPIPS | None = None) -> dict[str, np.ndarray]:
     """Reconstruct every kept image from its mu, the model under autocast(device, dtype), the metrics in float32.
     -> {"index": (N,) int64 original indices, "psnr", "ssim", "mae", "mse", "kl" (and "lpips" when an LPIPS
-    module on `device` is given): (N,) float64 per image, "mu": (N, latent_dim) float32}; row i is the dataset's
-    sample i."""
-    out: dict[str, list] = {k: [] for k in ("index", "psnr", "ssim", "mae", "mse", "kl", "mu")}
+    module on `device` is given): (N,) float64 per image, "mu": (N, latent_dim) float32, "embedding": (N, E) float32
+    the identity embedding model.embedding(mu)}; row i is the dataset's sample i."""
+    out: dict[str, list] = {k: [] for k in ("index", "psnr", "ssim", "mae", "mse", "kl", "mu", "embedding")}
     if lpips is not None:
         out["lpips"] = []
     for x, index in batches(ds, batch_size, device, workers, desc=f"evaluate {ds.path.name}"):
@@ -97,14 +101,24 @@ def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: to
         diff = recon - x
         per_image = {"psnr": psnr(recon, x), "ssim": ssim(recon, x), "mae": diff.abs().mean(dim=(1, 2, 3)),
                      "mse": diff.square().mean(dim=(1, 2, 3)), "kl": kl_divergence(mu, logvar, reduction="none"),
-                     "mu": mu}
+                     "mu": mu, "embedding": model.embedding(mu)}
         if lpips is not None:
             per_image["lpips"] = lpips(recon, x)  # (B,) float32, computed outside autocast
         for k, v in per_image.items():
             out[k].append(v.cpu())
         out["index"].append(index)
     res = {k: torch.cat(v).numpy() for k, v in out.items()}
-    return {k: v if k in ("index", "mu") else v.astype(np.float64) for k, v in res.items()}
+    return {k: v if k in ("index", "mu", "embedding") else v.astype(np.float64) for k, v in res.items()}
+
+
+def pixel_embeddings(ds: EarDataset, chunk: int = 256) -> np.ndarray:
+    """The trivial identity baseline: every kept image of `ds` as its raw pixels in [0, 1], flattened and centred on
+    the mean image of the set -> (N, 3 * H * W) float32, row i the dataset's sample i. Cosine similarity of these
+    rows is what a latent must beat to claim it knows more about identity than the pixels (issue 17)."""
+    rows = [to_float(torch.stack([ds[i][0] for i in range(s, min(s + chunk, len(ds)))])).flatten(1).numpy()
+            for s in range(0, len(ds), chunk)]  # each (c, 3 * H * W)
+    pixels = np.concatenate(rows)  # (N, 3 * H * W)
+    return pixels - pixels.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def summarize(per_image: dict[str, np.ndarray]) -> dict:
@@ -182,8 +196,8 @@ def reconstruction_figure(model: EarVAE, ds: EarDataset, per_image: dict[str, np
 
 def retrieval(mu: np.ndarray, labels: np.ndarray, ranks: np.ndarray, n: int = 6, k: int = 5,
               seed: int = FIGURE_SEED) -> dict[str, np.ndarray]:
-    """Top-k retrieval by cosine similarity of mu for n queries drawn (seeded) among the probes (ranks > 0: labelled,
-    with another image of their identity). The gallery is every other labelled image. mu (N, D), labels (N,),
+    """Top-k retrieval by cosine similarity of the embeddings `mu` for n queries drawn (seeded) among the probes
+    (ranks > 0: labelled, with another image of their identity). The gallery is every other labelled image. mu (N, D), labels (N,),
     ranks (N,) as probe_ranks -> {"query": (q,) rows, "match": (q, k) rows best first, "similarity": (q, k),
     "correct": (q, k) bool (same identity)}; rows index mu."""
     probes, gallery = np.flatnonzero(ranks > 0), np.flatnonzero(labels != UNLABELLED)
@@ -222,7 +236,8 @@ def retrieval_figure(ds: EarDataset, per_image: dict[str, np.ndarray], found: di
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(4)
-    fig.suptitle(f"top-{k} matches by cosine similarity of mu (green: same identity)", fontsize=10)
+    fig.suptitle(f"top-{k} matches by cosine similarity of the identity embedding (green: same identity)",
+                 fontsize=10)
     return fig
 
 
@@ -248,9 +263,17 @@ def report(metrics: dict) -> str:
             f"({m['n_unlabelled']} unlabelled: left out); {m['n_probes']} probes ({m['n_single']} alone in their "
             f"identity: not probes)",
             f"  rank-1 {m['rank1']:.3f} (chance {m['chance_rank1']:.3f})   rank-5 {m['rank5']:.3f} "
-            f"(chance {m['chance_rank5']:.3f})   leave-one-out, cosine similarity of mu",
+            f"(chance {m['chance_rank5']:.3f})   leave-one-out, cosine similarity of the identity embedding",
             f"  verification EER {m['eer']:.3f}   ROC AUC {m['roc_auc']:.3f}   ({m['n_genuine_pairs']} genuine, "
-            f"{m['n_impostor_pairs']} impostor pairs)",
+            f"{m['n_impostor_pairs']} impostor pairs)"]
+        if "identity_mu" in metrics:
+            u = metrics["identity_mu"]
+            lines.append(f"  mu (the embedding head's input): rank-1 {u['rank1']:.3f}   rank-5 {u['rank5']:.3f}   "
+                         f"EER {u['eer']:.3f}   ROC AUC {u['roc_auc']:.3f}")
+        b = metrics["identity_pixels"]
+        lines += [
+            f"  baseline, centred raw pixels of the same images: rank-1 {b['rank1']:.3f}   rank-5 {b['rank5']:.3f}   "
+            f"EER {b['eer']:.3f}   ROC AUC {b['roc_auc']:.3f}",
             f"  {'warning: ' if metrics['train_overlap']['shared'] else ''}{metrics['train_overlap']['note']}"]
     return "\n".join(lines)
 
@@ -264,10 +287,18 @@ def card_metrics(metrics: dict) -> dict[str, float | int | str]:
         card["LPIPS (VGG v0.1, mean)"] = metrics["lpips"]
     if "identity" in metrics:
         m = metrics["identity"]
-        card.update({"rank-1 (cosine of mu, leave-one-out)": m["rank1"], "rank-1 chance": m["chance_rank1"],
+        card.update({"rank-1 (cosine of model.embed, leave-one-out)": m["rank1"], "rank-1 chance": m["chance_rank1"],
                      "rank-5": m["rank5"], "rank-5 chance": m["chance_rank5"], "verification EER": m["eer"],
                      "verification ROC AUC": m["roc_auc"], "identities": m["n_identities"], "probes": m["n_probes"],
                      "identities also in training": metrics["train_overlap"]["card"]})
+        if "identity_mu" in metrics:
+            u = metrics["identity_mu"]
+            card.update({"rank-1 of mu (the embedding head's input)": u["rank1"],
+                         "verification EER of mu (the embedding head's input)": u["eer"]})
+        b = metrics["identity_pixels"]
+        card.update({"rank-1, baseline: centred raw pixels": b["rank1"], "rank-5, baseline: centred raw pixels":
+                     b["rank5"], "verification EER, baseline: centred raw pixels": b["eer"],
+                     "verification ROC AUC, baseline: centred raw pixels": b["roc_auc"]})
     return card
 
 
@@ -336,13 +367,16 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {"reconstructions.png": reconstruction_figure(model, ds, per_image, device, dtype)}
     if labels is not None:
         try:
-            metrics["identity"] = recognition_metrics(per_image["mu"], labels)
-            per_image["rank"] = probe_ranks(per_image["mu"], labels)
+            metrics["identity"] = recognition_metrics(per_image["embedding"], labels)
+            per_image["rank"] = probe_ranks(per_image["embedding"], labels)
+            if model.embed_head is not None:  # the head's input may be the better feature (SimCLR): both reported
+                metrics["identity_mu"] = recognition_metrics(per_image["mu"], labels)
+            metrics["identity_pixels"] = recognition_metrics(pixel_embeddings(ds), labels)
         except ValueError as e:  # labels with nothing to identify, or embeddings without a cosine similarity
             raise DataError(f"{data_path}: --identity: {e}") from e
         metrics["train_overlap"] = training_overlap(info["train"], data_path)
         per_image["identity"] = labels
-        found = retrieval(per_image["mu"], labels, per_image["rank"])
+        found = retrieval(per_image["embedding"], labels, per_image["rank"])
         figures["retrieval.png"] = retrieval_figure(ds, per_image, found)
 
     out = Path(args.out)

@@ -37,9 +37,9 @@ class LossConfig:
     perceptual: float = 1.5  # VGG16 feature L1
     ssim: float = 0.6  # 1 - SSIM
     edge: float = 0.3  # L1 between Sobel gradients
-    contrastive: float = 0.1  # NT-Xent between the mu of two augmented views
+    contrastive: float = 0.1  # SupCon on identity labels, or NT-Xent between two augmented views without them
     center_weight: float = 3.0  # pixel-loss weight at the image centre relative to the corners
-    temperature: float = 0.1  # NT-Xent temperature
+    temperature: float = 0.1  # SupCon / NT-Xent temperature
     vgg_weights: str = "imagenet"  # "imagenet" (torchvision) or a path to a local VGG16 state dict
 
 
@@ -79,11 +79,17 @@ class VAELoss(nn.Module):
         self.perceptual_loss = PerceptualLoss(vgg_weights) if perceptual > 0 else None
 
     def forward(
-        self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, views: int = 1
+        self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, views: int = 1,
+        labels: Tensor | None = None, embedding: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """recon, target: (N, 3, H, W) in [0, 1]; mu, logvar: (N, D). With views=2 the batch holds two augmented
-        views of the same B = N / 2 images stacked as [view 0; view 1], and the contrastive term pairs
-        mu[:B] with mu[B:]; with views=1 the contrastive term is skipped. Every other term uses all N images.
+        """recon, target: (N, 3, H, W) in [0, 1]; mu, logvar: (N, D). The contrastive term (weight > 0) acts on
+        `embedding` (N, E) when given (the model's identity embedding, EarVAE.embed), else on mu:
+        - labels (N,) int64 given: SupCon (supcon) with the images of the same identity as positives (-1: unlabelled,
+          a negative only); any number of views, the labels covering every row;
+        - no labels, views=2: the batch holds two augmented views of the same B = N / 2 images stacked as
+          [view 0; view 1], and NT-Xent (nt_xent) pairs rows i and B + i;
+        - no labels, views=1: the term is skipped.
+        Every other term uses all N images.
 
         Returns (total, logs): total is the 0-dim weighted sum; logs maps 'loss' and each computed term to its
         detached, unweighted 0-dim float32 value.
@@ -92,6 +98,8 @@ class VAELoss(nn.Module):
         if recon.shape != target.shape or recon.shape[-2:] != size:
             raise ValueError(f"recon {tuple(recon.shape)} and target {tuple(target.shape)}: expected equal shapes "
                              f"(B, 3, {self.image_size}, {self.image_size}) (image_size={self.image_size})")
+        if views not in (1, 2):
+            raise ValueError(f"views={views}: expected 1 or 2")
         recon, target = recon.float(), target.float()  # (B, 3, H, W)
         w = self.weights
         terms: dict[str, Tensor] = {}
@@ -105,12 +113,14 @@ class VAELoss(nn.Module):
             terms["ssim"] = 1.0 - ssim(recon, target).mean()
         if w["edge"] > 0:
             terms["edge"] = (sobel(recon) - sobel(target)).abs().mean()
-        if w["contrastive"] > 0 and views == 2:
-            terms["contrastive"] = info_nce(*mu.chunk(2), self.temperature)
-        elif views != 1:
-            raise ValueError(f"views={views}: expected 1, or 2 with a contrastive weight > 0")
+        z = mu if embedding is None else embedding  # (N, D) or (N, E)
+        if w["contrastive"] > 0 and labels is not None:
+            terms["contrastive"] = supcon(z, labels, self.temperature)
+        elif w["contrastive"] > 0 and views == 2:
+            terms["contrastive"] = nt_xent(*z.chunk(2), self.temperature)
         if not terms:
-            raise ValueError("no loss term to compute: contrastive is the only weight > 0 but views == 1")
+            raise ValueError("no loss term to compute: contrastive is the only weight > 0 but there are neither labels "
+                             "nor two views")
         total = sum(w[name] * value for name, value in terms.items())
         logs = {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
         return total, logs
@@ -310,19 +320,47 @@ def sobel(x: Tensor) -> Tensor:
         return F.conv2d(F.pad(x.float(), (1, 1, 1, 1), mode="replicate"), k, groups=C)
 
 
-def info_nce(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
-    """NT-Xent (SimCLR) loss between two views, cosine similarity, float32. Each of the 2B embeddings has its other
-    view as the positive and the remaining 2B - 2 as negatives; symmetric in (z1, z2). For B == 1 there are no
-    negatives and the loss is exactly 0 (still attached to the graph). z1, z2: (B, D) -> 0-dim."""
+def supcon(z: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """Supervised contrastive loss (SupCon, Khosla et al. 2020, eq. 2: L^sup_out), cosine similarity, float32; the
+    positives mask of HobbitLong/SupContrast's SupConLoss (contrast_mode "all": every row is an anchor).
+
+    z: (N, D) embeddings (L2-normalised here); labels: (N,) int64. Row p is a positive of anchor i when p != i and
+    labels[p] == labels[i] >= 0; every other row a != i is in the denominator. UNLABELLED rows (label -1) are
+    positives of no row (not even of each other) and serve as negatives only. Per anchor with P(i) positives:
+
+        l_i = -1 / |P(i)| * sum_{p in P(i)} log( exp(s_ip / t) / sum_{a != i} exp(s_ia / t) ),  s = cosine
+
+    and the loss is the mean of l_i over the anchors that have at least one positive. Anchors without a positive (an
+    identity alone in the batch, unlabelled rows) are left out explicitly: SupContrast divides by their zero count of
+    positives (NaN; later versions clamp the count to 1, which adds 0). With no positive pair in the whole batch the
+    loss is exactly 0, still attached to the graph. With labels = [0..B-1, 0..B-1] for two views of B images (each
+    image's only positive is its other view) this is NT-Xent (nt_xent). -> 0-dim float32.
+    """
+    if z.dim() != 2 or labels.shape != (z.shape[0],):
+        raise ValueError(f"supcon inputs {tuple(z.shape)}, labels {tuple(labels.shape)}: expected (N, D) and (N,)")
+    n = z.shape[0]
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z.float(), dim=1)  # (N, D)
+        labels = labels.to(z.device)
+        self_mask = torch.eye(n, dtype=torch.bool, device=z.device)  # (N, N)
+        positive = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0) & ~self_mask  # (N, N)
+        logits = (z @ z.t() / temperature).masked_fill(self_mask, float("-inf"))  # (N, N), no self-contrast
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (N, N), -inf on the diagonal
+        n_pos = positive.sum(dim=1)  # (N,)
+        anchors = n_pos > 0  # (N,) anchors with at least one positive
+        per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(dim=1)[anchors] / n_pos[anchors]  # (A,)
+        return per_anchor.mean() if anchors.any() else 0.0 * z.sum()
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """NT-Xent (SimCLR, Chen et al. 2020) between two views, for training without identity labels: supcon with each
+    image's other view as its only positive and the remaining 2B - 2 rows as negatives; symmetric in (z1, z2). For
+    B == 1 there are no negatives and the loss is exactly 0 (still attached to the graph). z1, z2: (B, D) -> 0-dim
+    float32."""
     if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"info_nce inputs {tuple(z1.shape)}, {tuple(z2.shape)}: expected equal (B, D)")
-    B = z1.shape[0]
-    with torch.autocast(z1.device.type, enabled=False):
-        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, D)
-        sim = z @ z.t() / temperature  # (2B, 2B)
-        sim = sim.masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float("-inf"))
-        positives = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(z.device)  # (2B,)
-        return F.cross_entropy(sim, positives)
+        raise ValueError(f"nt_xent inputs {tuple(z1.shape)}, {tuple(z2.shape)}: expected equal (B, D)")
+    image = torch.arange(z1.shape[0], device=z1.device)  # (B,)
+    return supcon(torch.cat([z1, z2]), torch.cat([image, image]), temperature)
 
 
 class LPIPS(nn.Module):

@@ -47,6 +47,8 @@ class VAEConfig:
     fuse_channels: int = 256                  # channels of the fused pyramid in the VAE head
     head_pool: int = 8                        # fused map is pooled to head_pool x head_pool before the linear to mu/logvar
     latent_dim: int = 1024
+    embed_dim: int = 0                        # identity embedding (EarVAE.embed): 0 = mu itself, L2-normalised;
+                                              # E > 0: an MLP head mu -> E (SimCLR's projection head), L2-normalised
     decoder_channels: tuple[int, ...] = (512, 256, 128, 64, 32)  # per stage, 8x8 -> 16 -> 32 -> 64 -> 128
     image_size: int = 128                     # ear crop side, input and output
     attn_implementation: str = "sdpa"         # "sdpa" (fused kernels), "eager" (the original's) or "flex" (SAM only:
@@ -172,30 +174,46 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         self.encoder = encoder
         self.head = VAEHead(encoder.feature_channels, cfg.fuse_channels, cfg.head_pool, cfg.latent_dim)
         self.decoder = Decoder(cfg.latent_dim, cfg.decoder_channels, cfg.image_size)
+        d, e = cfg.latent_dim, cfg.embed_dim
+        self.embed_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, e)) if e > 0 else None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, 3, 128, 128) in [0, 1] -> mu, logvar (B, latent_dim)."""
         return self.head(self.encoder.features(x))
+
+    def embedding(self, mu: torch.Tensor) -> torch.Tensor:
+        """mu (B, latent_dim) -> the identity embedding (B, E), unit L2 norm: mu itself (E = latent_dim) or the
+        head's output (E = cfg.embed_dim). Its cosine similarity is what the contrastive term trains and what
+        recognition (eval.py --identity) compares."""
+        return F.normalize((mu if self.embed_head is None else self.embed_head(mu)).float(), dim=1)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, 128, 128) in [0, 1] -> the identity embedding (B, E), unit L2 norm, float32 (see `embedding`).
+        The module's mode is the caller's: call it on a model in eval mode (load_model returns one)."""
+        return self.embedding(self.encode(x)[0])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, latent_dim) -> (B, 3, 128, 128) in [0, 1]."""
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x (B, 3, 128, 128) -> {"recon": (B, 3, 128, 128), "mu", "logvar", "z": (B, latent_dim)}. In training
-        z = mu + sigma * eps, with eps (B, latent_dim) given (train.py keys it by sample) or drawn here."""
+        """x (B, 3, 128, 128) -> {"recon": (B, 3, 128, 128), "mu", "logvar", "z": (B, latent_dim), "embedding":
+        (B, E) the identity embedding of mu}. In training z = mu + sigma * eps, with eps (B, latent_dim) given
+        (train.py keys it by sample) or drawn here."""
         mu, logvar = self.encode(x)
         if self.training:
             eps = torch.randn_like(mu) if eps is None else eps.to(mu)
             z = mu + eps * torch.exp(0.5 * logvar)
         else:
             z = mu
-        return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
+        return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z, "embedding": self.embedding(mu)}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters: {"encoder": the trainable ViT blocks + neck, "vae": head + decoder}."""
+        """Trainable parameters: {"encoder": the trainable ViT blocks + neck, "vae": head + decoder (+ embedding
+        head)}."""
         return {"encoder": [p for p in self.encoder.parameters() if p.requires_grad],
-                "vae": [p for m in (self.head, self.decoder) for p in m.parameters()]}
+                "vae": [p for m in (self.head, self.decoder, self.embed_head) if m is not None for p in m.parameters()]}
 
 
 

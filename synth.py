@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cli import positive_int, safe_console, seed_int
+from cli import non_negative_int, positive_int, safe_console, seed_int
 from data import IMAGE_SIZE, DataError, refuse_dataset, write_dataset
 from files import Writer, check_output_dir, save_npy
 
@@ -119,19 +119,21 @@ def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: 
     write_dataset(out_dir, files)
 
 
-def write_synthetic_identities(out_dir: str | os.PathLike, k: int, views: int, seed: int) -> None:
+def write_synthetic_identities(out_dir: str | os.PathLike, k: int, views: int, seed: int,
+                               first_id: int = 0) -> None:
     """Write out_dir/{train,val}_teacher.npy (uint8 (k*views, 128, 128, 3)) and {train,val}_factors.csv (header
     FACTORS + `identity`), all four or none (data.write_dataset). Train is render_identities(k, views, seed) with
-    identities 0..k-1; val holds k other identities, from a different random stream of the seed, numbered k..2k-1
-    (no id in both splits)."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    identities first_id..first_id+k-1; val holds k other identities, from a different random stream of the seed,
+    numbered first_id+k..first_id+2k-1 (no id in both splits). Sets rendered with other seeds are other identities:
+    give them disjoint numbers (first_id) so that eval.py does not count them as seen in training."""
+    if k < 1 or first_id < 0:
+        raise ValueError(f"k must be >= 1 and first_id >= 0, got {k}, {first_id}")
     out_dir = Path(out_dir)
     files = {}
-    for split, entropy, first_id in (("train", seed, 0), ("val", [seed, 1], k)):
+    for split, entropy, first in (("train", seed, first_id), ("val", [seed, 1], first_id + k)):
         images, factors, identities = render_identities(k, views, entropy, IMAGE_SIZE)
         files[out_dir / f"{split}_teacher.npy"] = save_npy(images)
-        files[out_dir / f"{split}_factors.csv"] = _save_factors(factors, identities + first_id)
+        files[out_dir / f"{split}_factors.csv"] = _save_factors(factors, identities + first)
     write_dataset(out_dir, files)
 
 
@@ -324,6 +326,9 @@ def get_parser() -> argparse.ArgumentParser:
                    "seen --views times: the anatomy factors fixed per identity, the nuisance factors drawn per view")
     p.add_argument("--views", type=positive_int, default=argparse.SUPPRESS, metavar="V",
                    help=f"images per identity (default: {VIEWS}; only with --identities)")
+    p.add_argument("--first-identity", type=non_negative_int, default=argparse.SUPPRESS, metavar="N",
+                   help="number of the first identity (train N..N+K-1, val N+K..N+2K-1; default 0; only with "
+                   "--identities): sets rendered with another seed are other identities, give them other numbers")
     p.add_argument("--seed", type=seed_int, default=0, help="random seed (train and val use separate streams)")
     p.add_argument("--force", action="store_true", help="replace the dataset already in --out (all its files: .npy, "
                    "factors, index and skipped CSVs)")
@@ -336,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     given = vars(args)
     if args.identities is not None and ("n_train" in given or "n_val" in given):
         p.error("--n-train/--n-val: not with --identities (it renders K x --views images per split)")
-    if args.identities is None and "views" in given:
-        p.error("--views: only with --identities")
+    if args.identities is None and ("views" in given or "first_identity" in given):
+        p.error("--views, --first-identity: only with --identities")
     out = Path(args.out)
     try:
         check_output_dir(out)
@@ -352,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             what = f"{n_train:,} train + {n_val:,} val synthetic ears"
         else:
             views = given.get("views", VIEWS)
-            write_synthetic_identities(out, args.identities, views, args.seed)
+            write_synthetic_identities(out, args.identities, views, args.seed, given.get("first_identity", 0))
             n_train = n_val = args.identities * views
             what = (f"{n_train:,} train + {n_val:,} val synthetic ears ({args.identities:,} identities per split x "
                     f"{views:,} views)")

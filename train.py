@@ -28,14 +28,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from cli import (float_range, fraction, non_negative, non_negative_int, positive, positive_int, progress,
+from cli import (float_range, fraction, int_range, non_negative, non_negative_int, positive, positive_int, progress,
                  safe_console, seed_int)
-from data import AugConfig, DataError, EarDataset, ResumableSampler, augment, make_loader, sample_seed, to_float
+from data import (UNLABELLED, AugConfig, DataError, EarDataset, IdentitySampler, ResumableSampler, augment,
+                  identity_files, make_loader, read_identities, sample_seed, to_float)
 from files import atomic_write, check_output_dir, save_figure, save_json
 from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
 from losses import LossConfig, VAELoss, psnr, ssim
@@ -49,6 +51,7 @@ DEFAULT_WEIGHTS = {"sam": sam_config().weights, "dinov2": dinov2_config().weight
 RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir",
                     "device", "batch_size", "accum_steps", "compile", "grad_checkpointing"}
 SANE_GROWTH = 1000.0  # a weight tensor whose max |value| passes this x max(its initial one, 1) has diverged
+CONTRASTIVE_MODES = ("auto", "supcon", "nt-xent")
 STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installed under __main__
 LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
               "psnr", "ssim_metric", "grad_norm", "skipped", "img_per_s", "time"]
@@ -83,6 +86,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-blocks", type=non_negative_int, default=None, help=f"frozen first blocks (default: "
                    f"{sam.freeze_blocks}, tiny {tiny.freeze_blocks})")
     g.add_argument("--latent-dim", type=positive_int, default=VAEConfig.latent_dim, help="latent size")
+    g.add_argument("--embed-dim", type=non_negative_int, default=VAEConfig.embed_dim, help="identity embedding that "
+                   "the contrastive term trains: 0 = mu itself (L2-normalised), E > 0 = an MLP head mu -> E")
     g.add_argument("--attn", choices=["sdpa", "eager", "flex"], default="sdpa", help="attention implementation "
                    "(flex: SAM's relative-position bias inside a FlexAttention kernel; CUDA only, see BENCHMARKS.md)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
@@ -93,11 +98,18 @@ def get_parser() -> argparse.ArgumentParser:
                    "VGG needed)")
     g.add_argument("--ssim-weight", type=non_negative, default=loss.ssim, help="1 - SSIM")
     g.add_argument("--edge-weight", type=non_negative, default=loss.edge, help="L1 of Sobel gradients")
-    g.add_argument("--contrastive-weight", type=non_negative, default=loss.contrastive, help="InfoNCE between two "
-                   "augmented views")
+    g.add_argument("--contrastive-weight", type=non_negative, default=loss.contrastive, help="the contrastive term "
+                   "(--contrastive); 0: off")
+    g.add_argument("--contrastive", choices=CONTRASTIVE_MODES, default="auto", help="supcon: SupCon on the identity "
+                   "labels beside the training file (X_index.csv subject or X_factors.csv identity), batches of "
+                   "--images-per-identity images per identity, one augmented view each; nt-xent: NT-Xent between two "
+                   "augmented views of each image (no labels needed); auto: supcon where the training file has "
+                   "labels, else nt-xent")
+    g.add_argument("--images-per-identity", type=int_range(2), default=4, help="K of the P x K batches of supcon: "
+                   "each batch holds batch-size / K identities (--batch-size must be a multiple of K)")
     g.add_argument("--center-weight", type=positive, default=loss.center_weight, help="pixel-loss weight at the crop "
                    "centre (border 1)")
-    g.add_argument("--temperature", type=positive, default=loss.temperature, help="InfoNCE temperature")
+    g.add_argument("--temperature", type=positive, default=loss.temperature, help="SupCon / NT-Xent temperature")
     g.add_argument("--vgg-weights", default=loss.vgg_weights, help="'imagenet' (torchvision) or a local VGG16 state "
                    "dict")
     g = p.add_argument_group("optimisation")
@@ -140,7 +152,8 @@ def model_config(args):
                                       "or --weights DIR of a tiny backbone")
     make = tiny_config if args.tiny else (sam_config if args.encoder == "sam" else dinov2_config)
     kw = dict(weights=args.weights or DEFAULT_WEIGHTS[args.encoder], pretrained=not args.no_pretrained,
-              latent_dim=args.latent_dim, attn_implementation=args.attn, grad_checkpointing=args.grad_checkpointing)
+              latent_dim=args.latent_dim, embed_dim=args.embed_dim, attn_implementation=args.attn,
+              grad_checkpointing=args.grad_checkpointing)
     if args.input_size is not None:
         kw["input_size"] = args.input_size
     if args.freeze_blocks is not None:
@@ -153,6 +166,42 @@ def loss_config(args: argparse.Namespace) -> LossConfig:
     return LossConfig(kl=args.kl_weight, perceptual=args.perceptual_weight, ssim=args.ssim_weight,
                       edge=args.edge_weight, contrastive=args.contrastive_weight, center_weight=args.center_weight,
                       temperature=args.temperature, vgg_weights=args.vgg_weights)
+
+
+def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset) -> tuple[str, np.ndarray | None]:
+    """The run's contrastive term -> ("off" | "supcon" | "nt-xent", the training file's identity labels (supcon) or
+    None). --contrastive auto picks supcon when the file has labels (data.read_identities) with at least one
+    identity of 2 images, else nt-xent; --contrastive supcon without such labels is a DataError naming the files
+    looked for; an embedding head (--embed-dim) without the term is a ConfigError."""
+    if args.contrastive_weight == 0:
+        if args.embed_dim > 0:  # its parameters would get no gradient (and DDP stops on unused parameters)
+            raise ConfigError(f"--embed-dim {args.embed_dim}: an embedding head needs the contrastive term that "
+                              f"trains it (--contrastive-weight > 0)")
+        return "off", None
+    if args.contrastive == "nt-xent":
+        return "nt-xent", None
+    labels = read_identities(train_ds.path, train_ds)
+    usable = labels is not None and (np.bincount(labels[labels != UNLABELLED]) >= 2).any()
+    if usable:
+        return "supcon", labels
+    if args.contrastive == "supcon":
+        looked = " or ".join(f"{p} (column {c})" for p, c in identity_files(train_ds.path))
+        what = "found no " + looked if labels is None else f"no identity of {looked} has 2 images"
+        raise DataError(f"{train_ds.path}: --contrastive supcon needs identity labels; {what}")
+    return "nt-xent", None
+
+
+def contrastive_summary(mode: str, args: argparse.Namespace, sampler) -> str:
+    """One log line on the contrastive term of the run."""
+    if mode == "off":
+        return "off (--contrastive-weight 0)"
+    if mode == "nt-xent":
+        return (f"NT-Xent between two augmented views, weight {args.contrastive_weight:g}, temperature "
+                f"{args.temperature:g}")
+    short = f"; {sampler.n_short:,} with fewer than K images drawn with replacement" if sampler.n_short else ""
+    return (f"SupCon on identity labels, weight {args.contrastive_weight:g}, temperature {args.temperature:g}; "
+            f"batches of {args.batch_size // args.images_per_identity} identities x K={args.images_per_identity} "
+            f"images per process, {len(sampler.ids):,} identities{short}")
 
 
 def keyed_normal(keys: torch.Tensor, seed: int, epoch: int, view: int, dim: int) -> torch.Tensor:
@@ -447,19 +496,31 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     train_ds = EarDataset(args.train_npy or data_dir / "train_teacher.npy", max_invalid=args.max_invalid)
     val_ds = EarDataset(args.val_npy or data_dir / "val_teacher.npy", max_invalid=args.max_invalid)
     global_batch = args.batch_size * world * args.accum_steps  # images per optimizer step over all processes
-    steps_per_epoch = len(train_ds) // global_batch
+    mode, train_labels = contrastive_mode(args, train_ds)
+    if mode == "supcon":  # P x K batches of labelled images; label_of_key: identity by original index in the file
+        try:
+            sampler = IdentitySampler(train_labels, args.images_per_identity, args.batch_size, args.seed, rank, world,
+                                      args.accum_steps)
+        except ValueError as e:
+            raise DataError(f"{train_ds.path}: --contrastive supcon: {e}") from e
+        label_of_key = torch.full((train_ds.n_total,), UNLABELLED, dtype=torch.int64)
+        label_of_key[torch.from_numpy(train_ds.keep)] = torch.from_numpy(train_labels)
+        steps_per_epoch = sampler.n_used // global_batch
+    else:
+        steps_per_epoch = len(train_ds) // global_batch
+        if steps_per_epoch == 0:
+            raise DataError(f"{train_ds.path}: {len(train_ds)} usable samples, fewer than one optimizer step of "
+                            f"{global_batch} (batch size x processes x accum steps)")
+        sampler = ResumableSampler(len(train_ds), args.batch_size, args.seed, shuffle=True, rank=rank,
+                                   world_size=world)
     epoch_len = steps_per_epoch * global_batch  # samples of an epoch that are used (the remainder is dropped)
-    if steps_per_epoch == 0:
-        raise DataError(f"{train_ds.path}: {len(train_ds)} usable samples, fewer than one optimizer step of "
-                        f"{global_batch} (batch size x processes x accum steps)")
     total_steps = args.epochs * steps_per_epoch
-    sampler = ResumableSampler(len(train_ds), args.batch_size, args.seed, shuffle=True, rank=rank, world_size=world)
     val_sampler = ResumableSampler(len(val_ds), 1, args.seed, shuffle=False)
     pin = device.type == "cuda"
     train_loader = make_loader(train_ds, args.batch_size, sampler, args.workers, pin)
     val_loader = make_loader(val_ds, args.batch_size, val_sampler, args.workers, pin)
     aug = AugConfig(hflip=args.hflip) if not args.no_augment else None
-    views = 2 if args.contrastive_weight > 0 else 1
+    views = 2 if mode == "nt-xent" else 1  # supcon: one augmented view per image, its positives are other images
 
     # -- model, loss, optimizer (initialisation from the seed; under DDP rank 0's weights are broadcast)
     torch.manual_seed(args.seed)
@@ -528,6 +589,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     log(parameter_report({"EarVAE": raw_model, **({"PerceptualLoss": criterion} if args.perceptual_weight else {})}))
     log(f"Train samples: {train_ds.summary()}")
     log(f"Val samples:   {val_ds.summary()}")
+    log(f"Contrastive term: {contrastive_summary(mode, args, sampler)}")
     log(f"Steps per epoch: {steps_per_epoch:,} (global batch {global_batch}), "
         f"total {total_steps:,}" + (f", stopping at {args.max_steps:,}" if args.max_steps else ""))
 
@@ -611,7 +673,9 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
                 with model.no_sync() if ddp and not sync else nullcontext():
                     with autocast:
                         out = model(x, eps=eps.to(device, non_blocking=True))
-                        loss, logs = criterion(out["recon"], x, out["mu"], out["logvar"], views=views)
+                        loss, logs = criterion(out["recon"], x, out["mu"], out["logvar"], views=views,
+                                               embedding=out["embedding"],
+                                               labels=label_of_key[keys].to(device) if mode == "supcon" else None)
                     scaler.scale(loss / args.accum_steps).backward()
                 loss_sum += loss.detach()
                 imgs += len(keys) * world

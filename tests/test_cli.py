@@ -60,12 +60,14 @@ RANGES = [
     ("data convert", "--seed", ["-1"], ["0"]),
     *[("synth", flag, ["0", "-1"], ["1"]) for flag in ("--n-train", "--n-val", "--identities", "--views")],
     ("synth", "--seed", ["-1"], ["0"]),
+    ("synth", "--first-identity", ["-1"], ["0"]),
+    ("train", "--images-per-identity", ["1", "0"], ["2"]),
+    ("train", "--embed-dim", ["-1"], ["0"]),
     ("bench", "--sizes", ["0", "-16", "24"], ["16", "1024"]),
     ("bench", "--batch-sizes", ["0"], ["1"]),
     ("bench", "--steps", ["0"], ["1"]),
     ("bench", "--workers", ["-1"], ["0"]),
-    ("demo", "--n-train", ["15", "0"], ["16"]),
-    ("demo", "--n-val", ["1"], ["2"]),
+    ("demo", "--train-identities", ["3", "0"], ["4"]),
     ("demo", "--epochs", ["0"], ["1"]),
     ("demo", "--identities", ["1"], ["2"]),
 ]
@@ -202,8 +204,8 @@ def demo_log(tmp_path_factory):
     out.parent.mkdir()
     log = out.parent / "demo.log"
     with open(log, "wb") as f:
-        r = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--out", str(out), "--n-train", "16",
-                            "--n-val", "2", "--epochs", "1", "--identities", "2"],
+        r = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--out", str(out), "--train-identities", "4",
+                            "--epochs", "1", "--identities", "2"],
                            stdout=f, stderr=subprocess.STDOUT, env=cp1252_env(), cwd=ROOT, timeout=600)
     return r.returncode, log.read_bytes().decode("cp1252"), out
 

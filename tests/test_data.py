@@ -14,8 +14,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from conftest import ROOT, Hostile, assert_one_line_error
-from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, ResumableSampler, _colour, augment, main,
-                  make_loader, open_npy, to_float, validate)
+from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, IdentitySampler, ResumableSampler, _colour, augment,
+                  main, make_loader, open_npy, to_float, validate)
 from photos import BACKGROUND, load_image
 from synth import render_ears
 
@@ -485,6 +485,64 @@ def test_two_ranks_cover_the_positions_of_one_rank_with_the_doubled_batch():
         assert [i for pair in zip(r0, r1) for i in pair] == one  # global position p goes to rank p % 2
         for b in range(len(r0) // 8):  # each global batch of 16 positions is split 8 + 8
             assert sorted(r0[8 * b:8 * b + 8] + r1[8 * b:8 * b + 8]) == sorted(one[16 * b:16 * b + 16])
+
+
+# identities 0..29 with 1 to 7 images each (identity 5 has 1, 11 has 3: fewer than K = 4), unlabelled rows between
+ID_LABELS = np.concatenate([np.full(1 + i % 7, i) for i in range(30)] + [np.full(3, -1)])[
+    np.random.default_rng(0).permutation(sum(1 + i % 7 for i in range(30)) + 3)]
+
+
+def test_identity_sampler_batches_hold_k_images_of_p_distinct_identities():
+    s = IdentitySampler(ID_LABELS, images_per_identity=4, batch_size=8, seed=3)
+    assert s.n_used == 30 * 4 // 8 * 8 == len(s) and s.n_short == sum(1 + i % 7 < 4 for i in range(30))
+    for epoch in (0, 1):
+        s.set_epoch(epoch)
+        order = np.array(list(s))
+        assert len(order) == s.n_used
+        for batch in order.reshape(-1, 8):
+            ids = ID_LABELS[batch]
+            assert (ids >= 0).all()  # unlabelled rows are never drawn
+            groups = ids.reshape(2, 4)  # P = 2 identities x K = 4 images, each identity's images together
+            assert (groups == groups[:, :1]).all() and groups[0, 0] != groups[1, 0]
+            for g in batch.reshape(2, 4):  # distinct images unless the identity has fewer than K
+                n = int((ID_LABELS == ID_LABELS[g[0]]).sum())  # the identity's images
+                assert len(set(g.tolist())) == 4 if n >= 4 else len(set(g.tolist())) <= n
+        seen = ID_LABELS[order].reshape(-1, 4)[:, 0]
+        assert len(set(seen.tolist())) == len(seen)  # an epoch visits an identity once
+    s.set_epoch(0)
+    assert list(s) != order.tolist()  # another order in another epoch
+
+
+def test_identity_sampler_resumes_exactly_the_rest_of_the_epoch():
+    s = IdentitySampler(ID_LABELS, images_per_identity=2, batch_size=4, seed=5)
+    s.set_epoch(3)
+    full = list(s)
+    s.set_epoch(3, start=16)
+    assert list(s) == full[16:]
+    assert len(s) == len(full) - 16
+    with pytest.raises(ValueError, match="multiple of the global batch 4"):
+        s.set_epoch(3, start=6)
+    with pytest.raises(ValueError, match="multiple of the images per identity"):
+        IdentitySampler(ID_LABELS, images_per_identity=4, batch_size=6, seed=5)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_identity_sampler_two_ranks_draw_the_global_batches_of_one_rank(accum):
+    single = IdentitySampler(ID_LABELS, images_per_identity=2, batch_size=8, seed=5, accum_steps=accum)
+    ranks = [IdentitySampler(ID_LABELS, images_per_identity=2, batch_size=4, seed=5, rank=r, world_size=2,
+                             accum_steps=accum) for r in range(2)]
+    g = 8 * accum  # global batch
+    for start in (0, g):
+        single.set_epoch(2, start)
+        for r in ranks:
+            r.set_epoch(2, start)
+        one, (r0, r1) = list(single), [list(r) for r in ranks]
+        assert len(r0) == len(r1) == len(ranks[0]) == len(one) // 2
+        for b in range(len(one) // g):
+            share = slice(g // 2 * b, g // 2 * (b + 1))
+            assert sorted(r0[share] + r1[share]) == sorted(one[g * b:g * (b + 1)])  # the same global batch
+            for micro in np.reshape(r0[share] + r1[share], (-1, 4)):  # every micro-batch holds whole identities
+                assert (ID_LABELS[micro].reshape(2, 2) == ID_LABELS[micro].reshape(2, 2)[:, :1]).all()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

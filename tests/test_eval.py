@@ -412,3 +412,15 @@ def test_exported_directory_without_data_flags_is_one_line_error(full, holey_fil
     r = run_script(script, [*argv, "--out", str(out), "--workers", "0", "--device", "cpu"], monkeypatch, capsys)
     assert_one_line_error(r, f"{full.export}: holds no run config naming its {missing} file; give the data file")
     assert_untouched(out)
+
+
+def test_pixel_baseline_equals_recognition_metrics_on_the_centred_pixels(full, reference):
+    pixels = reference.x.flatten(1).numpy().astype(np.float64)  # (N, 3 * 128 * 128), read without data.py
+    expected = recognition_metrics(pixels - pixels.mean(axis=0), kept_labels(reference))
+    got = json.loads((full.out / "metrics.json").read_text())["identity_pixels"]
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got["rank1"] != pytest.approx(recognition_metrics(pixels, kept_labels(reference))["rank1"]) or \
+        got["eer"] != pytest.approx(recognition_metrics(pixels, kept_labels(reference))["eer"])  # centring matters
+    card = (full.export / "README.md").read_text()
+    assert f"| rank-1, baseline: centred raw pixels | {got['rank1']:.4g} |" in card
+    assert f"baseline, centred raw pixels of the same images: rank-1 {got['rank1']:.3f}" in ev.report(full.metrics)

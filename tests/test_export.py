@@ -66,6 +66,25 @@ def test_export_reloads_identical_weights_and_outputs(encoder, tmp_path):
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("embed_dim", [0, 16])  # mu itself, and an embedding head over mu
+def test_embedding_of_an_exported_model_equals_that_of_the_checkpoint(embed_dim, tmp_path):
+    model = random_tiny(embed_dim=embed_dim)
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg), "step": 7}, tmp_path / "best.pt")
+    export_model(tmp_path / "best.pt", tmp_path / "out")
+    from_ckpt, _ = load_model(tmp_path / "best.pt")
+    from_export, cfg = load_model(tmp_path / "out")
+    assert cfg.embed_dim == embed_dim
+    expected, got = from_ckpt.embed(batch()), from_export.embed(batch())
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.shape == (2, embed_dim or 64)
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(2))  # unit L2 norm
+    mu = from_ckpt.encode(batch())[0]
+    if embed_dim == 0:
+        torch.testing.assert_close(got, torch.nn.functional.normalize(mu, dim=1))
+    else:
+        torch.testing.assert_close(got, torch.nn.functional.normalize(from_ckpt.embed_head(mu), dim=1))
+
+
 def test_config_json_holds_the_full_model_config_and_format_tag(exported):
     model, out = exported
     config = json.loads((out / "config.json").read_text())

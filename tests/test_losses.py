@@ -1,5 +1,5 @@
-"""Tests for losses.py: metrics against scikit-image, KL against torch.distributions, NT-Xent against a direct
-reference, and the VAELoss / PerceptualLoss contracts (frozen VGG, weight loading, (loss, logs))."""
+"""Tests for losses.py: metrics against scikit-image, KL against torch.distributions, SupCon and NT-Xent against
+direct references, and the VAELoss / PerceptualLoss contracts (frozen VGG, weight loading, (loss, logs))."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,8 +23,8 @@ from torch.distributions import Normal, kl_divergence as torch_kl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from losses import (PerceptualLoss, VAELoss, center_weight_map, info_nce, kl_divergence, psnr, sobel,  # noqa: E402
-                    ssim)
+from losses import (PerceptualLoss, VAELoss, center_weight_map, kl_divergence, nt_xent, psnr, sobel,  # noqa: E402
+                    ssim, supcon)
 from model import WeightsUnavailableError  # noqa: E402
 
 TERMS = ("pixel", "kl", "perceptual", "ssim", "edge", "contrastive")
@@ -148,7 +148,7 @@ def test_kl_is_finite_with_finite_grads_for_extreme_logvar(autocast):
     assert torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all()
 
 
-# ---------------------------------------------------------------------------------------------- info_nce
+# ---------------------------------------------------------------------------------------------- SupCon, NT-Xent
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR NT-Xent written out: row i's positive is its other view, the diagonal (self-similarity) excluded."""
@@ -164,29 +164,73 @@ def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) ->
     return torch.stack(losses).mean()
 
 
-def test_info_nce_matches_reference():
+def test_nt_xent_matches_reference():
     z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
-    torch.testing.assert_close(info_nce(z1, z2, 0.1), reference_nt_xent(z1, z2, 0.1))
-    torch.testing.assert_close(info_nce(z1, z2, 0.5), reference_nt_xent(z1, z2, 0.5))
+    torch.testing.assert_close(nt_xent(z1, z2, 0.1), reference_nt_xent(z1, z2, 0.1))
+    torch.testing.assert_close(nt_xent(z1, z2, 0.5), reference_nt_xent(z1, z2, 0.5))
 
 
-def test_info_nce_is_symmetric_in_its_views():
+def test_nt_xent_is_symmetric_in_its_views():
     z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
-    torch.testing.assert_close(info_nce(z1, z2, 0.1), info_nce(z2, z1, 0.1))
+    torch.testing.assert_close(nt_xent(z1, z2, 0.1), nt_xent(z2, z1, 0.1))
 
 
-def test_info_nce_is_lower_for_matching_views():
+def test_nt_xent_is_lower_for_matching_views():
     z1 = torch.randn(8, 16)
-    assert info_nce(z1, z1 + 0.01 * torch.randn(8, 16), 0.1) < info_nce(z1, torch.randn(8, 16), 0.1)
+    assert nt_xent(z1, z1 + 0.01 * torch.randn(8, 16), 0.1) < nt_xent(z1, torch.randn(8, 16), 0.1)
 
 
-def test_info_nce_is_zero_with_intact_graph_for_batch_of_one():
+def test_nt_xent_is_zero_with_intact_graph_for_batch_of_one():
     z1, z2 = torch.randn(1, 8, requires_grad=True), torch.randn(1, 8, requires_grad=True)
-    loss = info_nce(z1, z2, 0.1)
+    loss = nt_xent(z1, z2, 0.1)
     assert loss.item() == 0.0
     assert loss.requires_grad
     loss.backward()
     assert torch.isfinite(z1.grad).all() and torch.isfinite(z2.grad).all()
+
+
+def reference_supcon(z: torch.Tensor, labels: list[int], temperature: float) -> torch.Tensor:
+    """Khosla et al. 2020, eq. 2 (L^sup_out) written out anchor by anchor: positives are the other rows with the same
+    label >= 0, the denominator every other row; anchors without a positive are left out of the mean."""
+    z = F.normalize(z.double(), dim=1)
+    n = len(labels)
+    losses = []
+    for i in range(n):
+        positives = [p for p in range(n) if p != i and labels[p] == labels[i] and labels[i] >= 0]
+        if not positives:
+            continue
+        denominator = sum(torch.exp(z[i] @ z[a] / temperature) for a in range(n) if a != i)
+        losses.append(-sum(torch.log(torch.exp(z[i] @ z[p] / temperature) / denominator) for p in positives)
+                      / len(positives))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("labels", [
+    [0, 0, 0, 1, 1, 2, 2, 2, 2],  # several positives per anchor, identities of 3, 2 and 4 images
+    [0, 0, 1, 1, 1, 7],  # identity 7 alone in the batch: an anchor without positives, a negative for the others
+    [3, -1, 3, -1, 5, 5, -1, 5],  # unlabelled rows: negatives only, not positives of each other
+])
+def test_supcon_matches_brute_force_reference(labels):
+    z = torch.randn(len(labels), 6, generator=torch.Generator().manual_seed(len(labels)))
+    for t in (0.1, 0.5):
+        torch.testing.assert_close(supcon(z, torch.tensor(labels), t).double(), reference_supcon(z, labels, t))
+
+
+def test_supcon_leaves_out_anchors_without_positives():
+    z = torch.randn(5, 6, requires_grad=True)
+    with_single = supcon(z, torch.tensor([0, 0, 1, 1, 9]), 0.1)  # row 4 alone: a negative, not an anchor
+    assert torch.isfinite(with_single)
+    with_single.backward()
+    assert torch.isfinite(z.grad).all() and z.grad[4].abs().sum() > 0  # its gradient comes as a negative
+    none = supcon(z, torch.tensor([0, 1, 2, -1, -1]), 0.1)  # no positive pair at all
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_supcon_with_each_images_other_view_as_its_only_positive_is_nt_xent():
+    z1, z2 = torch.randn(6, 8), torch.randn(6, 8)
+    image = torch.arange(6)
+    torch.testing.assert_close(supcon(torch.cat([z1, z2]), torch.cat([image, image]), 0.2),
+                               reference_nt_xent(z1, z2, 0.2))
 
 
 # ---------------------------------------------------------------------------------------------- centre map, sobel

@@ -186,16 +186,21 @@ def test_write_synthetic_identities_numbers_identities_apart_per_split(tmp_path)
 
 
 def test_synth_cli_identities_and_its_argument_errors(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "d"), "--identities", "2", "--views", "3", "--seed", "4"]) == 0
+    assert main(["--out", str(tmp_path / "d"), "--identities", "2", "--views", "3", "--seed", "4",
+                 "--first-identity", "10"]) == 0
     assert capsys.readouterr().out.startswith(f"wrote 6 train + 6 val synthetic ears (2 identities per split x 3 "
                                               f"views) to {tmp_path / 'd'}/ (")
+    for split, ids in (("train", [10, 11]), ("val", [12, 13])):  # --first-identity 10: train 10..11, val 12..13
+        table = np.loadtxt(tmp_path / "d" / f"{split}_factors.csv", delimiter=",", skiprows=1)
+        assert table[:, -1].tolist() == np.repeat(ids, 3).tolist()
     images, _, _ = render_identities(2, 3, seed=4)
     assert np.load(tmp_path / "d" / "train_teacher.npy").tobytes() == images.tobytes()
     assert np.load(tmp_path / "d" / "val_teacher.npy").shape == (6, 128, 128, 3)
     mixed = "--n-train/--n-val: not with --identities (it renders K x --views images per split)"
     for argv, message in ((["--identities", "2", "--n-train", "5"], mixed),
                           (["--identities", "2", "--n-val", "5"], mixed),
-                          (["--views", "3"], "--views: only with --identities")):
+                          (["--views", "3"], "--views, --first-identity: only with --identities"),
+                          (["--first-identity", "3"], "--views, --first-identity: only with --identities")):
         with pytest.raises(SystemExit) as e:  # argparse's usage and one error line, exit 2
             main(["--out", str(tmp_path / "e"), *argv])
         assert e.value.code == 2

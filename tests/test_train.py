@@ -251,3 +251,21 @@ def test_compile_trains_like_eager_and_saves_the_same_checkpoint_layout(synth_di
     b = torch.load(tmp_path / "compiled/checkpoints/last.pt", weights_only=True)
     assert list(a["model_config"]["decoder_channels"]) == [32, 16, 16]  # the smaller model was the one trained
     assert list(a["model"]) == list(b["model"])  # compiled in place: no `_orig_mod.` prefixes, loads without --compile
+
+
+def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, tmp_path):
+    import numpy as np
+    import synth
+    synth.write_synthetic_identities(tmp_path, k=3, views=2, seed=0)  # 6 images of 3 identities, identity column
+    labelled = data.EarDataset(tmp_path / "train_teacher.npy")
+    plain = data.EarDataset(synth_dir / "train_teacher.npy")  # factors CSV without an identity column
+    args = lambda *argv: train.get_parser().parse_args(list(argv))  # noqa: E731
+    mode, labels = train.contrastive_mode(args(), labelled)
+    assert mode == "supcon" and labels.tolist() == np.repeat([0, 1, 2], 2).tolist()
+    assert train.contrastive_mode(args(), plain) == ("nt-xent", None)
+    assert train.contrastive_mode(args("--contrastive", "nt-xent"), labelled) == ("nt-xent", None)
+    assert train.contrastive_mode(args("--contrastive-weight", "0"), labelled) == ("off", None)
+    with pytest.raises(data.DataError, match="--contrastive supcon needs identity labels; found no "):
+        train.contrastive_mode(args("--contrastive", "supcon"), plain)
+    with pytest.raises(train.ConfigError, match="--embed-dim 8: an embedding head needs the contrastive term"):
+        train.contrastive_mode(args("--contrastive-weight", "0", "--embed-dim", "8"), labelled)
