@@ -347,9 +347,10 @@ def supcon(z: Tensor, labels: Tensor, temperature: float) -> Tensor:
         logits = (z @ z.t() / temperature).masked_fill(self_mask, float("-inf"))  # (N, N), no self-contrast
         log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (N, N), -inf on the diagonal
         n_pos = positive.sum(dim=1)  # (N,)
-        anchors = n_pos > 0  # (N,) anchors with at least one positive
-        per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(dim=1)[anchors] / n_pos[anchors]  # (A,)
-        return per_anchor.mean() if anchors.any() else 0.0 * z.sum()
+        anchor = (n_pos > 0).float()  # (N,) 1 for the anchors with at least one positive
+        per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(dim=1) / n_pos.clamp(min=1)  # (N,), 0 without one
+        # masks, not boolean indexing or an `if`: no host sync, and one graph for torch.compile and fake tensors
+        return (per_anchor * anchor).sum() / anchor.sum().clamp(min=1)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:

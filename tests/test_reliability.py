@@ -245,8 +245,8 @@ class NaNAt(train.VAELoss):
     bad_calls: set[int] = set()
     calls = 0
 
-    def forward(self, recon, target, mu, logvar, views=1):
-        loss, logs = super().forward(recon, target, mu, logvar, views)
+    def forward(self, recon, target, mu, logvar, **kwargs):
+        loss, logs = super().forward(recon, target, mu, logvar, **kwargs)
         if torch.is_grad_enabled():
             NaNAt.calls += 1
             if NaNAt.calls in NaNAt.bad_calls:

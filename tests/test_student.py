@@ -23,7 +23,7 @@ EMBED = 16  # the tests' embedding size
 
 def tiny_teacher(seed: int = 0) -> EarVAE:
     torch.manual_seed(seed)
-    return build_model(tiny_config(latent_dim=TINY_LATENT)).eval()
+    return build_model(tiny_config(latent_dim=TINY_LATENT, embed_dim=EMBED)).eval()  # an embedding head of EMBED
 
 
 def tiny_student(seed: int = 0, **overrides) -> Student:
@@ -40,15 +40,10 @@ def images(n: int = 8, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_targets(teacher: EarVAE, x: torch.Tensor) -> dict:
-    """The teacher's embedding (EarVAE.embed once it exists; until then a fixed projection of mu, normalised),
-    mu and its final pyramid map."""
+    """The teacher's identity embedding (EarVAE.embed), mu and its final pyramid map."""
     feats = teacher.encoder.features(x)
     mu, _ = teacher.head(feats)  # (B, latent)
-    if hasattr(teacher, "embed"):
-        embed = teacher.embed(x)
-    else:
-        proj = torch.randn(mu.shape[1], EMBED, generator=torch.Generator().manual_seed(1))
-        embed = F.normalize(mu @ proj, dim=1)  # (B, EMBED)
+    embed = teacher.embed(x)  # (B, EMBED)
     return {"embed": embed, "mu": mu, "features": [feats[teacher.encoder.final_name]]}
 
 
