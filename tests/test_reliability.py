@@ -79,7 +79,8 @@ def test_stop_and_resume_in_a_new_process_equals_one_uninterrupted_run(reference
 
 # 3. SIGTERM / SIGINT ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("reference, sig", [(1, signal.SIGINT), (2, signal.SIGTERM)], indirect=["reference"],
+                         ids=["accum1-SIGINT", "accum2-SIGTERM"])  # each signal and each accumulation once (pairwise)
 def test_signal_saves_at_the_next_step_boundary_and_resume_is_the_same_run(reference, synth_dir, tmp_path, sig):
     ref_run, extra = reference
     args = [sys.executable, str(ROOT / "train.py"), *tiny_train_args(synth_dir, tmp_path, *extra)]
@@ -397,6 +398,7 @@ def test_backbone_weights_load_only_from_safetensors(tmp_path):
         build_model(tiny_config(pretrained=True, weights=str(tmp_path)))
 
 
+@pytest.mark.parametrize("reference", [1], indirect=True, ids=["accum1"])  # accumulation: the two tests above
 def test_resume_by_path_alone_continues_in_the_runs_own_folders(reference, synth_dir, tmp_path):
     """`train.py --resume RUN/checkpoints/last.pt` from another directory: same folders, same run, nothing in cwd."""
     ref_run, extra = reference
