@@ -268,6 +268,13 @@ def shared_identities(train_npy: Path, val_npy: Path) -> tuple[set[str], set[str
     return (val, val & train) if val_kind == train_kind else None
 
 
+def missing_labels(npy: Path) -> str:
+    """Why read_identities(npy) returned None, one clause per CSV of identity_files(npy): it does not exist, or it has
+    no such column."""
+    return "; ".join(f"{path} does not exist" if not path.is_file() else f"{path} has no {column!r} column"
+                     for path, column in identity_files(npy))
+
+
 def _identity_column(npy: Path) -> tuple[Path, str, list[str]] | None:
     """(CSV, column, its values) of the first CSV of identity_files(npy) that exists with its column, else None."""
     for path, column in identity_files(npy):
@@ -471,9 +478,10 @@ class IdentitySampler(Sampler[int]):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         k = images_per_identity
-        if k < 2 or batch_size % k:
+        if k < 2 or batch_size % k or batch_size // k < 2:
             raise ValueError(f"batch size {batch_size} per process: expected a multiple of the images per identity "
-                             f"K={k} >= 2 (each micro-batch holds whole identities)")
+                             f"K={k} >= 2 holding at least 2 identities (each micro-batch holds whole identities, and "
+                             f"SupCon's negatives are the other ones)")
         labels = np.asarray(labels)
         ids = np.unique(labels[labels != UNLABELLED])  # (I,) sorted
         self.members = [np.flatnonzero(labels == i) for i in ids]  # dataset indices of each identity

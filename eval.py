@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cli import safe_console  # noqa: E402
-from data import (UNLABELLED, DataError, EarDataset, identity_files, read_identities, shared_identities,  # noqa: E402
+from data import (UNLABELLED, DataError, EarDataset, missing_labels, read_identities, shared_identities,  # noqa: E402
                   to_float)
 from files import (Writer, check_output_dir, check_output_file, save_figure, save_json, save_npy,  # noqa: E402
                    write_outputs)
@@ -347,8 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
     labels = read_identities(data_path, ds) if args.identity else None
     if args.identity and labels is None:
-        looked = " or ".join(f"{p} (column {c})" for p, c in identity_files(data_path))
-        raise DataError(f"{data_path}: --identity needs identity labels; found no {looked}")
+        raise DataError(f"{data_path}: --identity needs identity labels: {missing_labels(data_path)}")
     vgg_weights = args.vgg_weights or "imagenet"
     lpips = LPIPS(vgg_weights).to(device) if args.lpips else None
     model, _ = load_model(args.ckpt, device, ckpt)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from cli import (float_range, fraction, int_range, non_negative, non_negative_int, positive, positive_int, progress,
                  safe_console, seed_int)
 from data import (UNLABELLED, AugConfig, DataError, EarDataset, IdentitySampler, ResumableSampler, augment,
-                  identity_files, make_loader, read_identities, sample_seed, to_float)
+                  make_loader, missing_labels, read_identities, sample_seed, to_float)
 from files import atomic_write, check_output_dir, save_figure, save_json
 from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
 from losses import LossConfig, VAELoss, psnr, ssim
@@ -105,8 +105,9 @@ def get_parser() -> argparse.ArgumentParser:
                    "--images-per-identity images per identity, one augmented view each; nt-xent: NT-Xent between two "
                    "augmented views of each image (no labels needed); auto: supcon where the training file has "
                    "labels, else nt-xent")
-    g.add_argument("--images-per-identity", type=int_range(2), default=4, help="K of the P x K batches of supcon: "
-                   "each batch holds batch-size / K identities (--batch-size must be a multiple of K)")
+    g.add_argument("--images-per-identity", type=int_range(2), default=None, help="K of the P x K batches of "
+                   "supcon: each micro-batch holds batch-size / K >= 2 identities (the other identities are SupCon's "
+                   "negatives). Default: the largest of 4, 3, 2 that divides --batch-size so (4 -> 2 x 2, 16 -> 4 x 4)")
     g.add_argument("--center-weight", type=positive, default=loss.center_weight, help="pixel-loss weight at the crop "
                    "centre (border 1)")
     g.add_argument("--temperature", type=positive, default=loss.temperature, help="SupCon / NT-Xent temperature")
@@ -168,36 +169,59 @@ def loss_config(args: argparse.Namespace) -> LossConfig:
                       temperature=args.temperature, vgg_weights=args.vgg_weights)
 
 
-def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset) -> tuple[str, np.ndarray | None]:
+def images_per_identity(args: argparse.Namespace) -> int | None:
+    """K of supcon's P x K micro-batches: --images-per-identity, or the largest of 4, 3, 2 that divides --batch-size
+    into P >= 2 identities; None where no K does (a batch of 2, 3, 5 or 7). SupCon's negatives are the batch's other
+    identities, so a batch of one identity has none and its gradient is zero. An explicit K that divides no batch of
+    2 identities is a ConfigError."""
+    b, k = args.batch_size, args.images_per_identity
+    if k is None:
+        return next((k for k in (4, 3, 2) if b % k == 0 and b // k >= 2), None)
+    if b % k or b // k < 2:
+        raise ConfigError(f"--images-per-identity {k}: --batch-size {b} must be a multiple of it holding at least 2 "
+                          f"identities (SupCon's negatives are the other identities of the batch)")
+    return k
+
+
+def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset) -> tuple[str, np.ndarray | None, str]:
     """The run's contrastive term -> ("off" | "supcon" | "nt-xent", the training file's identity labels (supcon) or
-    None). --contrastive auto picks supcon when the file has labels (data.read_identities) with at least one
-    identity of 2 images, else nt-xent; --contrastive supcon without such labels is a DataError naming the files
-    looked for; an embedding head (--embed-dim) without the term is a ConfigError."""
+    None, why: a note for the log). --contrastive auto picks supcon when the file has labels (data.read_identities)
+    with at least one identity of 2 images and the batch holds 2 identities (images_per_identity), else nt-xent; on
+    supcon args.images_per_identity is set to the K used (the checkpoint keeps it). --contrastive supcon without such
+    labels is a DataError naming the files looked for, with too small a batch a ConfigError; an embedding head
+    (--embed-dim) without the term is a ConfigError."""
     if args.contrastive_weight == 0:
         if args.embed_dim > 0:  # its parameters would get no gradient (and DDP stops on unused parameters)
             raise ConfigError(f"--embed-dim {args.embed_dim}: an embedding head needs the contrastive term that "
                               f"trains it (--contrastive-weight > 0)")
-        return "off", None
+        return "off", None, ""
     if args.contrastive == "nt-xent":
-        return "nt-xent", None
+        return "nt-xent", None, ""
     labels = read_identities(train_ds.path, train_ds)
-    usable = labels is not None and (np.bincount(labels[labels != UNLABELLED]) >= 2).any()
-    if usable:
-        return "supcon", labels
+    if labels is None:
+        why = missing_labels(train_ds.path)
+    elif not (np.bincount(labels[labels != UNLABELLED]) >= 2).any():
+        why = "no identity has 2 images"
+    elif (k := images_per_identity(args)) is None:
+        why = (f"--batch-size {args.batch_size} cannot hold 2 identities of 2 images (SupCon needs a batch of 4 or "
+               f"more: its negatives are the other identities)")
+        if args.contrastive == "supcon":
+            raise ConfigError(f"--contrastive supcon: {why}; or use --contrastive nt-xent")
+    else:
+        args.images_per_identity = k
+        return "supcon", labels, ""
     if args.contrastive == "supcon":
-        looked = " or ".join(f"{p} (column {c})" for p, c in identity_files(train_ds.path))
-        what = "found no " + looked if labels is None else f"no identity of {looked} has 2 images"
-        raise DataError(f"{train_ds.path}: --contrastive supcon needs identity labels; {what}")
-    return "nt-xent", None
+        raise DataError(f"{train_ds.path}: --contrastive supcon needs identity labels: {why}")
+    return "nt-xent", None, f" (not SupCon: {why})" if labels is not None else ""
 
 
-def contrastive_summary(mode: str, args: argparse.Namespace, sampler) -> str:
-    """One log line on the contrastive term of the run."""
+def contrastive_summary(mode: str, why: str, args: argparse.Namespace, sampler) -> str:
+    """One log line on the contrastive term of the run (why: contrastive_mode's note)."""
     if mode == "off":
         return "off (--contrastive-weight 0)"
     if mode == "nt-xent":
         return (f"NT-Xent between two augmented views, weight {args.contrastive_weight:g}, temperature "
-                f"{args.temperature:g}")
+                f"{args.temperature:g}{why}")
     short = f"; {sampler.n_short:,} with fewer than K images drawn with replacement" if sampler.n_short else ""
     return (f"SupCon on identity labels, weight {args.contrastive_weight:g}, temperature {args.temperature:g}; "
             f"batches of {args.batch_size // args.images_per_identity} identities x K={args.images_per_identity} "
@@ -496,7 +520,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     train_ds = EarDataset(args.train_npy or data_dir / "train_teacher.npy", max_invalid=args.max_invalid)
     val_ds = EarDataset(args.val_npy or data_dir / "val_teacher.npy", max_invalid=args.max_invalid)
     global_batch = args.batch_size * world * args.accum_steps  # images per optimizer step over all processes
-    mode, train_labels = contrastive_mode(args, train_ds)
+    mode, train_labels, why = contrastive_mode(args, train_ds)
     if mode == "supcon":  # P x K batches of labelled images; label_of_key: identity by original index in the file
         try:
             sampler = IdentitySampler(train_labels, args.images_per_identity, args.batch_size, args.seed, rank, world,
@@ -589,7 +613,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     log(parameter_report({"EarVAE": raw_model, **({"PerceptualLoss": criterion} if args.perceptual_weight else {})}))
     log(f"Train samples: {train_ds.summary()}")
     log(f"Val samples:   {val_ds.summary()}")
-    log(f"Contrastive term: {contrastive_summary(mode, args, sampler)}")
+    log(f"Contrastive term: {contrastive_summary(mode, why, args, sampler)}")
     log(f"Steps per epoch: {steps_per_epoch:,} (global batch {global_batch}), "
         f"total {total_steps:,}" + (f", stopping at {args.max_steps:,}" if args.max_steps else ""))
 

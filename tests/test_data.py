@@ -524,6 +524,8 @@ def test_identity_sampler_resumes_exactly_the_rest_of_the_epoch():
         s.set_epoch(3, start=6)
     with pytest.raises(ValueError, match="multiple of the images per identity"):
         IdentitySampler(ID_LABELS, images_per_identity=4, batch_size=6, seed=5)
+    with pytest.raises(ValueError, match="holding at least 2 identities"):  # one identity: no negatives
+        IdentitySampler(ID_LABELS, images_per_identity=4, batch_size=4, seed=5)
 
 
 @pytest.mark.parametrize("accum", [1, 2])

@@ -384,8 +384,8 @@ def test_identity_without_labels_is_one_line_naming_the_files_looked_for(tiny_ru
                                "--export", str(out / "teacher"), "--workers", "0", "--device", "cpu"],
                    monkeypatch, capsys)
     assert_one_line_error(r, f"{holey_file}: --identity needs identity labels",
-                          f"{holey_file.with_name('holey_index.csv')} (column subject)",
-                          f"{holey_file.with_name('holey_factors.csv')} (column identity)")
+                          f"{holey_file.with_name('holey_index.csv')} does not exist",
+                          f"{holey_file.with_name('holey_factors.csv')} does not exist")
     assert_untouched(out)  # no outputs and no export
 
 

@@ -260,12 +260,30 @@ def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, t
     labelled = data.EarDataset(tmp_path / "train_teacher.npy")
     plain = data.EarDataset(synth_dir / "train_teacher.npy")  # factors CSV without an identity column
     args = lambda *argv: train.get_parser().parse_args(list(argv))  # noqa: E731
-    mode, labels = train.contrastive_mode(args(), labelled)
-    assert mode == "supcon" and labels.tolist() == np.repeat([0, 1, 2], 2).tolist()
-    assert train.contrastive_mode(args(), plain) == ("nt-xent", None)
-    assert train.contrastive_mode(args("--contrastive", "nt-xent"), labelled) == ("nt-xent", None)
-    assert train.contrastive_mode(args("--contrastive-weight", "0"), labelled) == ("off", None)
-    with pytest.raises(data.DataError, match="--contrastive supcon needs identity labels; found no "):
+    mode, labels, why = train.contrastive_mode(parsed := args(), labelled)
+    assert mode == "supcon" and labels.tolist() == np.repeat([0, 1, 2], 2).tolist() and why == ""
+    assert parsed.images_per_identity == 2  # the default batch of 4: 2 identities x 2 images, kept in the checkpoint
+    assert train.contrastive_mode(args(), plain) == ("nt-xent", None, "")
+    assert train.contrastive_mode(args("--contrastive", "nt-xent"), labelled) == ("nt-xent", None, "")
+    assert train.contrastive_mode(args("--contrastive-weight", "0"), labelled) == ("off", None, "")
+    with pytest.raises(data.DataError, match=r"--contrastive supcon needs identity labels: .*train_index.csv does not "
+                                             r"exist; .*train_factors.csv has no 'identity' column$"):
         train.contrastive_mode(args("--contrastive", "supcon"), plain)
+    # a batch that cannot hold 2 identities has no negatives: auto falls back to NT-Xent and says why, supcon refuses
+    mode, labels, why = train.contrastive_mode(args("--batch-size", "2"), labelled)
+    assert (mode, labels) == ("nt-xent", None)
+    assert why == (" (not SupCon: --batch-size 2 cannot hold 2 identities of 2 images (SupCon needs a batch of 4 or "
+                   "more: its negatives are the other identities))")
+    with pytest.raises(train.ConfigError, match="^--contrastive supcon: --batch-size 3 cannot hold 2 identities"):
+        train.contrastive_mode(args("--batch-size", "3", "--contrastive", "supcon"), labelled)
+    with pytest.raises(train.ConfigError, match="^--images-per-identity 4: --batch-size 4 must be a multiple of it "
+                                                "holding at least 2 identities"):
+        train.contrastive_mode(args("--images-per-identity", "4"), labelled)
     with pytest.raises(train.ConfigError, match="--embed-dim 8: an embedding head needs the contrastive term"):
         train.contrastive_mode(args("--contrastive-weight", "0", "--embed-dim", "8"), labelled)
+
+
+@pytest.mark.parametrize("batch, k", [(4, 2), (6, 3), (8, 4), (10, 2), (16, 4), (2, None), (5, None)])
+def test_images_per_identity_default_holds_two_identities_or_more(batch, k):
+    args = train.get_parser().parse_args(["--batch-size", str(batch)])
+    assert train.images_per_identity(args) == k
