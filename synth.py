@@ -120,18 +120,20 @@ def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: 
 
 
 def write_synthetic_identities(out_dir: str | os.PathLike, k: int, views: int, seed: int,
-                               first_id: int = 0) -> None:
-    """Write out_dir/{train,val}_teacher.npy (uint8 (k*views, 128, 128, 3)) and {train,val}_factors.csv (header
-    FACTORS + `identity`), all four or none (data.write_dataset). Train is render_identities(k, views, seed) with
-    identities first_id..first_id+k-1; val holds k other identities, from a different random stream of the seed,
-    numbered first_id+k..first_id+2k-1 (no id in both splits). Sets rendered with other seeds are other identities:
-    give them disjoint numbers (first_id) so that eval.py does not count them as seen in training."""
-    if k < 1 or first_id < 0:
-        raise ValueError(f"k must be >= 1 and first_id >= 0, got {k}, {first_id}")
+                               first_id: int = 0, val_k: int | None = None) -> None:
+    """Write out_dir/{train,val}_teacher.npy (uint8 (k*views and val_k*views, 128, 128, 3)) and
+    {train,val}_factors.csv (header FACTORS + `identity`), all four or none (data.write_dataset). Train is
+    render_identities(k, views, seed) with identities first_id..first_id+k-1; val holds val_k (default k) other
+    identities, from a different random stream of the seed, numbered first_id+k..first_id+k+val_k-1 (no id in both
+    splits). Sets rendered with other seeds are other identities: give them disjoint numbers (first_id) so that
+    eval.py does not count them as seen in training. ValueError for k or val_k < 1 or first_id < 0."""
+    val_k = k if val_k is None else val_k
+    if k < 1 or val_k < 1 or first_id < 0:
+        raise ValueError(f"k and val_k must be >= 1 and first_id >= 0, got {k}, {val_k}, {first_id}")
     out_dir = Path(out_dir)
     files = {}
-    for split, entropy, first in (("train", seed, first_id), ("val", [seed, 1], first_id + k)):
-        images, factors, identities = render_identities(k, views, entropy, IMAGE_SIZE)
+    for split, n, entropy, first in (("train", k, seed, first_id), ("val", val_k, [seed, 1], first_id + k)):
+        images, factors, identities = render_identities(n, views, entropy, IMAGE_SIZE)
         files[out_dir / f"{split}_teacher.npy"] = save_npy(images)
         files[out_dir / f"{split}_factors.csv"] = _save_factors(factors, identities + first)
     write_dataset(out_dir, files)
@@ -326,6 +328,9 @@ def get_parser() -> argparse.ArgumentParser:
                    "seen --views times: the anatomy factors fixed per identity, the nuisance factors drawn per view")
     p.add_argument("--views", type=positive_int, default=argparse.SUPPRESS, metavar="V",
                    help=f"images per identity (default: {VIEWS}; only with --identities)")
+    p.add_argument("--val-identities", type=positive_int, default=argparse.SUPPRESS, metavar="KV",
+                   help="identities of the val split (default: K; only with --identities): a smaller val split "
+                   "makes every epoch's validation cheaper")
     p.add_argument("--first-identity", type=non_negative_int, default=argparse.SUPPRESS, metavar="N",
                    help="number of the first identity (train N..N+K-1, val N+K..N+2K-1; default 0; only with "
                    "--identities): sets rendered with another seed are other identities, give them other numbers")
@@ -341,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     given = vars(args)
     if args.identities is not None and ("n_train" in given or "n_val" in given):
         p.error("--n-train/--n-val: not with --identities (it renders K x --views images per split)")
-    if args.identities is None and ("views" in given or "first_identity" in given):
-        p.error("--views, --first-identity: only with --identities")
+    if args.identities is None and ("views" in given or "first_identity" in given or "val_identities" in given):
+        p.error("--views, --val-identities, --first-identity: only with --identities")
     out = Path(args.out)
     try:
         check_output_dir(out)
@@ -357,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             what = f"{n_train:,} train + {n_val:,} val synthetic ears"
         else:
             views = given.get("views", VIEWS)
-            write_synthetic_identities(out, args.identities, views, args.seed, given.get("first_identity", 0))
-            n_train = n_val = args.identities * views
-            what = (f"{n_train:,} train + {n_val:,} val synthetic ears ({args.identities:,} identities per split x "
-                    f"{views:,} views)")
+            val_k = given.get("val_identities", args.identities)
+            write_synthetic_identities(out, args.identities, views, args.seed, given.get("first_identity", 0), val_k)
+            n_train, n_val = args.identities * views, val_k * views
+            what = (f"{n_train:,} train + {n_val:,} val synthetic ears ({args.identities:,} + {val_k:,} identities "
+                    f"x {views:,} views)")
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -188,7 +188,7 @@ def test_write_synthetic_identities_numbers_identities_apart_per_split(tmp_path)
 def test_synth_cli_identities_and_its_argument_errors(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "d"), "--identities", "2", "--views", "3", "--seed", "4",
                  "--first-identity", "10"]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote 6 train + 6 val synthetic ears (2 identities per split x 3 "
+    assert capsys.readouterr().out.startswith(f"wrote 6 train + 6 val synthetic ears (2 + 2 identities x 3 "
                                               f"views) to {tmp_path / 'd'}/ (")
     for split, ids in (("train", [10, 11]), ("val", [12, 13])):  # --first-identity 10: train 10..11, val 12..13
         table = np.loadtxt(tmp_path / "d" / f"{split}_factors.csv", delimiter=",", skiprows=1)
@@ -196,11 +196,17 @@ def test_synth_cli_identities_and_its_argument_errors(tmp_path, capsys):
     images, _, _ = render_identities(2, 3, seed=4)
     assert np.load(tmp_path / "d" / "train_teacher.npy").tobytes() == images.tobytes()
     assert np.load(tmp_path / "d" / "val_teacher.npy").shape == (6, 128, 128, 3)
+    assert main(["--out", str(tmp_path / "v"), "--identities", "2", "--views", "3", "--seed", "4",
+                 "--val-identities", "1"]) == 0  # a smaller val split: 1 identity numbered after train's
+    assert "6 train + 3 val synthetic ears (2 + 1 identities x 3 views)" in capsys.readouterr().out
+    assert np.loadtxt(tmp_path / "v" / "val_factors.csv", delimiter=",", skiprows=1)[:, -1].tolist() == [2, 2, 2]
+    assert np.load(tmp_path / "v" / "train_teacher.npy").tobytes() == images.tobytes()  # train unchanged
     mixed = "--n-train/--n-val: not with --identities (it renders K x --views images per split)"
+    only = "--views, --val-identities, --first-identity: only with --identities"
     for argv, message in ((["--identities", "2", "--n-train", "5"], mixed),
                           (["--identities", "2", "--n-val", "5"], mixed),
-                          (["--views", "3"], "--views, --first-identity: only with --identities"),
-                          (["--first-identity", "3"], "--views, --first-identity: only with --identities")):
+                          (["--views", "3"], only), (["--first-identity", "3"], only),
+                          (["--val-identities", "3"], only)):
         with pytest.raises(SystemExit) as e:  # argparse's usage and one error line, exit 2
             main(["--out", str(tmp_path / "e"), *argv])
         assert e.value.code == 2
