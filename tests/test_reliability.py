@@ -21,7 +21,7 @@ import train
 from conftest import ROOT, TWO_VIEWS, Hostile, build_once, tiny_train_args
 from model import CheckpointError
 
-STEPS = 12  # of 16 in the schedule (2 epochs x 8 steps): runs end mid-epoch
+STEPS = 6  # of 8 in the schedule (2 epochs x 4 steps of small_synth_dir): runs end mid-epoch, after an epoch's end
 
 
 def run_cli(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -52,26 +52,34 @@ def train_losses(log_dir: Path) -> dict[int, str]:
     return {int(r["step"]): r["loss"] for r in csv.DictReader(open(log_dir / "metrics.csv")) if r["split"] == "train"}
 
 
+@pytest.fixture(scope="session")
+def small_synth_dir(tmp_path_factory) -> Path:
+    """32 training ears (4 steps of 8 per epoch) and 8 val ears: the resume tests' runs at half synth_dir's cost."""
+    import synth
+    return build_once(tmp_path_factory, "small_synth", lambda d: synth.write_synthetic(d, n_train=32, n_val=8, seed=0))
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["accum1", "accum2"])
-def reference(request, synth_dir, tmp_path_factory):
+def reference(request, small_synth_dir, tmp_path_factory):
     """An uninterrupted run of STEPS optimizer steps (with 1 and with 2 micro-steps per step)."""
     accum = request.param
     extra = ["--epochs", "2", "--max-steps", str(STEPS), "--accum-steps", str(accum), "--batch-size", str(8 // accum),
              *TWO_VIEWS]  # both views' augmentation and noise must resume exactly too
-    run = build_once(tmp_path_factory, f"ref_accum{accum}", lambda d: train.main(tiny_train_args(synth_dir, d, *extra)))
+    run = build_once(tmp_path_factory, f"ref_accum{accum}",
+                     lambda d: train.main(tiny_train_args(small_synth_dir, d, *extra)))
     return run, extra
 
 
 # 2. resume equivalence --------------------------------------------------------------------------------------------
 
-def test_stop_and_resume_in_a_new_process_equals_one_uninterrupted_run(reference, synth_dir, tmp_path):
-    """Stop after step 5 (mid-epoch), resume in a new process: the same run bit for bit. With 1 micro-step the resume
+def test_stop_and_resume_in_a_new_process_equals_one_uninterrupted_run(reference, small_synth_dir, tmp_path):
+    """Stop after step 3 (mid-epoch), resume in a new process: the same run bit for bit. With 1 micro-step the resume
     names the checkpoint alone (`train.py --resume RUN/checkpoints/last.pt`) from another directory: it continues
     in the run's own folders with the run's settings (a changed --lr is ignored, said so) and writes nothing to the
     current directory; with 2 it repeats the run's flags and adds --resume."""
     ref_run, extra = reference
-    first = [a if a != str(STEPS) else "5" for a in extra]  # stop after step 5: mid-epoch
-    r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path, *first))
+    first = [a if a != str(STEPS) else "3" for a in extra]  # stop after step 3: mid-epoch
+    r = run_cli("train.py", *tiny_train_args(small_synth_dir, tmp_path, *first))
     assert r.returncode == 0, r.stderr
     if extra[extra.index("--accum-steps") + 1] == "1":
         elsewhere = tmp_path / "elsewhere"
@@ -83,7 +91,7 @@ def test_stop_and_resume_in_a_new_process_equals_one_uninterrupted_run(reference
         assert "--lr 0.5 ignored" in r.stdout
         assert not any(elsewhere.iterdir())  # nothing written to ./checkpoints or ./logs of the current directory
     else:
-        r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path, *extra, "--resume"))
+        r = run_cli("train.py", *tiny_train_args(small_synth_dir, tmp_path, *extra, "--resume"))
         assert r.returncode == 0, r.stderr
     a = torch.load(ref_run / "checkpoints/last.pt", weights_only=True)
     b = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
@@ -95,11 +103,11 @@ def test_stop_and_resume_in_a_new_process_equals_one_uninterrupted_run(reference
 
 @pytest.mark.parametrize("reference, sig", [(1, signal.SIGINT), (2, signal.SIGTERM)], indirect=["reference"],
                          ids=["accum1-SIGINT", "accum2-SIGTERM"])  # each signal and each accumulation once (pairwise)
-def test_signal_saves_at_the_next_step_boundary_and_resume_is_the_same_run(reference, synth_dir, tmp_path, sig):
+def test_signal_saves_at_the_next_step_boundary_and_resume_is_the_same_run(reference, small_synth_dir, tmp_path, sig):
     ref_run, extra = reference
-    args = [sys.executable, str(ROOT / "train.py"), *tiny_train_args(synth_dir, tmp_path, *extra)]
+    args = [sys.executable, str(ROOT / "train.py"), *tiny_train_args(small_synth_dir, tmp_path, *extra)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    target = 2 + os.getpid() % 5  # "a random step" that is reproducible from the test log
+    target = 2 + os.getpid() % 2  # "a random step" (2 or 3) that is reproducible from the test log
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (tmp_path / "logs/metrics.csv").exists() and max(train_losses(tmp_path / "logs"), default=0) >= target:
@@ -111,7 +119,7 @@ def test_signal_saves_at_the_next_step_boundary_and_resume_is_the_same_run(refer
     stopped = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
     assert target <= stopped["step"] < STEPS
     assert max(train_losses(tmp_path / "logs")) == stopped["step"]  # saved at the step it finished
-    r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path, *extra, "--resume"))
+    r = run_cli("train.py", *tiny_train_args(small_synth_dir, tmp_path, *extra, "--resume"))
     assert r.returncode == 0, r.stderr
     states_equal(torch.load(ref_run / "checkpoints/last.pt", weights_only=True),
                  torch.load(tmp_path / "checkpoints/last.pt", weights_only=True))
