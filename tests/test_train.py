@@ -227,7 +227,7 @@ def smaller_tiny(encoder: str = "sam", **overrides):
     for torch.compile to turn into kernels (compiling the tiny model's training step takes minutes on 2 cores)."""
     enc = {**tiny_config(encoder).encoder_config, "num_hidden_layers": 2, "global_attn_indexes": [1]}
     return tiny_config(encoder, **{"encoder_config": enc, "feature_blocks": (1,), "freeze_blocks": 1,
-                                   "decoder_channels": (32, 16, 16), **overrides})
+                                   "decoder_channels": (16, 8), "fuse_channels": 16, **overrides})
 
 
 @pytest.mark.slow
@@ -249,7 +249,7 @@ def test_compile_trains_like_eager_and_saves_the_same_checkpoint_layout(synth_di
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)  # fused kernels: rounding differs only
     a = torch.load(tmp_path / "eager/checkpoints/last.pt", weights_only=True)
     b = torch.load(tmp_path / "compiled/checkpoints/last.pt", weights_only=True)
-    assert list(a["model_config"]["decoder_channels"]) == [32, 16, 16]  # the smaller model was the one trained
+    assert list(a["model_config"]["decoder_channels"]) == [16, 8]  # the smaller model was the one trained
     assert list(a["model"]) == list(b["model"])  # compiled in place: no `_orig_mod.` prefixes, loads without --compile
 
 
