@@ -9,6 +9,7 @@ speed does not depend on them.
     python bench.py --markdown BENCHMARKS.md          # also append the tables there (device, command, date)
     python bench.py --json bench.json                 # also every figure as JSON
     python bench.py --estimate-memory                 # no GPU needed: estimated peak memory at 1024, batch 1-16
+    python bench.py --students mobilenet_v3_small     # inference: students beside the SAM ViT-B teacher at 1024
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from inference import PRECISIONS, resolve_precision, autocast as inference_autoc
 from cli import int_range, non_negative_int, positive_int, safe_console
 from files import check_output_file, save_json, write_outputs
 from train import get_parser as train_parser, loss_config
+from student import ARCHS, Student, StudentConfig, teacher_targets
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -367,7 +369,58 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate-memory", action="store_true", help="only estimate the peak GPU memory of a bf16 "
                    "training step, no GPU needed (fake tensors): plain, grad checkpointing and flex, at --sizes "
                    "(here default 1024) and --batch-sizes (here default 1 4 8 16)")
+    p.add_argument("--students", nargs="+", choices=list(ARCHS), default=None, metavar="ARCH",
+                   help=f"only inference speed: each student ({', '.join(ARCHS)}; random weights, input "
+                        f"--student-input-size) beside the full SAM ViT-B teacher (encoder + head, what a student "
+                        f"replaces) at the first of --sizes (here default 1024), batch --batch-sizes (here default 16)")
+    p.add_argument("--student-input-size", type=int_range(32), default=StudentConfig.input_size,
+                   help="the students' input side for --students")
     return p
+
+
+@torch.no_grad()
+def student_speed(archs: list[str], size: int, batch: int, student_input: int, device: torch.device,
+                  steps: int) -> list[dict]:
+    """Inference images/s, forward only, of the full SAM ViT-B teacher at input `size` (its encoder and VAE head:
+    what a student replaces; random weights) and of each student arch at `student_input`, on the same device and
+    batch, under the device's automatic precision (fp32 on CPU), each after one untimed warm-up step. -> rows
+    {"model", "input", "params_m", "img_s", "speedup"} (speedup: images/s over the teacher's)."""
+    precision = resolve_precision("auto", device)
+    autocast = inference_autocast(device, PRECISIONS[precision])
+    x = torch.rand(batch, 3, 128, 128, device=device)
+
+    def timed(forward: Callable[[], object]) -> float:
+        with autocast:
+            forward()  # warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                forward()
+            sync(device)
+        return batch * steps / (time.perf_counter() - t0)
+
+    def row(name: str, input_size: int, model: nn.Module, forward: Callable[[], object]) -> dict:
+        r = dict(model=name, input=input_size, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                 img_s=timed(forward))
+        print(f"{name}: {r['img_s']:.3g} images/s", flush=True)
+        return r
+
+    torch.manual_seed(0)
+    teacher = build_model(sam_config(pretrained=False, input_size=size)).to(device).eval()
+    rows = [row("SAM ViT-B teacher", size, teacher, lambda: teacher_targets(teacher, x))]
+    teacher = None  # its memory, before the students
+    cfg = StudentConfig(pretrained=False, latent_dim=sam_config().latent_dim, input_size=student_input)
+    for arch in archs:
+        student = Student(replace(cfg, arch=arch)).to(device).eval()
+        rows.append(row(f"student {arch}", student_input, student, lambda: student(x)))
+    for r in rows:
+        r["speedup"] = r["img_s"] / rows[0]["img_s"]
+    return rows
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -379,6 +432,21 @@ def main() -> None:
         except ValueError as e:
             p.error(f"--json {e}")
     cuda = torch.cuda.is_available()
+    if args.students:
+        device = torch.device("cuda" if cuda else "cpu")
+        name = (torch.cuda.get_device_name(device) if cuda else
+                f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+        size, batch = (args.sizes or [1024])[0], (args.batch_sizes or [16])[0]
+        rows = student_speed(args.students, size, batch, args.student_input_size, device, args.steps)
+        md = "\n".join(["| model | input | parameters (M) | images/s | x teacher |", "|---|---|---|---|---|",
+                         *[f"| {r['model']} | {r['input']} | {r['params_m']:.2f} | {r['img_s']:.3g} | "
+                           f"{r['speedup']:.3g} |" for r in rows]])
+        out = (f"### {date.today()} - {name}: students beside the teacher (inference, batch {batch})\n\n"
+               f"`python bench.py {' '.join(sys.argv[1:])}`\n\n{md}\n")
+        publish(out, args.markdown)
+        if args.json:
+            write_outputs({args.json: save_json(dict(run_info(), device=name, complete=True, students=rows))})
+        return
     if args.estimate_memory:
         def save(est: list[dict], complete: bool = False) -> None:  # after every row, as the measuring run does
             if args.json:
@@ -387,10 +455,7 @@ def main() -> None:
         md, est = estimate_table(args.sizes or [1024], args.batch_sizes or [1, 4, 8, 16], random_vgg_file(), save)
         out = (f"### {date.today()} - estimate (fake tensors, no GPU)\n\n`python bench.py {' '.join(sys.argv[1:])}`"
                f"\n\n{md}\n")
-        print("\n" + out)
-        if args.markdown:
-            with open(args.markdown, "a") as f:
-                f.write("\n" + out)
+        publish(out, args.markdown)
         save(est, complete=True)
         return
     args.sizes = args.sizes or ([1024, 512, 256] if cuda else [256])
@@ -438,11 +503,16 @@ def main() -> None:
                  f"{pipe:.0f} images/s" + (f", {pipe / fastest:.1f}x the fastest training rate above" if fastest else ""))
     out = (f"### {date.today()} - {name}{' (CPU figures)' if not cuda else ''}\n\n"
            f"`python bench.py {' '.join(sys.argv[1:])}`\n\n{table(rows)}\n\n" + "\n\n".join(notes) + "\n")
-    print("\n" + out)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + out)
+    publish(out, args.markdown)
     save(pipe)
+
+
+def publish(text: str, markdown: str | None) -> None:
+    """Print a result's markdown section, and append it to the --markdown file when one is given."""
+    print("\n" + text)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write("\n" + text)
 
 
 def run_info() -> dict:

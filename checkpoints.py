@@ -12,6 +12,7 @@ Every problem with a file is a CheckpointError naming it. Nothing here ever unpi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -58,8 +59,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # anything else the parser raises on a damaged file (EOFError, IndexError, ...)
         reason = " ".join(str(e).split())[:160] or "no detail"
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: {reason})") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise CheckpointError(f"{path}: not an ear-teacher checkpoint (expected keys 'model' and 'model_config')")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not ("model_config" in ckpt or "student_config" in ckpt):
+        raise CheckpointError(f"{path}: not an ear-teacher checkpoint (expected keys 'model' and 'model_config', or "
+                              f"'student_config' for a student)")
     return ckpt
 
 
@@ -158,6 +160,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
     when the caller has read it already, so it is not read twice."""
     if ckpt is None:
         ckpt = read_checkpoint(path, map_location)
+    if "student_config" in ckpt:
+        raise CheckpointError(f"{path}: a student's checkpoint (train.py --teacher), not a teacher's: evaluate it with "
+                              f"eval.py, load it with student.load_student")
     exported = Path(path).is_dir()
     try:
         model = build_model(config_from_checkpoint(ckpt))
@@ -166,6 +171,18 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
         raise CheckpointError(f"{where}: its model config cannot be built ({type(e).__name__}: {e})") from e
     load_state(model, ckpt.get("ema") or ckpt["model"], Path(path) / EXPORT_WEIGHTS if exported else path)
     return model.to(map_location).eval(), model.cfg
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 (hex) of a model's state dict: every tensor's name, dtype, shape and bytes in name order. Two models
+    hash equal exactly when their weights are bit-identical, whatever file they were read from; train.py keeps a
+    distillation run's teacher hash to refuse resuming against another teacher."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def export_model(model_or_ckpt: EarVAE | str | Path, out_dir: str | Path,

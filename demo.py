@@ -1,7 +1,8 @@
 """The whole job on the built-in synthetic ears, CPU-sized (7 to 30 minutes on 2 cores, by machine):
 synthesise identity-labelled ears -> train the tiny model (reconstruction + SupCon on the identities) -> evaluate
-it -> draw its eigenears -> recognise new identities from its identity embedding, beside the raw pixels. Every
-artefact lands in --out.
+it -> draw its eigenears -> recognise new identities from its identity embedding, beside the raw pixels -> distil a
+student (a random mobilenet_v3_small) from it and recognise the same identities with the student, beside the teacher,
+the pixels and their speeds. Every artefact lands in --out.
 
     python demo.py                     # writes demo/
     python demo.py --identity-table    # + the same training with the term off and label-free: identity_table.md
@@ -23,6 +24,8 @@ BATCH = 16  # the training batch: 4 identities x 4 views (SupCon's P x K)
 VIEWS = 4  # images per synthetic identity, in training and in the new identities
 CONTRASTIVE_WEIGHT = 0.1  # the contrastive term of the demo's training
 VAL_IDENTITIES = 100  # the val split, validated every epoch: 400 ears (2000 took a fifth of the demo's time)
+STUDENT = ("--student-arch", "mobilenet_v3_small", "--student-input-size", "64")  # random trunk (--no-pretrained)
+STUDENT_EPOCHS = 10  # of the student's distillation on the teacher's training ears
 THREADS = "2"  # CPU threads of every step, unless OMP_NUM_THREADS is set: the README's figures are for 2 threads
 
 
@@ -100,6 +103,12 @@ def main() -> None:
         "--seed", "1", "--first-identity", str(2 * args.train_identities))  # numbers apart from training's
     new_ids = ["--data", f"{out}/identities/val_teacher.npy", "--identity"]
     run("eval.py", f"{out}/checkpoints/best.pt", *new_ids, "--out", f"{out}/identity")
+    # a student learns the teacher's identity embedding and mu on the same ears, then recognises the new identities
+    run("train.py", "--teacher", f"{out}/checkpoints/best.pt", "--no-pretrained", *STUDENT, "--data-dir",
+        f"{out}/data", "--ckpt-dir", f"{out}/checkpoints_student", "--log-dir", f"{out}/logs_student", "--epochs",
+        str(STUDENT_EPOCHS), "--batch-size", str(BATCH), "--lr", "1e-3", "--encoder-lr-scale", "1",
+        "--warmup-steps", "50", "--log-every", "25", "--workers", "1")
+    run("eval.py", f"{out}/checkpoints_student/best.pt", *new_ids, "--out", f"{out}/identity_student")
     if args.identity_table:  # the same training with the term off and label-free, on the same data
         train(out, "off", args.epochs, "--contrastive-weight", "0")
         train(out, "ntxent", args.epochs, "--contrastive-weight", str(CONTRASTIVE_WEIGHT), "--contrastive", "nt-xent")

@@ -20,6 +20,13 @@ file (data.read_identities: X_index.csv column subject, or X_factors.csv column 
 baseline, the raw pixels of the same images centred on their mean image (metrics.json "identity_pixels", the console
 and the model card). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
 model.export_model(CKPT, DIR) with these metrics in its model card.
+
+A student's checkpoint (train.py --teacher) or save_pretrained folder gives what applies to a student: its agreement
+with its teacher (cosine of the identity embeddings per image, and of mu), the images/s of student and teacher
+measured in the same run on the same device, and with --identity the recognition figures of the student beside the
+teacher's and the pixels'. --export then writes the student's save_pretrained folder.
+
+    python eval.py student/best.pt --data identities/val_teacher.npy --identity
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import argparse
 import csv
 import io
 import sys
+import time
 from pathlib import Path
 
 import matplotlib
@@ -45,12 +53,13 @@ from inference import (add_inference_args, autocast, batches, checkpoint_info, d
                        out_of_memory_error, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
 from checkpoints import CheckpointError, export_model, load_model, read_checkpoint  # noqa: E402
-from model import EarVAE, WeightsUnavailableError  # noqa: E402
+from model import EarVAE, WeightsUnavailableError, count  # noqa: E402
 from recognition import probe_ranks, recognition_metrics  # noqa: E402
+from student import Student, is_student_folder, load_student, teacher_targets  # noqa: E402
 
 TARGETS = {"psnr": 28.0, "ssim": 0.85}  # the original design's goals (dB, SSIM on [0, 1] RGB)
 FIGURE_SEED = 0  # seed of the choice of the 8 random examples and of the retrieval queries
-OPTIONAL_FIGURES = ("retrieval.png",)  # written only with some flags: removed from --out when a run does not
+FIGURES = ("reconstructions.png", "retrieval.png")  # what a run may draw: one it does not is removed from --out
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -72,6 +81,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--vgg-weights", default=None, metavar="PATH",
                    help="VGG16 backbone of --lpips: a local .pth/.safetensors state dict (default: torchvision's "
                         "ImageNet VGG16 from $TORCH_HOME, as in training)")
+    p.add_argument("--teacher", default=None, metavar="PATH",
+                   help="a student's teacher (checkpoint or exported folder) to compare it with (default: the teacher "
+                        "its run distilled from; a student's save_pretrained folder does not name one)")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="once the evaluation has succeeded, export the model to DIR (config.json, model.safetensors "
                         "and a README.md model card with these metrics; load with model.load_model(DIR))")
@@ -133,13 +145,14 @@ def summarize(per_image: dict[str, np.ndarray]) -> dict:
     return s
 
 
-CSV_COLUMNS = ("index", "psnr", "ssim", "mae", "mse", "kl", "lpips", "identity", "rank")  # those present are written
+CSV_COLUMNS = ("index", "psnr", "ssim", "mae", "mse", "kl", "lpips", "agreement", "mu_cosine", "identity",
+               "rank")  # those present are written
 
 
 def save_csv(per_image: dict[str, np.ndarray]) -> Writer:
     """per_image.csv: one row per image: index in the file, psnr, ssim, mae, mse, kl (lpips with --lpips; full float
-    precision), and with --identity the image's identity label (-1: unlabelled) and its rank (probe_ranks; 0: not a
-    probe)."""
+    precision) or a student's agreement and mu_cosine with its teacher, and with --identity the image's identity
+    label (-1: unlabelled) and its rank (probe_ranks; 0: not a probe)."""
     cols = [k for k in CSV_COLUMNS if k in per_image]
     as_int = {k: np.issubdtype(per_image[k].dtype, np.integer) for k in cols}
 
@@ -278,6 +291,27 @@ def report(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(args: argparse.Namespace, metrics: dict, per_image: dict[str, np.ndarray],
+                  figures: dict[str, plt.Figure], report_text: str) -> None:
+    """OUT/metrics.json, OUT/per_image.csv, the figures and (--export-latents) mu and its indices, written together
+    (files.write_outputs); then an earlier evaluation's figure that this one did not draw is removed (it would sit
+    beside these metrics as if it were theirs), and the report and the written files are printed."""
+    out = Path(args.out)
+    files = {out / "metrics.json": save_json(metrics), out / "per_image.csv": save_csv(per_image),
+             **{out / name: save_figure(fig) for name, fig in figures.items()}}
+    if args.export_latents is not None:
+        latents = Path(args.export_latents)
+        files[latents] = save_npy(per_image["mu"].astype(np.float32))
+        files[latents.with_name(latents.stem + "_index.npy")] = save_npy(per_image["index"].astype(np.int64))
+    stale = [out / name for name in FIGURES if out / name not in files and (out / name).exists()]
+    write_outputs(files)
+    for path in stale:
+        path.unlink()
+    print(report_text)
+    print(f"wrote {', '.join(str(p) for p in files)}" + (f"; removed the earlier {', '.join(p.name for p in stale)}"
+                                                        if stale else ""))
+
+
 def card_metrics(metrics: dict) -> dict[str, float | int | str]:
     """The flat table of metrics.json's headline numbers for the model card of --export."""
     card = {"data": Path(metrics["data"]).name, "images": metrics["n_images"],
@@ -341,7 +375,14 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"{flag} {e}")
     device, dtype = setup(args, parser)
 
-    ckpt = read_checkpoint(args.ckpt)
+    student_folder = is_student_folder(args.ckpt)
+    ckpt = {"model": None, "run_config": None} if student_folder else read_checkpoint(args.ckpt)
+    if student_folder or "student_config" in ckpt:
+        if args.lpips:
+            parser.error("--lpips measures reconstructions, and a student has none")
+        return evaluate_student(args, ckpt, device, dtype)
+    if args.teacher is not None:
+        parser.error(f"--teacher: {args.ckpt} is a teacher; --teacher names a student's teacher")
     info = checkpoint_info(ckpt)
     data_path = data_file(args.data, info, "val", args.ckpt)
     ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
@@ -378,24 +419,152 @@ def main(argv: list[str] | None = None) -> dict:
         found = retrieval(per_image["embedding"], labels, per_image["rank"])
         figures["retrieval.png"] = retrieval_figure(ds, per_image, found)
 
-    out = Path(args.out)
-    files = {out / "metrics.json": save_json(metrics), out / "per_image.csv": save_csv(per_image),
-             **{out / name: save_figure(fig) for name, fig in figures.items()}}
-    if args.export_latents is not None:
-        latents = Path(args.export_latents)
-        files[latents] = save_npy(per_image["mu"].astype(np.float32))
-        files[latents.with_name(latents.stem + "_index.npy")] = save_npy(per_image["index"].astype(np.int64))
-    stale = [out / name for name in OPTIONAL_FIGURES if out / name not in files and (out / name).exists()]
-    write_outputs(files)
-    for path in stale:  # an earlier evaluation's figure would sit beside these metrics as if it were theirs
-        path.unlink()
-    print(report(metrics))
-    print(f"wrote {', '.join(str(p) for p in files)}" + (f"; removed the earlier {', '.join(p.name for p in stale)}"
-                                                        if stale else ""))
+    write_results(args, metrics, per_image, figures, report(metrics))
     if args.export is not None:
         written = export_model(args.ckpt, args.export, card_metrics(metrics))  # its three files together or none
         print(f"exported the model to {', '.join(str(p) for p in written)}")
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# a student (train.py --teacher)
+
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def student_outputs(student: Student, teacher: EarVAE, ds: EarDataset, batch_size: int, device: torch.device,
+                    dtype: torch.dtype, workers: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Student and teacher on every kept image of ds, both under autocast(device, dtype), batch by batch in turn.
+    -> ({"index": (N,) int64, "agreement": (N,) cosine of the two identity embeddings, "mu_cosine": (N,) cosine of
+    the two mu, "embedding": (N, E) the student's, "teacher_embedding": (N, E), "mu": (N, latent_dim) the student's},
+    {"student": images/s, "teacher": images/s}: forward time alone (no data loading), after one untimed warm-up
+    batch of each; the teacher's is encoder + head, what a student replaces)."""
+    out: dict[str, list] = {k: [] for k in ("index", "agreement", "mu_cosine", "embedding", "teacher_embedding",
+                                            "mu")}
+    seconds, n = {"student": 0.0, "teacher": 0.0}, 0
+    for b, (x, index) in enumerate(batches(ds, batch_size, device, workers, desc=f"student and teacher on "
+                                                                                 f"{ds.path.name}")):
+        with autocast(device, dtype):
+            if b == 0:  # warm-up: allocations and kernel choice are not what the speed is about
+                student(x), teacher_targets(teacher, x)
+            t0 = clock(device)
+            s = student(x)
+            t1 = clock(device)
+            t = teacher_targets(teacher, x)
+            t2 = clock(device)
+        seconds["student"] += t1 - t0
+        seconds["teacher"] += t2 - t1
+        n += len(x)
+        s_embed, t_embed, s_mu, t_mu = s["embed"].float(), t["embed"].float(), s["mu"].float(), t["mu"].float()
+        for k, v in (("agreement", torch.nn.functional.cosine_similarity(s_embed, t_embed)),
+                     ("mu_cosine", torch.nn.functional.cosine_similarity(s_mu, t_mu)), ("embedding", s_embed),
+                     ("teacher_embedding", t_embed), ("mu", s_mu)):
+            out[k].append(v.cpu())
+        out["index"].append(index)
+    res = {k: torch.cat(v).numpy() for k, v in out.items()}
+    res["agreement"], res["mu_cosine"] = res["agreement"].astype(np.float64), res["mu_cosine"].astype(np.float64)
+    return res, {k: n / v for k, v in seconds.items()}
+
+
+def evaluate_student(args: argparse.Namespace, ckpt: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """eval.py on a student: agreement with its teacher, speed of both, and with --identity recognition beside the
+    teacher and the pixels; OUT/metrics.json, OUT/per_image.csv (and OUT/retrieval.png) -> the metrics."""
+    info = checkpoint_info(ckpt)
+    teacher_path = args.teacher or (ckpt["run_config"] or {}).get("teacher")
+    if teacher_path is None:
+        raise CheckpointError(f"{args.ckpt}: a student's saved folder does not name its teacher: give --teacher")
+    data_path = data_file(args.data, info, "val", args.ckpt)
+    ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
+    labels = read_identities(data_path, ds) if args.identity else None
+    if args.identity and labels is None:
+        raise DataError(f"{data_path}: --identity needs identity labels: {missing_labels(data_path)}")
+    student = load_student(args.ckpt, device, None if is_student_folder(args.ckpt) else ckpt)
+    teacher, _ = load_model(teacher_path, device)
+    del ckpt
+    teacher_embed = teacher.cfg.embed_dim or teacher.cfg.latent_dim
+    if (student.cfg.embed_dim, student.cfg.latent_dim) != (teacher_embed, teacher.cfg.latent_dim):
+        raise CheckpointError(f"{teacher_path}: not this student's teacher: its embedding and latent are "
+                              f"{teacher_embed}-d and {teacher.cfg.latent_dim}-d, the student's "
+                              f"{student.cfg.embed_dim}-d and {student.cfg.latent_dim}-d")
+    print(f"{data_path}: {ds.summary()}")
+
+    per_image, speed = student_outputs(student, teacher, ds, args.batch_size, device, dtype, args.workers)
+    a = per_image["agreement"]
+    metrics = {"n_images": len(ds), "n_invalid": ds.n_total - len(ds), "checkpoint": str(args.ckpt),
+               "step": info["step"], "data": str(data_path), "student": student.cfg.arch, "teacher": str(teacher_path),
+               "agreement": {"mean": float(a.mean()), "median": float(np.median(a)), "p5": float(np.percentile(a, 5)),
+                             "min": float(a.min())},
+               "mu_cosine": float(per_image["mu_cosine"].mean()),
+               "speed": {"device": str(device), "batch_size": args.batch_size,
+                         "student_images_per_s": speed["student"], "teacher_images_per_s": speed["teacher"],
+                         "ratio": speed["student"] / speed["teacher"], "student_params": count(student)[0],
+                         "teacher_params": count(teacher)[0]}}
+    figures = {}
+    if labels is not None:
+        try:
+            metrics["identity"] = recognition_metrics(per_image["embedding"], labels)
+            per_image["rank"] = probe_ranks(per_image["embedding"], labels)
+            metrics["identity_teacher"] = recognition_metrics(per_image["teacher_embedding"], labels)
+            metrics["identity_pixels"] = recognition_metrics(pixel_embeddings(ds), labels)
+        except ValueError as e:
+            raise DataError(f"{data_path}: --identity: {e}") from e
+        metrics["train_overlap"] = training_overlap(info["train"], data_path)
+        per_image["identity"] = labels
+        figures["retrieval.png"] = retrieval_figure(ds, per_image, retrieval(per_image["embedding"], labels,
+                                                                             per_image["rank"]))
+    write_results(args, metrics, per_image, figures, student_report(metrics))
+    if args.export is not None:
+        student.save_pretrained(args.export, model_card_kwargs={"metrics": student_card_metrics(metrics)})
+        print(f"exported the student to {args.export}")
+    return metrics
+
+
+def student_report(metrics: dict) -> str:
+    """Console lines for a student's metrics.json."""
+    a, s = metrics["agreement"], metrics["speed"]
+    lines = [
+        f"checkpoint {metrics['checkpoint']} (step {metrics['step']}): a {metrics['student']} student of the teacher "
+        f"{metrics['teacher']}",
+        f"data       {metrics['data']} ({metrics['n_images']} images, {metrics['n_invalid']} invalid skipped)",
+        f"agreement  cosine of student and teacher identity embeddings: mean {a['mean']:.4f}, median "
+        f"{a['median']:.4f}, 5th percentile {a['p5']:.4f}, min {a['min']:.4f}; of mu: mean {metrics['mu_cosine']:.4f}",
+        f"speed      on {s['device']}, batch {s['batch_size']}, forward only: student {s['student_images_per_s']:.1f} "
+        f"images/s ({s['student_params'] / 1e6:.2f}M parameters), teacher {s['teacher_images_per_s']:.1f} images/s "
+        f"({s['teacher_params'] / 1e6:.2f}M): {s['ratio']:.1f}x"]
+    if "identity" in metrics:
+        m = metrics["identity"]
+        lines.append(f"identity   {m['n_images'] - m['n_unlabelled']} labelled images of {m['n_identities']} "
+                     f"identities, {m['n_probes']} probes; leave-one-out, cosine similarity (chance rank-1 "
+                     f"{m['chance_rank1']:.3f})")
+        for name, key in (("student", "identity"), ("teacher", "identity_teacher"),
+                          ("baseline, centred raw pixels", "identity_pixels")):
+            m = metrics[key]
+            lines.append(f"  {name + ':':<30} rank-1 {m['rank1']:.3f}   rank-5 {m['rank5']:.3f}   EER {m['eer']:.3f}"
+                         f"   ROC AUC {m['roc_auc']:.3f}")
+        lines.append(f"  {'warning: ' if metrics['train_overlap']['shared'] else ''}{metrics['train_overlap']['note']}")
+    return "\n".join(lines)
+
+
+def student_card_metrics(metrics: dict) -> dict[str, float | int | str]:
+    """The flat table of a student's headline numbers for its model card (--export)."""
+    s = metrics["speed"]
+    card = {"data": Path(metrics["data"]).name, "images": metrics["n_images"], "teacher": metrics["teacher"],
+            "agreement with the teacher (cosine of identity embeddings, mean)": metrics["agreement"]["mean"],
+            "agreement of mu (cosine, mean)": metrics["mu_cosine"],
+            f"images/s on {s['device']} (batch {s['batch_size']})": s["student_images_per_s"],
+            "teacher images/s, same run": s["teacher_images_per_s"]}
+    if "identity" in metrics:
+        for name, key in (("", "identity"), (", teacher", "identity_teacher"),
+                          (", baseline: centred raw pixels", "identity_pixels")):
+            m = metrics[key]
+            card.update({f"rank-1{name}": m["rank1"], f"verification EER{name}": m["eer"]})
+        card["identities also in training"] = metrics["train_overlap"]["card"]
+    return card
 
 
 if __name__ == "__main__":

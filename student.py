@@ -7,6 +7,10 @@
       -> "embed": Linear -> L2-normalised (B, embed_dim)      the teacher's identity embedding (EarVAE.embed)
       -> "mu":    Linear -> (B, latent_dim)                    the teacher's posterior mean
 
+`train.py --teacher CKPT` trains one (the training loop of the teacher, with losses.DistillLoss against
+teacher_targets on the same augmented images), `load_student(path)` loads it, `eval.py STUDENT.pt --identity`
+measures it beside its teacher and the pixels.
+
 `Student(StudentConfig(...))` builds one: the trunk from torchvision's ImageNet weights (through its cache, the
 loading path of the perceptual loss's VGG16: losses.load_torchvision_weights), from a local state dict, or random on
 purpose (pretrained=False); never a silent fallback. The config is stored with the weights: Student shares through
@@ -15,6 +19,7 @@ README.md, from_pretrained(dir or hub id), push_to_hub; checkpoints.py). losses.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, CheckpointError, card_metadata, config_problem,
-                         load_state, metrics_table, read_folder_config, read_folder_weights)
+                         load_state, metrics_table, read_checkpoint, read_folder_config, read_folder_weights)
 from losses import load_torchvision_weights
-from model import IMAGENET_MEAN, IMAGENET_STD, ConfigError, SharedOnHub, count
+from model import IMAGENET_MEAN, IMAGENET_STD, ConfigError, EarVAE, SharedOnHub, count
 
 STUDENT_FORMAT = "ear-teacher-student/1"  # config.json's "format" in a saved student folder
 
@@ -117,6 +122,50 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
         model.cfg = cfg  # as saved: a re-save still says where the trunk started
         load_state(model, read_folder_weights(folder), folder / EXPORT_WEIGHTS)
         return model.to(map_location).eval()
+
+
+def load_student(path: str | Path, map_location: str | torch.device = "cpu", ckpt: dict | None = None) -> Student:
+    """A trained student in eval mode, from a train.py --teacher checkpoint (its EMA weights when the run kept them;
+    `ckpt`: read_checkpoint(path)'s result when the caller has read it) or from a save_pretrained folder. A teacher's
+    checkpoint, or a config or weights that do not fit -> CheckpointError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        return Student.from_folder(path, map_location)
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    if "student_config" not in ckpt:
+        raise CheckpointError(f"{path}: a teacher's checkpoint, not a student's (train.py --teacher writes those)")
+    if problem := config_problem(ckpt["student_config"], StudentConfig):
+        raise CheckpointError(f"{path}: student_config {problem}")
+    cfg = StudentConfig(**ckpt["student_config"])
+    try:
+        model = Student(replace(cfg, pretrained=False))  # the weights come from the checkpoint
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its student_config cannot be built ({e})") from e
+    model.cfg = cfg
+    load_state(model, ckpt.get("ema") or ckpt["model"], path)
+    return model.to(map_location).eval()
+
+
+def is_student_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder that Student.save_pretrained wrote (its config.json says STUDENT_FORMAT)."""
+    try:
+        config = json.loads((Path(path) / EXPORT_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("format") == STUDENT_FORMAT
+
+
+@torch.no_grad()
+def teacher_targets(teacher: EarVAE, x: torch.Tensor, features: bool = False) -> dict[str, torch.Tensor | list]:
+    """What a student learns from the teacher, for x (B, 3, 128, 128) in [0, 1]: {"embed": (B, E) the identity
+    embedding (EarVAE.embed), "mu": (B, latent_dim)} and, with `features`, {"features": [(B, C, h, w)] the encoder's
+    final pyramid map} (a FitNets hint's teacher side). Encoder and head only: the decoder does not run."""
+    feats = teacher.encoder.features(x)
+    mu, _ = teacher.head(feats)  # (B, latent_dim)
+    out = {"embed": teacher.embedding(mu), "mu": mu}
+    if features:
+        out["features"] = [feats[teacher.encoder.final_name]]
+    return out
 
 
 def build_torchvision(cfg: StudentConfig) -> nn.Module:

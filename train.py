@@ -5,9 +5,14 @@
         --data-dir demo/data --epochs 3                                # CPU-sized run on synthetic ears
     torchrun --nproc_per_node=4 train.py ...                           # DistributedDataParallel
     python train.py --resume                                           # continue checkpoints/last.pt
+    python train.py --teacher checkpoints/best.pt --ckpt-dir student   # distil a student from a trained teacher
 
 Every random draw of training (epoch order, augmentation, reparameterisation noise) is a function of
 (seed, epoch, sample index), so a resumed run, or a run on another number of GPUs, sees the same data and noise.
+With --teacher the same loop trains a student (student.py: a small torchvision CNN) to reproduce a trained
+teacher's identity embedding and mu (losses.DistillLoss), the frozen teacher computing its targets on the fly from
+the same augmented images.
+
 SIGINT / SIGTERM stop every process at the next optimizer step, after rank 0 has saved last.pt. torchrun passes a
 SIGTERM on to its processes and kills them --shutdown-timeout seconds later (30 by default): where writing last.pt
 takes longer, raise it.
@@ -31,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -39,11 +45,13 @@ from cli import (float_range, fraction, int_range, non_negative, non_negative_in
 from data import (UNLABELLED, AugConfig, DataError, EarDataset, IdentitySampler, ResumableSampler, augment,
                   make_loader, missing_labels, read_identities, sample_seed, to_float)
 from files import atomic_write, check_output_dir, save_figure, save_json
-from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
-from losses import LossConfig, VAELoss, psnr, ssim
-from checkpoints import CheckpointError, config_from_checkpoint, load_state, read_checkpoint
-from model import (ConfigError, VAEConfig, WeightsUnavailableError, build_model, dinov2_config, parameter_report,
-                   sam_config, tiny_config)
+from inference import PRECISIONS, resolve_device, resolve_precision, autocast as inference_autocast
+from losses import DistillConfig, DistillLoss, LossConfig, VAELoss, psnr, ssim
+from checkpoints import (CheckpointError, config_from_checkpoint, config_problem, load_model, load_state,
+                         read_checkpoint, weights_sha256)
+from model import (ConfigError, EarVAE, VAEConfig, WeightsUnavailableError, build_model, dinov2_config,
+                   parameter_report, sam_config, tiny_config)
+from student import ARCHS, Student, StudentConfig, teacher_targets
 
 DEFAULT_WEIGHTS = {"sam": sam_config().weights, "dinov2": dinov2_config().weights}
 # flags that may differ when resuming; every other flag comes from the checkpoint's run config
@@ -52,9 +60,17 @@ RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every",
                     "device", "batch_size", "accum_steps", "compile", "grad_checkpointing"}
 SANE_GROWTH = 1000.0  # a weight tensor whose max |value| passes this x max(its initial one, 1) has diverged
 CONTRASTIVE_MODES = ("auto", "supcon", "nt-xent")
+# flags that set how a teacher is built and trained, refused with --teacher (a student run), and the student's flags,
+# refused without it
+TEACHER_FLAGS = {"encoder", "weights", "tiny", "input_size", "freeze_blocks", "latent_dim", "embed_dim", "attn",
+                 "grad_checkpointing", "kl_weight", "perceptual_weight", "ssim_weight", "edge_weight",
+                 "contrastive_weight", "contrastive", "images_per_identity", "center_weight", "temperature",
+                 "vgg_weights"}
+STUDENT_FLAGS = {"student_arch", "student_weights", "student_input_size"}
 STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installed under __main__
 LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
-              "psnr", "ssim_metric", "grad_norm", "skipped", "img_per_s", "time"]
+              "psnr", "ssim_metric", "embed_cosine", "embed_l2", "mu_cosine", "mu_l2", "agreement", "grad_norm",
+              "skipped", "img_per_s", "time"]
 
 
 class TrainingError(RuntimeError):
@@ -113,6 +129,17 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=positive, default=loss.temperature, help="SupCon / NT-Xent temperature")
     g.add_argument("--vgg-weights", default=loss.vgg_weights, help="'imagenet' (torchvision) or a local VGG16 state "
                    "dict")
+    g = p.add_argument_group("distillation (--teacher: train a student instead of a teacher)")
+    g.add_argument("--teacher", default=None, metavar="PATH", help="distil a student from this trained teacher (a "
+                   "train.py checkpoint or an --export / save_pretrained folder): the student learns its identity "
+                   "embedding and mu (cosine + L2) on the same data and augmentation; the teacher's model and loss "
+                   "flags do not apply, --no-pretrained starts the student's trunk from random weights")
+    g.add_argument("--student-arch", choices=list(ARCHS), default=StudentConfig.arch, help="the student's "
+                   "torchvision trunk")
+    g.add_argument("--student-weights", default=StudentConfig.weights, help="'imagenet' (torchvision's cache) or a "
+                   "local state dict of the whole torchvision model")
+    g.add_argument("--student-input-size", type=int_range(32), default=StudentConfig.input_size, help="side the crop "
+                   "is resized to for the student")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=60, help="epochs; the learning-rate schedule spans them")
     g.add_argument("--batch-size", type=positive_int, default=4, help="images per GPU per micro-step")
@@ -131,7 +158,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
                    help="auto: bf16 where the GPU has it natively (compute capability >= 8), else fp16 + "
                         "GradScaler; fp32 on CPU")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda where there is a GPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the "
                    "model (minutes of compiling first; measured slower on CPU, see BENCHMARKS.md)")
     g.add_argument("--seed", type=seed_int, default=0, help="seed of every random draw")
@@ -147,7 +174,13 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_config(args):
+def model_config(args, teacher: EarVAE | None = None):
+    """The model a new run builds: the teacher's VAEConfig from the flags, or with --teacher the student's
+    StudentConfig, sized to the teacher's embedding and latent."""
+    if teacher is not None:
+        return StudentConfig(arch=args.student_arch, weights=args.student_weights, pretrained=not args.no_pretrained,
+                             embed_dim=teacher.cfg.embed_dim or teacher.cfg.latent_dim,
+                             latent_dim=teacher.cfg.latent_dim, input_size=args.student_input_size)
     if args.tiny and not args.no_pretrained and args.weights is None:
         raise WeightsUnavailableError("--tiny has no published weights: add --no-pretrained (random tiny backbone) "
                                       "or --weights DIR of a tiny backbone")
@@ -183,10 +216,12 @@ def images_per_identity(args: argparse.Namespace) -> int | None:
     return k
 
 
-def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset) -> tuple[str, np.ndarray | None, str]:
+def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset,
+                     world: int = 1) -> tuple[str, np.ndarray | None, str]:
     """The run's contrastive term -> ("off" | "supcon" | "nt-xent", the training file's identity labels (supcon) or
     None, why: a note for the log). --contrastive auto picks supcon when the file has labels (data.read_identities)
-    with at least one identity of 2 images and the batch holds 2 identities (images_per_identity), else nt-xent; on
+    with at least one identity of 2 images, the batch holds 2 identities (images_per_identity) and the identities
+    fill a global batch of `world` processes (data.IdentitySampler), else nt-xent; on
     supcon args.images_per_identity is set to the K used (the checkpoint keeps it). --contrastive supcon without such
     labels is a DataError naming the files looked for, with too small a batch a ConfigError; an embedding head
     (--embed-dim) without the term is a ConfigError."""
@@ -207,6 +242,8 @@ def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset) -> tuple[st
                f"more: its negatives are the other identities)")
         if args.contrastive == "supcon":
             raise ConfigError(f"--contrastive supcon: {why}; or use --contrastive nt-xent")
+    elif (n := len(np.unique(labels[labels != UNLABELLED]))) * k < (g := args.batch_size * args.accum_steps * world):
+        why = f"{n} identities x K={k} images do not fill one global batch of {g}"  # IdentitySampler would refuse
     else:
         args.images_per_identity = k
         return "supcon", labels, ""
@@ -292,8 +329,11 @@ def restart_command(args: argparse.Namespace, world: int) -> str:
 
 
 @torch.no_grad()
-def validate(model, loader, criterion, device, autocast, max_batches: int | None = None) -> dict[str, float]:
-    """Mean of every loss term, PSNR and SSIM over the (clean, un-augmented) validation images, mu as the code."""
+def validate(model, loader, criterion, device, autocast, max_batches: int | None = None,
+             teacher: EarVAE | None = None) -> dict[str, float]:
+    """Mean of every loss term over the (clean, un-augmented) validation images, and PSNR and SSIM with mu as the
+    code; for a student (teacher given) the distillation terms and its agreement with the teacher: the mean cosine
+    of their identity embeddings."""
     was_training = model.training
     model.eval()
     sums, n = {}, 0
@@ -303,9 +343,16 @@ def validate(model, loader, criterion, device, autocast, max_batches: int | None
         x = to_float(x.to(device, non_blocking=True))  # (B, 3, 128, 128)
         with autocast:
             out = model(x)
-            _, logs = criterion(out["recon"], x, out["mu"], out["logvar"])
-        recon = out["recon"].float()
-        logs = {**logs, "psnr": psnr(recon, x).mean(), "ssim_metric": ssim(recon, x).mean()}
+            if teacher is not None:
+                target = teacher_targets(teacher, x)
+                _, logs = criterion(out, target)
+            else:
+                _, logs = criterion(out["recon"], x, out["mu"], out["logvar"])
+        if teacher is not None:
+            logs["agreement"] = F.cosine_similarity(out["embed"].float(), target["embed"].float()).mean()
+        else:
+            recon = out["recon"].float()
+            logs = {**logs, "psnr": psnr(recon, x).mean(), "ssim_metric": ssim(recon, x).mean()}
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + v.float() * len(x)
         n += len(x)
@@ -336,7 +383,8 @@ def save_grid(model, x: torch.Tensor, path: Path, autocast) -> None:
         save_image(torch.cat([x, recon.float()]).cpu(), f, format="png", nrow=len(x), padding=2)
 
 
-def plot_curves(csv_path: Path, png_path: Path) -> None:
+def plot_curves(csv_path: Path, png_path: Path, score: str = "psnr") -> None:
+    """loss_curve.png: the loss, and the validation score that picks best.pt (PSNR, or a student's agreement)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -346,11 +394,12 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
         r = [row for row in rows if row["split"] == split and row["loss"]]
         if r:
             axes[0].plot([int(x["step"]) for x in r], [float(x["loss"]) for x in r], style, label=split)
-        r = [row for row in rows if row["split"] == split and row["psnr"]]
+        r = [row for row in rows if row["split"] == split and row.get(score)]
         if r:
-            axes[1].plot([int(x["step"]) for x in r], [float(x["psnr"]) for x in r], style, label=split)
+            axes[1].plot([int(x["step"]) for x in r], [float(x[score]) for x in r], style, label=split)
     axes[0].set(xlabel="optimizer step", ylabel="loss", yscale="log", title="loss")
-    axes[1].set(xlabel="optimizer step", ylabel="dB", title="validation PSNR")
+    axes[1].set(xlabel="optimizer step", **({"ylabel": "dB", "title": "validation PSNR"} if score == "psnr" else
+                {"ylabel": "cosine", "title": "validation agreement with the teacher"}))
     for a in axes:
         a.legend()
         a.grid(alpha=0.3)
@@ -366,6 +415,8 @@ class Run(NamedTuple):
     pretrained: bool  # whether the run's backbone started from pretrained weights (kept in what it saves)
     ckpt: dict | None  # the checkpoint resumed from, None for a new run
     ckpt_path: Path | None  # its file
+    teacher: EarVAE | None  # a student run's frozen teacher (on the CPU), None for a teacher's run
+    teacher_sha256: str | None  # its weights' hash (checkpoints.weights_sha256), kept in the student's checkpoints
 
 
 def resolve_run(parser: argparse.ArgumentParser, argv: list[str] | None, world: int, log) -> Run:
@@ -374,22 +425,28 @@ def resolve_run(parser: argparse.ArgumentParser, argv: list[str] | None, world: 
     args = parser.parse_args(argv)
     ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)
     if args.resume is None:
+        typed = typed_flags(parser, argv, args)
+        if args.teacher is not None and typed & TEACHER_FLAGS:
+            raise ConfigError(f"--teacher trains a student: {flag_names(typed & TEACHER_FLAGS)} set how a teacher is "
+                              f"built or trained and do not apply (the student's flags are --student-*)")
+        if args.teacher is None and typed & STUDENT_FLAGS:
+            raise ConfigError(f"{flag_names(typed & STUDENT_FLAGS)} set the student of a distillation run: add "
+                              f"--teacher CKPT (a trained teacher)")
         check_output_dirs(args)
         for f in (ckpt_dir / "last.pt", log_dir / "metrics.csv"):
             if f.exists():
                 raise TrainingError(f"{f} exists from an earlier run: pass --resume to continue it, "
                                     f"or choose another --ckpt-dir / --log-dir")
-        cfg = model_config(args)
-        return Run(args, cfg, cfg.pretrained, None, None)
+        teacher, teacher_sha256 = load_teacher(args.teacher) if args.teacher is not None else (None, None)
+        cfg = model_config(args, teacher)
+        return Run(args, cfg, cfg.pretrained, None, None, teacher, teacher_sha256)
 
     resume_path = ckpt_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
     ckpt = read_checkpoint(resume_path)  # missing / truncated / unsafe -> CheckpointError; never a silent fresh start
     if "run_config" not in ckpt or "optimizer" not in ckpt:
         raise CheckpointError(f"{resume_path}: holds model weights only (no optimizer state); cannot resume from it")
     saved = ckpt["run_config"]
-    untyped = object()  # argparse fills only the names a namespace lacks: what is still `untyped` was not given
-    given = parser.parse_args(argv, argparse.Namespace(**{k: untyped for k in vars(args)}))
-    changed = {k for k, v in vars(given).items() if v is not untyped}  # typed flags, even at their defaults
+    changed = typed_flags(parser, argv, args)
     for k in sorted(changed - RESUME_OVERRIDES):
         flag = "--" + k.replace("_", "-")
         if k not in saved:
@@ -410,8 +467,38 @@ def resolve_run(parser: argparse.ArgumentParser, argv: list[str] | None, world: 
             f"{now[2]}); choose --batch-size and --accum-steps whose product with {world} process(es) is "
             f"{math.prod(was)}")
     check_output_dirs(args)
-    cfg = replace(config_from_checkpoint(ckpt), grad_checkpointing=args.grad_checkpointing)
-    return Run(args, cfg, ckpt["model_config"]["pretrained"], ckpt, resume_path)
+    if "student_config" not in ckpt:
+        cfg = replace(config_from_checkpoint(ckpt), grad_checkpointing=args.grad_checkpointing)
+        return Run(args, cfg, ckpt["model_config"]["pretrained"], ckpt, resume_path, None, None)
+    if problem := config_problem(ckpt["student_config"], StudentConfig):
+        raise CheckpointError(f"{resume_path}: student_config {problem}")
+    teacher, teacher_sha256 = load_teacher(args.teacher)
+    if teacher_sha256 != ckpt["teacher_sha256"]:
+        raise CheckpointError(f"{args.teacher}: the teacher's weights are not those {resume_path} was distilled from "
+                              f"(sha256 {teacher_sha256[:12]}..., was {ckpt['teacher_sha256'][:12]}...): resume "
+                              f"with that teacher, or start a new run")
+    cfg = replace(StudentConfig(**ckpt["student_config"]), pretrained=False)  # the weights come from the checkpoint
+    return Run(args, cfg, ckpt["student_config"]["pretrained"], ckpt, resume_path, teacher, teacher_sha256)
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> set[str]:
+    """The names (dests) of the flags typed on the command line, even those typed at their default value."""
+    untyped = object()  # argparse fills only the names a namespace lacks: what is still `untyped` was not given
+    given = parser.parse_args(argv, argparse.Namespace(**{k: untyped for k in vars(args)}))
+    return {k for k, v in vars(given).items() if v is not untyped}
+
+
+def flag_names(dests: set[str]) -> str:
+    return ", ".join("--" + k.replace("_", "-") for k in sorted(dests))
+
+
+def load_teacher(path: str) -> tuple[EarVAE, str]:
+    """A student run's teacher: load_model(path) on the CPU (its EMA weights where its run kept them), frozen: eval
+    mode, requires_grad False -> (teacher, weights_sha256). A missing, unreadable or unsafe file, or a student's, is a
+    CheckpointError naming it."""
+    teacher, _ = load_model(path)
+    teacher.requires_grad_(False)
+    return teacher, weights_sha256(teacher)
 
 
 def check_output_dirs(args: argparse.Namespace) -> None:
@@ -475,7 +562,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- processes and devices. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    kind = device_flag if device_flag != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = resolve_device(device_flag).type
+    except ValueError as e:  # --device cuda without a GPU
+        raise ConfigError(str(e)) from e
     if ddp:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -499,11 +589,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     """The run on this process (rank of world): set up, then the loop top to bottom."""
-    args, cfg, pretrained, ckpt, resume_path = run
+    args, cfg, pretrained, ckpt, resume_path, teacher, teacher_sha256 = run
+    distill = teacher is not None  # a student run: the teacher's targets instead of the VAE's terms
+    score = "agreement" if distill else "psnr"  # the validation figure that picks best.pt (higher is better)
     ddp, master = world > 1, rank == 0
     log = print if master else (lambda *a, **k: None)
     ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)
-    if cfg.attn_implementation == "flex" and device.type != "cuda":
+    if not distill and cfg.attn_implementation == "flex" and device.type != "cuda":
         raise ConfigError("--attn flex trains on CUDA only (PyTorch's FlexAttention has no CPU backward); "
                           "use --attn sdpa on this device")
 
@@ -520,7 +612,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     train_ds = EarDataset(args.train_npy or data_dir / "train_teacher.npy", max_invalid=args.max_invalid)
     val_ds = EarDataset(args.val_npy or data_dir / "val_teacher.npy", max_invalid=args.max_invalid)
     global_batch = args.batch_size * world * args.accum_steps  # images per optimizer step over all processes
-    mode, train_labels, why = contrastive_mode(args, train_ds)
+    mode, train_labels, why = ("distill", None, "") if distill else contrastive_mode(args, train_ds, world)
     if mode == "supcon":  # P x K batches of labelled images; label_of_key: identity by original index in the file
         try:
             sampler = IdentitySampler(train_labels, args.images_per_identity, args.batch_size, args.seed, rank, world,
@@ -548,10 +640,14 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
 
     # -- model, loss, optimizer (initialisation from the seed; under DDP rank 0's weights are broadcast)
     torch.manual_seed(args.seed)
-    model = build_model(cfg).to(device)
+    model = (Student(cfg) if distill else build_model(cfg)).to(device)
     initial = weight_scales(model)  # each tensor's scale at initialisation (on resume the same seeded one)
     cfg = replace(model.cfg, pretrained=pretrained)
-    criterion = VAELoss(**asdict(loss_config(args)), image_size=cfg.image_size).to(device)
+    if distill:
+        teacher = teacher.to(device)
+        criterion = DistillLoss(**asdict(DistillConfig())).to(device)
+    else:
+        criterion = VAELoss(**asdict(loss_config(args)), image_size=cfg.image_size).to(device)
     optimizer = build_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.warmup_steps, total_steps, args.min_lr_ratio))
@@ -560,7 +656,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     if args.ema:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
-    step, epoch, epoch_pos, best_psnr, skipped = 0, 0, 0, -math.inf, 0
+    step, epoch, epoch_pos, best_score, skipped = 0, 0, 0, -math.inf, 0
     last_good = None  # (file, step) of the last good state saved or resumed from
     if ckpt is not None:
         load_state(model, ckpt["model"], resume_path)
@@ -571,7 +667,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
             load_state(ema.module, ckpt["ema"], resume_path)
             ema.n_averaged.fill_(ckpt["ema_n_averaged"])
         step, epoch, epoch_pos = ckpt["step"], ckpt["epoch"], ckpt["epoch_pos"]
-        best_psnr, skipped = ckpt["best_psnr"], ckpt["skipped"]
+        best_score, skipped = ckpt[f"best_{score}"], ckpt["skipped"]
         ckpt.clear()  # frees the checkpoint's tensors (main's Run holds the same dict)
     raw_model = model
     if args.compile:
@@ -610,10 +706,19 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     run_config = vars(args)
     log("Config:\n" + json.dumps({"run": run_config, "model": asdict(cfg), "precision": precision,
                                   "device": str(device), "world_size": world}, indent=2))
-    log(parameter_report({"EarVAE": raw_model, **({"PerceptualLoss": criterion} if args.perceptual_weight else {})}))
+    if distill:
+        log(parameter_report({"Student": raw_model, "EarVAE teacher (frozen)": teacher}))
+    else:
+        parts = {"EarVAE": raw_model, **({"PerceptualLoss": criterion} if args.perceptual_weight else {})}
+        log(parameter_report(parts))
     log(f"Train samples: {train_ds.summary()}")
     log(f"Val samples:   {val_ds.summary()}")
-    log(f"Contrastive term: {contrastive_summary(mode, why, args, sampler)}")
+    if distill:
+        terms = ", ".join(f"{k} {w:g}" for k, w in criterion.weights.items() if w > 0)
+        log(f"Distillation: {cfg.arch} student from the teacher {args.teacher} (weights sha256 "
+            f"{teacher_sha256[:12]}...), targets computed on the fly from each augmented batch; terms {terms}")
+    else:
+        log(f"Contrastive term: {contrastive_summary(mode, why, args, sampler)}")
     log(f"Steps per epoch: {steps_per_epoch:,} (global batch {global_batch}), "
         f"total {total_steps:,}" + (f", stopping at {args.max_steps:,}" if args.max_steps else ""))
 
@@ -625,9 +730,23 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
         metrics = MetricsLog(log_dir, log)
         grid_x = to_float(torch.stack([val_ds[i][0] for i in range(min(8, len(val_ds)))])).to(device)
 
+    def forward_loss(x: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch x (views * B, 3, 128, 128) of samples `keys` (B,) -> (loss, logs): the student against the
+        teacher's targets for the same images, or the VAE's terms with the samples' keyed noise."""
+        if distill:
+            return criterion(model(x), teacher_targets(teacher, x))
+        eps = torch.cat([keyed_normal(keys, args.seed, epoch, v, cfg.latent_dim) for v in range(views)])
+        out = model(x, eps=eps.to(device, non_blocking=True))
+        return criterion(out["recon"], x, out["mu"], out["logvar"], views=views, embedding=out["embedding"],
+                         labels=label_of_key[keys].to(device) if mode == "supcon" else None)
+
     def checkpoint_state(full: bool) -> dict:
-        state = {"model": raw_model.state_dict(), "model_config": asdict(cfg), "run_config": run_config,
-                 "step": step, "epoch": epoch, "epoch_pos": epoch_pos, "best_psnr": best_psnr}
+        state = {"model": raw_model.state_dict(), "run_config": run_config, "step": step, "epoch": epoch,
+                 "epoch_pos": epoch_pos, f"best_{score}": best_score}
+        if distill:
+            state.update(student_config=asdict(cfg), teacher_sha256=teacher_sha256)
+        else:
+            state["model_config"] = asdict(cfg)
         if ema is not None:
             state["ema"] = ema.module.state_dict()
         if full:  # best.pt keeps the weights only; last.pt everything needed to resume
@@ -649,21 +768,22 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
         last_good = (ckpt_dir / "last.pt", step)
 
     def validate_and_save(trained_epoch: int) -> None:
-        nonlocal best_psnr
-        val = validate(eval_model, val_loader, criterion, device, autocast)
+        nonlocal best_score
+        val = validate(eval_model, val_loader, criterion, device, autocast, teacher=teacher)
         metrics.write_row({"step": step, "epoch": trained_epoch, "split": "val", "time": int(time.time()), **val})
         log(f"val step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
         if (problem := state_problem(val)) is not None:
             raise not_saved(problem)
-        if val["psnr"] > best_psnr:
-            best_psnr = val["psnr"]
+        if val[score] > best_score:
+            best_score = val[score]
             save_checkpoint(checkpoint_state(full=False), ckpt_dir / "best.pt")
         save_last()
-        save_grid(eval_model, grid_x, log_dir / f"recon_step{step:07d}.png", autocast)
-        plot_curves(log_dir / "metrics.csv", log_dir / "loss_curve.png")
+        if not distill:  # a student has no reconstructions
+            save_grid(eval_model, grid_x, log_dir / f"recon_step{step:07d}.png", autocast)
+        plot_curves(log_dir / "metrics.csv", log_dir / "loss_curve.png", score)
 
     if master:  # sanity check, as the original did: two validation batches through model and loss
-        val = validate(eval_model, val_loader, criterion, device, autocast, max_batches=2)
+        val = validate(eval_model, val_loader, criterion, device, autocast, max_batches=2, teacher=teacher)
         log("Sanity check (2 val batches): " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
         if (problem := state_problem(val)) is not None:
             if ckpt is not None:
@@ -692,14 +812,10 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
                     x = torch.cat([augment(x, keys, args.seed, epoch, aug, view=v) for v in range(views)])
                 else:
                     x = to_float(x).repeat(views, 1, 1, 1)  # (views * B, 3, 128, 128)
-                eps = torch.cat([keyed_normal(keys, args.seed, epoch, v, cfg.latent_dim) for v in range(views)])
                 sync = micro == args.accum_steps - 1
                 with model.no_sync() if ddp and not sync else nullcontext():
                     with autocast:
-                        out = model(x, eps=eps.to(device, non_blocking=True))
-                        loss, logs = criterion(out["recon"], x, out["mu"], out["logvar"], views=views,
-                                               embedding=out["embedding"],
-                                               labels=label_of_key[keys].to(device) if mode == "supcon" else None)
+                        loss, logs = forward_loss(x, keys)
                     scaler.scale(loss / args.accum_steps).backward()
                 loss_sum += loss.detach()
                 imgs += len(keys) * world
@@ -738,7 +854,10 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
                 row.update(step=step, epoch=epoch, split="train", lr=optimizer.param_groups[-1]["lr"],
                            grad_norm=grad_norm.item(), skipped=skipped, img_per_s=imgs / dt, time=int(time.time()))
                 metrics.write_row(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", ssim=f"{1 - row.get('ssim', math.nan):.3f}",
+                shown = {"ssim": 1 - row["ssim"]} if "ssim" in row else {}
+                if "embed_cosine" in row:
+                    shown["cos"] = 1 - row["embed_cosine"]  # the student's agreement with the teacher
+                bar.set_postfix(loss=f"{row['loss']:.3f}", **{k: f"{v:.3f}" for k, v in shown.items()},
                                 img_s=f"{imgs / dt:.1f}")
                 t0, imgs = time.time(), 0
             stop = stop_requests > 0 if ddp else bool(STOP_SIGNALS)  # SIGINT / SIGTERM: save last.pt, exit
@@ -762,7 +881,8 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
         if ddp:
             dist.barrier()
     if master:
-        log(f"done: {step} steps, best val PSNR {best_psnr:.2f} dB; checkpoints in {ckpt_dir}, logs in {log_dir}")
+        best = f"PSNR {best_score:.2f} dB" if score == "psnr" else f"agreement with the teacher {best_score:.4f}"
+        log(f"done: {step} steps, best val {best}; checkpoints in {ckpt_dir}, logs in {log_dir}")
         metrics.close()
     if ddp:
         dist.destroy_process_group()

@@ -68,6 +68,7 @@ RANGES = [
     ("bench", "--batch-sizes", ["0"], ["1"]),
     ("bench", "--steps", ["0"], ["1"]),
     ("bench", "--workers", ["-1"], ["0"]),
+    *[(c, "--student-input-size", ["31", "0"], ["32"]) for c in ("train", "bench")],
     ("demo", "--train-identities", ["3", "0"], ["4"]),
     ("demo", "--epochs", ["0"], ["1"]),
     ("demo", "--identities", ["1"], ["2"]),
@@ -220,7 +221,9 @@ def test_every_step_of_the_demo_succeeds_on_a_cp1252_console_with_a_non_latin_pa
     for step in ("synth.py", "train.py", "eval.py", "eigenears.py"):
         assert f"$ python {step} " in text
     assert "done: 1 steps, best val PSNR" in text and f"{ESCAPED}/demo/checkpoints" in text
-    for path in ("checkpoints/best.pt", "eval/metrics.json", "eigenears/summary.json", "identity/metrics.json"):
+    assert "done: 10 steps, best val agreement with the teacher" in text  # the student's distillation
+    for path in ("checkpoints/best.pt", "eval/metrics.json", "eigenears/summary.json", "identity/metrics.json",
+                 "checkpoints_student/best.pt", "identity_student/metrics.json"):
         assert (out / path).is_file(), path
     assert text.rstrip().endswith(f"everything is in {str(out).replace(NON_LATIN, ESCAPED)}/")
 

@@ -279,6 +279,12 @@ def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, t
     with pytest.raises(train.ConfigError, match="^--images-per-identity 4: --batch-size 4 must be a multiple of it "
                                                 "holding at least 2 identities"):
         train.contrastive_mode(args("--images-per-identity", "4"), labelled)
+    # 3 identities x K=4 fill no batch of 16 (the sampler draws whole identities): auto trains NT-Xent, supcon refuses
+    assert train.contrastive_mode(args("--batch-size", "16"), labelled) == (
+        "nt-xent", None, " (not SupCon: 3 identities x K=4 images do not fill one global batch of 16)")
+    with pytest.raises(data.DataError, match="--contrastive supcon needs identity labels: 3 identities x K=2 images "
+                                             "do not fill one global batch of 8$"):
+        train.contrastive_mode(args("--batch-size", "4", "--contrastive", "supcon"), labelled, world=2)
     with pytest.raises(train.ConfigError, match="--embed-dim 8: an embedding head needs the contrastive term"):
         train.contrastive_mode(args("--contrastive-weight", "0", "--embed-dim", "8"), labelled)
 
@@ -287,3 +293,10 @@ def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, t
 def test_images_per_identity_default_holds_two_identities_or_more(batch, k):
     args = train.get_parser().parse_args(["--batch-size", str(batch)])
     assert train.images_per_identity(args) == k
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_config_error_before_anything_runs(tmp_path):
+    with pytest.raises(train.ConfigError, match=r"^--device cuda: no CUDA device is available \(use --device cpu\)$"):
+        train.main(["--device", "cuda", "--ckpt-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "l")])
+    assert not any(tmp_path.iterdir())

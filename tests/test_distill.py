@@ -1,0 +1,150 @@
+"""Distillation through train.py and eval.py (issue 20): a student run moves towards its teacher, resumes
+bit-exactly and refuses another teacher; the teacher's flags do not mix with a student's; eval.py on a student gives
+its agreement with the teacher image by image, both speeds, and recognition beside the teacher's and the pixels'."""
+import csv
+import re
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import eval as ev  # noqa: E402
+import synth  # noqa: E402
+import train  # noqa: E402
+from checkpoints import CheckpointError, load_model  # noqa: E402
+from conftest import TINY_LATENT  # noqa: E402
+from data import EarDataset, read_identities, to_float  # noqa: E402
+from model import ConfigError  # noqa: E402
+from recognition import recognition_metrics  # noqa: E402
+from student import Student, StudentConfig, load_student, teacher_targets  # noqa: E402
+
+
+def student_args(teacher: Path, data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A CPU-sized student run: a random mobilenet_v3_small at input 64, one epoch of 8 steps on synth_dir."""
+    return ["--teacher", str(teacher), "--no-pretrained", "--student-input-size", "64", "--data-dir", str(data_dir),
+            "--ckpt-dir", str(run_dir / "checkpoints"), "--log-dir", str(run_dir / "logs"), "--batch-size", "8",
+            "--workers", "0", "--warmup-steps", "2", "--log-every", "1", "--lr", "3e-3", "--encoder-lr-scale", "1",
+            "--epochs", "1", *extra]
+
+
+def test_a_student_run_moves_towards_its_teacher_resumes_bit_exactly_and_refuses_another_teacher(tiny_run, tmp_path,
+                                                                                                  capsys):
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(tiny_run.best, teacher)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train.main(student_args(teacher, tiny_run.data_dir, whole))
+    log = capsys.readouterr().out
+    before = float(re.search(r"Sanity check \(2 val batches\):.* agreement (\S+)", log).group(1))  # all 16 val images
+    rows = [r for r in csv.DictReader(open(whole / "logs" / "metrics.csv")) if r["split"] == "val"]
+    after = float(rows[-1]["agreement"])
+    assert after > before + 0.1, (before, after)
+
+    train.main(student_args(teacher, tiny_run.data_dir, cut, "--max-steps", "3"))
+    resume = ["--resume", "--ckpt-dir", str(cut / "checkpoints"), "--log-dir", str(cut / "logs"), "--max-steps", "8"]
+    changed = torch.load(teacher, weights_only=True)
+    for weights in ("model", "ema"):
+        if weights in changed:
+            name = next(iter(changed[weights]))
+            changed[weights][name] = changed[weights][name] + 1e-3
+    torch.save(changed, teacher)
+    with pytest.raises(CheckpointError, match="not those .* was distilled from"):
+        train.main(resume)
+
+    shutil.copy(tiny_run.best, teacher)
+    train.main(resume)
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, cut))
+    assert a["step"] == b["step"] == 8 and a["teacher_sha256"] == b["teacher_sha256"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--teacher", "t.pt", "--tiny", "--kl-weight", "0"], "--kl-weight, --tiny set how a teacher is built"),
+    (["--student-arch", "resnet18"], "--student-arch set the student of a distillation run: add --teacher"),
+])
+def test_teacher_flags_are_refused_with_teacher_and_student_flags_without(argv, named, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        train.main([*argv, "--ckpt-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "l")])
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_teacher_loader_refuses_a_student_and_a_student_loader_a_teacher(tiny_run, tmp_path):
+    cfg = StudentConfig(pretrained=False, embed_dim=8, latent_dim=TINY_LATENT, head_dim=16, input_size=32)
+    path = tmp_path / "student.pt"
+    torch.save({"model": Student(cfg).state_dict(), "student_config": asdict(cfg), "run_config": {}}, path)
+    with pytest.raises(CheckpointError, match="a student's checkpoint .* not a teacher's"):
+        load_model(path)
+    with pytest.raises(CheckpointError, match="a teacher's checkpoint, not a student's"):
+        load_student(tiny_run.best)
+    assert torch.equal(load_student(path).to_mu.weight, torch.load(path, weights_only=True)["model"]["to_mu.weight"])
+
+
+@pytest.fixture(scope="module")
+def student_eval(tiny_run, tmp_path_factory) -> SimpleNamespace:
+    """A random student of tiny_run's teacher saved as a train.py --teacher checkpoint, and eval.main with --identity
+    --export on 6 synthetic identities x 3 views."""
+    d = tmp_path_factory.mktemp("student_eval")
+    synth.write_synthetic_identities(d / "ids", k=6, views=3, seed=3, first_id=100)
+    teacher, _ = load_model(tiny_run.best)
+    torch.manual_seed(0)
+    cfg = StudentConfig(pretrained=False, embed_dim=teacher.cfg.embed_dim or teacher.cfg.latent_dim,
+                        latent_dim=teacher.cfg.latent_dim, head_dim=32, input_size=64)
+    student = Student(cfg).eval()
+    ckpt = d / "student.pt"
+    torch.save({"model": student.state_dict(), "student_config": asdict(cfg), "step": 0,
+                "run_config": {"teacher": str(tiny_run.best), "data_dir": str(tiny_run.data_dir)}}, ckpt)
+    data = d / "ids" / "val_teacher.npy"
+    common = ["--data", str(data), "--identity", "--workers", "0", "--device", "cpu", "--batch-size", "8"]
+    metrics = ev.main([str(ckpt), *common, "--out", str(d / "out"), "--export", str(d / "exported")])
+    return SimpleNamespace(d=d, ckpt=ckpt, data=data, common=common, metrics=metrics, student=student,
+                           teacher=teacher)
+
+
+def test_student_eval_agreement_is_the_cosine_of_the_two_embeddings_image_by_image(student_eval):
+    s = student_eval
+    ds = EarDataset(s.data)
+    x = to_float(torch.stack([ds[i][0] for i in range(len(ds))]))
+    with torch.no_grad():
+        want = F.cosine_similarity(s.student(x)["embed"], teacher_targets(s.teacher, x)["embed"]).numpy()
+    rows = list(csv.DictReader(open(s.d / "out" / "per_image.csv")))
+    got = np.array([float(r["agreement"]) for r in rows])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert [int(r["index"]) for r in rows] == list(range(len(ds)))
+    assert s.metrics["agreement"]["mean"] == pytest.approx(float(got.mean()))
+    labels = read_identities(s.data, ds)
+    with torch.no_grad():
+        student_embed, teacher_embed = s.student(x)["embed"].numpy(), s.teacher.embed(x).numpy()
+    for key, embedding in (("identity", student_embed), ("identity_teacher", teacher_embed)):
+        want_id = recognition_metrics(embedding, labels)
+        assert s.metrics[key]["rank1"] == pytest.approx(want_id["rank1"]) and s.metrics[key]["eer"] == pytest.approx(
+            want_id["eer"], abs=1e-6), key
+    assert s.metrics["identity_pixels"]["n_identities"] == 6
+    speed = s.metrics["speed"]
+    assert speed["student_images_per_s"] > 0 and speed["teacher_images_per_s"] > 0
+    assert speed["ratio"] == pytest.approx(speed["student_images_per_s"] / speed["teacher_images_per_s"])
+
+
+def test_a_students_export_loads_with_the_same_outputs_and_evaluates_alike_given_its_teacher(student_eval, tiny_run,
+                                                                                             capsys):
+    s = student_eval
+    loaded = Student.from_pretrained(s.d / "exported")
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["embed"], s.student(x)["embed"], rtol=0, atol=0)
+    assert "agreement with the teacher" in (s.d / "exported" / "README.md").read_text()
+    with pytest.raises(CheckpointError, match="does not name its teacher: give --teacher"):
+        ev.main([str(s.d / "exported"), *s.common, "--out", str(s.d / "again")])
+    again = ev.main([str(s.d / "exported"), *s.common, "--out", str(s.d / "again"), "--teacher", str(tiny_run.best)])
+    assert again["agreement"] == s.metrics["agreement"] and again["identity"] == s.metrics["identity"]
+    with pytest.raises(SystemExit) as exit_info:  # a student has no reconstructions
+        ev.main([str(s.ckpt), *s.common, "--out", str(s.d / "lp"), "--lpips"])
+    assert exit_info.value.code == 2 and "--lpips measures reconstructions" in capsys.readouterr().err
