@@ -440,7 +440,7 @@ def main() -> None:
         rows = student_speed(args.students, size, batch, args.student_input_size, device, args.steps)
         md = "\n".join(["| model | input | parameters (M) | images/s | x teacher |", "|---|---|---|---|---|",
                          *[f"| {r['model']} | {r['input']} | {r['params_m']:.2f} | {r['img_s']:.3g} | "
-                           f"{r['speedup']:.3g} |" for r in rows]])
+                           f"{r['speedup']:,.{0 if r['speedup'] >= 100 else 2}f} |" for r in rows]])
         out = (f"### {date.today()} - {name}: students beside the teacher (inference, batch {batch})\n\n"
                f"`python bench.py {' '.join(sys.argv[1:])}`\n\n{md}\n")
         publish(out, args.markdown)
