@@ -1,4 +1,4 @@
-"""The whole job on the built-in synthetic ears, CPU-sized (7 to 30 minutes on 2 cores, by machine):
+"""The whole job on the built-in synthetic ears, CPU-sized (about 20 minutes on 2 cores here):
 synthesise identity-labelled ears -> train the tiny model (reconstruction + SupCon on the identities) -> evaluate
 it -> draw its eigenears -> recognise new identities from its identity embedding, beside the raw pixels -> distil a
 student (a random mobilenet_v3_small) from it and recognise the same identities with the student, beside the teacher,
@@ -24,7 +24,7 @@ BATCH = 16  # the training batch: 4 identities x 4 views (SupCon's P x K)
 VIEWS = 4  # images per synthetic identity, in training and in the new identities
 CONTRASTIVE_WEIGHT = 0.1  # the contrastive term of the demo's training
 VAL_IDENTITIES = 100  # the val split, validated every epoch: 400 ears (2000 took a fifth of the demo's time)
-STUDENT = ("--student-arch", "mobilenet_v3_small", "--student-input-size", "64")  # random trunk (--no-pretrained)
+STUDENT = ("--student-arch", "mobilenet_v3_small", "--student-input-size", "128")  # random trunk (--no-pretrained)
 STUDENT_EPOCHS = 10  # of the student's distillation on the teacher's training ears
 THREADS = "2"  # CPU threads of every step, unless OMP_NUM_THREADS is set: the README's figures are for 2 threads
 
