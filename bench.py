@@ -373,7 +373,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"only inference speed: each student ({', '.join(ARCHS)}; random weights, input "
                         f"--student-input-size) beside the full SAM ViT-B teacher (encoder + head, what a student "
                         f"replaces) at the first of --sizes (here default 1024), batch --batch-sizes (here default 16)")
-    p.add_argument("--student-input-size", type=int_range(32), default=StudentConfig.input_size,
+    p.add_argument("--student-input-size", type=int_range(32, 1024), default=StudentConfig.input_size,
                    help="the students' input side for --students")
     return p
 
@@ -432,6 +432,8 @@ def main() -> None:
         except ValueError as e:
             p.error(f"--json {e}")
     cuda = torch.cuda.is_available()
+    if args.student_input_size != StudentConfig.input_size and not args.students:
+        p.error("--student-input-size is the students' input: add --students ARCH")
     if args.students:
         device = torch.device("cuda" if cuda else "cpu")
         name = (torch.cuda.get_device_name(device) if cuda else

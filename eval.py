@@ -52,7 +52,8 @@ from files import (Writer, check_output_dir, check_output_file, save_figure, sav
 from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file, max_invalid,  # noqa: E402
                        out_of_memory_error, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
-from checkpoints import CheckpointError, export_model, load_model, read_checkpoint  # noqa: E402
+from checkpoints import (EXPORT_CONFIG, CheckpointError, export_model, load_model, read_checkpoint,  # noqa: E402
+                         weights_sha256)
 from model import EarVAE, WeightsUnavailableError, count  # noqa: E402
 from recognition import probe_ranks, recognition_metrics  # noqa: E402
 from student import Student, is_student_folder, load_student, teacher_targets  # noqa: E402
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--export-latents {args.export_latents}: expected a file name ending in .npy")
     if args.vgg_weights is not None and not args.lpips:
         parser.error("--vgg-weights is the backbone of --lpips: add --lpips")
-    outputs = [("--out", args.out, check_output_dir), ("--export", args.export, check_output_dir),
+    outputs = [("--out", args.out, check_output_dir), ("--export", args.export, check_export_dir),
                ("--export-latents", args.export_latents, check_output_file)]
     for flag, path, check in outputs:  # before the long work
         try:
@@ -424,6 +425,15 @@ def main(argv: list[str] | None = None) -> dict:
         written = export_model(args.ckpt, args.export, card_metrics(metrics))  # its three files together or none
         print(f"exported the model to {', '.join(str(p) for p in written)}")
     return metrics
+
+
+def check_export_dir(path: str) -> None:
+    """check_output_dir, and a folder that holds a saved model already is refused (ValueError): an export never
+    replaces a model saved earlier, which may be another one (a teacher's, a student's)."""
+    check_output_dir(path)
+    if (Path(path) / EXPORT_CONFIG).exists():
+        raise ValueError(f"{path}: holds a saved model already ({EXPORT_CONFIG}); export to a new folder, or delete it "
+                         f"first")
 
 
 # -----------------------------------------------------------------------------
@@ -485,6 +495,9 @@ def evaluate_student(args: argparse.Namespace, ckpt: dict, device: torch.device,
         raise DataError(f"{data_path}: --identity needs identity labels: {missing_labels(data_path)}")
     student = load_student(args.ckpt, device, None if is_student_folder(args.ckpt) else ckpt)
     teacher, _ = load_model(teacher_path, device)
+    if ckpt.get("teacher_sha256") not in (None, weights_sha256(teacher)):
+        raise CheckpointError(f"{teacher_path}: not the teacher {args.ckpt} was distilled from (its weights' sha256 "
+                              f"differs from the one the checkpoint recorded)")
     del ckpt
     teacher_embed = teacher.cfg.embed_dim or teacher.cfg.latent_dim
     if (student.cfg.embed_dim, student.cfg.latent_dim) != (teacher_embed, teacher.cfg.latent_dim):

@@ -57,7 +57,7 @@ DEFAULT_WEIGHTS = {"sam": sam_config().weights, "dinov2": dinov2_config().weight
 # flags that may differ when resuming; every other flag comes from the checkpoint's run config
 # (batch_size and accum_steps may change only together with the number of processes, keeping the global batch)
 RESUME_OVERRIDES = {"resume", "max_steps", "workers", "log_every", "save_every", "max_nan", "ckpt_dir", "log_dir",
-                    "device", "batch_size", "accum_steps", "compile", "grad_checkpointing"}
+                    "device", "batch_size", "accum_steps", "compile", "grad_checkpointing", "teacher"}
 SANE_GROWTH = 1000.0  # a weight tensor whose max |value| passes this x max(its initial one, 1) has diverged
 CONTRASTIVE_MODES = ("auto", "supcon", "nt-xent")
 # flags that set how a teacher is built and trained, refused with --teacher (a student run), and the student's flags,
@@ -138,8 +138,8 @@ def get_parser() -> argparse.ArgumentParser:
                    "torchvision trunk")
     g.add_argument("--student-weights", default=StudentConfig.weights, help="'imagenet' (torchvision's cache) or a "
                    "local state dict of the whole torchvision model")
-    g.add_argument("--student-input-size", type=int_range(32), default=StudentConfig.input_size, help="side the crop "
-                   "is resized to for the student")
+    g.add_argument("--student-input-size", type=int_range(32, 1024), default=StudentConfig.input_size,
+                   help="side the crop is resized to for the student")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=60, help="epochs; the learning-rate schedule spans them")
     g.add_argument("--batch-size", type=positive_int, default=4, help="images per GPU per micro-step")
@@ -432,6 +432,12 @@ def resolve_run(parser: argparse.ArgumentParser, argv: list[str] | None, world: 
         if args.teacher is None and typed & STUDENT_FLAGS:
             raise ConfigError(f"{flag_names(typed & STUDENT_FLAGS)} set the student of a distillation run: add "
                               f"--teacher CKPT (a trained teacher)")
+        if args.teacher is not None and args.no_pretrained and "student_weights" in typed:
+            raise ConfigError(f"--student-weights {args.student_weights} with --no-pretrained: the trunk starts "
+                              f"random, so the weights would not be read; drop one of the two")
+        if args.teacher is not None and args.batch_size < 2:
+            raise ConfigError("--batch-size 1: a student's BatchNorm layers need 2 images or more per micro-batch in "
+                              "training")
         check_output_dirs(args)
         for f in (ckpt_dir / "last.pt", log_dir / "metrics.csv"):
             if f.exists():
@@ -468,11 +474,17 @@ def resolve_run(parser: argparse.ArgumentParser, argv: list[str] | None, world: 
             f"{math.prod(was)}")
     check_output_dirs(args)
     if "student_config" not in ckpt:
+        if args.teacher is not None:
+            raise ConfigError(f"--teacher: {resume_path} is a teacher's run; a student's run starts without --resume")
         cfg = replace(config_from_checkpoint(ckpt), grad_checkpointing=args.grad_checkpointing)
         return Run(args, cfg, ckpt["model_config"]["pretrained"], ckpt, resume_path, None, None)
     if problem := config_problem(ckpt["student_config"], StudentConfig):
         raise CheckpointError(f"{resume_path}: student_config {problem}")
-    teacher, teacher_sha256 = load_teacher(args.teacher)
+    try:
+        teacher, teacher_sha256 = load_teacher(args.teacher)
+    except CheckpointError as e:
+        raise CheckpointError(f"the teacher of {resume_path}: {e} (if it moved, give its new path: --resume "
+                              f"--teacher PATH)") from e
     if teacher_sha256 != ckpt["teacher_sha256"]:
         raise CheckpointError(f"{args.teacher}: the teacher's weights are not those {resume_path} was distilled from "
                               f"(sha256 {teacher_sha256[:12]}..., was {ckpt['teacher_sha256'][:12]}...): resume "

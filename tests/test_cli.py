@@ -68,7 +68,7 @@ RANGES = [
     ("bench", "--batch-sizes", ["0"], ["1"]),
     ("bench", "--steps", ["0"], ["1"]),
     ("bench", "--workers", ["-1"], ["0"]),
-    *[(c, "--student-input-size", ["31", "0"], ["32"]) for c in ("train", "bench")],
+    *[(c, "--student-input-size", ["31", "0", "1025"], ["32", "1024"]) for c in ("train", "bench")],
     ("demo", "--train-identities", ["3", "0"], ["4"]),
     ("demo", "--epochs", ["0"], ["1"]),
     ("demo", "--identities", ["1"], ["2"]),

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
 import synth  # noqa: E402
 import train  # noqa: E402
-from checkpoints import CheckpointError, load_model  # noqa: E402
+from checkpoints import CheckpointError, load_model, weights_sha256  # noqa: E402
 from conftest import TINY_LATENT  # noqa: E402
 from data import EarDataset, read_identities, to_float  # noqa: E402
 from model import ConfigError  # noqa: E402
@@ -58,8 +58,7 @@ def test_a_student_run_moves_towards_its_teacher_resumes_bit_exactly_and_refuses
     with pytest.raises(CheckpointError, match="not those .* was distilled from"):
         train.main(resume)
 
-    shutil.copy(tiny_run.best, teacher)
-    train.main(resume)
+    train.main([*resume, "--teacher", str(tiny_run.best)])  # the same weights at another path (a moved teacher)
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, cut))
     assert a["step"] == b["step"] == 8 and a["teacher_sha256"] == b["teacher_sha256"]
     assert a["model"].keys() == b["model"].keys()
@@ -70,6 +69,9 @@ def test_a_student_run_moves_towards_its_teacher_resumes_bit_exactly_and_refuses
 @pytest.mark.parametrize("argv, named", [
     (["--teacher", "t.pt", "--tiny", "--kl-weight", "0"], "--kl-weight, --tiny set how a teacher is built"),
     (["--student-arch", "resnet18"], "--student-arch set the student of a distillation run: add --teacher"),
+    (["--teacher", "t.pt", "--no-pretrained", "--student-weights", "w.pth"], "--student-weights w.pth with "
+                                                                             "--no-pretrained"),
+    (["--teacher", "t.pt", "--batch-size", "1"], "--batch-size 1: a student's BatchNorm layers need 2 images"),
 ])
 def test_teacher_flags_are_refused_with_teacher_and_student_flags_without(argv, named, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(named)):
@@ -101,6 +103,7 @@ def student_eval(tiny_run, tmp_path_factory) -> SimpleNamespace:
     student = Student(cfg).eval()
     ckpt = d / "student.pt"
     torch.save({"model": student.state_dict(), "student_config": asdict(cfg), "step": 0,
+                "teacher_sha256": weights_sha256(teacher),
                 "run_config": {"teacher": str(tiny_run.best), "data_dir": str(tiny_run.data_dir)}}, ckpt)
     data = d / "ids" / "val_teacher.npy"
     common = ["--data", str(data), "--identity", "--workers", "0", "--device", "cpu", "--batch-size", "8"]
@@ -148,3 +151,23 @@ def test_a_students_export_loads_with_the_same_outputs_and_evaluates_alike_given
     with pytest.raises(SystemExit) as exit_info:  # a student has no reconstructions
         ev.main([str(s.ckpt), *s.common, "--out", str(s.d / "lp"), "--lpips"])
     assert exit_info.value.code == 2 and "--lpips measures reconstructions" in capsys.readouterr().err
+
+
+def test_student_eval_refuses_another_teacher_and_an_export_over_a_saved_model(student_eval, tiny_run, tmp_path,
+                                                                               capsys):
+    s = student_eval
+    other = tmp_path / "other.pt"
+    changed = torch.load(tiny_run.best, weights_only=True)
+    for weights in ("model", "ema"):
+        if weights in changed:
+            name = next(iter(changed[weights]))
+            changed[weights][name] = changed[weights][name] + 1e-3
+    torch.save(changed, other)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(other))}: not the teacher .* was distilled from"):
+        ev.main([str(s.ckpt), *s.common, "--out", str(tmp_path / "o"), "--teacher", str(other)])
+    before = (s.d / "exported" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main([str(s.ckpt), *s.common, "--out", str(tmp_path / "o"), "--export", str(s.d / "exported")])
+    assert exit_info.value.code == 2 and "holds a saved model already" in capsys.readouterr().err
+    assert (s.d / "exported" / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "o").exists()
