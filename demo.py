@@ -25,7 +25,7 @@ VIEWS = 4  # images per synthetic identity, in training and in the new identitie
 CONTRASTIVE_WEIGHT = 0.1  # the contrastive term of the demo's training
 VAL_IDENTITIES = 100  # the val split, validated every epoch: 400 ears (2000 took a fifth of the demo's time)
 STUDENT = ("--student-arch", "mobilenet_v3_small", "--student-input-size", "128")  # random trunk (--no-pretrained)
-STUDENT_EPOCHS = 10  # of the student's distillation on the teacher's training ears
+STUDENT_EPOCHS = 10  # default --student-epochs
 THREADS = "2"  # CPU threads of every step, unless OMP_NUM_THREADS is set: the README's figures are for 2 threads
 
 
@@ -44,6 +44,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"synthetic training identities, {VIEWS} views each (val: {VAL_IDENTITIES} other "
                         "identities, or as many as train where fewer)")
     p.add_argument("--epochs", type=positive_int, default=8, help="training epochs (one visit of every identity)")
+    p.add_argument("--student-epochs", type=positive_int, default=STUDENT_EPOCHS,
+                   help="epochs of the student's distillation on the teacher's training ears")
     p.add_argument("--identities", type=int_range(2), default=100,
                    help=f"new identities ({VIEWS} views each, none seen in training) that the embedding must recognise")
     p.add_argument("--identity-table", action="store_true",
@@ -106,7 +108,7 @@ def main() -> None:
     # a student learns the teacher's identity embedding and mu on the same ears, then recognises the new identities
     run("train.py", "--teacher", f"{out}/checkpoints/best.pt", "--no-pretrained", *STUDENT, "--data-dir",
         f"{out}/data", "--ckpt-dir", f"{out}/checkpoints_student", "--log-dir", f"{out}/logs_student", "--epochs",
-        str(STUDENT_EPOCHS), "--batch-size", str(BATCH), "--lr", "1e-3", "--encoder-lr-scale", "1",
+        str(args.student_epochs), "--batch-size", str(BATCH), "--lr", "1e-3", "--encoder-lr-scale", "1",
         "--warmup-steps", "50", "--log-every", "25", "--workers", "1")
     run("eval.py", f"{out}/checkpoints_student/best.pt", *new_ids, "--out", f"{out}/identity_student")
     if args.identity_table:  # the same training with the term off and label-free, on the same data
