@@ -36,7 +36,7 @@ from data import AugConfig, EarDataset, ResumableSampler, augment, make_loader
 from synth import write_synthetic
 from losses import VAELoss
 from model import build_model, sam_config
-from inference import PRECISIONS, resolve_precision, autocast as inference_autocast
+from inference import PRECISIONS, clock, resolve_precision, autocast as inference_autocast
 from cli import int_range, non_negative_int, positive_int, safe_console
 from files import check_output_file, save_json, write_outputs
 from train import get_parser as train_parser, loss_config
@@ -392,12 +392,11 @@ def student_speed(archs: list[str], size: int, batch: int, student_input: int, d
     def timed(forward: Callable[[], object]) -> float:
         with autocast:
             forward()  # warm-up
-            sync(device)
-            t0 = time.perf_counter()
+            t0 = clock(device)
             for _ in range(steps):
                 forward()
-            sync(device)
-        return batch * steps / (time.perf_counter() - t0)
+            t1 = clock(device)
+        return batch * steps / (t1 - t0)
 
     def row(name: str, input_size: int, model: nn.Module, forward: Callable[[], object]) -> dict:
         r = dict(model=name, input=input_size, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
@@ -416,11 +415,6 @@ def student_speed(archs: list[str], size: int, batch: int, student_input: int, d
     for r in rows:
         r["speedup"] = r["img_s"] / rows[0]["img_s"]
     return rows
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

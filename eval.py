@@ -34,7 +34,6 @@ import argparse
 import csv
 import io
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
@@ -49,8 +48,8 @@ from data import (UNLABELLED, DataError, EarDataset, missing_labels, read_identi
                   to_float)
 from files import (Writer, check_output_dir, check_output_file, save_figure, save_json, save_npy,  # noqa: E402
                    write_outputs)
-from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file, max_invalid,  # noqa: E402
-                       out_of_memory_error, setup)
+from inference import (add_inference_args, autocast, batches, checkpoint_info, clock, data_file,  # noqa: E402
+                       max_invalid, out_of_memory_error, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
 from checkpoints import (EXPORT_CONFIG, CheckpointError, export_model, load_model, read_checkpoint,  # noqa: E402
                          weights_sha256)
@@ -439,13 +438,6 @@ def check_export_dir(path: str) -> None:
 # -----------------------------------------------------------------------------
 # a student (train.py --teacher)
 
-def clock(device: torch.device) -> float:
-    """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 @torch.no_grad()
 def student_outputs(student: Student, teacher: EarVAE, ds: EarDataset, batch_size: int, device: torch.device,
                     dtype: torch.dtype, workers: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -493,7 +485,7 @@ def evaluate_student(args: argparse.Namespace, ckpt: dict, device: torch.device,
     labels = read_identities(data_path, ds) if args.identity else None
     if args.identity and labels is None:
         raise DataError(f"{data_path}: --identity needs identity labels: {missing_labels(data_path)}")
-    student = load_student(args.ckpt, device, None if is_student_folder(args.ckpt) else ckpt)
+    student = load_student(args.ckpt, device, ckpt)  # a folder loads from its files, a checkpoint from ckpt
     teacher, _ = load_model(teacher_path, device)
     if ckpt.get("teacher_sha256") not in (None, weights_sha256(teacher)):
         raise CheckpointError(f"{teacher_path}: not the teacher {args.ckpt} was distilled from (its weights' sha256 "

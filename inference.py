@@ -7,6 +7,7 @@ is measured from the model's outputs is computed in float32 from `.float()` copi
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -60,6 +61,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
     return torch.device(name)
+
+
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
