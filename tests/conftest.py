@@ -136,7 +136,7 @@ def pytest_collection_modifyitems(config, items):
     """Mark `slow` every test that needs a training run (the shared tiny run, the resume references, the demo), beside
     those marked by hand (DDP, --compile, training subprocesses): `pytest -m "not slow"` is the inner loop's subset.
     Then run the slow ones first: xdist's workers share the fast tests at the end, so that no worker is left alone
-    with a long test while the other is idle (the compile test alone takes a minute and a half on 2 cores)."""
+    with a long test while the other is idle (the demo's smallest run and the compile test take ~50 s each)."""
     def tier(item) -> int:  # 0: marked slow by hand (subprocesses, DDP, compile), 1: a shared training run, 2: fast
         if item.get_closest_marker("slow") is not None:
             return 0

@@ -60,11 +60,13 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_any_measurement(mo
 @pytest.mark.slow
 def test_measure_reports_speed_and_model_flops_on_this_device():
     vgg = bench.random_vgg_file()
-    row = bench.measure("optimised", 256, 1, torch.device("cpu"), vgg, steps=1)
+    row = bench.measure("optimised", 128, 1, torch.device("cpu"), vgg, steps=1)  # full ViT-B, at its smallest input
     assert row["status"] == "OK"
     assert row["img_s"] > 0 and row["step_ms"] > 0 and row["forward_ms"] > 0
-    # two 256-input views through ViT-B (~35 GMACs each forward), half of it backward, plus decoder and VGG16
-    assert 0.2 < row["tflop_step"] < 0.6 and math.isfinite(row["tflop_step"])
+    # the forward of the two 128-input views is 0.080 TFLOPs (ViT-B ~0.033, head and decoder ~0.011, VGG16 on the
+    # reconstructions and targets ~0.036), the step with its backward ~0.157: counting the forward only, or every
+    # op twice (~0.31), falls outside
+    assert 0.11 < row["tflop_step"] < 0.25 and math.isfinite(row["tflop_step"])
 
 
 def test_the_optimised_variant_resolves_precision_like_a_default_training_run(monkeypatch):

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import train as train_py
 from conftest import ROOT, TINY_LATENT, tiny_train_args
 from model import build_model, tiny_config
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.slow  # every test here starts torchrun or a training p
 
 
 def train(*args: str, procs: int = 1) -> subprocess.CompletedProcess:
+    """train.py in a new process, or under torchrun in `procs` processes."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
     return subprocess.run([sys.executable, *launcher, str(ROOT / "train.py"), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)
@@ -50,8 +52,7 @@ def test_two_processes_match_one_process_and_resume_on_one_process(synth_dir, tm
     common = ["--epochs", "2"]
     one = with_batch(tiny_train_args(synth_dir, tmp_path / "one", *common), 8)
     two = with_batch(tiny_train_args(synth_dir, tmp_path / "two", *common), 4)  # per process: 2 x 4 = 8
-    r = train(*one, "--max-steps", "4")
-    assert r.returncode == 0, r.stderr
+    train_py.main([*one, "--max-steps", "4"])  # the 1-process runs in this process: no interpreter to start
     r = train(*two, "--max-steps", "4", procs=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Train samples:") == 1  # only rank 0 prints and logs
@@ -62,10 +63,8 @@ def test_two_processes_match_one_process_and_resume_on_one_process(synth_dir, tm
 
     # the 2-process run goes on in 1 process: 4 x 1 x 2 accum steps keeps the global batch of 8. Step 10 crosses
     # the epoch boundary (8 steps of 8 per epoch), so the next epoch's order is checked too
-    r = train(*one, "--max-steps", "10", "--resume")
-    assert r.returncode == 0, r.stderr
-    r = train(*two, "--max-steps", "10", "--resume", "--accum-steps", "2")
-    assert r.returncode == 0, r.stderr[-3000:]
+    train_py.main([*one, "--max-steps", "10", "--resume"])
+    train_py.main([*two, "--max-steps", "10", "--resume", "--accum-steps", "2"])
     a = torch.load(tmp_path / "one/checkpoints/last.pt", weights_only=True)
     b = torch.load(tmp_path / "two/checkpoints/last.pt", weights_only=True)
     assert b["world_size"] == 1 and b["run_config"]["accum_steps"] == 2 and b["epoch"] == 1
@@ -130,8 +129,7 @@ def test_sigterm_to_torchrun_saves_a_complete_checkpoint_before_any_process_exit
     assert 2 <= last["step"] == stopped < 8 and last["world_size"] == 2  # saved at the step every rank stopped at
 
     # the run goes on from there (one process, 4 x 2 accum steps: the same global batch)
-    r = train(*args, "--resume", "--accum-steps", "2", "--max-steps", str(stopped + 2))
-    assert r.returncode == 0, r.stderr[-3000:]
+    train_py.main([*args, "--resume", "--accum-steps", "2", "--max-steps", str(stopped + 2)])
     assert train_steps(run) == list(range(1, stopped + 3))  # each step once: none redone, none missing
     assert torch.load(run / "checkpoints/last.pt", weights_only=True)["step"] == stopped + 2
 

@@ -79,8 +79,7 @@ def test_stop_and_resume_in_a_new_process_equals_one_uninterrupted_run(reference
     current directory; with 2 it repeats the run's flags and adds --resume."""
     ref_run, extra = reference
     first = [a if a != str(STEPS) else "3" for a in extra]  # stop after step 3: mid-epoch
-    r = run_cli("train.py", *tiny_train_args(small_synth_dir, tmp_path, *first))
-    assert r.returncode == 0, r.stderr
+    train.main(tiny_train_args(small_synth_dir, tmp_path, *first))  # here; the resume below is the new process
     if extra[extra.index("--accum-steps") + 1] == "1":
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
@@ -119,8 +118,7 @@ def test_signal_saves_at_the_next_step_boundary_and_resume_is_the_same_run(refer
     stopped = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
     assert target <= stopped["step"] < STEPS
     assert max(train_losses(tmp_path / "logs")) == stopped["step"]  # saved at the step it finished
-    r = run_cli("train.py", *tiny_train_args(small_synth_dir, tmp_path, *extra, "--resume"))
-    assert r.returncode == 0, r.stderr
+    train.main(tiny_train_args(small_synth_dir, tmp_path, *extra, "--resume"))  # in this process
     states_equal(torch.load(ref_run / "checkpoints/last.pt", weights_only=True),
                  torch.load(tmp_path / "checkpoints/last.pt", weights_only=True))
 
