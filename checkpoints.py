@@ -128,6 +128,8 @@ def config_problem(d: object, config_class: type = VAEConfig) -> str | None:
         default = defaults[name]
         if name == "encoder_config":
             ok = value is None or isinstance(value, dict)
+        elif name == "identity_dims":
+            ok = value is None or type(value) is int
         elif isinstance(default, tuple):
             ok = isinstance(value, list) and all(type(v) is int for v in value)
         else:
@@ -141,6 +143,7 @@ def config_from_checkpoint(ckpt: dict) -> VAEConfig:
     d = dict(ckpt["model_config"])
     for k in ("feature_blocks", "decoder_channels"):
         d[k] = tuple(d[k])
+    d.setdefault("identity_dims", 0)  # saved before the field existed, when the embedding was all of mu
     return replace(VAEConfig(**d), pretrained=False)  # the weights come from the checkpoint, not the hub
 
 
@@ -231,6 +234,13 @@ def write_pretrained(model: nn.Module, out_dir: str | Path, config: dict, card: 
     return list(files)
 
 
+def embedding_source(cfg: VAEConfig) -> str:
+    """What model.embed reads, in words for the model card."""
+    src = f"the first {cfg.identity_dims} entries of mu" if cfg.identity_dims else "mu"
+    return f"an MLP head over {src} to {cfg.embed_dim} dimensions" if cfg.embed_dim else (
+        src if cfg.identity_dims else "mu itself")
+
+
 def model_card(model: EarVAE, step: int | None, weights: str, metrics: dict | None) -> str:
     """README.md of an export: a few lines on what the model is, its config, metrics and how to load it."""
     cfg, enc = model.cfg, model.cfg.encoder_config or {}
@@ -245,7 +255,7 @@ def model_card(model: EarVAE, step: int | None, weights: str, metrics: dict | No
         f"{cfg.input_size}x{cfg.input_size}, {start}), a VAE head to a {cfg.latent_dim}-d latent and a "
         f"convolutional decoder. The posterior mean `mu` is the ear embedding a student distils from; "
         f"`model.embed(x)` is the identity embedding (unit L2 norm, compared by cosine similarity: "
-        f"{'an MLP head over mu to ' + str(cfg.embed_dim) + ' dimensions' if cfg.embed_dim else 'mu itself'}); "
+        f"{embedding_source(cfg)}); "
         f"`model.encoder.features(x)` returns the multi-scale pyramid (blocks {list(cfg.feature_blocks)}).", "",
         f"Weights: {what} at {f'step {step}' if step is not None else 'an unknown step'}; "
         f"{total / 1e6:.1f}M parameters.", "",

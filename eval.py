@@ -281,7 +281,7 @@ def report(metrics: dict) -> str:
             f"{m['n_impostor_pairs']} impostor pairs)"]
         if "identity_mu" in metrics:
             u = metrics["identity_mu"]
-            lines.append(f"  mu (the embedding head's input): rank-1 {u['rank1']:.3f}   rank-5 {u['rank5']:.3f}   "
+            lines.append(f"  all of mu, for comparison: rank-1 {u['rank1']:.3f}   rank-5 {u['rank5']:.3f}   "
                          f"EER {u['eer']:.3f}   ROC AUC {u['roc_auc']:.3f}")
         b = metrics["identity_pixels"]
         lines += [
@@ -327,8 +327,8 @@ def card_metrics(metrics: dict) -> dict[str, float | int | str]:
                      "identities also in training": metrics["train_overlap"]["card"]})
         if "identity_mu" in metrics:
             u = metrics["identity_mu"]
-            card.update({"rank-1 of mu (the embedding head's input)": u["rank1"],
-                         "verification EER of mu (the embedding head's input)": u["eer"]})
+            card.update({"rank-1 of all of mu, for comparison": u["rank1"],
+                         "verification EER of all of mu, for comparison": u["eer"]})
         b = metrics["identity_pixels"]
         card.update({"rank-1, baseline: centred raw pixels": b["rank1"], "rank-5, baseline: centred raw pixels":
                      b["rank5"], "verification EER, baseline: centred raw pixels": b["eer"],
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             metrics["identity"] = recognition_metrics(per_image["embedding"], labels)
             per_image["rank"] = probe_ranks(per_image["embedding"], labels)
-            if model.embed_head is not None:  # the head's input may be the better feature (SimCLR): both reported
+            if model.cfg.embed_dim or model.cfg.identity_dims not in (0, model.cfg.latent_dim):  # both reported
                 metrics["identity_mu"] = recognition_metrics(per_image["mu"], labels)
             metrics["identity_pixels"] = recognition_metrics(pixel_embeddings(ds), labels)
         except ValueError as e:  # labels with nothing to identify, or embeddings without a cosine similarity
@@ -491,7 +491,7 @@ def evaluate_student(args: argparse.Namespace, ckpt: dict, device: torch.device,
         raise CheckpointError(f"{teacher_path}: not the teacher {args.ckpt} was distilled from (its weights' sha256 "
                               f"differs from the one the checkpoint recorded)")
     del ckpt
-    teacher_embed = teacher.cfg.embed_dim or teacher.cfg.latent_dim
+    teacher_embed = teacher.cfg.embedding_dim
     if (student.cfg.embed_dim, student.cfg.latent_dim) != (teacher_embed, teacher.cfg.latent_dim):
         raise CheckpointError(f"{teacher_path}: not this student's teacher: its embedding and latent are "
                               f"{teacher_embed}-d and {teacher.cfg.latent_dim}-d, the student's "

@@ -5,6 +5,7 @@
       -> VAEHead: fuse the pyramid -> mu, logvar (B, latent_dim)
       -> z = mu + sigma * eps (training) or mu (eval)
       -> Decoder: z -> recon (B, 3, 128, 128) in [0, 1]   (no skip connections: the latent carries the whole image)
+      mu[:, :identity_dims] -> L2-normalised: the identity embedding (EarVAE.embed) the contrastive term trains
 
 Where each part lives:
     model.py        VAEConfig and its factories, VAE head, decoder, EarVAE, build_model, the parameter report
@@ -47,13 +48,24 @@ class VAEConfig:
     fuse_channels: int = 256                  # channels of the fused pyramid in the VAE head
     head_pool: int = 8                        # fused map is pooled to head_pool x head_pool before the linear to mu/logvar
     latent_dim: int = 1024
-    embed_dim: int = 0                        # identity embedding (EarVAE.embed): 0 = mu itself, L2-normalised;
-                                              # E > 0: an MLP head mu -> E (SimCLR's projection head), L2-normalised
+    identity_dims: int | None = None          # the identity embedding (EarVAE.embed) reads the first N entries of
+                                              # mu, the rest is free for the nuisance (0: all of mu; None: an eighth)
+    embed_dim: int = 0                        # identity embedding: 0 = those entries of mu, L2-normalised;
+                                              # E > 0: an MLP head over them -> E (SimCLR's projection head)
     decoder_channels: tuple[int, ...] = (512, 256, 128, 64, 32)  # per stage, 8x8 -> 16 -> 32 -> 64 -> 128
     image_size: int = 128                     # ear crop side, input and output
     attn_implementation: str = "sdpa"         # "sdpa" (fused kernels), "eager" (the original's) or "flex" (SAM only:
                                               # relative-position bias inside a FlexAttention kernel; CUDA to train)
     grad_checkpointing: bool = False          # recompute trainable blocks in backward: big batches in little memory
+
+    def __post_init__(self):
+        if self.identity_dims is None:  # resolved here, so a saved config holds the number
+            self.identity_dims = self.latent_dim // 8
+
+    @property
+    def embedding_dim(self) -> int:
+        """E, the size of the identity embedding EarVAE.embed returns."""
+        return self.embed_dim or self.identity_dims or self.latent_dim
 
 
 def sam_config(**overrides) -> VAEConfig:
@@ -174,7 +186,9 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         self.encoder = encoder
         self.head = VAEHead(encoder.feature_channels, cfg.fuse_channels, cfg.head_pool, cfg.latent_dim)
         self.decoder = Decoder(cfg.latent_dim, cfg.decoder_channels, cfg.image_size)
-        d, e = cfg.latent_dim, cfg.embed_dim
+        if not 0 <= cfg.identity_dims <= cfg.latent_dim:
+            raise ConfigError(f"identity_dims must be in 0..latent_dim ({cfg.latent_dim}), got {cfg.identity_dims}")
+        d, e = cfg.identity_dims or cfg.latent_dim, cfg.embed_dim
         self.embed_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, e)) if e > 0 else None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +196,14 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         return self.head(self.encoder.features(x))
 
     def embedding(self, mu: torch.Tensor) -> torch.Tensor:
-        """mu (B, latent_dim) -> the identity embedding (B, E), unit L2 norm: mu itself (E = latent_dim) or the
-        head's output (E = cfg.embed_dim). Its cosine similarity is what the contrastive term trains and what
-        recognition (eval.py --identity) compares."""
-        return F.normalize((mu if self.embed_head is None else self.embed_head(mu)).float(), dim=1)
+        """mu (B, latent_dim) -> the identity embedding (B, E = cfg.embedding_dim), unit L2 norm: the first
+        cfg.identity_dims entries of mu (all of mu when 0), or the head's output over them (E = cfg.embed_dim). Its
+        cosine similarity is what the contrastive term trains and what recognition (eval.py --identity) compares.
+        Only those entries are pulled together per identity; the rest of mu keeps what reconstruction needs and
+        identity does not decide (skin tone, hair, light): on the demo, SupCon on 128 of 1024 entries gave rank-1
+        0.845 at 31.1 dB against 0.695 at 29.1 dB on all of mu (README, "Identity")."""
+        e = mu[:, :self.cfg.identity_dims] if self.cfg.identity_dims else mu
+        return F.normalize((e if self.embed_head is None else self.embed_head(e)).float(), dim=1)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,8 @@ SANE_GROWTH = 1000.0  # a weight tensor whose max |value| passes this x max(its 
 CONTRASTIVE_MODES = ("auto", "supcon", "nt-xent")
 # flags that set how a teacher is built and trained, refused with --teacher (a student run), and the student's flags,
 # refused without it
-TEACHER_FLAGS = {"encoder", "weights", "tiny", "input_size", "freeze_blocks", "latent_dim", "embed_dim", "attn",
+TEACHER_FLAGS = {"encoder", "weights", "tiny", "input_size", "freeze_blocks", "latent_dim", "identity_dims",
+                 "embed_dim", "attn",
                  "grad_checkpointing", "kl_weight", "perceptual_weight", "ssim_weight", "edge_weight",
                  "contrastive_weight", "contrastive", "images_per_identity", "center_weight", "temperature",
                  "vgg_weights"}
@@ -102,8 +103,11 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-blocks", type=non_negative_int, default=None, help=f"frozen first blocks (default: "
                    f"{sam.freeze_blocks}, tiny {tiny.freeze_blocks})")
     g.add_argument("--latent-dim", type=positive_int, default=VAEConfig.latent_dim, help="latent size")
-    g.add_argument("--embed-dim", type=non_negative_int, default=VAEConfig.embed_dim, help="identity embedding that "
-                   "the contrastive term trains: 0 = mu itself (L2-normalised), E > 0 = an MLP head mu -> E")
+    g.add_argument("--identity-dims", type=non_negative_int, default=VAEConfig.identity_dims, help="the identity "
+                   "embedding that the contrastive term trains is the first N entries of mu (L2-normalised); the rest "
+                   "of mu is left to reconstruction. 0: all of mu; default: an eighth of --latent-dim (128)")
+    g.add_argument("--embed-dim", type=non_negative_int, default=VAEConfig.embed_dim, help="0: the embedding is those "
+                   "entries of mu; E > 0: an MLP head over them -> E (measured worse on the demo: README)")
     g.add_argument("--attn", choices=["sdpa", "eager", "flex"], default="sdpa", help="attention implementation "
                    "(flex: SAM's relative-position bias inside a FlexAttention kernel; CUDA only, see BENCHMARKS.md)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
@@ -179,14 +183,18 @@ def model_config(args, teacher: EarVAE | None = None):
     StudentConfig, sized to the teacher's embedding and latent."""
     if teacher is not None:
         return StudentConfig(arch=args.student_arch, weights=args.student_weights, pretrained=not args.no_pretrained,
-                             embed_dim=teacher.cfg.embed_dim or teacher.cfg.latent_dim,
+                             embed_dim=teacher.cfg.embedding_dim,
                              latent_dim=teacher.cfg.latent_dim, input_size=args.student_input_size)
     if args.tiny and not args.no_pretrained and args.weights is None:
         raise WeightsUnavailableError("--tiny has no published weights: add --no-pretrained (random tiny backbone) "
                                       "or --weights DIR of a tiny backbone")
+    if (args.identity_dims or 0) > args.latent_dim:
+        raise ConfigError(f"--identity-dims {args.identity_dims}: more than the latent's --latent-dim "
+                          f"{args.latent_dim} entries (0: all of mu)")
     make = tiny_config if args.tiny else (sam_config if args.encoder == "sam" else dinov2_config)
     kw = dict(weights=args.weights or DEFAULT_WEIGHTS[args.encoder], pretrained=not args.no_pretrained,
-              latent_dim=args.latent_dim, embed_dim=args.embed_dim, attn_implementation=args.attn,
+              latent_dim=args.latent_dim, identity_dims=args.identity_dims, embed_dim=args.embed_dim,
+              attn_implementation=args.attn,
               grad_checkpointing=args.grad_checkpointing)
     if args.input_size is not None:
         kw["input_size"] = args.input_size
@@ -252,15 +260,17 @@ def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset,
     return "nt-xent", None, f" (not SupCon: {why})" if labels is not None else ""
 
 
-def contrastive_summary(mode: str, why: str, args: argparse.Namespace, sampler) -> str:
+def contrastive_summary(mode: str, why: str, args: argparse.Namespace, cfg: VAEConfig, sampler) -> str:
     """One log line on the contrastive term of the run (why: contrastive_mode's note)."""
     if mode == "off":
         return "off (--contrastive-weight 0)"
+    on = (f"on the first {cfg.identity_dims} of mu's {cfg.latent_dim} entries" if cfg.identity_dims else
+          "on all of mu") + (f" through a head to {cfg.embed_dim}" if cfg.embed_dim else "")
     if mode == "nt-xent":
-        return (f"NT-Xent between two augmented views, weight {args.contrastive_weight:g}, temperature "
+        return (f"NT-Xent between two augmented views {on}, weight {args.contrastive_weight:g}, temperature "
                 f"{args.temperature:g}{why}")
     short = f"; {sampler.n_short:,} with fewer than K images drawn with replacement" if sampler.n_short else ""
-    return (f"SupCon on identity labels, weight {args.contrastive_weight:g}, temperature {args.temperature:g}; "
+    return (f"SupCon on identity labels {on}, weight {args.contrastive_weight:g}, temperature {args.temperature:g}; "
             f"batches of {args.batch_size // args.images_per_identity} identities x K={args.images_per_identity} "
             f"images per process, {len(sampler.ids):,} identities{short}")
 
@@ -730,7 +740,7 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
         log(f"Distillation: {cfg.arch} student from the teacher {args.teacher} (weights sha256 "
             f"{teacher_sha256[:12]}...), targets computed on the fly from each augmented batch; terms {terms}")
     else:
-        log(f"Contrastive term: {contrastive_summary(mode, why, args, sampler)}")
+        log(f"Contrastive term: {contrastive_summary(mode, why, args, cfg, sampler)}")
     log(f"Steps per epoch: {steps_per_epoch:,} (global batch {global_batch}), "
         f"total {total_steps:,}" + (f", stopping at {args.max_steps:,}" if args.max_steps else ""))
 

@@ -98,7 +98,7 @@ def student_eval(tiny_run, tmp_path_factory) -> SimpleNamespace:
     synth.write_synthetic_identities(d / "ids", k=6, views=3, seed=3, first_id=100)
     teacher, _ = load_model(tiny_run.best)
     torch.manual_seed(0)
-    cfg = StudentConfig(pretrained=False, embed_dim=teacher.cfg.embed_dim or teacher.cfg.latent_dim,
+    cfg = StudentConfig(pretrained=False, embed_dim=teacher.cfg.embedding_dim,
                         latent_dim=teacher.cfg.latent_dim, head_dim=32, input_size=64)
     student = Student(cfg).eval()
     ckpt = d / "student.pt"

@@ -58,14 +58,18 @@ def runs(tiny_run, holey_file, tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def reference(tiny_run, holey_file) -> SimpleNamespace:
     """The model's own outputs on the kept samples of holey_file, read straight from the .npy (no data.py):
-    x, recon (N, 3, 128, 128) float32 and mu (N, D), for the file indices `keep`."""
+    x, recon (N, 3, 128, 128) float32, mu (N, D) and embedding (N, E): mu's first identity_dims entries (E = D / 8, the
+    default), L2-normalised, for the file indices `keep`."""
     model, _ = load_model(tiny_run.best)
     arr = np.load(holey_file)
     keep = np.array([i for i in range(len(arr)) if i != BLANK])
     x = torch.from_numpy(arr[keep]).permute(0, 3, 1, 2).float() / 255.0
     with torch.no_grad():
         out = model(x)
-    return SimpleNamespace(keep=keep, x=x, recon=out["recon"], mu=out["mu"])
+    k = model.cfg.identity_dims
+    assert 0 < k < out["mu"].shape[1]
+    embedding = torch.nn.functional.normalize(out["mu"][:, :k], dim=1)
+    return SimpleNamespace(keep=keep, x=x, recon=out["recon"], mu=out["mu"], embedding=embedding)
 
 
 def read_csv(path: Path) -> dict[str, np.ndarray]:
@@ -256,10 +260,13 @@ def kept_labels(reference) -> np.ndarray:
     return np.array(IDS, dtype=np.int64)[reference.keep]
 
 
-def test_identity_metrics_equal_recognition_metrics_on_the_models_own_mu(full, reference):
-    got = json.loads((full.out / "metrics.json").read_text())["identity"]
-    expected = recognition_metrics(reference.mu.numpy(), kept_labels(reference))
-    assert got == pytest.approx(expected, rel=1e-9)
+def test_identity_metrics_are_those_of_the_embedding_with_all_of_mu_beside_them(full, reference):
+    metrics = json.loads((full.out / "metrics.json").read_text())
+    got = metrics["identity"]
+    assert got == pytest.approx(recognition_metrics(reference.embedding.numpy(), kept_labels(reference)), rel=1e-6)
+    mu = metrics["identity_mu"]  # the embedding reads part of mu: all of mu is reported too
+    assert mu == pytest.approx(recognition_metrics(reference.mu.numpy(), kept_labels(reference)), rel=1e-9)
+    assert f"all of mu, for comparison: rank-1 {mu['rank1']:.3f}" in ev.report(full.metrics)
     assert got["n_unlabelled"] == 3  # rows 5, 14, 20
     assert got["n_single"] == 3  # identities 1, 5, 7
     assert got["n_probes"] == 14
@@ -270,7 +277,7 @@ def test_per_image_csv_gains_identity_and_rank_columns(full, reference):
     assert list(table) == ["index", "psnr", "ssim", "mae", "mse", "kl", "lpips", "identity", "rank"]
     np.testing.assert_array_equal(table["index"], reference.keep)
     np.testing.assert_array_equal(table["identity"], kept_labels(reference))
-    np.testing.assert_array_equal(table["rank"], probe_ranks(reference.mu.numpy(), kept_labels(reference)))
+    np.testing.assert_array_equal(table["rank"], probe_ranks(reference.embedding.numpy(), kept_labels(reference)))
 
 
 def test_report_counts_unlabelled_images_and_prints_chance_beside_rank_1(full):

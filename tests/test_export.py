@@ -66,23 +66,34 @@ def test_export_reloads_identical_weights_and_outputs(encoder, tmp_path):
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("embed_dim", [0, 16])  # mu itself, and an embedding head over mu
-def test_embedding_of_an_exported_model_equals_that_of_the_checkpoint(embed_dim, tmp_path):
-    model = random_tiny(embed_dim=embed_dim)
+@pytest.mark.parametrize("identity_dims,embed_dim", [(0, 0), (8, 0), (8, 16)])  # all of mu, its first 8, a head
+def test_embedding_of_an_exported_model_equals_that_of_the_checkpoint(identity_dims, embed_dim, tmp_path):
+    model = random_tiny(identity_dims=identity_dims, embed_dim=embed_dim)
     torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg), "step": 7}, tmp_path / "best.pt")
     export_model(tmp_path / "best.pt", tmp_path / "out")
     from_ckpt, _ = load_model(tmp_path / "best.pt")
     from_export, cfg = load_model(tmp_path / "out")
-    assert cfg.embed_dim == embed_dim
+    assert (cfg.identity_dims, cfg.embed_dim) == (identity_dims, embed_dim)
     expected, got = from_ckpt.embed(batch()), from_export.embed(batch())
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert got.shape == (2, embed_dim or 64)
+    assert got.shape == (2, embed_dim or identity_dims or 64) and cfg.embedding_dim == got.shape[1]
     torch.testing.assert_close(got.norm(dim=1), torch.ones(2))  # unit L2 norm
-    mu = from_ckpt.encode(batch())[0]
-    if embed_dim == 0:
-        torch.testing.assert_close(got, torch.nn.functional.normalize(mu, dim=1))
-    else:
-        torch.testing.assert_close(got, torch.nn.functional.normalize(from_ckpt.embed_head(mu), dim=1))
+    read = from_ckpt.encode(batch())[0][:, :identity_dims or 64]  # the entries of mu the embedding reads
+    if embed_dim:
+        read = from_ckpt.embed_head(read)
+    torch.testing.assert_close(got, torch.nn.functional.normalize(read, dim=1))
+
+
+def test_a_checkpoint_saved_before_identity_dims_embeds_all_of_mu(tmp_path):
+    """Configs written before the field existed have no identity_dims: their embedding was all of mu, and stays so
+    (the field's default, an eighth of the latent, would silently change what such a model's embed returns)."""
+    model = random_tiny(identity_dims=0)
+    config = asdict(model.cfg)
+    del config["identity_dims"]
+    torch.save({"model": model.state_dict(), "model_config": config, "step": 7}, tmp_path / "old.pt")
+    loaded, cfg = load_model(tmp_path / "old.pt")
+    assert cfg.identity_dims == 0 and random_tiny().cfg.identity_dims == 64 // 8
+    torch.testing.assert_close(loaded.embed(batch()), torch.nn.functional.normalize(loaded.encode(batch())[0], dim=1))
 
 
 def test_config_json_holds_the_full_model_config_and_format_tag(exported):

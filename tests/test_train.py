@@ -139,6 +139,38 @@ def test_default_flags_are_the_model_factories_and_the_loss_config():
     assert defaults == vars(LossConfig())
 
 
+def test_identity_dims_default_to_an_eighth_of_the_latent_and_cannot_exceed_it():
+    from model import build_model, tiny_config
+    parse = train.get_parser().parse_args
+    assert train.model_config(parse(["--no-pretrained"])).identity_dims == 128  # of 1024
+    assert train.model_config(parse(["--tiny", "--no-pretrained", "--latent-dim", "64"])).identity_dims == 8
+    assert train.model_config(parse(["--no-pretrained", "--identity-dims", "0"])).embedding_dim == 1024  # all of mu
+    with pytest.raises(train.ConfigError, match=r"^--identity-dims 65: more than the latent's --latent-dim 64 entries "
+                                                r"\(0: all of mu\)$"):
+        train.model_config(parse(["--tiny", "--no-pretrained", "--latent-dim", "64", "--identity-dims", "65"]))
+    with pytest.raises(train.ConfigError, match=r"^identity_dims must be in 0..latent_dim \(64\), got 65$"):
+        build_model(tiny_config(latent_dim=64, identity_dims=65))
+
+
+def test_contrastive_gradient_reaches_only_the_identity_entries_of_mu():
+    """SupCon and NT-Xent act on model.embedding: mu's first identity_dims entries get their gradient, the rest of mu
+    (left to reconstruction) none; the log line says which entries."""
+    from losses import nt_xent, supcon
+    from model import build_model, tiny_config
+    model = build_model(tiny_config(latent_dim=64))  # identity_dims 8
+    torch.manual_seed(0)
+    mu = torch.randn(6, 64, requires_grad=True)
+    for loss in (supcon(model.embedding(mu), torch.tensor([0, 0, 1, 1, 2, 2]), 0.1),
+                 nt_xent(model.embedding(mu[:3]), model.embedding(mu[3:]), 0.1)):
+        (grad,) = torch.autograd.grad(loss, mu)
+        assert grad[:, :8].abs().min() > 0 and not grad[:, 8:].any()
+    args = train.get_parser().parse_args([])
+    assert train.contrastive_summary("nt-xent", "", args, model.cfg, None) == (
+        "NT-Xent between two augmented views on the first 8 of mu's 64 entries, weight 0.1, temperature 0.1")
+    assert train.contrastive_summary("nt-xent", "", args, tiny_config(identity_dims=0), None).startswith(
+        "NT-Xent between two augmented views on all of mu, weight")
+
+
 def test_keyed_noise_depends_only_on_seed_epoch_and_sample():
     def noise(keys, epoch=1, view=0):
         return train.keyed_normal(torch.tensor(keys), seed=0, epoch=epoch, view=view, dim=8)
