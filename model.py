@@ -49,7 +49,8 @@ class VAEConfig:
     head_pool: int = 8                        # fused map is pooled to head_pool x head_pool before the linear to mu/logvar
     latent_dim: int = 1024
     identity_dims: int | None = None          # the identity embedding (EarVAE.embed) reads the first N entries of
-                                              # mu, the rest is free for the nuisance (0: all of mu; None: an eighth)
+                                              # mu, the rest is free for the nuisance (0: all of mu; None: an eighth,
+                                              # or all of mu where an eighth is under 2)
     embed_dim: int = 0                        # identity embedding: 0 = those entries of mu, L2-normalised;
                                               # E > 0: an MLP head over them -> E (SimCLR's projection head)
     decoder_channels: tuple[int, ...] = (512, 256, 128, 64, 32)  # per stage, 8x8 -> 16 -> 32 -> 64 -> 128
@@ -60,7 +61,7 @@ class VAEConfig:
 
     def __post_init__(self):
         if self.identity_dims is None:  # resolved here, so a saved config holds the number
-            self.identity_dims = self.latent_dim // 8
+            self.identity_dims = self.latent_dim // 8 if self.latent_dim >= 16 else 0
 
     @property
     def embedding_dim(self) -> int:
@@ -186,8 +187,9 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         self.encoder = encoder
         self.head = VAEHead(encoder.feature_channels, cfg.fuse_channels, cfg.head_pool, cfg.latent_dim)
         self.decoder = Decoder(cfg.latent_dim, cfg.decoder_channels, cfg.image_size)
-        if not 0 <= cfg.identity_dims <= cfg.latent_dim:
-            raise ConfigError(f"identity_dims must be in 0..latent_dim ({cfg.latent_dim}), got {cfg.identity_dims}")
+        if not 0 <= cfg.identity_dims <= cfg.latent_dim or cfg.identity_dims == 1:  # 1 entry normalises to +-1
+            raise ConfigError(f"identity_dims must be 0 or in 2..latent_dim ({cfg.latent_dim}), got "
+                              f"{cfg.identity_dims}")
         d, e = cfg.identity_dims or cfg.latent_dim, cfg.embed_dim
         self.embed_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, e)) if e > 0 else None
 
@@ -201,7 +203,7 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         cosine similarity is what the contrastive term trains and what recognition (eval.py --identity) compares.
         Only those entries are pulled together per identity; the rest of mu keeps what reconstruction needs and
         identity does not decide (skin tone, hair, light): on the demo, SupCon on 128 of 1024 entries gave rank-1
-        0.845 at 31.1 dB against 0.695 at 29.1 dB on all of mu (README, "Identity")."""
+        0.845 at 31.1 dB against 0.695 at 29.1 dB on all of mu (BENCHMARKS.md, "Identity")."""
         e = mu[:, :self.cfg.identity_dims] if self.cfg.identity_dims else mu
         return F.normalize((e if self.embed_head is None else self.embed_head(e)).float(), dim=1)
 

@@ -105,7 +105,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--latent-dim", type=positive_int, default=VAEConfig.latent_dim, help="latent size")
     g.add_argument("--identity-dims", type=non_negative_int, default=VAEConfig.identity_dims, help="the identity "
                    "embedding that the contrastive term trains is the first N entries of mu (L2-normalised); the rest "
-                   "of mu is left to reconstruction. 0: all of mu; default: an eighth of --latent-dim (128)")
+                   "of mu is left to reconstruction. 0: all of mu; None: an eighth of --latent-dim (128 of 1024; all "
+                   "of mu below 16)")
     g.add_argument("--embed-dim", type=non_negative_int, default=VAEConfig.embed_dim, help="0: the embedding is those "
                    "entries of mu; E > 0: an MLP head over them -> E (measured worse on the demo: README)")
     g.add_argument("--attn", choices=["sdpa", "eager", "flex"], default="sdpa", help="attention implementation "
@@ -191,6 +192,9 @@ def model_config(args, teacher: EarVAE | None = None):
     if (args.identity_dims or 0) > args.latent_dim:
         raise ConfigError(f"--identity-dims {args.identity_dims}: more than the latent's --latent-dim "
                           f"{args.latent_dim} entries (0: all of mu)")
+    if args.identity_dims == 1:
+        raise ConfigError("--identity-dims 1: one entry, L2-normalised, is +1 or -1 for every image and tells no "
+                          "identity apart; give 2 or more (0: all of mu)")
     make = tiny_config if args.tiny else (sam_config if args.encoder == "sam" else dinov2_config)
     kw = dict(weights=args.weights or DEFAULT_WEIGHTS[args.encoder], pretrained=not args.no_pretrained,
               latent_dim=args.latent_dim, identity_dims=args.identity_dims, embed_dim=args.embed_dim,
