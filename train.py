@@ -63,10 +63,9 @@ CONTRASTIVE_MODES = ("auto", "supcon", "nt-xent")
 # flags that set how a teacher is built and trained, refused with --teacher (a student run), and the student's flags,
 # refused without it
 TEACHER_FLAGS = {"encoder", "weights", "tiny", "input_size", "freeze_blocks", "latent_dim", "identity_dims",
-                 "embed_dim", "attn",
-                 "grad_checkpointing", "kl_weight", "perceptual_weight", "ssim_weight", "edge_weight",
-                 "contrastive_weight", "contrastive", "images_per_identity", "center_weight", "temperature",
-                 "vgg_weights"}
+                 "embed_dim", "attn", "grad_checkpointing", "kl_weight", "perceptual_weight", "ssim_weight",
+                 "edge_weight", "contrastive_weight", "contrastive", "images_per_identity", "center_weight",
+                 "temperature", "vgg_weights"}
 STUDENT_FLAGS = {"student_arch", "student_weights", "student_input_size"}
 STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installed under __main__
 LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
@@ -108,7 +107,8 @@ def get_parser() -> argparse.ArgumentParser:
                    "of mu is left to reconstruction. 0: all of mu; None: an eighth of --latent-dim (128 of 1024; all "
                    "of mu below 16)")
     g.add_argument("--embed-dim", type=non_negative_int, default=VAEConfig.embed_dim, help="0: the embedding is those "
-                   "entries of mu; E > 0: an MLP head over them -> E (measured worse on the demo: README)")
+                   "entries of mu; E > 0: an MLP head over them -> E (over all of mu it measured worse on the demo: "
+                   "README)")
     g.add_argument("--attn", choices=["sdpa", "eager", "flex"], default="sdpa", help="attention implementation "
                    "(flex: SAM's relative-position bias inside a FlexAttention kernel; CUDA only, see BENCHMARKS.md)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
