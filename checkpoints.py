@@ -27,7 +27,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidat
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from files import write_outputs
+from files import torch_file_problem, write_outputs
 from model import EarVAE, VAEConfig, build_model, count
 
 
@@ -49,6 +49,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return read_export(path, map_location)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if problem := torch_file_problem(path):
+        raise CheckpointError(f"{path}: {problem}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # the weights-only unpickler met a Python object it will not build
@@ -135,7 +137,8 @@ def config_problem(d: object, config_class: type = VAEConfig) -> str | None:
         else:
             ok = type(value) is type(default)  # exact: a bool is not an int here
         if not ok:
-            return f"field {name}={value!r}: expected a value like {default!r}"
+            like = "an integer or null" if name == "identity_dims" else f"a value like {default!r}"
+            return f"field {name}={value!r}: expected {like}"
     return None
 
 

@@ -244,8 +244,8 @@ def analyse(ckpt: str, args: argparse.Namespace, device: torch.device,
     """Everything for one checkpoint, the model under autocast(device, dtype) -> (summary dict, {file name: figure})."""
     content = read_checkpoint(ckpt)
     info = checkpoint_info(content)
-    fit_path = data_file(args.fit_data, info, "train", ckpt)
-    eval_path = data_file(args.data, info, "val", ckpt)
+    fit_path = data_file(args.fit_data, info, "train", ckpt, "--fit-data")
+    eval_path = data_file(args.data, info, "val", ckpt, "--data")
     fit_ds, eval_ds = (EarDataset(path, max_invalid=max_invalid(args, info)) for path in (fit_path, eval_path))
     fit_factors, eval_factors = read_factors(fit_path, fit_ds), read_factors(eval_path, eval_ds)
     if fit_factors is not None and eval_factors is not None and fit_factors[0] != eval_factors[0]:

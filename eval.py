@@ -54,7 +54,7 @@ from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
 from checkpoints import (EXPORT_CONFIG, CheckpointError, export_model, load_model, read_checkpoint,  # noqa: E402
                          weights_sha256)
 from model import EarVAE, WeightsUnavailableError, count  # noqa: E402
-from recognition import probe_ranks, recognition_metrics  # noqa: E402
+from recognition import label_problem, probe_ranks, recognition_metrics  # noqa: E402
 from student import Student, is_student_folder, load_student, teacher_targets  # noqa: E402
 
 TARGETS = {"psnr": 28.0, "ssim": 0.85}  # the original design's goals (dB, SSIM on [0, 1] RGB)
@@ -384,11 +384,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.teacher is not None:
         parser.error(f"--teacher: {args.ckpt} is a teacher; --teacher names a student's teacher")
     info = checkpoint_info(ckpt)
-    data_path = data_file(args.data, info, "val", args.ckpt)
+    data_path = data_file(args.data, info, "val", args.ckpt, "--data")
     ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
     labels = read_identities(data_path, ds) if args.identity else None
     if args.identity and labels is None:
         raise DataError(f"{data_path}: --identity needs identity labels: {missing_labels(data_path)}")
+    if labels is not None and (problem := label_problem(labels)):  # before the pass, not after it
+        raise DataError(f"{data_path}: --identity: {problem}")
     vgg_weights = args.vgg_weights or "imagenet"
     lpips = LPIPS(vgg_weights).to(device) if args.lpips else None
     model, _ = load_model(args.ckpt, device, ckpt)
@@ -480,11 +482,13 @@ def evaluate_student(args: argparse.Namespace, ckpt: dict, device: torch.device,
     teacher_path = args.teacher or (ckpt["run_config"] or {}).get("teacher")
     if teacher_path is None:
         raise CheckpointError(f"{args.ckpt}: a student's saved folder does not name its teacher: give --teacher")
-    data_path = data_file(args.data, info, "val", args.ckpt)
+    data_path = data_file(args.data, info, "val", args.ckpt, "--data")
     ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
     labels = read_identities(data_path, ds) if args.identity else None
     if args.identity and labels is None:
         raise DataError(f"{data_path}: --identity needs identity labels: {missing_labels(data_path)}")
+    if labels is not None and (problem := label_problem(labels)):  # before the pass, not after it
+        raise DataError(f"{data_path}: --identity: {problem}")
     student = load_student(args.ckpt, device, ckpt)  # a folder loads from its files, a checkpoint from ckpt
     teacher, _ = load_model(teacher_path, device)
     if ckpt.get("teacher_sha256") not in (None, weights_sha256(teacher)):

@@ -1,5 +1,6 @@
 """Writing files so that a crash never leaves a half-written or lost one: every writer of the project goes through
-`atomic_write` (one file) or `write_outputs` (several files that belong together).
+`atomic_write` (one file) or `write_outputs` (several files that belong together). `torch_file_problem` tells a file
+that torch.save did not write before torch.load reads it.
 
     with atomic_write(path) as f:      # f: an open binary file at PATH.tmp
         torch.save(state, f)           # on success PATH.tmp is fsynced and renamed over PATH; on any exception
@@ -21,6 +22,18 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 Writer = Callable[[io.BufferedWriter], None]  # writes one file's content to an open binary file
+
+
+def torch_file_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` (an existing file) is not something torch.save wrote, from its first bytes, or None when it may be:
+    torch.save writes a zip archive (PK...), and before torch 1.6 a pickle (protocol 2+: 0x80). On any other file
+    torch.load's weights-only unpickler fails with a long message that advises unsafe loading."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" or head[:1] == b"\x80":
+        return None
+    what = "an empty file" if not head else f"it starts with {head!r}"
+    return f"not a PyTorch file ({what}; torch.save writes a zip archive)"
 
 
 def tmp_path(path: Path) -> Path:

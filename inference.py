@@ -112,12 +112,13 @@ def max_invalid(args: argparse.Namespace, info: dict) -> float:
     return DEFAULT_MAX_INVALID
 
 
-def data_file(given: str | None, info: dict, split: str, ckpt_path: str | Path) -> Path:
-    """`given`, else the run's file of `split` ("train" or "val") from checkpoint_info()."""
+def data_file(given: str | None, info: dict, split: str, ckpt_path: str | Path, flag: str) -> Path:
+    """`given`, else the run's file of `split` ("train" or "val") from checkpoint_info(); CheckpointError naming the
+    command-line `flag` that gives it when the checkpoint does not name one (an export)."""
     if given is not None:
         return Path(given)
     if info[split] is None:
-        raise CheckpointError(f"{ckpt_path}: holds no run config naming its {split} file; give the data file")
+        raise CheckpointError(f"{ckpt_path}: holds no run config naming its {split} file; give it with {flag}")
     return info[split]
 
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from files import torch_file_problem
 from model import LOGVAR_MAX, LOGVAR_MIN, WeightsUnavailableError
 
 if TYPE_CHECKING:
@@ -220,6 +221,8 @@ def load_torchvision_weights(module: nn.Module, weights: str, imagenet: WeightsE
             state = imagenet.get_state_dict(progress=False)
         elif Path(weights).suffix == ".safetensors":
             state = load_file(weights)
+        elif problem := torch_file_problem(weights):
+            raise ValueError(problem)
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
@@ -227,6 +230,8 @@ def load_torchvision_weights(module: nn.Module, weights: str, imagenet: WeightsE
         module.load_state_dict(select(state) if select is not None else state)
     except _LOAD_ERRORS as e:
         message = " ".join(str(e).split()).rstrip(".")
+        if isinstance(e, pickle.UnpicklingError) and weights != "imagenet":  # not torch's advice (unsafe loading)
+            message = "refused: the file holds Python objects, not only tensors (a pickle can run code)"
         message = message if len(message) <= 1000 else message[:1000] + " ..."  # key lists can be long
         raise WeightsUnavailableError(
             f"Could not load {name} weights for {purpose}: tried {source}; failed with "

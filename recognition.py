@@ -68,11 +68,8 @@ def _labelled(mu: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     mu, labels = np.asarray(mu), np.asarray(labels)
     if mu.ndim != 2 or labels.shape != (len(mu),):
         raise ValueError(f"embeddings {mu.shape} and labels {labels.shape}: expected (N, D) and (N,)")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels of dtype {labels.dtype}: expected integer identities ({UNLABELLED} = unlabelled)")
-    if (labels < UNLABELLED).any():
-        raise ValueError(f"{int((labels < UNLABELLED).sum())} labels below {UNLABELLED}: expected identities >= 0, "
-                         f"or {UNLABELLED} for an unlabelled image")
+    if problem := label_problem(labels):
+        raise ValueError(problem)
     keep = labels != UNLABELLED
     mu, labels = mu[keep].astype(np.float64), labels[keep]
     bad = ~np.isfinite(mu).all(axis=1)
@@ -82,14 +79,28 @@ def _labelled(mu: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if (norm == 0).any():
         raise ValueError(f"{int((norm == 0).sum())} of {len(mu)} labelled embeddings are all zero: "
                          f"cosine similarity is undefined for them")
-    n_ids = len(np.unique(labels))
-    if n_ids < 2:
-        raise ValueError(f"{len(labels)} labelled images ({int((~keep).sum())} unlabelled dropped) of {n_ids} "
-                         f"identities: verification needs at least 2 identities")
-    if n_ids == len(labels):
-        raise ValueError(f"all {len(labels)} labelled images have distinct identities ({int((~keep).sum())} "
-                         f"unlabelled dropped): nothing to identify or verify; at least one identity needs 2 images")
     return mu / norm, labels, int((~keep).sum())
+
+
+def label_problem(labels: np.ndarray) -> str | None:
+    """Why identity labels (N,) cannot be scored by recognition_metrics whatever the embeddings, or None: not integers,
+    below UNLABELLED, fewer than 2 identities, or no identity with 2 labelled images. Cheap: eval.py asks it before
+    the pass over the images."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        return f"labels of dtype {labels.dtype}: expected integer identities ({UNLABELLED} = unlabelled)"
+    if (labels < UNLABELLED).any():
+        return (f"{int((labels < UNLABELLED).sum())} labels below {UNLABELLED}: expected identities >= 0, or "
+                f"{UNLABELLED} for an unlabelled image")
+    labelled = labels[labels != UNLABELLED]
+    n_dropped, n_ids = len(labels) - len(labelled), len(np.unique(labelled))
+    if n_ids < 2:
+        return (f"{len(labelled)} labelled images ({n_dropped} unlabelled dropped) of {n_ids} identities: "
+                f"verification needs at least 2 identities")
+    if n_ids == len(labelled):
+        return (f"all {len(labelled)} labelled images have distinct identities ({n_dropped} unlabelled dropped): "
+                f"nothing to identify or verify; at least one identity needs 2 images")
+    return None
 
 
 def _similarity(emb: np.ndarray, rows: slice) -> np.ndarray:

@@ -22,7 +22,7 @@ import eigenears as eg
 import eval as ev
 from conftest import (CLI_CASES, EARLIER, ROOT, Hostile, assert_error_after_progress_bars, assert_one_line_error,
                       bad_inputs, check_cli_error, run_out_of_memory)
-from data import EarDataset
+from data import DataError, EarDataset
 from inference import autocast, checkpoint_info
 from losses import LPIPS
 from model import load_model, read_checkpoint
@@ -396,6 +396,18 @@ def test_identity_without_labels_is_one_line_naming_the_files_looked_for(tiny_ru
     assert_untouched(out)  # no outputs and no export
 
 
+def test_identity_labels_with_nothing_to_identify_fail_before_the_pass(tiny_run, holey_file, tmp_path, monkeypatch):
+    """synth.py --views 1: every identity has one image, so there is no probe; said before the images are encoded."""
+    path = tmp_path / "single_teacher.npy"
+    path.write_bytes(holey_file.read_bytes())
+    (tmp_path / "single_factors.csv").write_text("identity\n" + "".join(f"{i}\n" for i in range(len(IDS))))
+    monkeypatch.setattr(ev, "per_image_metrics", lambda *a, **k: pytest.fail("the pass over the images ran"))
+    with pytest.raises(DataError, match=rf"{path}: --identity: all \d+ labelled images have distinct identities"):
+        ev.main([str(tiny_run.best), "--data", str(path), "--identity", "--out", str(tmp_path / "out"),
+                 "--workers", "0", "--device", "cpu"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_lpips_offline_is_one_line_with_eval_fixes_not_training_ones(tiny_run, tmp_path, monkeypatch, capsys,
                                                                      offline_torch_hub):
     out = earlier_output(tmp_path)
@@ -413,11 +425,11 @@ def test_exported_directory_without_data_flags_is_one_line_error(full, holey_fil
     """An export names no data files: eval needs --data, eigenears --fit-data (and --data)."""
     out = earlier_output(tmp_path)
     if script == "eval.py":
-        argv, missing = [str(full.export)], "val"
+        argv, missing, flag = [str(full.export)], "val", "--data"
     else:
-        argv, missing = ["--ckpt", str(full.export), "--data", str(holey_file)], "train"
+        argv, missing, flag = ["--ckpt", str(full.export), "--data", str(holey_file)], "train", "--fit-data"
     r = run_script(script, [*argv, "--out", str(out), "--workers", "0", "--device", "cpu"], monkeypatch, capsys)
-    assert_one_line_error(r, f"{full.export}: holds no run config naming its {missing} file; give the data file")
+    assert_one_line_error(r, f"{full.export}: holds no run config naming its {missing} file; give it with {flag}")
     assert_untouched(out)
 
 

@@ -186,6 +186,8 @@ def edit_config(d: Path, edit) -> None:
     ("wrong type", lambda c: c["model_config"].update(latent_dim="64"), "field latent_dim='64'"),
     ("bool for int", lambda c: c["model_config"].update(head_pool=True), "field head_pool=True"),
     ("tuple field", lambda c: c["model_config"].update(feature_blocks=[1, "3"]), "field feature_blocks"),
+    ("identity_dims", lambda c: c["model_config"].update(identity_dims="x"),
+     "field identity_dims='x': expected an integer or null"),
     ("step", lambda c: c.update(step="12"), "step '12'"),
     ("unbuildable", lambda c: c["model_config"].update(encoder="vit"), "cannot be built.*'vit'"),
 ])

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from losses import (PerceptualLoss, VAELoss, center_weight_map, kl_divergence, nt_xent, psnr, sobel,  # noqa: E402
                     ssim, supcon)
 from model import WeightsUnavailableError  # noqa: E402
+from conftest import Hostile  # noqa: E402
 
 TERMS = ("pixel", "kl", "perceptual", "ssim", "edge", "contrastive")
 
@@ -342,12 +343,26 @@ def test_missing_weights_file_raises_naming_the_path(tmp_path):
     assert "--perceptual-weight 0" in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["garbage.pth", "garbage.safetensors", "text.pth"])
+@pytest.mark.parametrize("name", ["garbage.pth", "garbage.safetensors", "text.pth", "empty.pth"])
 def test_garbage_weights_file_raises_naming_the_path(tmp_path, name):
     path = tmp_path / name
-    path.write_bytes(b"not a checkpoint\n" if name == "text.pth" else np.random.default_rng(0).bytes(4096))
-    with pytest.raises(WeightsUnavailableError, match=name):
+    content = {"text.pth": b"not a checkpoint\n", "empty.pth": b""}
+    path.write_bytes(content.get(name, np.random.default_rng(0).bytes(4096)))
+    with pytest.raises(WeightsUnavailableError, match=name) as info:
         PerceptualLoss(str(path))
+    if name != "garbage.safetensors":  # the .pth files are told apart from torch.save's zip by their first bytes
+        assert "not a PyTorch file" in str(info.value)
+    assert "weights_only" not in str(info.value)
+
+
+def test_weights_file_with_python_objects_is_refused_without_running_them(tmp_path):
+    path = tmp_path / "hostile.pth"
+    torch.save({"features.0.weight": Hostile(tmp_path / "MARKER")}, path)
+    with pytest.raises(WeightsUnavailableError, match="hostile.pth") as info:
+        PerceptualLoss(str(path))
+    assert "refused: the file holds Python objects" in str(info.value)
+    assert "weights_only" not in str(info.value) and len(str(info.value)) < 700
+    assert not (tmp_path / "MARKER").exists()
 
 
 def test_wrong_state_dict_raises_naming_the_path(tmp_path):

@@ -209,6 +209,14 @@ def test_resume_without_a_checkpoint_never_starts_fresh(synth_dir, tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", b'{"model": {}}'])
+def test_a_file_torch_save_did_not_write_is_named_as_such(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"ckpt\.pt: not a PyTorch file \((an empty file|it starts with b)"):
+        train.read_checkpoint(path)
+
+
 def test_malicious_checkpoint_is_refused_by_every_entry_point(tiny_run, tmp_path):
     bad = bad_checkpoints(tiny_run, tmp_path)["malicious"]
     for script, args in (("eval.py", [str(bad), "--out", str(tmp_path / "e")]),
