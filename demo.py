@@ -122,7 +122,8 @@ def main() -> None:
         for name in ("off", "ntxent", "allmu"):
             run("eval.py", f"{out}/checkpoints_{name}/best.pt", *new_ids, "--out", f"{out}/identity_{name}")
         text = table(out, {"contrastive term off (all of mu)": "identity_off",
-                           f"NT-Xent (label-free), weight {weight}, first 128 entries of mu": "identity_ntxent",
+                           f"NT-Xent (label-free; views rotated and shifted), weight {weight}, first 128 entries of "
+                           f"mu": "identity_ntxent",
                            f"SupCon (identity labels), weight {weight}, all of mu": "identity_allmu",
                            f"SupCon (identity labels), weight {weight}, first 128 entries of mu (the demo's "
                            f"teacher)": "identity"}, args.identities)

@@ -124,7 +124,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--contrastive", choices=CONTRASTIVE_MODES, default="auto", help="supcon: SupCon on the identity "
                    "labels beside the training file (X_index.csv subject or X_factors.csv identity), batches of "
                    "--images-per-identity images per identity, one augmented view each; nt-xent: NT-Xent between two "
-                   "augmented views of each image (no labels needed); auto: supcon where the training file has "
+                   "views of each image, rotated and shifted but not zoomed or colour-jittered (size and skin tone are "
+                   "identity; no labels needed); auto: supcon where the training file has "
                    "labels, else nt-xent")
     g.add_argument("--images-per-identity", type=int_range(2), default=None, help="K of the P x K batches of "
                    "supcon: each micro-batch holds batch-size / K >= 2 identities (the other identities are SupCon's "
@@ -271,7 +272,8 @@ def contrastive_summary(mode: str, why: str, args: argparse.Namespace, cfg: VAEC
     on = (f"on the first {cfg.identity_dims} of mu's {cfg.latent_dim} entries" if cfg.identity_dims else
           "on all of mu") + (f" through a head to {cfg.embed_dim}" if cfg.embed_dim else "")
     if mode == "nt-xent":
-        return (f"NT-Xent between two augmented views {on}, weight {args.contrastive_weight:g}, temperature "
+        views = "two views" if args.no_augment else "two views rotated and shifted (no zoom or colour jitter)"
+        return (f"NT-Xent between {views} {on}, weight {args.contrastive_weight:g}, temperature "
                 f"{args.temperature:g}{why}")
     short = f"; {sampler.n_short:,} with fewer than K images drawn with replacement" if sampler.n_short else ""
     return (f"SupCon on identity labels {on}, weight {args.contrastive_weight:g}, temperature {args.temperature:g}; "
@@ -662,6 +664,8 @@ def run_training(run: Run, device: torch.device, rank: int, world: int) -> None:
     train_loader = make_loader(train_ds, args.batch_size, sampler, args.workers, pin)
     val_loader = make_loader(val_ds, args.batch_size, val_sampler, args.workers, pin)
     aug = AugConfig(hflip=args.hflip) if not args.no_augment else None
+    if aug is not None and mode == "nt-xent":  # its positives are augmentations: they must keep the identity
+        aug = aug.keeping_identity()
     views = 2 if mode == "nt-xent" else 1  # supcon: one augmented view per image, its positives are other images
 
     # -- model, loss, optimizer (initialisation from the seed; under DDP rank 0's weights are broadcast)

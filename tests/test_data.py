@@ -399,6 +399,22 @@ def test_augment_with_zero_config_is_identity(batch):
     torch.testing.assert_close(augment(x, keys, seed=0, epoch=0, cfg=zero), to_float(x), rtol=0, atol=1 / 255)
 
 
+def test_views_keeping_identity_keep_the_colour_and_the_size(batch):
+    """AugConfig.keeping_identity (NT-Xent's views): a flat skin-coloured image keeps its colour, and a centred disc
+    its area (no zoom), while the full config changes both."""
+    keys = torch.arange(16)
+    flat = torch.tensor([0.80, 0.58, 0.45]).view(1, 3, 1, 1).expand(16, 3, 64, 64)  # (16, 3, 64, 64)
+    yy, xx = torch.meshgrid(torch.arange(64) - 31.5, torch.arange(64) - 31.5, indexing="ij")
+    disc = (xx**2 + yy**2 < 16**2).float().expand(16, 3, 64, 64)  # area 804 px, far from the border
+    full, kept = AugConfig(), AugConfig().keeping_identity()
+    assert (kept.rotate, kept.translate, kept.hflip) == (full.rotate, full.translate, full.hflip)
+    torch.testing.assert_close(augment(flat, keys, 0, 0, kept), flat, rtol=0, atol=1e-6)
+    assert (augment(flat, keys, 0, 0, full) - flat).abs().amax() > 0.05
+    area = lambda cfg: augment(disc, keys, 0, 0, cfg)[:, 0].sum(dim=(1, 2))  # noqa: E731  (16,) pixels
+    assert (area(kept) - disc[:, 0].sum(dim=(1, 2))).abs().amax() < 8  # rotation and shift: interpolation only
+    assert (area(full) - disc[:, 0].sum(dim=(1, 2))).abs().amax() > 50  # zoom by up to 10%: area by up to 21%
+
+
 def test_augment_accepts_uint8_and_float_alike(batch):
     x, keys = batch
     torch.testing.assert_close(augment(x, keys, 0, 0, AugConfig()), augment(to_float(x), keys, 0, 0, AugConfig()))

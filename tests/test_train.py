@@ -172,9 +172,10 @@ def test_contrastive_gradient_reaches_only_the_identity_entries_of_mu():
         assert grad[:, :8].abs().min() > 0 and not grad[:, 8:].any()
     args = train.get_parser().parse_args([])
     assert train.contrastive_summary("nt-xent", "", args, model.cfg, None) == (
-        "NT-Xent between two augmented views on the first 8 of mu's 64 entries, weight 0.1, temperature 0.1")
+        "NT-Xent between two views rotated and shifted (no zoom or colour jitter) on the first 8 of mu's 64 entries, "
+        "weight 0.1, temperature 0.1")
     assert train.contrastive_summary("nt-xent", "", args, tiny_config(identity_dims=0), None).startswith(
-        "NT-Xent between two augmented views on all of mu, weight")
+        "NT-Xent between two views rotated and shifted (no zoom or colour jitter) on all of mu, weight")
 
 
 def test_keyed_noise_depends_only_on_seed_epoch_and_sample():
@@ -291,6 +292,21 @@ def test_compile_trains_like_eager_and_saves_the_same_checkpoint_layout(synth_di
     b = torch.load(tmp_path / "compiled/checkpoints/last.pt", weights_only=True)
     assert list(a["model_config"]["decoder_channels"]) == [8]  # the smallest model was the one trained
     assert list(a["model"]) == list(b["model"])  # compiled in place: no `_orig_mod.` prefixes, loads without --compile
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight", ["0", "0.1"])  # no contrastive term, NT-Xent (synth_dir has no identity labels)
+def test_nt_xent_views_keep_the_identity_and_other_runs_augment_fully(synth_dir, tmp_path, monkeypatch, weight):
+    """NT-Xent's positives are augmentations of one image: its views are rotated and shifted, not zoomed or colour
+    jittered (AugConfig.keeping_identity); every other run trains on the full augmentation."""
+    used = []
+    monkeypatch.setattr(train, "augment", lambda x, keys, seed, epoch, cfg, view: used.append((cfg, view)) or x.float())
+    monkeypatch.setattr(train, "tiny_config", smallest_tiny)
+    train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--max-steps", "1", "--latent-dim", "16",
+                               "--contrastive-weight", weight))
+    expected = data.AugConfig().keeping_identity() if weight != "0" else data.AugConfig()
+    assert used and all(cfg == expected for cfg, _ in used)
+    assert sorted({view for _, view in used}) == ([0, 1] if weight != "0" else [0])
 
 
 def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, tmp_path):
