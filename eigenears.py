@@ -250,6 +250,9 @@ def analyse(ckpt: str, args: argparse.Namespace, device: torch.device,
     fit_factors, eval_factors = read_factors(fit_path, fit_ds), read_factors(eval_path, eval_ds)
     if fit_factors is not None and eval_factors is not None and fit_factors[0] != eval_factors[0]:
         raise DataError(f"{fit_path} and {eval_path}: their factor CSVs name different factors")
+    for path, ds in ((fit_path, fit_ds), (eval_path, eval_ds)):
+        if len(ds) < 2:
+            raise DataError(f"{path}: {len(ds)} valid image(s): PCA needs at least 2")
     model, cfg = load_model(ckpt, device, content)
     del content
     print(f"{ckpt}: fit {fit_path} {fit_ds.summary()}, eval {eval_path} {eval_ds.summary()}")
@@ -257,6 +260,11 @@ def analyse(ckpt: str, args: argparse.Namespace, device: torch.device,
     mu_eval = encode_dataset(model, eval_ds, args.batch_size, device, dtype, args.workers)[0].double().numpy()
 
     mean, components, variances, total = pca(mu_fit)  # every component: the effective rank needs all eigenvalues
+    eval_variances = pca(mu_eval)[2]
+    for path, v, n in ((fit_path, variances, len(mu_fit)), (eval_path, eval_variances, len(mu_eval))):
+        if len(v) == 0:
+            raise DataError(f"{path}: all {n} images have the same latent (copies of one image?): PCA finds no "
+                            f"direction of variance")
     k = min(args.n_components, len(variances))
     ratios = {"fit": variances / total, "eval": explained_ratio(mu_eval, mean, components)}
     ks = sorted({min(c, len(variances)) for c in CUMULATIVE_AT})
@@ -268,7 +276,7 @@ def analyse(ckpt: str, args: argparse.Namespace, device: torch.device,
          "n_components": k,
          "explained_variance_ratio": {split: r[:k].tolist() for split, r in ratios.items()},
          "cumulative": {split: {f"{c}": float(r[:c].sum()) for c in ks} for split, r in ratios.items()},
-         "effective_rank": {"fit": effective_rank(variances), "eval": effective_rank(pca(mu_eval)[2])},
+         "effective_rank": {"fit": effective_rank(variances), "eval": effective_rank(eval_variances)},
          "recon_psnr": {name: float(v.mean()) for name, v in recon.items()}}
     s["claim_first5_over_60pct"] = bool(s["cumulative"]["fit"][f"{min(5, len(variances))}"] > CLAIM)
 

@@ -363,6 +363,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.export_latents is not None and not args.export_latents.endswith(".npy"):
         parser.error(f"--export-latents {args.export_latents}: expected a file name ending in .npy")
+    if args.export_latents is not None:  # never over a file: it may be the data itself or earlier latents
+        latents = Path(args.export_latents)
+        for path in (latents, latents.with_name(latents.stem + "_index.npy")):
+            if path.is_file():
+                parser.error(f"--export-latents {latents}: {path} exists (it is never overwritten): delete it or "
+                             f"choose another name")
     if args.vgg_weights is not None and not args.lpips:
         parser.error("--vgg-weights is the backbone of --lpips: add --lpips")
     outputs = [("--out", args.out, check_output_dir), ("--export", args.export, check_export_dir),

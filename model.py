@@ -190,6 +190,8 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         if not 0 <= cfg.identity_dims <= cfg.latent_dim or cfg.identity_dims == 1:  # 1 entry normalises to +-1
             raise ConfigError(f"identity_dims must be 0 or in 2..latent_dim ({cfg.latent_dim}), got "
                               f"{cfg.identity_dims}")
+        if cfg.embed_dim < 0 or cfg.embed_dim == 1:  # as identity_dims: 1 entry normalises to +-1
+            raise ConfigError(f"embed_dim must be 0 (no head) or >= 2, got {cfg.embed_dim}")
         d, e = cfg.identity_dims or cfg.latent_dim, cfg.embed_dim
         self.embed_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, e)) if e > 0 else None
 

@@ -196,6 +196,9 @@ def model_config(args, teacher: EarVAE | None = None):
     if args.identity_dims == 1:
         raise ConfigError("--identity-dims 1: one entry, L2-normalised, is +1 or -1 for every image and tells no "
                           "identity apart; give 2 or more (0: all of mu)")
+    if args.embed_dim == 1:
+        raise ConfigError("--embed-dim 1: one entry, L2-normalised, is +1 or -1 for every image and tells no "
+                          "identity apart; give 2 or more (0: no head)")
     make = tiny_config if args.tiny else (sam_config if args.encoder == "sam" else dinov2_config)
     kw = dict(weights=args.weights or DEFAULT_WEIGHTS[args.encoder], pretrained=not args.no_pretrained,
               latent_dim=args.latent_dim, identity_dims=args.identity_dims, embed_dim=args.embed_dim,
@@ -455,7 +458,7 @@ def resolve_run(parser: argparse.ArgumentParser, argv: list[str] | None, world: 
             raise ConfigError("--batch-size 1: a student's BatchNorm layers need 2 images or more per micro-batch in "
                               "training")
         check_output_dirs(args)
-        for f in (ckpt_dir / "last.pt", log_dir / "metrics.csv"):
+        for f in (ckpt_dir / "last.pt", ckpt_dir / "best.pt", log_dir / "metrics.csv"):
             if f.exists():
                 raise TrainingError(f"{f} exists from an earlier run: pass --resume to continue it, "
                                     f"or choose another --ckpt-dir / --log-dir")
@@ -489,6 +492,11 @@ def resolve_run(parser: argparse.ArgumentParser, argv: list[str] | None, world: 
             f"{now[2]}); choose --batch-size and --accum-steps whose product with {world} process(es) is "
             f"{math.prod(was)}")
     check_output_dirs(args)
+    target = Path(args.ckpt_dir) / "last.pt"  # where this run will save: the checkpoint's own run folder by default
+    if target.exists() and not target.samefile(resume_path):  # a copy, or an older last.pt of that run
+        raise TrainingError(f"{resume_path}: resuming would write over {target}, another checkpoint (the run's "
+                            f"own or an earlier copy's): pass --ckpt-dir and --log-dir to new folders to continue "
+                            f"{resume_path} there")
     if "student_config" not in ckpt:
         if args.teacher is not None:
             raise ConfigError(f"--teacher: {resume_path} is a teacher's run; a student's run starts without --resume")

@@ -15,7 +15,7 @@ import torch
 import eigenears as eg
 from conftest import (CLI_CASES, EARLIER, ROOT, assert_error_after_progress_bars, bad_inputs,
                       check_cli_error, run_out_of_memory)
-from data import EarDataset
+from data import DataError, EarDataset
 from inference import DEFAULT_BATCH_SIZE
 from model import load_model, read_checkpoint
 from synth import FACTORS, render_ears
@@ -323,6 +323,17 @@ def test_compare_mode_gives_one_column_per_checkpoint(tiny_run, tmp_path):
         for name in FIGURES:
             assert (out / col / name).is_file()
     assert s["comparison"]["recon PSNR dB"][0] != s["comparison"]["recon PSNR dB"][1]
+
+
+@pytest.mark.parametrize("rows", [[0], [3, 3, 3]])  # one image; copies of one image
+def test_fit_data_without_two_different_images_is_a_data_error(tiny_run, tmp_path, rows):
+    images = np.load(tiny_run.data_dir / "val_teacher.npy")
+    np.save(tmp_path / "few_teacher.npy", images[rows])
+    match = "1 valid image\\(s\\): PCA needs at least 2" if len(rows) == 1 else "all 3 images have the same latent"
+    with pytest.raises(DataError, match=f"few_teacher.npy: {match}"):
+        eg.main(["--ckpt", str(tiny_run.best), "--out", str(tmp_path / "out"), "--fit-data",
+                 str(tmp_path / "few_teacher.npy"), "--workers", "0", "--device", "cpu"])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case", CLI_CASES)

@@ -396,6 +396,23 @@ def test_identity_without_labels_is_one_line_naming_the_files_looked_for(tiny_ru
     assert_untouched(out)  # no outputs and no export
 
 
+@pytest.mark.parametrize("which", ["data", "index"])
+def test_export_latents_never_writes_over_a_file(tiny_run, holey_file, tmp_path, monkeypatch, capsys, which):
+    """Not the data evaluated, not earlier latents or their _index.npy: refused before the work, nothing written."""
+    data = tmp_path / "ears_teacher.npy"
+    data.write_bytes(holey_file.read_bytes())
+    target = data if which == "data" else tmp_path / "mu.npy"
+    if which == "index":
+        (tmp_path / "mu_index.npy").write_text(EARLIER)
+    r = run_script("eval.py", [str(tiny_run.best), "--data", str(data), "--export-latents", str(target), "--out",
+                               str(tmp_path / "out"), "--workers", "0", "--device", "cpu"], monkeypatch, capsys)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    existing = data if which == "data" else tmp_path / "mu_index.npy"
+    assert f"--export-latents {target}: {existing} exists (it is never overwritten)" in r.stderr
+    assert data.read_bytes() == holey_file.read_bytes() and not (tmp_path / "out").exists()
+    assert which == "data" or (tmp_path / "mu_index.npy").read_text() == EARLIER
+
+
 def test_identity_labels_with_nothing_to_identify_fail_before_the_pass(tiny_run, holey_file, tmp_path, monkeypatch):
     """synth.py --views 1: every identity has one image, so there is no probe; said before the images are encoded."""
     path = tmp_path / "single_teacher.npy"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, TWO_VIEWS, Hostile, build_once, tiny_train_args
+from conftest import EARLIER, ROOT, TWO_VIEWS, Hostile, build_once, tiny_train_args
 from model import CheckpointError
 
 STEPS = 6  # of 8 in the schedule (2 epochs x 4 steps of small_synth_dir): runs end mid-epoch, after an epoch's end
@@ -200,6 +200,30 @@ def test_bad_checkpoint_given_to_resume_fails_in_one_line_and_overwrites_nothing
     assert not (tmp_path / "bad/MARKER").exists()  # the pickle's payload never ran
     assert (run / "checkpoints/last.pt").read_bytes() == before
     assert not (run / "logs").exists()  # training never started from scratch
+
+
+@pytest.mark.slow
+def test_resuming_a_copy_never_writes_over_its_run_folders_other_checkpoint(tiny_run, tmp_path):
+    """A copy of last.pt names the run's folders, where another last.pt lies: refused; given new folders it resumes."""
+    copy = tmp_path / "backup.pt"
+    copy.write_bytes(tiny_run.last.read_bytes())
+    before = {p: p.read_bytes() for p in (tiny_run.last, tiny_run.best, tiny_run.log_dir / "metrics.csv")}
+    r = run_cli("train.py", "--resume", str(copy), "--workers", "0")
+    assert_one_line_error(r, f"{copy}: resuming would write over {tiny_run.last}", "pass --ckpt-dir and --log-dir")
+    assert all(p.read_bytes() == b for p, b in before.items())
+    new = tmp_path / "continued"
+    r = run_cli("train.py", "--resume", str(copy), "--workers", "0", "--ckpt-dir", str(new / "checkpoints"),
+                "--log-dir", str(new / "logs"))
+    assert r.returncode == 0, r.stderr  # the run had finished its 16 steps: it resumes there and stops
+    assert (new / "logs/metrics.csv").exists() and all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_a_new_run_never_writes_over_an_earlier_best_pt(synth_dir, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints/best.pt").write_text(EARLIER)
+    with pytest.raises(train.TrainingError, match=r"best\.pt exists from an earlier run: pass --resume"):
+        train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1"))
+    assert (tmp_path / "checkpoints/best.pt").read_text() == EARLIER
 
 
 @pytest.mark.slow

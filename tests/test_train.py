@@ -154,6 +154,10 @@ def test_identity_dims_default_to_an_eighth_of_the_latent_and_cannot_exceed_it()
         train.model_config(parse(["--tiny", "--no-pretrained", "--latent-dim", "64", "--identity-dims", "1"]))
     with pytest.raises(train.ConfigError, match=r"^identity_dims must be 0 or in 2..latent_dim \(64\), got 1$"):
         build_model(tiny_config(latent_dim=64, identity_dims=1))
+    with pytest.raises(train.ConfigError, match=r"^--embed-dim 1: one entry, L2-normalised, is \+1 or -1"):
+        train.model_config(parse(["--tiny", "--no-pretrained", "--latent-dim", "64", "--embed-dim", "1"]))
+    with pytest.raises(train.ConfigError, match=r"^embed_dim must be 0 \(no head\) or >= 2, got 1$"):
+        build_model(tiny_config(latent_dim=64, embed_dim=1))
     # an eighth under 2 entries would be no embedding: small latents embed with all of mu
     assert [tiny_config(latent_dim=d).identity_dims for d in (7, 15, 16, 17)] == [0, 0, 2, 2]
 
