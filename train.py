@@ -259,12 +259,13 @@ def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset,
         if args.contrastive == "supcon":
             raise ConfigError(f"--contrastive supcon: {why}; or use --contrastive nt-xent")
     elif (n := len(np.unique(labels[labels != UNLABELLED]))) * k < (g := args.batch_size * args.accum_steps * world):
-        why = f"{n} identities x K={k} images do not fill one global batch of {g}"  # IdentitySampler would refuse
+        why = f"{n} identit{'y' if n == 1 else 'ies'} x K={k} images do not fill one global batch of {g}"  # IdentitySampler would refuse
     else:
         args.images_per_identity = k
         return "supcon", labels, ""
     if args.contrastive == "supcon":
-        raise DataError(f"{train_ds.path}: --contrastive supcon needs identity labels: {why}")
+        needs = "needs identity labels" if labels is None else "cannot train on its identity labels"
+        raise DataError(f"{train_ds.path}: --contrastive supcon {needs}: {why}")
     return "nt-xent", None, f" (not SupCon: {why})" if labels is not None else ""
 
 

@@ -342,8 +342,8 @@ def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, t
     # 3 identities x K=4 fill no batch of 16 (the sampler draws whole identities): auto trains NT-Xent, supcon refuses
     assert train.contrastive_mode(args("--batch-size", "16"), labelled) == (
         "nt-xent", None, " (not SupCon: 3 identities x K=4 images do not fill one global batch of 16)")
-    with pytest.raises(data.DataError, match="--contrastive supcon needs identity labels: 3 identities x K=2 images "
-                                             "do not fill one global batch of 8$"):
+    with pytest.raises(data.DataError, match="--contrastive supcon cannot train on its identity labels: 3 identities "
+                                             "x K=2 images do not fill one global batch of 8$"):
         train.contrastive_mode(args("--batch-size", "4", "--contrastive", "supcon"), labelled, world=2)
     with pytest.raises(train.ConfigError, match="--embed-dim 8: an embedding head needs the contrastive term"):
         train.contrastive_mode(args("--contrastive-weight", "0", "--embed-dim", "8"), labelled)
