@@ -259,7 +259,8 @@ def contrastive_mode(args: argparse.Namespace, train_ds: EarDataset,
         if args.contrastive == "supcon":
             raise ConfigError(f"--contrastive supcon: {why}; or use --contrastive nt-xent")
     elif (n := len(np.unique(labels[labels != UNLABELLED]))) * k < (g := args.batch_size * args.accum_steps * world):
-        why = f"{n} identit{'y' if n == 1 else 'ies'} x K={k} images do not fill one global batch of {g}"  # IdentitySampler would refuse
+        # IdentitySampler would refuse
+        why = f"{n} identit{'y' if n == 1 else 'ies'} x K={k} images do not fill one global batch of {g}"
     else:
         args.images_per_identity = k
         return "supcon", labels, ""
