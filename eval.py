@@ -291,6 +291,12 @@ def report(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def latent_files(export_latents: str) -> tuple[Path, Path]:
+    """--export-latents FILE.npy -> (FILE.npy: mu, FILE_index.npy: the kept samples' indices)."""
+    latents = Path(export_latents)
+    return latents, latents.with_name(latents.stem + "_index.npy")
+
+
 def write_results(args: argparse.Namespace, metrics: dict, per_image: dict[str, np.ndarray],
                   figures: dict[str, plt.Figure], report_text: str) -> None:
     """OUT/metrics.json, OUT/per_image.csv, the figures and (--export-latents) mu and its indices, written together
@@ -300,9 +306,9 @@ def write_results(args: argparse.Namespace, metrics: dict, per_image: dict[str, 
     files = {out / "metrics.json": save_json(metrics), out / "per_image.csv": save_csv(per_image),
              **{out / name: save_figure(fig) for name, fig in figures.items()}}
     if args.export_latents is not None:
-        latents = Path(args.export_latents)
+        latents, index = latent_files(args.export_latents)
         files[latents] = save_npy(per_image["mu"].astype(np.float32))
-        files[latents.with_name(latents.stem + "_index.npy")] = save_npy(per_image["index"].astype(np.int64))
+        files[index] = save_npy(per_image["index"].astype(np.int64))
     stale = [out / name for name in FIGURES if out / name not in files and (out / name).exists()]
     write_outputs(files)
     for path in stale:
@@ -364,11 +370,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.export_latents is not None and not args.export_latents.endswith(".npy"):
         parser.error(f"--export-latents {args.export_latents}: expected a file name ending in .npy")
     if args.export_latents is not None:  # never over a file: it may be the data itself or earlier latents
-        latents = Path(args.export_latents)
-        for path in (latents, latents.with_name(latents.stem + "_index.npy")):
+        for path in latent_files(args.export_latents):
             if path.is_file():
-                parser.error(f"--export-latents {latents}: {path} exists (it is never overwritten): delete it or "
-                             f"choose another name")
+                parser.error(f"--export-latents {args.export_latents}: {path} exists (it is never overwritten): "
+                             f"delete it or choose another name")
     if args.vgg_weights is not None and not args.lpips:
         parser.error("--vgg-weights is the backbone of --lpips: add --lpips")
     outputs = [("--out", args.out, check_output_dir), ("--export", args.export, check_export_dir),
