@@ -108,7 +108,7 @@ def main() -> None:
     new_ids = ["--data", f"{out}/identities/val_teacher.npy", "--identity"]
     run("eval.py", f"{out}/checkpoints/best.pt", *new_ids, "--out", f"{out}/identity")
     # a student learns the teacher's identity embedding and mu on the same ears, then recognises the new identities
-    run("train.py", "--teacher", f"{out}/checkpoints/best.pt", "--no-pretrained", *STUDENT, "--data-dir",
+    run("distill.py", "--teacher", f"{out}/checkpoints/best.pt", "--no-pretrained", *STUDENT, "--data-dir",
         f"{out}/data", "--ckpt-dir", f"{out}/checkpoints_student", "--log-dir", f"{out}/logs_student", "--epochs",
         str(args.student_epochs), "--batch-size", str(BATCH), "--lr", "1e-3", "--encoder-lr-scale", "1",
         "--warmup-steps", "50", "--log-every", "25", "--workers", "1")

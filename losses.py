@@ -422,27 +422,21 @@ class LPIPS(nn.Module):
 
 @dataclass
 class DistillConfig:
-    """The distillation objective's settings, the one place their defaults live. `DistillLoss(**asdict(cfg),
-    hint_channels=...)` builds the loss."""
+    """The distillation objective's settings, the one place their defaults live. `DistillLoss(**asdict(cfg))` builds
+    the loss."""
     embed_cosine: float = 1.0  # 1 - cosine between student and teacher identity embeddings
     embed_l2: float = 0.0  # MSE between the embeddings; both are unit vectors, where MSE = (2 - 2 cos) / E repeats
                            # the cosine term at a 2/E scale: off by default
     mu_cosine: float = 1.0  # 1 - cosine between student and teacher mu (the direction of the latent)
     mu_l2: float = 1.0  # MSE between the mu (its scale as well)
-    hint: float = 0.0  # FitNets hint: MSE between regressed student maps and the teacher's pyramid maps
 
 
 class DistillLoss(nn.Module):
     """Feature distillation of the teacher's outputs into a student, with the field's names (torchdistill): cosine
-    and L2 (mean squared error) terms on the identity embedding and on `mu`, and optionally FitNets hints (Romero et
-    al. 2015, "FitNets: Hints for Thin Deep Nets"): each student map goes through its own 1x1 conv regressor to the
-    teacher map's channels, the teacher map is average-pooled (torch adaptive_avg_pool2d) to the student map's
-    grid, and their MSE is the term. The regressors are parameters of this module, trained with the student and not
-    part of it: the optimizer takes `loss.parameters()` too.
+    and L2 (mean squared error) terms on the identity embedding and on `mu`.
 
-    A term whose weight is 0 is not computed and not logged; with `hint == 0` no regressor is built. Every term is
-    float32, also for bf16/fp16 inputs. Teacher outputs are constants: they are detached here.
-    hint_channels: one (student channels, teacher channels) pair per hint (needed when hint > 0).
+    A term whose weight is 0 is not computed and not logged. Every term is float32, also for bf16/fp16 inputs.
+    Teacher outputs are constants: they are detached here.
     """
 
     def __init__(
@@ -451,25 +445,17 @@ class DistillLoss(nn.Module):
         embed_l2: float = DistillConfig.embed_l2,
         mu_cosine: float = DistillConfig.mu_cosine,
         mu_l2: float = DistillConfig.mu_l2,
-        hint: float = DistillConfig.hint,
-        hint_channels: tuple[tuple[int, int], ...] = (),
     ) -> None:
         super().__init__()
-        self.weights = {"embed_cosine": embed_cosine, "embed_l2": embed_l2, "mu_cosine": mu_cosine, "mu_l2": mu_l2,
-                        "hint": hint}
+        self.weights = {"embed_cosine": embed_cosine, "embed_l2": embed_l2, "mu_cosine": mu_cosine, "mu_l2": mu_l2}
         for name, w in self.weights.items():
             if not (w >= 0 and math.isfinite(w)):
                 raise ValueError(f"distillation weight {name}={w}: expected a finite value >= 0")
         if not any(w > 0 for w in self.weights.values()):
             raise ValueError(f"all distillation weights are 0 ({self.weights}): nothing to learn")
-        if hint > 0 and not hint_channels:
-            raise ValueError("hint > 0 needs hint_channels: one (student channels, teacher channels) pair per hint")
-        self.regressors = nn.ModuleList(nn.Conv2d(cs, ct, 1) for cs, ct in hint_channels) if hint > 0 else None
 
-    def forward(self, student: dict[str, Tensor | list[Tensor]], teacher: dict[str, Tensor | list[Tensor]]
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-        """student, teacher: {"embed": (B, E), "mu": (B, D), "features": [(B, C_i, h_i, w_i), ...]}, each key needed
-        only by the terms with a weight > 0 (hints: the i-th student map against the i-th teacher map).
+    def forward(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """student, teacher: {"embed": (B, E), "mu": (B, D)}, each key needed only by the terms with a weight > 0.
 
         Returns (total, logs): total is the 0-dim weighted sum; logs maps 'loss' and each computed term to its
         detached, unweighted 0-dim float32 value. A missing key or unequal shapes -> ValueError naming them.
@@ -489,19 +475,6 @@ class DistillLoss(nn.Module):
                 terms[f"{key}_cosine"] = 1.0 - F.cosine_similarity(s, t, dim=1).mean()
             if w[f"{key}_l2"] > 0:
                 terms[f"{key}_l2"] = F.mse_loss(s, t)
-        if self.regressors is not None:
-            fs, ft = student.get("features"), teacher.get("features")
-            if fs is None or ft is None or not len(fs) == len(ft) == len(self.regressors):
-                raise ValueError(f"hints: {len(self.regressors)} regressors, expected as many student and teacher "
-                                 f"'features' maps, got {None if fs is None else len(fs)} and "
-                                 f"{None if ft is None else len(ft)}")
-            hints = []
-            for regressor, s, t in zip(self.regressors, fs, ft):
-                with torch.autocast(s.device.type, enabled=False):
-                    r = regressor(s.float())  # (B, C_t, h, w)
-                t = F.adaptive_avg_pool2d(t.detach().float(), r.shape[-2:])  # (B, C_t, h, w)
-                hints.append(F.mse_loss(r, t))
-            terms["hint"] = torch.stack(hints).mean()
         total = sum(w[name] * value for name, value in terms.items())
         logs = {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
         return total, logs

@@ -2,7 +2,7 @@
 
     x (B, 3, 128, 128) in [0, 1]
       -> resize to input_size, ImageNet normalisation
-      -> trunk: a torchvision classifier (ARCHS) without its pooling and classifier -> (B, C, h, w)   "features"[0]
+      -> trunk: a torchvision classifier (ARCHS) without its pooling and classifier -> (B, C, h, w)
       -> global average pool (B, C) -> Linear(C, head_dim) + SiLU
       -> "embed": Linear -> L2-normalised (B, embed_dim)      the teacher's identity embedding (EarVAE.embed)
       -> "mu":    Linear -> (B, latent_dim)                    the teacher's posterior mean
@@ -71,7 +71,6 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
         self.cfg = cfg
         trunk, channels = ARCHS[cfg.arch]
         self.trunk = trunk(build_torchvision(cfg))
-        self.feature_channels = channels
         self.hidden = nn.Sequential(nn.Linear(channels, cfg.head_dim), nn.SiLU())
         self.to_embed = nn.Linear(cfg.head_dim, cfg.embed_dim)
         self.to_mu = nn.Linear(cfg.head_dim, cfg.latent_dim)
@@ -80,14 +79,14 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """x (B, 3, H, W) in [0, 1] (ear crops, 128 x 128 here) -> {"embed": (B, embed_dim) unit vectors, "mu": (B,
-        latent_dim), "features": [(B, C, h, w)] the trunk's last map (a FitNets hint's student side)}."""
+        latent_dim)}."""
         if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
             x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", antialias=True,
                               align_corners=False)
         x = (x - self.pixel_mean) / self.pixel_std  # (B, 3, S, S)
         feature = self.trunk(x)  # (B, C, h, w)
         h = self.hidden(feature.mean(dim=(2, 3)))  # (B, head_dim)
-        return {"embed": F.normalize(self.to_embed(h), dim=1), "mu": self.to_mu(h), "features": [feature]}
+        return {"embed": F.normalize(self.to_embed(h), dim=1), "mu": self.to_mu(h)}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """{"encoder": the trunk (pretrained: train.py gives it lr * encoder_lr_scale), "head": the head}, as
@@ -156,16 +155,11 @@ def is_student_folder(path: str | Path) -> bool:
 
 
 @torch.no_grad()
-def teacher_targets(teacher: EarVAE, x: torch.Tensor, features: bool = False) -> dict[str, torch.Tensor | list]:
+def teacher_targets(teacher: EarVAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """What a student learns from the teacher, for x (B, 3, 128, 128) in [0, 1]: {"embed": (B, E) the identity
-    embedding (EarVAE.embed), "mu": (B, latent_dim)} and, with `features`, {"features": [(B, C, h, w)] the encoder's
-    final pyramid map} (a FitNets hint's teacher side). Encoder and head only: the decoder does not run."""
-    feats = teacher.encoder.features(x)
-    mu, _ = teacher.head(feats)  # (B, latent_dim)
-    out = {"embed": teacher.embedding(mu), "mu": mu}
-    if features:
-        out["features"] = [feats[teacher.encoder.final_name]]
-    return out
+    embedding (EarVAE.embed), "mu": (B, latent_dim)}. Encoder and head only: the decoder does not run."""
+    mu, _ = teacher.head(teacher.encoder.features(x))  # (B, latent_dim)
+    return {"embed": teacher.embedding(mu), "mu": mu}
 
 
 def build_torchvision(cfg: StudentConfig) -> nn.Module:

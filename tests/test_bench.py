@@ -72,9 +72,10 @@ def test_measure_reports_speed_and_model_flops_on_this_device():
 def test_the_optimised_variant_resolves_precision_like_a_default_training_run(monkeypatch):
     """bench's 'optimised' is train.py's default path: the same precision request, resolved by the same function
     (so on a GPU that only emulates bf16 both run fp16 + GradScaler)."""
+    import loop
     import train
     assert bench.VARIANTS["optimised"]["precision"] == train.get_parser().get_default("precision")
-    assert bench.resolve_precision is train.resolve_precision
+    assert bench.resolve_precision is loop.resolve_precision
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert bench.resolve_precision(bench.VARIANTS["optimised"]["precision"], torch.device("cuda")) == "fp16"
 

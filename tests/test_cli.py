@@ -20,13 +20,14 @@ import bench
 import cli
 import data
 import demo
+import distill
 import eigenears
 import eval as evaluate
 import synth
 import train
 from conftest import ROOT
 
-PARSERS = {"train": (train.get_parser, []), "eval": (evaluate.get_parser, ["ckpt.pt"]),
+PARSERS = {"train": (train.get_parser, []), "distill": (distill.get_parser, []), "eval": (evaluate.get_parser, ["ckpt.pt"]),
            "eigenears": (eigenears.get_parser, []), "data check": (data.get_parser, ["check", "x.npy"]),
            "data convert": (data.get_parser, ["convert", "photos", "--out", "o"]), "synth": (synth.get_parser, []),
            "bench": (bench.get_parser, []), "demo": (demo.get_parser, [])}
@@ -69,7 +70,7 @@ RANGES = [
     ("bench", "--batch-sizes", ["0"], ["1"]),
     ("bench", "--steps", ["0"], ["1"]),
     ("bench", "--workers", ["-1"], ["0"]),
-    *[(c, "--student-input-size", ["31", "0", "1025"], ["32", "1024"]) for c in ("train", "bench")],
+    *[(c, "--student-input-size", ["31", "0", "1025"], ["32", "1024"]) for c in ("distill", "bench")],
     ("demo", "--train-identities", ["3", "0"], ["4"]),
     *[("demo", flag, ["0"], ["1"]) for flag in ("--epochs", "--student-epochs")],
     ("demo", "--identities", ["1"], ["2"]),

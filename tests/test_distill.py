@@ -1,5 +1,5 @@
-"""Distillation through train.py and eval.py (issue 20): a student run moves towards its teacher, resumes
-bit-exactly and refuses another teacher; the teacher's flags do not mix with a student's; eval.py on a student gives
+"""Distillation through distill.py and eval.py: a student run moves towards its teacher, resumes bit-exactly and
+refuses another teacher; each command refuses the other's flags and runs; eval.py on a student gives
 its agreement with the teacher image by image, both speeds, and recognition beside the teacher's and the pixels'."""
 import csv
 import re
@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as ev  # noqa: E402
 import synth  # noqa: E402
+import distill  # noqa: E402
 import train  # noqa: E402
 from checkpoints import CheckpointError, load_model, weights_sha256  # noqa: E402
 from conftest import TINY_LATENT  # noqa: E402
@@ -40,14 +41,14 @@ def test_a_student_run_moves_towards_its_teacher_resumes_bit_exactly_and_refuses
     teacher = tmp_path / "teacher.pt"
     shutil.copy(tiny_run.best, teacher)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    train.main(student_args(teacher, tiny_run.data_dir, whole))
+    distill.main(student_args(teacher, tiny_run.data_dir, whole))
     log = capsys.readouterr().out
     before = float(re.search(r"Sanity check \(2 val batches\):.* agreement (\S+)", log).group(1))  # all 16 val images
     rows = [r for r in csv.DictReader(open(whole / "logs" / "metrics.csv")) if r["split"] == "val"]
     after = float(rows[-1]["agreement"])
     assert after > before + 0.1, (before, after)
 
-    train.main(student_args(teacher, tiny_run.data_dir, cut, "--max-steps", "3"))
+    distill.main(student_args(teacher, tiny_run.data_dir, cut, "--max-steps", "3"))
     resume = ["--resume", "--ckpt-dir", str(cut / "checkpoints"), "--log-dir", str(cut / "logs"), "--max-steps", "8"]
     changed = torch.load(teacher, weights_only=True)
     for weights in ("model", "ema"):
@@ -56,9 +57,9 @@ def test_a_student_run_moves_towards_its_teacher_resumes_bit_exactly_and_refuses
             changed[weights][name] = changed[weights][name] + 1e-3
     torch.save(changed, teacher)
     with pytest.raises(CheckpointError, match="not those .* was distilled from"):
-        train.main(resume)
+        distill.main(resume)
 
-    train.main([*resume, "--teacher", str(tiny_run.best)])  # the same weights at another path (a moved teacher)
+    distill.main([*resume, "--teacher", str(tiny_run.best)])  # the same weights at another path (a moved teacher)
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, cut))
     assert a["step"] == b["step"] == 8 and a["teacher_sha256"] == b["teacher_sha256"]
     assert a["model"].keys() == b["model"].keys()
@@ -67,16 +68,44 @@ def test_a_student_run_moves_towards_its_teacher_resumes_bit_exactly_and_refuses
 
 
 @pytest.mark.parametrize("argv, named", [
-    (["--teacher", "t.pt", "--tiny", "--kl-weight", "0"], "--kl-weight, --tiny set how a teacher is built"),
-    (["--student-arch", "resnet18"], "--student-arch set the student of a distillation run: add --teacher"),
+    (["--no-pretrained"], "--teacher PATH is needed: the trained teacher"),
     (["--teacher", "t.pt", "--no-pretrained", "--student-weights", "w.pth"], "--student-weights w.pth with "
                                                                              "--no-pretrained"),
     (["--teacher", "t.pt", "--batch-size", "1"], "--batch-size 1: a student's BatchNorm layers need 2 images"),
 ])
-def test_teacher_flags_are_refused_with_teacher_and_student_flags_without(argv, named, tmp_path):
+def test_a_student_run_refuses_flags_that_contradict_each_other(argv, named, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(named)):
-        train.main([*argv, "--ckpt-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "l")])
+        distill.main([*argv, "--ckpt-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "l")])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("main, argv, unknown", [
+    (distill.main, ["--teacher", "t.pt", "--tiny"], "--tiny"),
+    (distill.main, ["--teacher", "t.pt", "--kl-weight", "0"], "--kl-weight 0"),
+    (train.main, ["--student-arch", "resnet18"], "--student-arch resnet18"),
+    (train.main, ["--teacher", "t.pt"], "--teacher t.pt")])
+def test_each_command_has_only_its_own_flags(main, argv, unknown, tmp_path, capsys):
+    """train.py trains a teacher, distill.py a student: a flag of the other command is argparse's usage error."""
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--ckpt-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "l")])
+    assert e.value.code == 2 and f"unrecognized arguments: {unknown}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_each_command_resumes_only_its_own_runs(tiny_run, tmp_path):
+    """A teacher's last.pt given to distill.py --resume, or a student's to train.py --resume, is refused naming the
+    command that continues it."""
+    with pytest.raises(CheckpointError, match=re.escape(f"{tiny_run.last}: a teacher's run, not a student's; "
+                                                        f"continue it with train.py --resume")):
+        distill.main(["--resume", str(tiny_run.last), "--ckpt-dir", str(tmp_path / "s"), "--log-dir",
+                      str(tmp_path / "sl")])
+    student = tmp_path / "student.pt"
+    ckpt = torch.load(tiny_run.last, weights_only=True)
+    ckpt["student_config"] = asdict(StudentConfig(pretrained=False))
+    torch.save(ckpt, student)
+    with pytest.raises(CheckpointError, match=re.escape(f"{student}: a student's run; continue it with distill.py "
+                                                        f"--resume")):
+        train.main(["--resume", str(student), "--ckpt-dir", str(tmp_path / "t"), "--log-dir", str(tmp_path / "tl")])
 
 
 def test_a_teacher_loader_refuses_a_student_and_a_student_loader_a_teacher(tiny_run, tmp_path):
@@ -92,7 +121,7 @@ def test_a_teacher_loader_refuses_a_student_and_a_student_loader_a_teacher(tiny_
 
 @pytest.fixture(scope="module")
 def student_eval(tiny_run, tmp_path_factory) -> SimpleNamespace:
-    """A random student of tiny_run's teacher saved as a train.py --teacher checkpoint, and eval.main with --identity
+    """A random student of tiny_run's teacher saved as a distill.py checkpoint, and eval.main with --identity
     --export on 6 synthetic identities x 3 views."""
     d = tmp_path_factory.mktemp("student_eval")
     synth.write_synthetic_identities(d / "ids", k=6, views=3, seed=3, first_id=100)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import loop
 import train
 from conftest import EARLIER, ROOT, TWO_VIEWS, Hostile, build_once, tiny_train_args
 from model import CheckpointError
@@ -133,9 +134,9 @@ def test_exception_inside_the_write_keeps_the_previous_checkpoint(tiny_run, tmp_
     def broken_save(obj, f):
         f.write(b"PK\x03\x04 half a zip")
         raise RuntimeError("simulated crash in the middle of torch.save")
-    monkeypatch.setattr(train.torch, "save", broken_save)
+    monkeypatch.setattr(loop.torch, "save", broken_save)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train.save_checkpoint({"model": {}}, target)
+        loop.save_checkpoint({"model": {}}, target)
     assert target.read_bytes() == before
     assert torch.load(target, weights_only=True)["step"] == 16
 
@@ -148,9 +149,9 @@ def test_failed_save_is_reported_and_the_previous_checkpoint_stays(tiny_run, tmp
 
     def failing_save(obj, f):
         raise OSError(err, os.strerror(err))
-    monkeypatch.setattr(train.torch, "save", failing_save)
+    monkeypatch.setattr(loop.torch, "save", failing_save)
     with pytest.raises(train.TrainingError, match=re.escape(str(target)) + ".*" + os.strerror(err)):
-        train.save_checkpoint({"model": {}}, target)
+        loop.save_checkpoint({"model": {}}, target)
     assert target.read_bytes() == before and not (tmp_path / "last.pt.tmp").exists()
 
 
@@ -159,12 +160,12 @@ def test_killed_process_during_a_save_leaves_the_previous_checkpoint(tiny_run, t
     target.write_bytes(tiny_run.last.read_bytes())
     before = target.read_bytes()
     script = (
-        "import sys, time, torch; sys.path.insert(0, sys.argv[1]); import train\n"
+        "import sys, time, torch; sys.path.insert(0, sys.argv[1]); import loop\n"
         "real = torch.save\n"
         "def slow(obj, f):\n"
         "    f.write(b'x' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)\n"
-        "train.torch.save = slow\n"
-        "train.save_checkpoint({'model': {}}, __import__('pathlib').Path(sys.argv[2]))\n")
+        "loop.torch.save = slow\n"
+        "loop.save_checkpoint({'model': {}}, __import__('pathlib').Path(sys.argv[2]))\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(target)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     proc.kill()
@@ -238,7 +239,7 @@ def test_a_file_torch_save_did_not_write_is_named_as_such(tmp_path, content):
     path = tmp_path / "ckpt.pt"
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=r"ckpt\.pt: not a PyTorch file \((an empty file|it starts with b)"):
-        train.read_checkpoint(path)
+        loop.read_checkpoint(path)
 
 
 def test_malicious_checkpoint_is_refused_by_every_entry_point(tiny_run, tmp_path):
@@ -247,7 +248,7 @@ def test_malicious_checkpoint_is_refused_by_every_entry_point(tiny_run, tmp_path
                          ("eigenears.py", ["--ckpt", str(bad), "--out", str(tmp_path / "g")])):
         assert_one_line_error(run_cli(script, *args), str(bad))
     with pytest.raises(CheckpointError):
-        train.read_checkpoint(bad)
+        loop.read_checkpoint(bad)
     assert not (tmp_path / "MARKER").exists()
 
 
@@ -400,18 +401,18 @@ def test_a_sanity_check_with_non_finite_values_stops_the_run_before_step_0(synth
 
 def test_weights_are_sane_unless_non_finite_or_grown_a_thousandfold():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    scales = train.weight_scales(model)
+    scales = loop.weight_scales(model)
     assert scales == {k: pytest.approx(v.abs().max().item()) for k, v in model.state_dict().items()}
-    assert train.weights_problem(scales, scales) is None
+    assert loop.weights_problem(scales, scales) is None
     grown = {**scales, "0.bias": 999.0, "1.weight": 999.0}  # floor 1: a zero or unit initialisation may reach 1000
-    assert train.weights_problem(grown, scales) is None
+    assert loop.weights_problem(grown, scales) is None
     assert scales["0.weight"] < 1  # Linear's initialisation: the floor of 1 sets its bound at 1000
-    assert train.weights_problem({**scales, "0.weight": 1001.0}, scales) == (
+    assert loop.weights_problem({**scales, "0.weight": 1001.0}, scales) == (
         f"the weights diverged (0.weight reached max |value| 1e+03, more than 1000 x max(its initial "
         f"{scales['0.weight']:.3g}, 1))")
     with torch.no_grad():
         model[0].weight[1, 2] = math.nan
-    assert train.weights_problem(train.weight_scales(model), scales, "EMA weights") == (
+    assert loop.weights_problem(loop.weight_scales(model), scales, "EMA weights") == (
         "the EMA weights diverged (0.weight holds non-finite values)")
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import data
+import inference
+import loop
 import train
 from model import tiny_config
 from conftest import ROOT, tiny_train_args
@@ -74,7 +76,7 @@ def test_best_is_the_epoch_with_the_highest_validation_psnr(tiny_run):
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    f = [train.lr_factor(s, warmup=10, total=100, min_ratio=0.01) for s in range(101)]
+    f = [loop.lr_factor(s, warmup=10, total=100, min_ratio=0.01) for s in range(101)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone cosine decay
     assert f[100] == pytest.approx(0.01)
@@ -95,16 +97,16 @@ def emulating_gpu(monkeypatch, native: bool) -> list[dict]:
 @pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp16")], ids=["ampere", "v100-t4"])
 def test_auto_precision_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, native, expected):
     calls = emulating_gpu(monkeypatch, native)
-    assert train.resolve_precision("auto", torch.device("cuda")) == expected
+    assert inference.resolve_precision("auto", torch.device("cuda")) == expected
     assert calls == [{"including_emulation": False}]
 
 
 def test_auto_precision_is_fp32_on_cpu_and_an_explicit_choice_is_kept(monkeypatch):
     calls = emulating_gpu(monkeypatch, native=False)
-    assert train.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert inference.resolve_precision("auto", torch.device("cpu")) == "fp32"
     for device in ("cpu", "cuda"):
         for p in ("fp32", "bf16", "fp16"):
-            assert train.resolve_precision(p, torch.device(device)) == p
+            assert inference.resolve_precision(p, torch.device(device)) == p
     assert calls == []  # no GPU query where none decides anything
 
 

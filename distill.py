@@ -1,0 +1,167 @@
+"""Distil a student from a trained ear teacher: its command line and its objective; the optimisation loop is
+loop.py's, shared with train.py.
+
+    python distill.py --teacher checkpoints/best.pt --ckpt-dir student --log-dir student_logs
+    python distill.py --teacher demo/checkpoints/best.pt --no-pretrained --student-input-size 128 ...  # CPU-sized
+    python distill.py --resume student/last.pt                           # continue (the teacher's hash is checked)
+
+The student (student.py: a small torchvision CNN with a head) learns the teacher's identity embedding and mu
+(losses.DistillLoss: cosine + L2, torchdistill's names) on the teacher's training data and augmentation, the frozen
+teacher computing its targets on the fly from each augmented batch (student.teacher_targets, under no_grad). best.pt
+is the student that agrees best with the teacher on the validation images (mean cosine of their embeddings).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cli import int_range
+from data import AugConfig, augment, to_float
+from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
+from checkpoints import config_problem, load_model, weights_sha256
+from losses import DistillConfig, DistillLoss
+from model import EarVAE, parameter_report
+from student import ARCHS, Student, StudentConfig, teacher_targets
+import loop
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The student's flags (defaults from StudentConfig) and the run flags every training command shares
+    (loop.add_run_flags)."""
+    p = argparse.ArgumentParser(description="Distil a small student from a trained ear teacher.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("student")
+    g.add_argument("--student-arch", choices=list(ARCHS), default=StudentConfig.arch, help="the student's "
+                   "torchvision trunk")
+    g.add_argument("--student-weights", default=StudentConfig.weights, help="'imagenet' (torchvision's cache) or a "
+                   "local state dict of the whole torchvision model")
+    g.add_argument("--no-pretrained", action="store_true", help="start the student's trunk from random weights "
+                   "(explicit)")
+    g.add_argument("--student-input-size", type=int_range(32, 1024), default=StudentConfig.input_size,
+                   help="side the crop is resized to for the student")
+    resumable = loop.add_run_flags(p)
+    resumable.add_argument("--teacher", default=None, metavar="PATH", help="the trained teacher (a train.py "
+                           "checkpoint or an export / save_pretrained folder); needed for a new run, and on --resume "
+                           "where it moved (its weights' hash is checked)")
+    return p
+
+
+def load_teacher(path: str) -> tuple[EarVAE, str]:
+    """A student run's teacher: load_model(path) on the CPU (its EMA weights where its run kept them), frozen: eval
+    mode, requires_grad False -> (teacher, weights_sha256). A missing, unreadable or unsafe file, or a student's, is a
+    CheckpointError naming it."""
+    teacher, _ = load_model(path)
+    teacher.requires_grad_(False)
+    return teacher, weights_sha256(teacher)
+
+
+def student_run(run: loop.Run) -> tuple[StudentConfig, bool, EarVAE, str]:
+    """The student to build, whether its trunk started pretrained, and the frozen teacher with its weights' hash: from
+    the flags for a new run, from the checkpoint when resuming (its teacher must have the same weights). ConfigError
+    for flags that contradict each other, CheckpointError for a teacher's checkpoint or another teacher."""
+    args, ckpt, path = run.args, run.ckpt, run.ckpt_path
+    if ckpt is None:
+        if args.teacher is None:
+            raise ConfigError("--teacher PATH is needed: the trained teacher (a train.py checkpoint or an export "
+                              "folder) the student learns from")
+        if args.no_pretrained and args.student_weights != StudentConfig.weights:
+            raise ConfigError(f"--student-weights {args.student_weights} with --no-pretrained: the trunk starts "
+                              f"random, so the weights would not be read; drop one of the two")
+        if args.batch_size < 2:
+            raise ConfigError("--batch-size 1: a student's BatchNorm layers need 2 images or more per micro-batch in "
+                              "training")
+        teacher, sha256 = load_teacher(args.teacher)
+        cfg = StudentConfig(arch=args.student_arch, weights=args.student_weights, pretrained=not args.no_pretrained,
+                            embed_dim=teacher.cfg.embedding_dim, latent_dim=teacher.cfg.latent_dim,
+                            input_size=args.student_input_size)
+        return cfg, cfg.pretrained, teacher, sha256
+    if "student_config" not in ckpt:
+        raise CheckpointError(f"{path}: a teacher's run, not a student's; continue it with train.py --resume {path}")
+    if problem := config_problem(ckpt["student_config"], StudentConfig):
+        raise CheckpointError(f"{path}: student_config {problem}")
+    try:
+        teacher, sha256 = load_teacher(args.teacher)
+    except CheckpointError as e:
+        raise CheckpointError(f"the teacher of {path}: {e} (if it moved, give its new path: --resume --teacher "
+                              f"PATH)") from e
+    if sha256 != ckpt["teacher_sha256"]:
+        raise CheckpointError(f"{args.teacher}: the teacher's weights are not those {path} was distilled from "
+                              f"(sha256 {sha256[:12]}..., was {ckpt['teacher_sha256'][:12]}...): resume with that "
+                              f"teacher, or start a new run")
+    cfg = replace(StudentConfig(**ckpt["student_config"]), pretrained=False)  # the weights come from the checkpoint
+    return cfg, ckpt["student_config"]["pretrained"], teacher, sha256
+
+
+class StudentObjective:
+    """A student's task (loop.Objective): reproduce the frozen teacher's identity embedding and mu for the same
+    augmented images (losses.DistillLoss). best.pt is the best validation agreement: the mean cosine of the two
+    embeddings."""
+    score, score_text = "agreement", "agreement with the teacher {:.4f}"
+    score_axis = {"ylabel": "cosine", "title": "validation agreement with the teacher"}
+    log_fields = ("embed_cosine", "embed_l2", "mu_cosine", "mu_l2", "agreement")
+
+    def __init__(self, run: loop.Run, setup: loop.Setup) -> None:
+        args, device = run.args, setup.device
+        cfg, pretrained, teacher, self.teacher_sha256 = student_run(run)
+        self.args, self.setup = args, setup
+        self.data = loop.make_data(args, setup, *loop.read_data(args))
+        self.aug = AugConfig(hflip=args.hflip) if not args.no_augment else None
+        torch.manual_seed(args.seed)  # the student's initialisation (under DDP rank 0's weights are broadcast)
+        self.model = Student(cfg).to(device)
+        self.config = asdict(replace(self.model.cfg, pretrained=pretrained))
+        self.teacher = teacher.to(device)
+        self.criterion = DistillLoss(**asdict(DistillConfig())).to(device)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, keys: torch.Tensor,
+             epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x uint8 (B, 3, 128, 128), augmented in float32 outside the run's autocast -> the student's outputs against
+        the teacher's for the same images: DistillLoss's (loss, logs)."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = augment(x, keys, self.args.seed, epoch, self.aug, view=0) if self.aug is not None else to_float(x)
+        return self.criterion(model(x), teacher_targets(self.teacher, x))
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, max_batches: int | None = None) -> dict[str, float]:
+        """The distillation terms on the clean validation images and `agreement`: the mean cosine of the student's
+        and the teacher's identity embeddings."""
+        def logs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            with self.setup.autocast():
+                out, target = model(x), teacher_targets(self.teacher, x)
+                _, terms = self.criterion(out, target)
+            return {**terms, "agreement": F.cosine_similarity(out["embed"].float(), target["embed"].float()).mean()}
+        return loop.mean_logs(model, self.data.val_loader, self.setup.device, logs, max_batches)
+
+    def state(self) -> dict:
+        return {"student_config": self.config, "teacher_sha256": self.teacher_sha256}
+
+    def after_validation(self, model: nn.Module, step: int, log_dir: Path) -> None:
+        """A student draws nothing: it has no reconstructions."""
+
+    def describe(self) -> list[str]:
+        terms = ", ".join(f"{k} {w:g}" for k, w in self.criterion.weights.items() if w > 0)
+        return [parameter_report({"Student": self.model, "EarVAE teacher (frozen)": self.teacher}),
+                f"Distillation: {self.model.cfg.arch} student from the teacher {self.args.teacher} (weights sha256 "
+                f"{self.teacher_sha256[:12]}...), targets computed on the fly from each augmented batch; terms {terms}"]
+
+    def postfix(self, row: dict[str, float]) -> dict[str, float]:
+        return {"cos": 1 - row["embed_cosine"]} if "embed_cosine" in row else {}  # its agreement with the teacher
+
+    @staticmethod
+    def memory_advice(resuming: bool) -> str:
+        return "." if resuming else ", or a smaller --student-input-size."
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = get_parser()
+    setup = loop.setup_processes(parser, argv)
+    run = loop.resolve_run(parser, "distill.py", argv, setup)
+    loop.fit(StudentObjective, run, setup)
+
+
+if __name__ == "__main__":
+    loop.command(main)
