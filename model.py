@@ -63,6 +63,17 @@ class VAEConfig:
         if self.identity_dims is None:  # resolved here, so a saved config holds the number
             self.identity_dims = self.latent_dim // 8 if self.latent_dim >= 16 else 0
 
+    def check(self) -> None:
+        """ConfigError naming the field if the identity embedding would be empty or meaningless: identity_dims outside
+        0 or 2..latent_dim, embed_dim outside 0 or >= 2 (one entry, L2-normalised, is +1 or -1 for every image)."""
+        one = ": one entry, L2-normalised, is +1 or -1 for every image and tells no identity apart"
+        if not 0 <= self.identity_dims <= self.latent_dim or self.identity_dims == 1:
+            raise ConfigError(f"identity_dims must be 0 or in 2..latent_dim ({self.latent_dim}), got "
+                              f"{self.identity_dims}" + (one if self.identity_dims == 1 else ""))
+        if self.embed_dim < 0 or self.embed_dim == 1:
+            raise ConfigError(f"embed_dim must be 0 (no head) or >= 2, got {self.embed_dim}"
+                              + (one if self.embed_dim == 1 else ""))
+
     @property
     def embedding_dim(self) -> int:
         """E, the size of the identity embedding EarVAE.embed returns."""
@@ -187,11 +198,7 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         self.encoder = encoder
         self.head = VAEHead(encoder.feature_channels, cfg.fuse_channels, cfg.head_pool, cfg.latent_dim)
         self.decoder = Decoder(cfg.latent_dim, cfg.decoder_channels, cfg.image_size)
-        if not 0 <= cfg.identity_dims <= cfg.latent_dim or cfg.identity_dims == 1:  # 1 entry normalises to +-1
-            raise ConfigError(f"identity_dims must be 0 or in 2..latent_dim ({cfg.latent_dim}), got "
-                              f"{cfg.identity_dims}")
-        if cfg.embed_dim < 0 or cfg.embed_dim == 1:  # as identity_dims: 1 entry normalises to +-1
-            raise ConfigError(f"embed_dim must be 0 (no head) or >= 2, got {cfg.embed_dim}")
+        cfg.check()
         d, e = cfg.identity_dims or cfg.latent_dim, cfg.embed_dim
         self.embed_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, e)) if e > 0 else None
 
@@ -242,6 +249,7 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
 def build_model(cfg: VAEConfig) -> EarVAE:
     """Build from a config (pretrained backbone when cfg.pretrained). The returned model's cfg has encoder_config
     filled in, so the checkpoints it writes rebuild without the network."""
+    cfg.check()  # before the backbone is loaded (a download, for a hub id)
     backbone = load_backbone(cfg)
     cfg = replace(cfg, encoder_config=backbone.config.to_diff_dict())
     return EarVAE(cfg, encoder_class(cfg.encoder)(cfg, backbone))

@@ -91,19 +91,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def model_config(args: argparse.Namespace) -> VAEConfig:
-    """The VAEConfig a new run builds from the flags (the factories' defaults where a flag is not given)."""
+    """The VAEConfig a new run builds from the flags (the factories' defaults where a flag is not given); its ranges
+    are checked where the model is built (VAEConfig.check)."""
     if args.tiny and not args.no_pretrained and args.weights is None:
         raise WeightsUnavailableError("--tiny has no published weights: add --no-pretrained (random tiny backbone) "
                                       "or --weights DIR of a tiny backbone")
-    if (args.identity_dims or 0) > args.latent_dim:
-        raise ConfigError(f"--identity-dims {args.identity_dims}: more than the latent's --latent-dim "
-                          f"{args.latent_dim} entries (0: all of mu)")
-    if args.identity_dims == 1:
-        raise ConfigError("--identity-dims 1: one entry, L2-normalised, is +1 or -1 for every image and tells no "
-                          "identity apart; give 2 or more (0: all of mu)")
-    if args.embed_dim == 1:
-        raise ConfigError("--embed-dim 1: one entry, L2-normalised, is +1 or -1 for every image and tells no "
-                          "identity apart; give 2 or more (0: no head)")
     make = tiny_config if args.tiny else (sam_config if args.encoder == "sam" else dinov2_config)
     kw = dict(weights=args.weights or DEFAULT_WEIGHTS[args.encoder], pretrained=not args.no_pretrained,
               latent_dim=args.latent_dim, identity_dims=args.identity_dims, embed_dim=args.embed_dim,

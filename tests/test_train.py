@@ -142,24 +142,22 @@ def test_default_flags_are_the_model_factories_and_the_loss_config():
 
 
 def test_identity_dims_default_to_an_eighth_of_the_latent_and_cannot_exceed_it():
+    from dataclasses import replace
     from model import build_model, tiny_config
     parse = train.get_parser().parse_args
     assert train.model_config(parse(["--no-pretrained"])).identity_dims == 128  # of 1024
     assert train.model_config(parse(["--tiny", "--no-pretrained", "--latent-dim", "64"])).identity_dims == 8
     assert train.model_config(parse(["--no-pretrained", "--identity-dims", "0"])).embedding_dim == 1024  # all of mu
-    with pytest.raises(train.ConfigError, match=r"^--identity-dims 65: more than the latent's --latent-dim 64 entries "
-                                                r"\(0: all of mu\)$"):
-        train.model_config(parse(["--tiny", "--no-pretrained", "--latent-dim", "64", "--identity-dims", "65"]))
-    with pytest.raises(train.ConfigError, match=r"^identity_dims must be 0 or in 2..latent_dim \(64\), got 65$"):
-        build_model(tiny_config(latent_dim=64, identity_dims=65))
-    with pytest.raises(train.ConfigError, match=r"^--identity-dims 1: one entry, L2-normalised, is \+1 or -1"):
-        train.model_config(parse(["--tiny", "--no-pretrained", "--latent-dim", "64", "--identity-dims", "1"]))
-    with pytest.raises(train.ConfigError, match=r"^identity_dims must be 0 or in 2..latent_dim \(64\), got 1$"):
-        build_model(tiny_config(latent_dim=64, identity_dims=1))
-    with pytest.raises(train.ConfigError, match=r"^--embed-dim 1: one entry, L2-normalised, is \+1 or -1"):
-        train.model_config(parse(["--tiny", "--no-pretrained", "--latent-dim", "64", "--embed-dim", "1"]))
-    with pytest.raises(train.ConfigError, match=r"^embed_dim must be 0 \(no head\) or >= 2, got 1$"):
-        build_model(tiny_config(latent_dim=64, embed_dim=1))
+    tiny = ["--tiny", "--no-pretrained", "--latent-dim", "64"]
+    identity = r"identity_dims must be 0 or in 2..latent_dim \(64\), got "
+    one = ": one entry, L2-normalised, is \\+1 or -1 for every image and tells no identity apart"
+    for flags, message in ((["--identity-dims", "65"], identity + "65"), (["--identity-dims", "1"], identity + "1" + one),
+                           (["--embed-dim", "1"], r"embed_dim must be 0 \(no head\) or >= 2, got 1" + one)):
+        cfg = train.model_config(parse([*tiny, *flags]))
+        with pytest.raises(train.ConfigError, match=f"^{message}$"):
+            cfg.check()
+        with pytest.raises(train.ConfigError, match=f"^{message}$"):  # the same check, before any backbone loads:
+            build_model(replace(cfg, pretrained=True, weights="no/such-weights"))  # not a WeightsUnavailableError
     # an eighth under 2 entries would be no embedding: small latents embed with all of mu
     assert [tiny_config(latent_dim=d).identity_dims for d in (7, 15, 16, 17)] == [0, 0, 2, 2]
 
@@ -258,6 +256,7 @@ def test_out_of_memory_is_one_line_naming_the_batch_size_and_the_ways_out(synth_
 @pytest.mark.parametrize("flags,needle", [
     (["--input-size", "100"], "input_size 100"),
     (["--freeze-blocks", "9"], "freeze_blocks"),
+    (["--identity-dims", "1"], "identity_dims must be 0 or in 2..latent_dim (64), got 1: one entry"),
     pytest.param(["--attn", "flex"], "CUDA only", marks=pytest.mark.skipif(torch.cuda.is_available(),
                                                                            reason="flex trains on CUDA")),
 ])
