@@ -11,17 +11,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 Writer = Callable[[io.BufferedWriter], None]  # writes one file's content to an open binary file
+LOCK = ".lock"  # in a folder a live run owns (hold_folders): the OS lock, and the text naming its holder
 
 
 def torch_file_problem(path: str | os.PathLike) -> str | None:
@@ -78,6 +81,34 @@ def write_outputs(files: dict[Path, Writer]) -> None:
     for path, tmp in tmps.items():
         os.replace(tmp, path)
 
+
+
+@contextmanager
+def hold_folders(paths: list[str | os.PathLike], holder: str) -> Iterator[None]:
+    """Own the folders `paths` (created where missing) while the block runs: an OS lock on each one's LOCK file
+    (filelock; the OS releases it when the process ends in any way, SIGKILL included), the file naming `holder` and
+    this process. A folder that another live process (or another lock of this one) holds -> ValueError 'PATH: in
+    use by HOLDER', and no folder is held."""
+    with ExitStack() as stack:
+        for path in dict.fromkeys(Path(p).resolve() for p in paths):  # a folder given twice is held once
+            path.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(path / LOCK)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise ValueError(f"{path}: in use by {(path / LOCK).read_text().strip() or 'another process'}; "
+                                 f"wait for it to end or choose another folder") from None
+            stack.callback(lock.release)
+            (path / LOCK).write_text(f"{holder} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        yield
+
+
+def check_not_held(path: str | os.PathLike) -> None:
+    """ValueError 'PATH: in use by HOLDER' when a live process holds the folder `path` (hold_folders); creates
+    nothing."""
+    if (Path(path) / LOCK).is_file():
+        with hold_folders([path], "a check"):
+            pass
 
 
 def check_output_dir(path: str | os.PathLike) -> None:

@@ -26,8 +26,8 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -43,7 +43,7 @@ from cli import (float_range, fraction, non_negative, non_negative_int, positive
                  seed_int)
 from data import EarDataset, ResumableSampler, make_loader, to_float
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError
-from files import atomic_write, check_output_dir, save_figure, save_json
+from files import atomic_write, check_output_dir, hold_folders, save_figure, save_json
 from checkpoints import load_state, read_checkpoint
 from inference import PRECISIONS, autocast, resolve_device, resolve_precision
 
@@ -241,10 +241,7 @@ def resolve_run(parser: argparse.ArgumentParser, script: str, argv: list[str] | 
     ckpt_dir, log_dir = Path(args.ckpt_dir), Path(args.log_dir)
     if args.resume is None:
         check_output_dirs(args)
-        for f in (ckpt_dir / "last.pt", ckpt_dir / "best.pt", log_dir / "metrics.csv"):
-            if f.exists():
-                raise TrainingError(f"{f} exists from an earlier run: pass --resume to continue it, "
-                                    f"or choose another --ckpt-dir / --log-dir")
+        check_new(args)  # again once the folders are held (start): a run started beside this one may have written
         setup.precision = resolve_precision(args.precision, setup.device)
         return Run(args, parser, script)
 
@@ -262,6 +259,11 @@ def resolve_run(parser: argparse.ArgumentParser, script: str, argv: list[str] | 
     defaults = vars(parser.parse_args([]))  # for flags newer than the checkpoint
     args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume,
                                  **{k: getattr(args, k) for k in changed & resumable}})
+    moved = Path(args.ckpt_dir).resolve() != Path(saved["ckpt_dir"]).resolve()
+    if moved and "log_dir" not in changed:  # a copy continued elsewhere logs beside its checkpoints, never into the
+        args.log_dir = args.ckpt_dir  # original run's log folder
+        setup.log(f"note: logging into --ckpt-dir {args.ckpt_dir} (the run's log folder is {saved['log_dir']}; "
+                  f"--log-dir chooses another)")
     # another number of processes is fine if the global batch stays: the data order, the per-sample noise and
     # augmentation, the step count and the schedule are all functions of the global batch and sample indices
     was = (saved["batch_size"], ckpt["world_size"], saved["accum_steps"])
@@ -280,6 +282,14 @@ def resolve_run(parser: argparse.ArgumentParser, script: str, argv: list[str] | 
                             f"{resume_path} there")
     setup.precision = resolve_precision(args.precision, setup.device)
     return Run(args, parser, script, ckpt, resume_path)
+
+
+def check_new(args: argparse.Namespace) -> None:
+    """TrainingError if a new run's folders hold an earlier run's last.pt, best.pt or metrics.csv."""
+    for f in (Path(args.ckpt_dir) / "last.pt", Path(args.ckpt_dir) / "best.pt", Path(args.log_dir) / "metrics.csv"):
+        if f.exists():
+            raise TrainingError(f"{f} exists from an earlier run: pass --resume to continue it, "
+                                f"or choose another --ckpt-dir / --log-dir")
 
 
 def check_output_dirs(args: argparse.Namespace) -> None:
@@ -451,11 +461,29 @@ def start(objective: Objective, run: Run, setup: Setup, total_steps: int) -> Met
     return MetricsLog(Path(args.log_dir), objective.log_fields, log)
 
 
+@contextmanager
+def hold(run: Run, setup: Setup) -> Iterator[None]:
+    """Rank 0 owns the run's checkpoint and log folders while it lives (files.hold_folders): a second run into them
+    is a TrainingError naming the holder. Holding them, a new run checks again that they hold no earlier run."""
+    with ExitStack() as stack:
+        if setup.master:
+            try:
+                stack.enter_context(hold_folders([run.args.ckpt_dir, run.args.log_dir],
+                                                 f"{run.script} --ckpt-dir {run.args.ckpt_dir}"))
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
+            if run.ckpt is None:
+                check_new(run.args)
+        yield
+
+
 def fit(make: Callable[[Run, Setup], Objective], run: Run, setup: Setup) -> None:
     """train(make(run, setup), run, setup), with CUDA's out-of-memory error, in building the objective or in training,
     as a TrainingError naming the ways out (a smaller batch, and make.memory_advice)."""
     try:
-        train(make(run, setup), run, setup)
+        objective = make(run, setup)
+        with hold(run, setup):
+            train(objective, run, setup)
     except torch.OutOfMemoryError as e:
         b, k = run.args.batch_size, run.args.accum_steps
         raise TrainingError(f"out of GPU memory at --batch-size {b}. Use a smaller batch with --accum-steps to keep "

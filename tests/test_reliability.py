@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -217,6 +218,53 @@ def test_resuming_a_copy_never_writes_over_its_run_folders_other_checkpoint(tiny
                 "--log-dir", str(new / "logs"))
     assert r.returncode == 0, r.stderr  # the run had finished its 16 steps: it resumes there and stops
     assert (new / "logs/metrics.csv").exists() and all(p.read_bytes() == b for p, b in before.items())
+
+
+@pytest.mark.slow
+def test_a_copy_resumed_into_a_new_ckpt_dir_logs_there_and_never_touches_the_runs_log_folder(tiny_run, tmp_path):
+    before = {p: p.read_bytes() for p in tiny_run.log_dir.iterdir() if p.is_file()}
+    copy = tmp_path / "backup" / "copy.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_run.last.read_bytes())
+    train.main(["--resume", str(copy), "--workers", "0", "--ckpt-dir", str(tmp_path / "new")])
+    assert {p: p.read_bytes() for p in tiny_run.log_dir.iterdir() if p.is_file()} == before
+    assert {"config.json", "metrics.csv"} <= {p.name for p in (tmp_path / "new").iterdir()}
+
+
+HOLD = ("import sys, time; sys.path.insert(0, sys.argv[1]); from files import hold_folders\n"
+        "with hold_folders([sys.argv[2]], 'a test holder'):\n"
+        "    print('held', flush=True); time.sleep(120)\n")
+
+
+def test_a_folder_a_live_process_holds_is_refused_naming_it_and_free_again_after_a_sigkill(synth_dir, tmp_path):
+    """A run owns its folders while it lives (files.hold_folders); the OS frees them when it dies, even by SIGKILL."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT), str(tmp_path / "checkpoints")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--max-steps", "1")
+        with pytest.raises(train.TrainingError, match=f"^{tmp_path / 'checkpoints'}: in use by a test holder "
+                                                      rf"\(pid {holder.pid}, since "):
+            train.main(args)
+        assert not (tmp_path / "checkpoints" / "last.pt").exists() and not (tmp_path / "logs").exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+    train.main(args)  # the next run starts without a manual step
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_into_one_folder_one_runs_and_the_other_is_refused(synth_dir, tmp_path):
+    """Started side by side, both pass the early check for an earlier run; the folder lock lets one through."""
+    args = [sys.executable, str(ROOT / "train.py"), *tiny_train_args(synth_dir, tmp_path, "--epochs", "1")]
+    procs = [subprocess.Popen([*args, "--seed", str(seed)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [code for code, _ in results] == [0, 1], results
+    assert_one_line_error(SimpleNamespace(returncode=1, stderr=results[1][1]), "in use by train.py --ckpt-dir")
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r["split"] == "train"] == list(range(1, 9))  # one run's rows only
 
 
 def test_a_new_run_never_writes_over_an_earlier_best_pt(synth_dir, tmp_path):
