@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import math
 import os
@@ -200,6 +201,10 @@ class EarDataset(Dataset):
             x = x.round().clamp(0, 255).to(torch.uint8)
         return x.contiguous(), k
 
+    def fingerprint(self) -> dict:
+        """What identifies the file's content, cheaply (data.fingerprint): {"bytes", "shape", "dtype", "sha256"}."""
+        return fingerprint(self.path, self._arr)
+
     def summary(self) -> str:
         """e.g. '12,023 (filtered 0 invalid)' or '9,990 (filtered 10 invalid: blank 10)'."""
         n_bad = sum(self.invalid.values())
@@ -212,6 +217,36 @@ class EarDataset(Dataset):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._arr = open_npy(self.path)
+
+
+FINGERPRINT_WHOLE = 64 << 20  # files up to this size are hashed whole; larger ones at FINGERPRINT_CHUNKS places
+FINGERPRINT_CHUNKS = 64  # chunks of 64 KiB, evenly spaced from the first byte to the last
+
+
+def fingerprint(path: str | os.PathLike, arr: np.ndarray) -> dict:
+    """A data file's identity: {"bytes": its size, "shape": arr's shape, "dtype": arr's dtype, "sha256": of the
+    whole file up to FINGERPRINT_WHOLE bytes, else of its header and FINGERPRINT_CHUNKS evenly spaced chunks of 64
+    KiB (the first and last included): ~4 MiB read whatever the size}. Equal fingerprints: the same file for any
+    realistic edit (rows removed, added, replaced or reordered change the size or the sampled bytes)."""
+    size, h = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FINGERPRINT_WHOLE:
+            h.update(f.read())
+        else:
+            for i in range(FINGERPRINT_CHUNKS):
+                f.seek((size - (64 << 10)) * i // (FINGERPRINT_CHUNKS - 1))
+                h.update(f.read(64 << 10))
+    return {"bytes": size, "shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": h.hexdigest()}
+
+
+def fingerprint_change(saved: dict, now: dict) -> str | None:
+    """How a data file changed between two fingerprints ('98,304,128 -> 73,728,128 bytes, (2000, 128, 128, 3) ->
+    (1500, 128, 128, 3)', or 'other content, same size and shape'), or None where they are equal."""
+    if saved == now:
+        return None
+    parts = [f"{saved[k]:,} -> {now[k]:,} bytes" if k == "bytes" else f"{tuple(saved[k])} -> {tuple(now[k])}"
+             if k == "shape" else f"{saved[k]} -> {now[k]}" for k in ("bytes", "shape", "dtype") if saved[k] != now[k]]
+    return ", ".join(parts) or "other content, same size and shape"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from cli import (float_range, fraction, non_negative, non_negative_int, positive, positive_int, progress, safe_console,
                  seed_int)
-from data import EarDataset, ResumableSampler, make_loader, to_float
+from data import EarDataset, ResumableSampler, fingerprint_change, make_loader, to_float
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError
 from files import atomic_write, check_output_dir, hold_folders, save_figure, save_json
 from checkpoints import load_state, read_checkpoint
@@ -175,6 +175,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--save-every", type=positive_int, default=500, help="write last.pt every N optimizer steps")
     g.add_argument("--log-every", type=positive_int, default=10, help="log training metrics every N optimizer steps")
     g.add_argument("--max-nan", type=positive_int, default=5, help="stop after this many non-finite losses in a row")
+    g.add_argument("--accept-changed-data", action="store_true", help="resume although a data file changed since "
+                   "the checkpoint (the schedule and data order then follow the files as they are now)")
     return g
 
 
@@ -257,8 +259,8 @@ def resolve_run(parser: argparse.ArgumentParser, script: str, argv: list[str] | 
         elif getattr(args, k) != saved[k]:
             setup.log(f"note: {flag_name(k)} {getattr(args, k)} ignored: resuming with the checkpoint's {saved[k]!r}")
     defaults = vars(parser.parse_args([]))  # for flags newer than the checkpoint
-    args = argparse.Namespace(**{**defaults, **saved, "resume": args.resume,
-                                 **{k: getattr(args, k) for k in changed & resumable}})
+    args = argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in changed & resumable},
+                                 "resume": args.resume, "accept_changed_data": args.accept_changed_data})  # this time
     moved = Path(args.ckpt_dir).resolve() != Path(saved["ckpt_dir"]).resolve()
     if moved and "log_dir" not in changed:  # a copy continued elsewhere logs beside its checkpoints, never into the
         args.log_dir = args.ckpt_dir  # original run's log folder
@@ -320,6 +322,22 @@ def make_data(args: argparse.Namespace, setup: Setup, train_ds: EarDataset, val_
                 make_loader(val_ds, args.batch_size, val_sampler, args.workers, pin), sampler.n_used // global_batch)
 
 
+def data_fingerprints(data: Data, run: Run, log: Callable[[str], None]) -> dict[str, dict]:
+    """The run's data files' fingerprints (data.fingerprint), which its checkpoints keep. On resume each must equal
+    the checkpoint's, else a DataError saying which file changed and how (--accept-changed-data: a note instead)."""
+    now = {"train": data.train_ds.fingerprint(), "val": data.val_ds.fingerprint()}
+    for split, ds in (("train", data.train_ds), ("val", data.val_ds)):
+        saved = (run.ckpt or {}).get("data", {}).get(split)
+        if saved is None or (change := fingerprint_change(saved, now[split])) is None:
+            continue
+        what = f"{ds.path}: changed since {run.ckpt_path} was saved ({change})"
+        if not run.args.accept_changed_data:
+            raise DataError(f"{what}; resuming would train on other data with another schedule: restore the file, "
+                            f"start a new run, or pass --accept-changed-data")
+        log(f"note: {what}; resuming on it (--accept-changed-data)")
+    return now
+
+
 def read_data(args: argparse.Namespace) -> tuple[EarDataset, EarDataset]:
     """The run's training and validation files (--train-npy / --val-npy, else DATA_DIR/{train,val}_teacher.npy)."""
     data_dir = Path(args.data_dir)
@@ -337,9 +355,10 @@ def train(objective: Objective, run: Run, setup: Setup) -> None:
     global_batch = args.batch_size * setup.world * args.accum_steps  # images per optimizer step, all processes
     epoch_len = data.steps_per_epoch * global_batch  # samples of an epoch that are used (the remainder is dropped)
     total_steps = args.epochs * data.steps_per_epoch
+    fingerprints = data_fingerprints(data, run, log)  # a resume over changed data stops here
     opt = Optimisation(objective.model, args, total_steps, setup)
     at = Position() if run.ckpt is None else opt.load(run.ckpt, run.ckpt_path, objective.score)
-    saver = Saver(objective, opt, at, run, setup.world)  # a resumed state that is not good stops here
+    saver = Saver(objective, opt, at, run, setup.world, fingerprints)  # a resumed state that is not good stops here
     model = objective.model
     if args.compile:
         model.compile()  # in place: the same module and state-dict keys, its forward compiled on first call
@@ -616,8 +635,10 @@ class Saver:
     """last.pt and best.pt of a run, written only when the state is good (Optimisation.problem); a state that is not
     stops the run with a TrainingError naming the last good state and the command of a new run (restart_command)."""
 
-    def __init__(self, objective: Objective, opt: Optimisation, at: Position, run: Run, world: int) -> None:
+    def __init__(self, objective: Objective, opt: Optimisation, at: Position, run: Run, world: int,
+                 fingerprints: dict[str, dict]) -> None:
         self.objective, self.opt, self.at, self.run, self.world = objective, opt, at, run, world
+        self.fingerprints = fingerprints  # of the data files (data_fingerprints)
         self.ckpt_dir = Path(run.args.ckpt_dir)
         self.last_good = None  # (file, step) of the last good state saved or resumed from
         if run.ckpt_path is not None:
@@ -631,7 +652,8 @@ class Saver:
         everything a resume needs, best.pt the weights only."""
         at = self.at
         state = {**self.opt.state(full), **self.objective.state(), "run_config": vars(self.run.args),
-                 "step": at.step, "epoch": at.epoch, "epoch_pos": at.epoch_pos, f"best_{self.objective.score}": at.best}
+                 "step": at.step, "epoch": at.epoch, "epoch_pos": at.epoch_pos, f"best_{self.objective.score}": at.best,
+                 "data": self.fingerprints}
         if full:
             state.update(skipped=at.skipped, world_size=self.world)
         return state

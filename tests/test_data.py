@@ -1,5 +1,6 @@
 """Tests for data.py: file formats and validation, the CLI (check, convert), augmentation and sampling."""
 import csv
+import hashlib
 import pickle
 import re
 import subprocess
@@ -13,6 +14,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+import data
 from conftest import ROOT, Hostile, assert_one_line_error
 from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, IdentitySampler, ResumableSampler, _colour, augment,
                   main, make_loader, open_npy, to_float, validate)
@@ -581,3 +583,27 @@ def test_loader_yields_uint8_batches_in_sampler_order_without_touching_the_globa
         assert k.dtype == torch.int64
         assert torch.equal(x[0], ds[int(k[0])][0])
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_fingerprint_hashes_a_small_file_whole_and_a_large_one_at_evenly_spaced_chunks(tmp_path, monkeypatch):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((40, 128, 128, 3), np.uint8))  # 1,966,208 bytes
+    shape = np.zeros((40, 128, 128, 3), np.uint8)  # what the file holds: fingerprint reads shape and dtype from it
+    fp = lambda: data.fingerprint(path, shape)  # noqa: E731
+    raw = path.read_bytes()
+    assert fp() == {"bytes": len(raw), "shape": [40, 128, 128, 3], "dtype": "uint8",
+                    "sha256": hashlib.sha256(raw).hexdigest()}
+    monkeypatch.setattr(data, "FINGERPRINT_WHOLE", 1 << 20)  # the file is now a large one: sampled
+    chunk, n = 64 << 10, data.FINGERPRINT_CHUNKS
+    reference = hashlib.sha256(b"".join(raw[o:o + chunk] for o in ((len(raw) - chunk) * i // (n - 1)
+                                                                    for i in range(n)))).hexdigest()
+    sampled = fp()
+    assert sampled["sha256"] == reference
+    for offset in (0, len(raw) - 1):  # the header's first byte and the file's last byte are both hashed
+        changed = bytearray(raw)
+        changed[offset] ^= 1
+        path.write_bytes(bytes(changed))
+        assert data.fingerprint_change(sampled, fp()) == "other content, same size and shape"
+    np.save(path, shape := np.zeros((30, 128, 128, 3), np.uint8))
+    assert data.fingerprint_change(sampled, fp()) == "1,966,208 -> 1,474,688 bytes, (40, 128, 128, 3) -> (30, 128, " \
+                                                     "128, 3)"

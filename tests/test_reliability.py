@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 
 import loop
 import train
+from data import EarDataset
 from conftest import EARLIER, ROOT, TWO_VIEWS, Hostile, build_once, tiny_train_args
 from model import CheckpointError
 
@@ -265,6 +267,34 @@ def test_two_runs_started_together_into_one_folder_one_runs_and_the_other_is_ref
     assert_one_line_error(SimpleNamespace(returncode=1, stderr=results[1][1]), "in use by train.py --ckpt-dir")
     rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
     assert [int(r["step"]) for r in rows if r["split"] == "train"] == list(range(1, 9))  # one run's rows only
+
+
+@pytest.mark.slow
+def test_a_resume_over_changed_data_stops_naming_the_file_unless_accepted(synth_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    train.main(tiny_train_args(data, tmp_path, "--epochs", "2", "--max-steps", "3"))
+    last = tmp_path / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    x = np.load(data / "train_teacher.npy")
+    np.save(data / "train_teacher.npy", x[:48])  # 16 rows fewer: 6 steps an epoch instead of 8
+    resume = tiny_train_args(data, tmp_path, "--resume")
+    with pytest.raises(train.DataError, match=re.escape(f"{data / 'train_teacher.npy'}: changed since {last} was "
+                                                        f"saved (3,145,856 -> 2,359,424 bytes, (64, 128, 128, 3) -> "
+                                                        f"(48, 128, 128, 3)); resuming would train on other data")):
+        train.main(resume)
+    assert last.read_bytes() == before
+    x[5] = 255 - x[5]  # same size and shape, one image changed
+    np.save(data / "train_teacher.npy", x)
+    with pytest.raises(train.DataError, match="other content, same size and shape"):
+        train.main(resume)
+    train.main([*resume, "--accept-changed-data", "--max-steps", "4"])
+    saved = torch.load(last, weights_only=True)
+    assert saved["step"] == 4 and saved["run_config"]["accept_changed_data"] is True
+    assert saved["data"]["train"] == EarDataset(data / "train_teacher.npy").fingerprint()
+    np.save(data / "train_teacher.npy", x[:56])
+    with pytest.raises(train.DataError, match="changed since"):  # the acceptance was for that resume only
+        train.main(resume)
 
 
 def test_a_new_run_never_writes_over_an_earlier_best_pt(synth_dir, tmp_path):
