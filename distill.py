@@ -21,13 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import int_range
-from data import AugConfig, augment, to_float
+from data import AugConfig, ResumableSampler, augment, make_loader, to_float
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
 from checkpoints import config_problem, load_model, weights_sha256
 from losses import DistillConfig, DistillLoss
 from model import EarVAE, parameter_report
 from student import ARCHS, Student, StudentConfig, teacher_targets
 import loop
+
+PRECISE_BN_IMAGES = 1024  # the first training images, un-augmented, that precise_bn averages over
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -97,6 +99,28 @@ def student_run(run: loop.Run) -> tuple[StudentConfig, bool, EarVAE, str]:
     return cfg, ckpt["student_config"]["pretrained"], teacher, sha256
 
 
+@torch.no_grad()
+def precise_bn(model: nn.Module, loader, device: torch.device, autocast) -> None:
+    """Recompute the running mean and variance of every BatchNorm layer of `model` as the exact averages over the
+    loader's images ((B, 3, 128, 128) uint8 batches), the rest of the model in eval mode: "precise BN" (Wu & Johnson,
+    "Rethinking 'Batch' in BatchNorm", 2021; fvcore's update_bn_stats). torchvision's students keep running statistics
+    with momentum 0.01, which after a short run are still their initial values: in eval mode every image then gets
+    nearly the same embedding."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+        m.train()
+    for x, _ in loader:
+        with autocast:
+            model(to_float(x.to(device, non_blocking=True)))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 class StudentObjective:
     """A student's task (loop.Objective): reproduce the frozen teacher's identity embedding and mu for the same
     augmented images (losses.DistillLoss). best.pt is the best validation agreement: the mean cosine of the two
@@ -111,6 +135,8 @@ class StudentObjective:
         self.args, self.setup = args, setup
         self.data = loop.make_data(args, setup, *loop.read_data(args))
         self.aug = AugConfig(hflip=args.hflip) if not args.no_augment else None
+        first = ResumableSampler(min(len(self.data.train_ds), PRECISE_BN_IMAGES), 1, args.seed, shuffle=False)
+        self.bn_loader = make_loader(self.data.train_ds, args.batch_size, first, args.workers, device.type == "cuda")
         torch.manual_seed(args.seed)  # the student's initialisation (under DDP rank 0's weights are broadcast)
         self.model = Student(cfg).to(device)
         self.config = asdict(replace(self.model.cfg, pretrained=pretrained))
@@ -128,7 +154,10 @@ class StudentObjective:
     @torch.no_grad()
     def validate(self, model: nn.Module, max_batches: int | None = None) -> dict[str, float]:
         """The distillation terms on the clean validation images and `agreement`: the mean cosine of the student's
-        and the teacher's identity embeddings."""
+        and the teacher's identity embeddings, after precise_bn (the statistics eval mode and every saved student
+        use)."""
+        precise_bn(model, self.bn_loader, self.setup.device, self.setup.autocast())
+
         def logs(x: torch.Tensor) -> dict[str, torch.Tensor]:
             with self.setup.autocast():
                 out, target = model(x), teacher_targets(self.teacher, x)

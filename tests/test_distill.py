@@ -47,6 +47,11 @@ def test_a_student_run_moves_towards_its_teacher_resumes_bit_exactly_and_refuses
     rows = [r for r in csv.DictReader(open(whole / "logs" / "metrics.csv")) if r["split"] == "val"]
     after = float(rows[-1]["agreement"])
     assert after > before + 0.1, (before, after)
+    ds = EarDataset(tiny_run.data_dir / "val_teacher.npy")
+    with torch.no_grad():  # 8 steps: in eval mode the images still get distinct embeddings (precise BN), not one
+        e = load_student(whole / "checkpoints" / "best.pt")(to_float(torch.stack([ds[i][0] for i in range(16)])))
+    cosines = (e["embed"] @ e["embed"].T)[~torch.eye(16, dtype=torch.bool)]
+    assert cosines.min() < 0.9, cosines.min()
 
     distill.main(student_args(teacher, tiny_run.data_dir, cut, "--max-steps", "3"))
     resume = ["--resume", "--ckpt-dir", str(cut / "checkpoints"), "--log-dir", str(cut / "logs"), "--max-steps", "8"]
@@ -200,3 +205,19 @@ def test_student_eval_refuses_another_teacher_and_an_export_over_a_saved_model(s
     assert exit_info.value.code == 2 and "holds a saved model already" in capsys.readouterr().err
     assert (s.d / "exported" / "model.safetensors").read_bytes() == before
     assert not (tmp_path / "o").exists()
+
+
+def test_precise_bn_equals_torchs_update_bn_and_leaves_the_model_as_it_was():
+    """distill.precise_bn against the reference torch.optim.swa_utils.update_bn: the same exact averages."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.01), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2))
+    batches = [torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8) for _ in range(3)]
+    reference = __import__("copy").deepcopy(model)
+    torch.optim.swa_utils.update_bn([to_float(x) for x in batches], reference)
+    model.train()
+    distill.precise_bn(model, [(x, None) for x in batches], torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert model.training and model[1].momentum == 0.01 and model[4].momentum == 0.1
+    assert not torch.equal(model[1].running_mean, torch.zeros(4))
