@@ -62,7 +62,10 @@ def open_npy(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: {'not a file' if path.exists() else 'file not found'}")
+        if path.exists():
+            raise DataError(f"{path}: not a file")
+        raise DataError(f"{path}: file not found (`python synth.py --out {path.parent}` writes synthetic ears there; "
+                        f"`python data.py convert PHOTOS --out {path.parent}` converts a folder of photos)")
     with open(path, "rb") as fh:
         if fh.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
             raise DataError(f"{path}: not a .npy file")
@@ -88,7 +91,10 @@ def _layout(arr: np.ndarray, path: Path) -> str:
     elif arr.ndim == 3:
         layout, h, w = "NHW", arr.shape[1], arr.shape[2]
     else:
-        raise DataError(f"{path}: shape {arr.shape} is not (N, H, W, 3), (N, 3, H, W) or grayscale (N, H, W)")
+        rgba = arr.ndim == 4 and 4 in (arr.shape[1], arr.shape[3])
+        raise DataError(f"{path}: shape {arr.shape} is not (N, H, W, 3), (N, 3, H, W) or grayscale (N, H, W)"
+                        + ("; RGBA? drop the alpha channel (x[..., :3]) or convert the photos with `python data.py "
+                           "convert`" if rgba else ""))
     if arr.shape[0] == 0:
         raise DataError(f"{path}: no samples (shape {arr.shape})")
     if h != w:
@@ -139,6 +145,8 @@ def _check_invalid(path: Path, reason: np.ndarray, max_invalid: float) -> None:
     if n_bad > max_invalid * n_total or n_bad == n_total:
         lines = bad_samples(path, reason)
         named = ", ".join(lines[:3]) + (f", {n_bad - 3:,} more (python data.py check lists all)" if n_bad > 3 else "")
+        if invalid["out of range"]:  # only float data is out of range
+            named += "; float images are read in [0, 1]: divide 0-255 floats by 255, or save uint8"
         if n_bad > max_invalid * n_total:
             raise DataError(f"{path}: {n_bad:,} of {n_total:,} samples invalid ({_reasons(invalid)}: {named}); more "
                             f"than the {max_invalid * 100:g}% allowed (--max-invalid)")

@@ -138,13 +138,16 @@ def add_run_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--data-dir", default="data", help="folder with train_teacher.npy and val_teacher.npy")
     g.add_argument("--train-npy", default=None, help="training file (default DATA_DIR/train_teacher.npy)")
     g.add_argument("--val-npy", default=None, help="validation file (default DATA_DIR/val_teacher.npy)")
-    g.add_argument("--max-invalid", type=fraction, default=0.05, help="stop if more than this fraction of samples is bad")
+    g.add_argument("--max-invalid", type=fraction, default=0.05,
+                   help="stop if more than this fraction of samples is bad")
     g.add_argument("--no-augment", action="store_true", help="train on the images as they are")
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (turns left ears into right ones)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=60, help="epochs; the learning-rate schedule spans them")
-    g.add_argument("--lr", type=positive, default=3e-4, help="peak learning rate (the encoder trains at lr * --encoder-lr-scale)")
-    g.add_argument("--encoder-lr-scale", type=non_negative, default=0.1, help="the encoder (a teacher's trainable blocks, a student's trunk) trains at lr * this")
+    g.add_argument("--lr", type=positive, default=3e-4,
+                   help="peak learning rate (the encoder trains at lr * --encoder-lr-scale)")
+    g.add_argument("--encoder-lr-scale", type=non_negative, default=0.1,
+                   help="the encoder (a teacher's trainable blocks, a student's trunk) trains at lr * this")
     g.add_argument("--min-lr-ratio", type=fraction, default=0.01, help="cosine decays to lr * this")
     g.add_argument("--warmup-steps", type=non_negative_int, default=500, help="linear warm-up (optimizer steps)")
     g.add_argument("--weight-decay", type=non_negative, default=0.05, help="AdamW decay (not on norms and biases)")
@@ -359,101 +362,109 @@ def train(objective: Objective, run: Run, setup: Setup) -> None:
     opt = Optimisation(objective.model, args, total_steps, setup)
     at = Position() if run.ckpt is None else opt.load(run.ckpt, run.ckpt_path, objective.score)
     saver = Saver(objective, opt, at, run, setup.world, fingerprints)  # a resumed state that is not good stops here
+    end = min(total_steps, args.max_steps or total_steps)
+    if at.step >= end:  # a resume at or past the run's end
+        log(f"nothing to train: {run.ckpt_path} is at step {at.step} and the run ends at step {end} (--epochs "
+            f"{args.epochs}" + (f", --max-steps {args.max_steps}" if args.max_steps else "") + "); nothing was written")
+        return
     model = objective.model
     if args.compile:
         model.compile()  # in place: the same module and state-dict keys, its forward compiled on first call
     if setup.ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    metrics = start(objective, run, setup, total_steps)  # rank 0: the log, metrics.csv, and the sanity check:
-    if setup.master:  # two validation batches through model and loss, as the original did
-        val = objective.validate(opt.eval_model, max_batches=2)
-        log("Sanity check (2 val batches): " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
-        saver.check_start(opt.problem(val))
+    with hold(run, setup):  # from here on rank 0 owns the run's checkpoint and log folders
+        metrics = start(objective, run, setup, total_steps)  # the config printed; rank 0: config.json, metrics.csv
+        if setup.master:  # sanity check, as the original did: two validation batches through model and loss
+            val = objective.validate(opt.eval_model, max_batches=2)
+            log("Sanity check (2 val batches): " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+            saver.check_start(opt.problem(val))
 
-    model.train()
-    nan_streak = 0
-    done = at.step >= total_steps or (args.max_steps is not None and at.step >= args.max_steps)
-    while not done and at.epoch < args.epochs:
-        data.sampler.set_epoch(at.epoch, start=at.epoch_pos)
-        batches = iter(data.train_loader)
-        bar = progress(total=data.steps_per_epoch, initial=at.epoch_pos // global_batch, desc=f"epoch {at.epoch}",
-                       disable=not setup.master)
-        t0, imgs = time.time(), 0
-        while at.epoch_pos < epoch_len:
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(args.accum_steps):
-                x, keys = next(batches)  # uint8 (B, 3, 128, 128), int64 (B,) sample indices
-                x = x.to(device, non_blocking=True)
-                sync = micro == args.accum_steps - 1
-                with model.no_sync() if setup.ddp and not sync else nullcontext():
-                    with setup.autocast():
-                        loss, logs = objective.loss(model, x, keys, at.epoch)
-                    opt.scaler.scale(loss / args.accum_steps).backward()
-                loss_sum += loss.detach()
-                imgs += len(keys) * setup.world
-            # one host sync per optimizer step: a non-finite loss on any process skips the update everywhere, and
-            # a stop request on any process stops all of them at this step
-            flags = torch.stack([loss_sum, torch.tensor(float(bool(STOP_SIGNALS)), device=device)])
-            if setup.ddp:
-                dist.all_reduce(flags)
-            loss_total, stop_requests = flags.tolist()
-            grad_norm = opt.step(math.isfinite(loss_total))
-            nan_streak = 0 if math.isfinite(loss_total) else nan_streak + 1
-            if nan_streak:
-                at.skipped += 1
-                log(f"\nwarning: non-finite loss at step {at.step}; update skipped ({nan_streak} in a row)")
-                if nan_streak >= args.max_nan:
+        model.train()
+        nan_streak = 0
+        done = False
+        while not done and at.epoch < args.epochs:
+            data.sampler.set_epoch(at.epoch, start=at.epoch_pos)
+            batches = iter(data.train_loader)
+            bar = progress(total=data.steps_per_epoch, initial=at.epoch_pos // global_batch, desc=f"epoch {at.epoch}",
+                           disable=not setup.master)
+            t0, imgs = time.time(), 0
+            while at.epoch_pos < epoch_len:
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(args.accum_steps):
+                    x, keys = next(batches)  # uint8 (B, 3, 128, 128), int64 (B,) sample indices
+                    x = x.to(device, non_blocking=True)
+                    sync = micro == args.accum_steps - 1
+                    with model.no_sync() if setup.ddp and not sync else nullcontext():
+                        with setup.autocast():
+                            loss, logs = objective.loss(model, x, keys, at.epoch)
+                        opt.scaler.scale(loss / args.accum_steps).backward()
+                    loss_sum += loss.detach()
+                    imgs += len(keys) * setup.world
+                # one host sync per optimizer step: a non-finite loss on any process skips the update everywhere, and
+                # a stop request on any process stops all of them at this step
+                flags = torch.stack([loss_sum, torch.tensor(float(bool(STOP_SIGNALS)), device=device)])
+                if setup.ddp:
+                    dist.all_reduce(flags)
+                loss_total, stop_requests = flags.tolist()
+                grad_norm = opt.step(math.isfinite(loss_total))
+                nan_streak = 0 if math.isfinite(loss_total) else nan_streak + 1
+                if nan_streak:
+                    at.skipped += 1
+                    log(f"\nwarning: non-finite loss at step {at.step}; update skipped ({nan_streak} in a row)")
+                    if nan_streak >= args.max_nan:
+                        bar.close()
+                        raise saver.not_saved(f"{nan_streak} non-finite losses in a row")
+                at.step += 1
+                at.epoch_pos += global_batch
+                bar.update(1)
+
+                if at.step % args.log_every == 0 and setup.master:
+                    dt = time.time() - t0
+                    row = {k: v.item() for k, v in logs.items()}  # terms: rank 0's last micro-batch
+                    row["loss"] = loss_total / (args.accum_steps * setup.world)  # mean over micro-batches and processes
+                    row.update(step=at.step, epoch=at.epoch, split="train", lr=opt.optimizer.param_groups[-1]["lr"],
+                               grad_norm=grad_norm.item(), skipped=at.skipped, img_per_s=imgs / dt,
+                               time=int(time.time()))
+                    metrics.write_row(row)
+                    shown = {k: f"{v:.3f}" for k, v in objective.postfix(row).items()}
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", **shown, img_s=f"{imgs / dt:.1f}")
+                    t0, imgs = time.time(), 0
+                stop = stop_requests > 0 if setup.ddp else bool(STOP_SIGNALS)  # SIGINT / SIGTERM: save last.pt, exit
+                done = args.max_steps is not None and at.step >= args.max_steps
+                if setup.master and (stop or (at.step % args.save_every == 0 and not done and nan_streak == 0)):
+                    saver.save_last(bar)
+                if stop:
+                    if setup.ddp:  # no process exits before rank 0's save is complete: torchrun, seeing one
+                        dist.barrier()  # process end, signals the others and kills the rest 30 s later
                     bar.close()
-                    raise saver.not_saved(f"{nan_streak} non-finite losses in a row")
-            at.step += 1
-            at.epoch_pos += global_batch
-            bar.update(1)
-
-            if at.step % args.log_every == 0 and setup.master:
-                dt = time.time() - t0
-                row = {k: v.item() for k, v in logs.items()}  # terms: rank 0's last micro-batch
-                row["loss"] = loss_total / (args.accum_steps * setup.world)  # mean over micro-batches and processes
-                row.update(step=at.step, epoch=at.epoch, split="train", lr=opt.optimizer.param_groups[-1]["lr"],
-                           grad_norm=grad_norm.item(), skipped=at.skipped, img_per_s=imgs / dt, time=int(time.time()))
-                metrics.write_row(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", **{k: f"{v:.3f}" for k, v in objective.postfix(row).items()},
-                                img_s=f"{imgs / dt:.1f}")
-                t0, imgs = time.time(), 0
-            stop = stop_requests > 0 if setup.ddp else bool(STOP_SIGNALS)  # SIGINT / SIGTERM: save last.pt, exit
-            done = args.max_steps is not None and at.step >= args.max_steps
-            if setup.master and (stop or (at.step % args.save_every == 0 and not done and nan_streak == 0)):
-                saver.save_last(bar)
-            if stop:
-                if setup.ddp:  # no process exits before rank 0's save is complete: torchrun, seeing one process end,
-                    dist.barrier()  # signals the others and kills what still runs 30 s later (rank 0 mid-write)
-                bar.close()
-                log(f"stopped by signal at step {at.step}; saved {ckpt_dir / 'last.pt'} (continue with --resume)")
-                sys.exit(128 + STOP_SIGNALS[0] if STOP_SIGNALS else 1)
-            if done:
-                break
-        bar.close()
-        trained_epoch = at.epoch
-        if at.epoch_pos >= epoch_len:
-            at.epoch, at.epoch_pos = at.epoch + 1, 0
-        if setup.master:  # after every epoch, and at the last step of a run cut short by --max-steps
-            val = objective.validate(opt.eval_model)
-            metrics.write_row({"step": at.step, "epoch": trained_epoch, "split": "val", "time": int(time.time()), **val})
-            log(f"val step {at.step}: " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
-            if (problem := opt.problem(val)) is not None:
-                raise saver.not_saved(problem)
-            if val[objective.score] > at.best:
-                at.best = val[objective.score]
-                saver.save_best()
-            saver.save_last()
-            objective.after_validation(opt.eval_model, at.step, log_dir)
-            plot_curves(log_dir / "metrics.csv", log_dir / "loss_curve.png", objective.score, objective.score_axis)
-        if setup.ddp:
-            dist.barrier()
-    if setup.master:
-        log(f"done: {at.step} steps, best val {objective.score_text.format(at.best)}; checkpoints in {ckpt_dir}, "
-            f"logs in {log_dir}")
-        metrics.close()
+                    log(f"stopped by signal at step {at.step}; saved {ckpt_dir / 'last.pt'} (continue with --resume)")
+                    sys.exit(128 + STOP_SIGNALS[0] if STOP_SIGNALS else 1)
+                if done:
+                    break
+            bar.close()
+            trained_epoch = at.epoch
+            if at.epoch_pos >= epoch_len:
+                at.epoch, at.epoch_pos = at.epoch + 1, 0
+            if setup.master:  # after every epoch, and at the last step of a run cut short by --max-steps
+                val = objective.validate(opt.eval_model)
+                metrics.write_row({"step": at.step, "epoch": trained_epoch, "split": "val", "time": int(time.time()),
+                                   **val})
+                log(f"val step {at.step}: " + " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+                if (problem := opt.problem(val)) is not None:
+                    raise saver.not_saved(problem)
+                if val[objective.score] > at.best:
+                    at.best = val[objective.score]
+                    saver.save_best()
+                saver.save_last()
+                objective.after_validation(opt.eval_model, at.step, log_dir)
+                plot_curves(log_dir / "metrics.csv", log_dir / "loss_curve.png", objective.score, objective.score_axis)
+            if setup.ddp:
+                dist.barrier()
+        if setup.master:
+            log(f"done: {at.step} steps, best val {objective.score_text.format(at.best)}; checkpoints in {ckpt_dir}, "
+                f"logs in {log_dir}")
+            metrics.close()
     if setup.ddp:
         dist.destroy_process_group()
 
@@ -500,9 +511,7 @@ def fit(make: Callable[[Run, Setup], Objective], run: Run, setup: Setup) -> None
     """train(make(run, setup), run, setup), with CUDA's out-of-memory error, in building the objective or in training,
     as a TrainingError naming the ways out (a smaller batch, and make.memory_advice)."""
     try:
-        objective = make(run, setup)
-        with hold(run, setup):
-            train(objective, run, setup)
+        train(make(run, setup), run, setup)
     except torch.OutOfMemoryError as e:
         b, k = run.args.batch_size, run.args.accum_steps
         raise TrainingError(f"out of GPU memory at --batch-size {b}. Use a smaller batch with --accum-steps to keep "
@@ -526,7 +535,8 @@ def command(main: Callable[[], None]) -> None:
 
 @torch.no_grad()
 def mean_logs(model: nn.Module, loader: DataLoader, device: torch.device,
-              logs: Callable[[torch.Tensor], dict[str, torch.Tensor]], max_batches: int | None = None) -> dict[str, float]:
+              logs: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+              max_batches: int | None = None) -> dict[str, float]:
     """The mean over a loader's images (the first max_batches batches) of each value that logs(x) returns for a batch
     x (B, 3, 128, 128) float in [0, 1] on `device` (0-dim tensors, batch means), with the model in eval mode."""
     was_training = model.training
@@ -691,7 +701,8 @@ class Saver:
     def new_run(self) -> str:
         """What to do instead: restart_command(), and why a resume would not help."""
         run = self.run
-        overrides = ", ".join(flag_name(k) for k in sorted(resumable_flags(run.parser) - {"resume"}))
+        once = {"resume", "accept_changed_data"}  # what applies to one command, not to the run
+        overrides = ", ".join(flag_name(k) for k in sorted(resumable_flags(run.parser) - once))
         return (f"Start a new run with a lower learning rate in new folders: "
                 f"`{restart_command(run.parser, run.script, run.args, self.world)}` (--resume keeps the run's --lr; "
                 f"it may change only {overrides})")

@@ -123,6 +123,10 @@ def images_per_identity(args: argparse.Namespace) -> int | None:
     b, k = args.batch_size, args.images_per_identity
     if k is None:
         return next((k for k in (4, 3, 2) if b % k == 0 and b // k >= 2), None)
+    if (b % k or b // k < 2) and args.resume:  # K is the run's, kept in its checkpoint
+        raise ConfigError(f"--batch-size {b}: this run's SupCon batches hold K={k} images of each identity (its "
+                          f"--images-per-identity, kept from the checkpoint), so the batch must be a multiple of {k} "
+                          f"of at least {2 * k}; keep the global batch with --accum-steps")
     if b % k or b // k < 2:
         raise ConfigError(f"--images-per-identity {k}: --batch-size {b} must be a multiple of it holding at least 2 "
                           f"identities (SupCon's negatives are the other identities of the batch)")

@@ -137,13 +137,15 @@ def test_pickled_object_npy_is_refused_without_unpickling(tmp_path):
 
 
 @pytest.mark.parametrize("name, arr, reason", [
-    ("rgba.npy", np.zeros((2, 16, 16, 4), np.uint8), "shape (2, 16, 16, 4)"),
+    ("rgba.npy", np.zeros((2, 16, 16, 4), np.uint8), "shape (2, 16, 16, 4) is not (N, H, W, 3), (N, 3, H, W) or "
+                                                     "grayscale (N, H, W); RGBA? drop the alpha channel (x[..., :3])"),
+    ("rgba_nchw.npy", np.zeros((2, 4, 16, 16), np.uint8), "RGBA? drop the alpha channel"),
     ("flat.npy", np.zeros((2, 16), np.uint8), "shape (2, 16)"),
     ("five_d.npy", np.zeros((2, 1, 16, 16, 3), np.uint8), "shape (2, 1, 16, 16, 3)"),
     ("wide.npy", np.zeros((2, 16, 24, 3), np.uint8), "16x24"),
     ("empty.npy", np.zeros((0, 16, 16, 3), np.uint8), "no samples"),
     ("int16.npy", np.zeros((2, 16, 16, 3), np.int16), "dtype int16"),
-    ("missing.npy", None, "file not found"),
+    ("missing.npy", None, "file not found (`python synth.py --out "),
     ("text.npy", b"this is not an array\n", "not a .npy file"),
 ])
 def test_bad_files_raise_data_error_naming_the_file(tmp_path, name, arr, reason):
@@ -607,3 +609,11 @@ def test_fingerprint_hashes_a_small_file_whole_and_a_large_one_at_evenly_spaced_
     np.save(path, shape := np.zeros((30, 128, 128, 3), np.uint8))
     assert data.fingerprint_change(sampled, fp()) == "1,966,208 -> 1,474,688 bytes, (40, 128, 128, 3) -> (30, 128, " \
                                                      "128, 3)"
+
+
+def test_float_images_out_of_range_say_to_divide_by_255(tmp_path, ears):
+    np.save(tmp_path / "x.npy", ears.astype(np.float32))  # 0-255 floats: every sample out of [0, 1]
+    with pytest.raises(DataError, match=re.escape("float images are read in [0, 1]: divide 0-255 floats by 255")):
+        EarDataset(tmp_path / "x.npy")
+    np.save(tmp_path / "y.npy", ears.astype(np.float32) / 255)
+    assert len(EarDataset(tmp_path / "y.npy")) == len(ears)

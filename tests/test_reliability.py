@@ -218,19 +218,24 @@ def test_resuming_a_copy_never_writes_over_its_run_folders_other_checkpoint(tiny
     new = tmp_path / "continued"
     r = run_cli("train.py", "--resume", str(copy), "--workers", "0", "--ckpt-dir", str(new / "checkpoints"),
                 "--log-dir", str(new / "logs"))
-    assert r.returncode == 0, r.stderr  # the run had finished its 16 steps: it resumes there and stops
-    assert (new / "logs/metrics.csv").exists() and all(p.read_bytes() == b for p, b in before.items())
+    assert r.returncode == 0, r.stderr  # the run had finished its 16 steps: nothing to train, nothing written
+    assert f"nothing to train: {copy} is at step 16 and the run ends at step 16 (--epochs 2); nothing was written" \
+        in r.stdout
+    assert not (new / "logs/metrics.csv").exists() and all(p.read_bytes() == b for p, b in before.items())
 
 
 @pytest.mark.slow
-def test_a_copy_resumed_into_a_new_ckpt_dir_logs_there_and_never_touches_the_runs_log_folder(tiny_run, tmp_path):
-    before = {p: p.read_bytes() for p in tiny_run.log_dir.iterdir() if p.is_file()}
+def test_a_copy_resumed_into_a_new_ckpt_dir_logs_there_and_never_touches_the_runs_log_folder(synth_dir, tmp_path):
+    train.main(tiny_train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--max-steps", "2"))
+    logs = tmp_path / "run" / "logs"
+    before = {p: p.read_bytes() for p in logs.iterdir() if p.is_file()}
     copy = tmp_path / "backup" / "copy.pt"
     copy.parent.mkdir()
-    copy.write_bytes(tiny_run.last.read_bytes())
-    train.main(["--resume", str(copy), "--workers", "0", "--ckpt-dir", str(tmp_path / "new")])
-    assert {p: p.read_bytes() for p in tiny_run.log_dir.iterdir() if p.is_file()} == before
-    assert {"config.json", "metrics.csv"} <= {p.name for p in (tmp_path / "new").iterdir()}
+    copy.write_bytes((tmp_path / "run" / "checkpoints" / "last.pt").read_bytes())
+    train.main(["--resume", str(copy), "--max-steps", "3", "--ckpt-dir", str(tmp_path / "new")])
+    assert {p: p.read_bytes() for p in logs.iterdir() if p.is_file()} == before
+    assert {"config.json", "metrics.csv", "last.pt"} <= {p.name for p in (tmp_path / "new").iterdir()}
+    assert torch.load(tmp_path / "new" / "last.pt", weights_only=True)["step"] == 3
 
 
 HOLD = ("import sys, time; sys.path.insert(0, sys.argv[1]); from files import hold_folders\n"

@@ -361,3 +361,13 @@ def test_device_cuda_without_a_gpu_is_a_config_error_before_anything_runs(tmp_pa
     with pytest.raises(train.ConfigError, match=r"^--device cuda: no CUDA device is available \(use --device cpu\)$"):
         train.main(["--device", "cuda", "--ckpt-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "l")])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_resumed_supcon_run_whose_batch_does_not_fit_its_k_names_the_batch_size():
+    """K comes from the checkpoint when resuming (a typed --images-per-identity is ignored): the message says so."""
+    args = train.get_parser().parse_args(["--batch-size", "4", "--accum-steps", "2", "--images-per-identity", "4"])
+    args.resume = "auto"
+    with pytest.raises(train.ConfigError, match=r"^--batch-size 4: this run's SupCon batches hold K=4 images of each "
+                                                r"identity \(its --images-per-identity, kept from the checkpoint\), so "
+                                                r"the batch must be a multiple of 4 of at least 8"):
+        train.images_per_identity(args)
