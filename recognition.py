@@ -23,6 +23,9 @@ Conventions (tested in tests/test_recognition.py):
   1 - C(M - g, k) / C(M, k) (M = gallery size, g = genuine images in it), averaged over the probes.
 - EER: the point where the ROC segment between the two operating points that bracket FAR == FRR crosses the
   diagonal (linear interpolation). Accept a pair when S >= threshold.
+- TAR at FAR x (face recognition's operating points, IJB-C; 1 - TAR is the FNMR at FMR x): the highest TAR of an
+  operating point whose FAR is at most x, no interpolation (scikit-learn's roc_curve gives the same points). None
+  where fewer than 1 / x impostor pairs exist: no threshold can measure a FAR that small.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import numpy as np
 
 SIM_DECIMALS = 9  # cosine similarities are compared after rounding to 1e-9
 RANKS = (1, 5)  # identification ranks reported
+FARS = (1e-2, 1e-3)  # verification operating points reported: TAR at these FARs
 UNLABELLED = -1  # label of an image whose identity is unknown
 CHUNK = 1024  # probe rows per block of the similarity matrix (a (CHUNK, N) float64 block at a time)
 
@@ -40,7 +44,7 @@ def recognition_metrics(mu: np.ndarray, labels: np.ndarray) -> dict:
         n_images, n_unlabelled (dropped), n_identities (among the labelled),
         n_probes (identifiable: identity with >= 2 images), n_single (probes excluded: identity with 1 image),
         rank1, rank5, chance_rank1, chance_rank5 (fractions of n_probes),
-        n_genuine_pairs, n_impostor_pairs, eer, roc_auc
+        n_genuine_pairs, n_impostor_pairs, eer, roc_auc, tar@far=0.01, tar@far=0.001 (None: too few impostor pairs)
 
     Raises ValueError (naming the value and what is expected) for bad shapes, non-finite or zero embeddings,
     labels below -1, and sets with nothing to identify (every identity has one image) or to verify against
@@ -158,8 +162,8 @@ def pair_scores(emb: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(scores), np.concatenate(same)
 
 
-def verification(scores: np.ndarray, same: np.ndarray) -> dict[str, float]:
-    """scores (P,), same (P,) bool, both classes present -> {"eer", "roc_auc"}.
+def verification(scores: np.ndarray, same: np.ndarray) -> dict[str, float | None]:
+    """scores (P,), same (P,) bool, both classes present -> {"eer", "roc_auc", "tar@far=X" for X in FARS}.
 
     AUC = P(genuine score > impostor score) + 0.5 P(equal). EER: over the thresholds t = each distinct score and
     +inf, FAR(t) = P(impostor >= t) falls from 1 to 0 and FRR(t) = P(genuine < t) rises from 0 to 1; between the
@@ -177,4 +181,7 @@ def verification(scores: np.ndarray, same: np.ndarray) -> dict[str, float]:
     k = int(np.argmax(d <= 0))  # first point at or past the crossing; k >= 1 since d[0] == 1
     a = d[k - 1] / (d[k - 1] - d[k])  # where the segment (k - 1, k) crosses the diagonal
     eer = far[k - 1] + a * (far[k] - far[k - 1])
-    return {"eer": float(eer), "roc_auc": float(auc)}
+    out = {"eer": float(eer), "roc_auc": float(auc)}
+    for x in FARS:  # the highest TAR = 1 - FRR among the points with FAR <= x (far falls to 0 at t = +inf)
+        out[f"tar@far={x:g}"] = float(1.0 - frr[far <= x].min()) if n_imp * x >= 1 else None
+    return out

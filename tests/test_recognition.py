@@ -162,7 +162,7 @@ def test_verification_hand_computed_example():
     # genuine 0.9, 0.6; impostor 0.7, 0.1. AUC: 3 of the 4 (genuine, impostor) pairs are ordered right.
     # thresholds 0.1, 0.6, 0.7, 0.9, inf: FAR 1, .5, .5, 0, 0; FRR 0, 0, .5, .5, 1 -> they meet at t = 0.7: EER 0.5
     m = verification(np.array([0.9, 0.7, 0.6, 0.1]), np.array([True, False, True, False]))
-    assert m == {"eer": 0.5, "roc_auc": 0.75}
+    assert m == {"eer": 0.5, "roc_auc": 0.75, "tar@far=0.01": None, "tar@far=0.001": None}  # 2 impostor pairs
 
 
 def test_verification_eer_interpolates_between_operating_points():
@@ -223,3 +223,24 @@ def test_bad_embeddings_and_shapes_raise_a_clear_error():
         recognition_metrics(bad, labels)
     bad[2] = np.nan  # an unlabelled row is dropped before the checks
     assert recognition_metrics(np.vstack([mu, bad[2:3]]), np.append(labels, -1))["n_unlabelled"] == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tar_at_far_equals_scikit_learns_roc_curve_with_ties(seed):
+    """TAR at FAR x against an independent implementation used only here: scikit-learn's roc_curve (a pair is
+    accepted when score >= threshold; every distinct score is a threshold), the highest TPR with FPR <= x."""
+    from sklearn.metrics import roc_curve
+    rng = np.random.default_rng(seed)
+    scores = np.round(np.concatenate([rng.normal(1.0, 1.0, 400), rng.normal(0.0, 1.0, 5000)]), 2)  # many ties
+    same = np.arange(len(scores)) < 400
+    fpr, tpr, _ = roc_curve(same, scores, drop_intermediate=False)
+    m = verification(scores, same)
+    for x in recognition.FARS:
+        assert m[f"tar@far={x:g}"] == pytest.approx(tpr[fpr <= x].max(), abs=1e-12), x
+    assert 0 < m["tar@far=0.001"] < m["tar@far=0.01"] < 1
+
+
+def test_tar_at_far_is_none_where_too_few_impostor_pairs_measure_it():
+    scores, same = np.linspace(0, 1, 300), np.arange(300) >= 150  # 150 impostor pairs: FAR steps of 1/150
+    m = verification(scores, same)
+    assert m["tar@far=0.01"] == 1.0 and m["tar@far=0.001"] is None
