@@ -19,7 +19,7 @@ file (data.read_identities: X_index.csv column subject, or X_factors.csv column 
 (a split by image, not by subject). Beside the teacher's figures it computes the same metrics for the trivial
 baseline, the raw pixels of the same images centred on their mean image (metrics.json "identity_pixels", the console
 and the model card). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
-model.export_model(CKPT, DIR) with these metrics in its model card.
+checkpoints.export_model(CKPT, DIR) with these metrics in its model card.
 
 A student's checkpoint (train.py --teacher) or save_pretrained folder gives what applies to a student: its agreement
 with its teacher (cosine of the identity embeddings per image, and of mu), the images/s of student and teacher
@@ -44,16 +44,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cli import safe_console  # noqa: E402
-from data import (UNLABELLED, DataError, EarDataset, missing_labels, read_identities, shared_identities,  # noqa: E402
+from data import (UNLABELLED, EarDataset, missing_labels, read_identities, shared_identities,  # noqa: E402
                   to_float)
+from errors import CheckpointError, DataError, WeightsUnavailableError  # noqa: E402
 from files import (Writer, check_output_dir, check_output_file, save_figure, save_json, save_npy,  # noqa: E402
                    write_outputs)
 from inference import (add_inference_args, autocast, batches, checkpoint_info, clock, data_file,  # noqa: E402
                        max_invalid, out_of_memory_error, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
-from checkpoints import (EXPORT_CONFIG, CheckpointError, export_model, load_model, read_checkpoint,  # noqa: E402
-                         weights_sha256)
-from model import EarVAE, WeightsUnavailableError, count  # noqa: E402
+from checkpoints import export_model, load_model, read_checkpoint, weights_sha256  # noqa: E402
+from hub import EXPORT_CONFIG  # noqa: E402
+from model import EarVAE, count  # noqa: E402
 from recognition import label_problem, probe_ranks, recognition_metrics  # noqa: E402
 from student import Student, is_student_folder, load_student, teacher_targets  # noqa: E402
 
@@ -66,7 +67,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate an ear-teacher checkpoint: PSNR, SSIM, MAE, MSE, KL per image.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", help="checkpoint written by train.py (best.pt or last.pt), or a directory written by "
-                                "--export / model.export_model (then give --data)")
+                                "--export / checkpoints.export_model (then give --data)")
     p.add_argument("--data", default=None, help="uint8 .npy of ear crops (default: the run's validation file)")
     p.add_argument("--out", default="eval", help="folder for metrics.json, per_image.csv, reconstructions.png")
     p.add_argument("--export-latents", default=None, metavar="FILE.npy",
@@ -86,7 +87,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "its run distilled from; a student's save_pretrained folder does not name one)")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="once the evaluation has succeeded, export the model to DIR (config.json, model.safetensors "
-                        "and a README.md model card with these metrics; load with model.load_model(DIR))")
+                        "and a README.md model card with these metrics; load with checkpoints.load_model(DIR))")
     add_inference_args(p)
     return p
 

@@ -16,7 +16,7 @@ import torch
 
 from cli import fraction, non_negative_int, positive_int, progress
 from data import EarDataset, ResumableSampler, make_loader, to_float
-from checkpoints import CheckpointError
+from errors import CheckpointError
 from model import EarVAE
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

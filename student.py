@@ -12,10 +12,10 @@ teacher_targets on the same augmented images), `load_student(path)` loads it, `e
 measures it beside its teacher and the pixels.
 
 `Student(StudentConfig(...))` builds one: the trunk from torchvision's ImageNet weights (through its cache, the
-loading path of the perceptual loss's VGG16: losses.load_torchvision_weights), from a local state dict, or random on
+loading path of the perceptual loss's VGG16: weights.load_torchvision_weights), from a local state dict, or random on
 purpose (pretrained=False); never a silent fallback. The config is stored with the weights: Student shares through
 huggingface_hub's PyTorchModelHubMixin as the teacher does (save_pretrained(dir): config.json + model.safetensors +
-README.md, from_pretrained(dir or hub id), push_to_hub; checkpoints.py). losses.DistillLoss is the objective.
+README.md, from_pretrained(dir or hub id), push_to_hub; hub.SharedOnHub). losses.DistillLoss is the objective.
 """
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, CheckpointError, card_metadata, config_problem,
-                         load_state, metrics_table, read_checkpoint, read_folder_config, read_folder_weights)
-from losses import load_torchvision_weights
-from model import IMAGENET_MEAN, IMAGENET_STD, ConfigError, EarVAE, SharedOnHub, count
+from checkpoints import read_checkpoint
+from encoders import IMAGENET_MEAN, IMAGENET_STD
+from errors import CheckpointError, ConfigError
+from hub import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, SharedOnHub, card_metadata, config_problem, load_state,
+                 metrics_table, read_folder_config, read_folder_weights)
+from model import EarVAE, count
+from weights import load_torchvision_weights
 
 STUDENT_FORMAT = "ear-teacher-student/1"  # config.json's "format" in a saved student folder
 
@@ -99,7 +102,7 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
         """x (B, 3, H, W) in [0, 1] -> the identity embedding (B, embed_dim), L2-normalised."""
         return self(x)["embed"]
 
-    # -- sharing through huggingface_hub's mixin (model.SharedOnHub, checkpoints.py)
+    # -- sharing through huggingface_hub's mixin (hub.SharedOnHub)
 
     def hub_files(self, metrics: dict | None = None) -> tuple[dict, str]:
         """config.json ({"format": STUDENT_FORMAT, "student_config": StudentConfig}) and the README.md card."""

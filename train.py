@@ -42,15 +42,16 @@ from tqdm import tqdm
 
 from cli import (float_range, fraction, int_range, non_negative, non_negative_int, positive, positive_int, progress,
                  safe_console, seed_int)
-from data import (UNLABELLED, AugConfig, DataError, EarDataset, IdentitySampler, ResumableSampler, augment,
-                  make_loader, missing_labels, read_identities, sample_seed, to_float)
+from data import (UNLABELLED, AugConfig, EarDataset, IdentitySampler, ResumableSampler, augment, make_loader,
+                  missing_labels, read_identities, sample_seed, to_float)
+from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError
 from files import atomic_write, check_output_dir, save_figure, save_json
 from inference import PRECISIONS, resolve_device, resolve_precision, autocast as inference_autocast
 from losses import DistillConfig, DistillLoss, LossConfig, VAELoss, psnr, ssim
-from checkpoints import (CheckpointError, config_from_checkpoint, config_problem, load_model, load_state,
-                         read_checkpoint, weights_sha256)
-from model import (ConfigError, EarVAE, VAEConfig, WeightsUnavailableError, build_model, dinov2_config,
-                   parameter_report, sam_config, tiny_config)
+from checkpoints import load_model, read_checkpoint, weights_sha256
+from hub import config_problem, load_state
+from model import (EarVAE, VAEConfig, build_model, config_from_checkpoint, dinov2_config, parameter_report,
+                   sam_config, tiny_config)
 from student import ARCHS, Student, StudentConfig, teacher_targets
 
 DEFAULT_WEIGHTS = {"sam": sam_config().weights, "dinov2": dinov2_config().weights}
@@ -71,10 +72,6 @@ STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers installe
 LOG_FIELDS = ["step", "epoch", "split", "lr", "loss", "pixel", "kl", "perceptual", "ssim", "edge", "contrastive",
               "psnr", "ssim_metric", "embed_cosine", "embed_l2", "mu_cosine", "mu_l2", "agreement", "grad_norm",
               "skipped", "img_per_s", "time"]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite losses, a checkpoint that cannot be written); str(e) says why."""
 
 
 def get_parser() -> argparse.ArgumentParser:

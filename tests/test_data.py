@@ -14,8 +14,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from conftest import ROOT, Hostile, assert_one_line_error
-from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, IdentitySampler, ResumableSampler, _colour, augment,
-                  main, make_loader, open_npy, to_float, validate)
+from data import (IMAGE_SIZE, AugConfig, EarDataset, IdentitySampler, ResumableSampler, _colour, augment, main,
+                  make_loader, open_npy, to_float, validate)
+from errors import DataError
 from photos import BACKGROUND, load_image
 from synth import render_ears
 

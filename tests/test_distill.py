@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
 import synth  # noqa: E402
 import train  # noqa: E402
-from checkpoints import CheckpointError, load_model, weights_sha256  # noqa: E402
+from checkpoints import load_model, weights_sha256  # noqa: E402
 from conftest import TINY_LATENT  # noqa: E402
 from data import EarDataset, read_identities, to_float  # noqa: E402
-from model import ConfigError  # noqa: E402
+from errors import CheckpointError, ConfigError  # noqa: E402
 from recognition import recognition_metrics  # noqa: E402
 from student import Student, StudentConfig, load_student, teacher_targets  # noqa: E402
 
