@@ -28,8 +28,8 @@ from cli import positive_int, safe_console  # noqa: E402
 from data import EarDataset  # noqa: E402
 from errors import CheckpointError, DataError, WeightsUnavailableError  # noqa: E402
 from files import check_output_dir, save_figure, save_json, write_outputs  # noqa: E402
-from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
-                       encode_dataset, max_invalid, out_of_memory_error, setup)
+from inference import (add_inference_args, autocast, checkpoint_info, data_file, encode_dataset,  # noqa: E402
+                       max_invalid, out_of_memory_error, run_dataset, setup)
 from losses import psnr  # noqa: E402
 from checkpoints import load_model, read_checkpoint  # noqa: E402
 from model import EarVAE  # noqa: E402
@@ -166,16 +166,21 @@ def decoded_psnr(model: EarVAE, ds: EarDataset, codes: dict[str, np.ndarray], ba
                  dtype: torch.dtype = torch.float32, workers: int = 0) -> dict[str, np.ndarray]:
     """PSNR of each image of ds against decode(codes[name][i]), for every set of codes (N, D), in one pass over the
     images; the decoder runs under autocast(device, dtype), the PSNR in float32. -> {name: (N,) float64}."""
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in codes}
     start = 0
-    for x, _ in batches(ds, batch_size, device, workers, desc=f"decode {ds.path.name}"):
+
+    def decoded(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        nonlocal start
+        out = {}
         for name, z in codes.items():
             zb = torch.as_tensor(z[start:start + len(x)], dtype=torch.float32, device=device)  # (B, D)
             with autocast(device, dtype):
                 recon = model.decode(zb)  # (B, 3, 128, 128)
-            out[name].append(psnr(recon.float(), x).cpu())
+            out[name] = psnr(recon.float(), x)  # (B,)
         start += len(x)
-    return {name: torch.cat(v).double().numpy() for name, v in out.items()}
+        return out
+
+    res = run_dataset(decoded, ds, batch_size, device, workers, desc=f"decode {ds.path.name}")
+    return {name: res[name].double().numpy() for name in codes}
 
 
 # -----------------------------------------------------------------------------

@@ -49,8 +49,8 @@ from data import (UNLABELLED, EarDataset, missing_labels, read_identities, share
 from errors import CheckpointError, DataError, WeightsUnavailableError  # noqa: E402
 from files import (Writer, check_output_dir, check_output_file, save_figure, save_json, save_npy,  # noqa: E402
                    write_outputs)
-from inference import (add_inference_args, autocast, batches, checkpoint_info, clock, data_file,  # noqa: E402
-                       max_invalid, out_of_memory_error, setup)
+from inference import (add_inference_args, autocast, checkpoint_info, clock, data_file, max_invalid,  # noqa: E402
+                       out_of_memory_error, run_dataset, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
 from checkpoints import export_model, load_model, read_checkpoint, weights_sha256  # noqa: E402
 from hub import EXPORT_CONFIG  # noqa: E402
@@ -103,10 +103,7 @@ def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: to
     -> {"index": (N,) int64 original indices, "psnr", "ssim", "mae", "mse", "kl" (and "lpips" when an LPIPS
     module on `device` is given): (N,) float64 per image, "mu": (N, latent_dim) float32, "embedding": (N, E) float32
     the identity embedding model.embedding(mu)}; row i is the dataset's sample i."""
-    out: dict[str, list] = {k: [] for k in ("index", "psnr", "ssim", "mae", "mse", "kl", "mu", "embedding")}
-    if lpips is not None:
-        out["lpips"] = []
-    for x, index in batches(ds, batch_size, device, workers, desc=f"evaluate {ds.path.name}"):
+    def measure(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(device, dtype):
             mu, logvar = model.encode(x)  # (B, D) each
             recon = model.decode(mu)  # (B, 3, 128, 128)
@@ -117,11 +114,11 @@ def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: to
                      "mu": mu, "embedding": model.embedding(mu)}
         if lpips is not None:
             per_image["lpips"] = lpips(recon, x)  # (B,) float32, computed outside autocast
-        for k, v in per_image.items():
-            out[k].append(v.cpu())
-        out["index"].append(index)
-    res = {k: torch.cat(v).numpy() for k, v in out.items()}
-    return {k: v if k in ("index", "mu", "embedding") else v.astype(np.float64) for k, v in res.items()}
+        return per_image
+
+    res = run_dataset(measure, ds, batch_size, device, workers, desc=f"evaluate {ds.path.name}")
+    return {k: v.numpy() if k in ("index", "mu", "embedding") else v.numpy().astype(np.float64)
+            for k, v in res.items()}
 
 
 def pixel_embeddings(ds: EarDataset, chunk: int = 256) -> np.ndarray:
@@ -460,13 +457,12 @@ def student_outputs(student: Student, teacher: EarVAE, ds: EarDataset, batch_siz
     the two mu, "embedding": (N, E) the student's, "teacher_embedding": (N, E), "mu": (N, latent_dim) the student's},
     {"student": images/s, "teacher": images/s}: forward time alone (no data loading), after one untimed warm-up
     batch of each; the teacher's is encoder + head, what a student replaces)."""
-    out: dict[str, list] = {k: [] for k in ("index", "agreement", "mu_cosine", "embedding", "teacher_embedding",
-                                            "mu")}
     seconds, n = {"student": 0.0, "teacher": 0.0}, 0
-    for b, (x, index) in enumerate(batches(ds, batch_size, device, workers, desc=f"student and teacher on "
-                                                                                 f"{ds.path.name}")):
+
+    def compare(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        nonlocal n
         with autocast(device, dtype):
-            if b == 0:  # warm-up: allocations and kernel choice are not what the speed is about
+            if n == 0:  # warm-up on the first batch: allocations and kernel choice are not what the speed is about
                 student(x), teacher_targets(teacher, x)
             t0 = clock(device)
             s = student(x)
@@ -477,12 +473,12 @@ def student_outputs(student: Student, teacher: EarVAE, ds: EarDataset, batch_siz
         seconds["teacher"] += t2 - t1
         n += len(x)
         s_embed, t_embed, s_mu, t_mu = s["embed"].float(), t["embed"].float(), s["mu"].float(), t["mu"].float()
-        for k, v in (("agreement", torch.nn.functional.cosine_similarity(s_embed, t_embed)),
-                     ("mu_cosine", torch.nn.functional.cosine_similarity(s_mu, t_mu)), ("embedding", s_embed),
-                     ("teacher_embedding", t_embed), ("mu", s_mu)):
-            out[k].append(v.cpu())
-        out["index"].append(index)
-    res = {k: torch.cat(v).numpy() for k, v in out.items()}
+        return {"agreement": torch.nn.functional.cosine_similarity(s_embed, t_embed),
+                "mu_cosine": torch.nn.functional.cosine_similarity(s_mu, t_mu), "embedding": s_embed,
+                "teacher_embedding": t_embed, "mu": s_mu}
+
+    res = {k: v.numpy() for k, v in run_dataset(compare, ds, batch_size, device, workers,
+                                                desc=f"student and teacher on {ds.path.name}").items()}
     res["agreement"], res["mu_cosine"] = res["agreement"].astype(np.float64), res["mu_cosine"].astype(np.float64)
     return res, {k: n / v for k, v in seconds.items()}
 
