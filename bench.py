@@ -34,12 +34,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import AugConfig, EarDataset, ResumableSampler, augment, make_loader
 from synth import write_synthetic
-from losses import VAELoss
+from losses import LossConfig, VAELoss
 from model import build_model, sam_config
 from inference import PRECISIONS, clock, resolve_precision, autocast as inference_autocast
 from cli import int_range, non_negative_int, positive_int, safe_console
 from files import check_output_file, save_json, write_outputs
-from train import get_parser as train_parser, loss_config
 from student import ARCHS, Student, StudentConfig, teacher_targets
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -64,8 +63,9 @@ def random_vgg_file() -> str:
 
 
 def default_loss(vgg: str, image_size: int) -> VAELoss:
-    """train.py's default loss (its flags' defaults), with the VGG16 weights from `vgg`."""
-    loss_cfg = replace(loss_config(train_parser().parse_args([])), vgg_weights=vgg)
+    """The default training loss (LossConfig, where train.py's loss flags read their defaults), with the VGG16
+    weights from `vgg`."""
+    loss_cfg = replace(LossConfig(), vgg_weights=vgg)
     return VAELoss(**asdict(loss_cfg), image_size=image_size)
 
 

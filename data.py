@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cli import float_range, fraction, int_range, progress, safe_console, seed_int
+from errors import DataError
 from files import Writer, check_output_dir, save_npy, write_outputs
 from photos import (BACKGROUND, CHANGE_KINDS, SQUARE_RULES, UnusableImage, load_image, path_text, scan,
                     split_groups, subject_of)
@@ -44,10 +45,6 @@ IMAGE_SIZE = 128
 INVALID_REASONS = ("non-finite", "out of range", "blank")
 BLANK_STD = 2.0 / 255  # a sample whose pixel std (all channels, [0, 1] scale) is below this is blank
 RANGE_TOLERANCE = 0.5 / 255  # float samples may exceed [0, 1] by this much (they still round into 0..255)
-
-
-class DataError(ValueError):
-    """Bad data file or sample; str(e) is one line that starts with the file path and says the reason."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

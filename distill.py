@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from cli import int_range
 from data import AugConfig, ResumableSampler, augment, make_loader, to_float
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
-from checkpoints import config_problem, load_model, weights_sha256
+from checkpoints import load_model, weights_sha256
+from hub import config_problem
 from losses import DistillConfig, DistillLoss
 from model import EarVAE, parameter_report
 from student import ARCHS, Student, StudentConfig, teacher_targets

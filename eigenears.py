@@ -25,13 +25,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cli import positive_int, safe_console  # noqa: E402
-from data import DataError, EarDataset  # noqa: E402
+from data import EarDataset  # noqa: E402
+from errors import CheckpointError, DataError, WeightsUnavailableError  # noqa: E402
 from files import check_output_dir, save_figure, save_json, write_outputs  # noqa: E402
-from inference import (add_inference_args, autocast, batches, checkpoint_info, data_file,  # noqa: E402
-                       encode_dataset, max_invalid, out_of_memory_error, setup)
+from inference import (add_inference_args, autocast, checkpoint_info, data_file, encode_dataset,  # noqa: E402
+                       max_invalid, out_of_memory_error, run_dataset, setup)
 from losses import psnr  # noqa: E402
-from checkpoints import CheckpointError, load_model, read_checkpoint  # noqa: E402
-from model import EarVAE, WeightsUnavailableError  # noqa: E402
+from checkpoints import load_model, read_checkpoint  # noqa: E402
+from model import EarVAE  # noqa: E402
 from synth import IDENTITY_COLUMN  # noqa: E402
 
 CUMULATIVE_AT = (1, 5, 10, 50)  # numbers of PCs for the cumulative variance and the reconstruction PSNR
@@ -47,7 +48,7 @@ def get_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", action="append", default=None,
                    help="checkpoint written by train.py, or a directory written by eval.py --export / "
-                        "model.export_model (it names no data: give --data and --fit-data); repeat to compare "
+                        "checkpoints.export_model (it names no data: give --data and --fit-data); repeat to compare "
                         "several (default: checkpoints/best.pt)")
     p.add_argument("--data", default=None, help="held-out .npy the PCA is reported on (default: the run's val file)")
     p.add_argument("--fit-data", default=None, help=".npy the PCA and probes are fitted on (default: the run's "
@@ -165,16 +166,21 @@ def decoded_psnr(model: EarVAE, ds: EarDataset, codes: dict[str, np.ndarray], ba
                  dtype: torch.dtype = torch.float32, workers: int = 0) -> dict[str, np.ndarray]:
     """PSNR of each image of ds against decode(codes[name][i]), for every set of codes (N, D), in one pass over the
     images; the decoder runs under autocast(device, dtype), the PSNR in float32. -> {name: (N,) float64}."""
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in codes}
     start = 0
-    for x, _ in batches(ds, batch_size, device, workers, desc=f"decode {ds.path.name}"):
+
+    def decoded(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        nonlocal start
+        out = {}
         for name, z in codes.items():
             zb = torch.as_tensor(z[start:start + len(x)], dtype=torch.float32, device=device)  # (B, D)
             with autocast(device, dtype):
                 recon = model.decode(zb)  # (B, 3, 128, 128)
-            out[name].append(psnr(recon.float(), x).cpu())
+            out[name] = psnr(recon.float(), x)  # (B,)
         start += len(x)
-    return {name: torch.cat(v).double().numpy() for name, v in out.items()}
+        return out
+
+    res = run_dataset(decoded, ds, batch_size, device, workers, desc=f"decode {ds.path.name}")
+    return {name: res[name].double().numpy() for name in codes}
 
 
 # -----------------------------------------------------------------------------

@@ -17,21 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from errors import ConfigError, WeightsUnavailableError
+
 if TYPE_CHECKING:
     from model import VAEConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM and DINOv2 both normalise with ImageNet statistics
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be loaded. The message says what was tried and how to fix it."""
-
-
-class ConfigError(ValueError):
-    """A model configuration that cannot be built (a user's flag out of range); str(e) names the value."""
-
-
 
 
 def load_backbone(cfg: VAEConfig) -> nn.Module:

@@ -19,9 +19,9 @@ file (data.read_identities: X_index.csv column subject, or X_factors.csv column 
 (a split by image, not by subject). Beside the teacher's figures it computes the same metrics for the trivial
 baseline, the raw pixels of the same images centred on their mean image (metrics.json "identity_pixels", the console
 and the model card). --lpips adds the LPIPS distance (VGG, v0.1) of each reconstruction. --export DIR then writes
-model.export_model(CKPT, DIR) with these metrics in its model card.
+checkpoints.export_model(CKPT, DIR) with these metrics in its model card.
 
-A student's checkpoint (train.py --teacher) or save_pretrained folder gives what applies to a student: its agreement
+A student's checkpoint (distill.py) or save_pretrained folder gives what applies to a student: its agreement
 with its teacher (cosine of the identity embeddings per image, and of mu), the images/s of student and teacher
 measured in the same run on the same device, and with --identity the recognition figures of the student beside the
 teacher's and the pixels'. --export then writes the student's save_pretrained folder.
@@ -44,16 +44,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cli import safe_console  # noqa: E402
-from data import (UNLABELLED, DataError, EarDataset, missing_labels, read_identities, shared_identities,  # noqa: E402
+from data import (UNLABELLED, EarDataset, missing_labels, read_identities, shared_identities,  # noqa: E402
                   to_float)
+from errors import CheckpointError, DataError, WeightsUnavailableError  # noqa: E402
 from files import (Writer, check_output_dir, check_output_file, save_figure, save_json, save_npy,  # noqa: E402
                    write_outputs)
-from inference import (add_inference_args, autocast, batches, checkpoint_info, clock, data_file,  # noqa: E402
-                       max_invalid, out_of_memory_error, setup)
+from inference import (add_inference_args, autocast, checkpoint_info, clock, data_file, max_invalid,  # noqa: E402
+                       out_of_memory_error, run_dataset, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
-from checkpoints import (EXPORT_CONFIG, CheckpointError, export_model, load_model, read_checkpoint,  # noqa: E402
-                         weights_sha256)
-from model import EarVAE, WeightsUnavailableError, count  # noqa: E402
+from checkpoints import export_model, load_model, read_checkpoint, weights_sha256  # noqa: E402
+from hub import EXPORT_CONFIG  # noqa: E402
+from model import EarVAE, count  # noqa: E402
 from recognition import label_problem, probe_ranks, recognition_metrics  # noqa: E402
 from student import Student, is_student_folder, load_student, teacher_targets  # noqa: E402
 
@@ -66,7 +67,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate an ear-teacher checkpoint: PSNR, SSIM, MAE, MSE, KL per image.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", help="checkpoint written by train.py (best.pt or last.pt), or a directory written by "
-                                "--export / model.export_model (then give --data)")
+                                "--export / checkpoints.export_model (then give --data)")
     p.add_argument("--data", default=None, help="uint8 .npy of ear crops (default: the run's validation file)")
     p.add_argument("--out", default="eval", help="folder for metrics.json, per_image.csv, reconstructions.png")
     p.add_argument("--export-latents", default=None, metavar="FILE.npy",
@@ -86,7 +87,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "its run distilled from; a student's save_pretrained folder does not name one)")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="once the evaluation has succeeded, export the model to DIR (config.json, model.safetensors "
-                        "and a README.md model card with these metrics; load with model.load_model(DIR))")
+                        "and a README.md model card with these metrics; load with checkpoints.load_model(DIR))")
     add_inference_args(p)
     return p
 
@@ -102,10 +103,7 @@ def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: to
     -> {"index": (N,) int64 original indices, "psnr", "ssim", "mae", "mse", "kl" (and "lpips" when an LPIPS
     module on `device` is given): (N,) float64 per image, "mu": (N, latent_dim) float32, "embedding": (N, E) float32
     the identity embedding model.embedding(mu)}; row i is the dataset's sample i."""
-    out: dict[str, list] = {k: [] for k in ("index", "psnr", "ssim", "mae", "mse", "kl", "mu", "embedding")}
-    if lpips is not None:
-        out["lpips"] = []
-    for x, index in batches(ds, batch_size, device, workers, desc=f"evaluate {ds.path.name}"):
+    def measure(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(device, dtype):
             mu, logvar = model.encode(x)  # (B, D) each
             recon = model.decode(mu)  # (B, 3, 128, 128)
@@ -116,11 +114,11 @@ def per_image_metrics(model: EarVAE, ds: EarDataset, batch_size: int, device: to
                      "mu": mu, "embedding": model.embedding(mu)}
         if lpips is not None:
             per_image["lpips"] = lpips(recon, x)  # (B,) float32, computed outside autocast
-        for k, v in per_image.items():
-            out[k].append(v.cpu())
-        out["index"].append(index)
-    res = {k: torch.cat(v).numpy() for k, v in out.items()}
-    return {k: v if k in ("index", "mu", "embedding") else v.astype(np.float64) for k, v in res.items()}
+        return per_image
+
+    res = run_dataset(measure, ds, batch_size, device, workers, desc=f"evaluate {ds.path.name}")
+    return {k: v.numpy() if k in ("index", "mu", "embedding") else v.numpy().astype(np.float64)
+            for k, v in res.items()}
 
 
 def pixel_embeddings(ds: EarDataset, chunk: int = 256) -> np.ndarray:
@@ -449,7 +447,7 @@ def check_export_dir(path: str) -> None:
 
 
 # -----------------------------------------------------------------------------
-# a student (train.py --teacher)
+# a student (distill.py)
 
 @torch.no_grad()
 def student_outputs(student: Student, teacher: EarVAE, ds: EarDataset, batch_size: int, device: torch.device,
@@ -459,13 +457,12 @@ def student_outputs(student: Student, teacher: EarVAE, ds: EarDataset, batch_siz
     the two mu, "embedding": (N, E) the student's, "teacher_embedding": (N, E), "mu": (N, latent_dim) the student's},
     {"student": images/s, "teacher": images/s}: forward time alone (no data loading), after one untimed warm-up
     batch of each; the teacher's is encoder + head, what a student replaces)."""
-    out: dict[str, list] = {k: [] for k in ("index", "agreement", "mu_cosine", "embedding", "teacher_embedding",
-                                            "mu")}
     seconds, n = {"student": 0.0, "teacher": 0.0}, 0
-    for b, (x, index) in enumerate(batches(ds, batch_size, device, workers, desc=f"student and teacher on "
-                                                                                 f"{ds.path.name}")):
+
+    def compare(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        nonlocal n
         with autocast(device, dtype):
-            if b == 0:  # warm-up: allocations and kernel choice are not what the speed is about
+            if n == 0:  # warm-up on the first batch: allocations and kernel choice are not what the speed is about
                 student(x), teacher_targets(teacher, x)
             t0 = clock(device)
             s = student(x)
@@ -476,12 +473,12 @@ def student_outputs(student: Student, teacher: EarVAE, ds: EarDataset, batch_siz
         seconds["teacher"] += t2 - t1
         n += len(x)
         s_embed, t_embed, s_mu, t_mu = s["embed"].float(), t["embed"].float(), s["mu"].float(), t["mu"].float()
-        for k, v in (("agreement", torch.nn.functional.cosine_similarity(s_embed, t_embed)),
-                     ("mu_cosine", torch.nn.functional.cosine_similarity(s_mu, t_mu)), ("embedding", s_embed),
-                     ("teacher_embedding", t_embed), ("mu", s_mu)):
-            out[k].append(v.cpu())
-        out["index"].append(index)
-    res = {k: torch.cat(v).numpy() for k, v in out.items()}
+        return {"agreement": torch.nn.functional.cosine_similarity(s_embed, t_embed),
+                "mu_cosine": torch.nn.functional.cosine_similarity(s_mu, t_mu), "embedding": s_embed,
+                "teacher_embedding": t_embed, "mu": s_mu}
+
+    res = {k: v.numpy() for k, v in run_dataset(compare, ds, batch_size, device, workers,
+                                                desc=f"student and teacher on {ds.path.name}").items()}
     res["agreement"], res["mu_cosine"] = res["agreement"].astype(np.float64), res["mu_cosine"].astype(np.float64)
     return res, {k: n / v for k, v in seconds.items()}
 

@@ -1,5 +1,6 @@
 """Run a trained ear teacher over a dataset: the device and precision, the data files of the run that wrote a
-checkpoint, the dataset in file order, and its latent means. eval.py and eigenears.py both build on these.
+checkpoint, a model over the dataset in file order (run_dataset), and its latent means. eval.py and eigenears.py both
+build on these.
 
 Inference runs under autocast (bf16 where the GPU has it natively, else fp16 on CUDA; fp32 on the CPU); whatever
 is measured from the model's outputs is computed in float32 from `.float()` copies of them.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from cli import fraction, non_negative_int, positive_int, progress
 from data import EarDataset, ResumableSampler, make_loader, to_float
-from checkpoints import CheckpointError
+from errors import CheckpointError
 from model import EarVAE
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,25 +123,35 @@ def data_file(given: str | None, info: dict, split: str, ckpt_path: str | Path, 
     return info[split]
 
 
-def batches(ds: EarDataset, batch_size: int, device: torch.device, workers: int,
-            desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The dataset in order, with cli.progress (a bar, or lines in a log file): yields x (B, 3, 128, 128) float in
-    [0, 1] on `device` and the samples' original indices in the file (B,) int64."""
+@torch.no_grad()
+def run_dataset(fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], ds: EarDataset, batch_size: int,
+                device: torch.device, workers: int, desc: str) -> dict[str, torch.Tensor]:
+    """fn over every kept sample of ds in file order, batch by batch, with cli.progress labelled `desc` (a bar, or
+    lines in a log file). fn(x): x (B, 3, 128, 128) float in [0, 1] on `device` -> {name: (B, ...)}: it runs the
+    model (under autocast where it wants one) and measures what the caller asks for. -> {"index": (N,) int64 the
+    samples' original indices in the file, name: (N, ...) fn's outputs concatenated on the CPU}; row i is the
+    dataset's sample i."""
     sampler = ResumableSampler(len(ds), 1, seed=0, shuffle=False)  # batch_size 1: no sample is dropped
     loader = make_loader(ds, batch_size, sampler, workers, device.type == "cuda")
+    out: dict[str, list[torch.Tensor]] = {"index": []}
     for x, index in progress(loader, desc=desc, total=len(loader)):
-        yield to_float(x.to(device, non_blocking=True)), index
+        outputs = fn(to_float(x.to(device, non_blocking=True)))
+        if "index" in outputs:
+            raise ValueError("run_dataset: fn returned an output named 'index', the name of the samples' indices")
+        for k, v in outputs.items():
+            out.setdefault(k, []).append(v.cpu())
+        out["index"].append(index)
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
-@torch.no_grad()
 def encode_dataset(model: EarVAE, ds: EarDataset, batch_size: int, device: torch.device,
                    dtype: torch.dtype = torch.float32, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """-> mu (N, latent_dim) float32 on the CPU and the original indices (N,) int64 of the N kept samples; the
     encoder runs under autocast(device, dtype)."""
-    mus, indices = [], []
-    for x, index in batches(ds, batch_size, device, workers, desc=f"encode {ds.path.name}"):
+    def encode(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(device, dtype):
             mu = model.encode(x)[0]  # (B, D)
-        mus.append(mu.float().cpu())
-        indices.append(index)
-    return torch.cat(mus), torch.cat(indices)
+        return {"mu": mu.float()}
+
+    out = run_dataset(encode, ds, batch_size, device, workers, desc=f"encode {ds.path.name}")
+    return out["mu"], out["index"]

@@ -44,7 +44,8 @@ from cli import (float_range, fraction, non_negative, non_negative_int, positive
 from data import EarDataset, ResumableSampler, fingerprint_change, make_loader, to_float
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError
 from files import atomic_write, check_output_dir, hold_folders, save_figure, save_json
-from checkpoints import load_state, read_checkpoint
+from checkpoints import read_checkpoint
+from hub import load_state
 from inference import PRECISIONS, autocast, resolve_device, resolve_precision
 
 SANE_GROWTH = 1000.0  # a weight tensor whose max |value| passes this x max(its initial one, 1) has diverged

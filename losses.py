@@ -8,25 +8,16 @@ bf16/fp16 autocast region; only the frozen VGG of `PerceptualLoss` runs under th
 from __future__ import annotations
 
 import math
-import os
-import pickle
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from files import torch_file_problem
-from model import LOGVAR_MAX, LOGVAR_MIN, WeightsUnavailableError
-
-if TYPE_CHECKING:
-    from torchvision.models import WeightsEnum
+from model import LOGVAR_MAX, LOGVAR_MIN
+from weights import load_torchvision_weights
 
 
 @dataclass
@@ -174,10 +165,6 @@ class PerceptualLoss(nn.Module):
         return torch.stack([(a.float() - b.float()).abs().mean() for a, b in zip(fx, fy)]).mean()
 
 
-# Errors torch.load / safetensors raise on a missing, unreadable, truncated or non-checkpoint file
-# (a pickle of random bytes can fail with KeyError, EOFError, ValueError, UnpicklingError, ...).
-_LOAD_ERRORS = (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, SafetensorError)
-
 _FIXES = (
     "Fixes: (1) while online run `python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` "
     "to fill the cache, or copy vgg16-397923af.pth into $TORCH_HOME/hub/checkpoints/; "
@@ -198,44 +185,6 @@ def _load_vgg16_features(features: nn.Sequential, weights: str, purpose: str, wi
                              f"{_FIXES}(3) {without}.",
                              select=lambda state: {k.removeprefix("features."): v for k, v in state.items()
                                                    if not k.startswith("classifier.")})
-
-
-def load_torchvision_weights(module: nn.Module, weights: str, imagenet: WeightsEnum, name: str, purpose: str,
-                             fixes: str, select: Callable[[dict], dict] | None = None) -> None:
-    """Load weights into a torchvision network `module` (built with weights=None), strictly.
-
-    weights: "imagenet" is `imagenet` (a torchvision WeightsEnum member, e.g. VGG16_Weights.IMAGENET1K_V1), read
-    with its get_state_dict: from $TORCH_HOME/hub/checkpoints, downloaded there once; any other string is a path to a
-    local `.safetensors` or `.pth` (torch.load weights_only: no pickle runs) state dict. `select` maps the file's
-    state dict to the module's keys (default: as it is). Raises WeightsUnavailableError, one line: "Could not load
-    {name} weights for {purpose}: tried {source}; failed with {error}. {fixes}". It never falls back to random
-    weights.
-    """
-    if weights == "imagenet":
-        source = f"torchvision {type(imagenet).__name__}.{imagenet.name} from {imagenet.url} (cache dir " \
-                 f"{os.path.join(torch.hub.get_dir(), 'checkpoints')})"
-    else:
-        source = f"local file {weights}"
-    try:
-        if weights == "imagenet":
-            state = imagenet.get_state_dict(progress=False)
-        elif Path(weights).suffix == ".safetensors":
-            state = load_file(weights)
-        elif problem := torch_file_problem(weights):
-            raise ValueError(problem)
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"the file holds a {type(state).__name__}, expected a {name} state dict")
-        module.load_state_dict(select(state) if select is not None else state)
-    except _LOAD_ERRORS as e:
-        message = " ".join(str(e).split()).rstrip(".")
-        if isinstance(e, pickle.UnpicklingError) and weights != "imagenet":  # not torch's advice (unsafe loading)
-            message = "refused: the file holds Python objects, not only tensors (a pickle can run code)"
-        message = message if len(message) <= 1000 else message[:1000] + " ..."  # key lists can be long
-        raise WeightsUnavailableError(
-            f"Could not load {name} weights for {purpose}: tried {source}; failed with "
-            f"{type(e).__name__}: {message}. {fixes}") from e
 
 
 def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:

@@ -7,30 +7,34 @@
       -> Decoder: z -> recon (B, 3, 128, 128) in [0, 1]   (no skip connections: the latent carries the whole image)
       mu[:, :identity_dims] -> L2-normalised: the identity embedding (EarVAE.embed) the contrastive term trains
 
-Where each part lives:
-    model.py        VAEConfig and its factories, VAE head, decoder, EarVAE, build_model, the parameter report
-    encoders.py     the backbone adapters (SAM, DINOv2 from transformers), load_backbone, ConfigError,
-                    WeightsUnavailableError
+Where each part lives (imports run down this list, never back up):
+    checkpoints.py  read_checkpoint, load_model, export_model: train.py's checkpoint files and exports
+    model.py        VAEConfig and its factories, VAE head, decoder, EarVAE, build_model, the parameter report; what
+                    EarVAE saves and reads (config.json, model card: hub_files, from_folder, read_export, rebuild_model)
+    hub.py          SharedOnHub (huggingface_hub's PyTorchModelHubMixin: save_pretrained / from_pretrained /
+                    push_to_hub) and the saved folder layout it shares with student.Student
+    encoders.py     the backbone adapters (SAM, DINOv2 from transformers), load_backbone
     attention.py    SAM attention kernels (SDPA with the bias written once, FlexAttention)
-    checkpoints.py  read_checkpoint, load_model, export_model, CheckpointError; what EarVAE's save_pretrained /
-                    from_pretrained (huggingface_hub's PyTorchModelHubMixin) run
-Every public name of those modules that users import is importable from here (`from model import load_model`).
+    errors.py       ConfigError, WeightsUnavailableError, CheckpointError, ...
+Each name is imported from the module that defines it (`from checkpoints import load_model`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 
-from encoders import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, ConfigError, Dinov2Encoder, Encoder,  # noqa: F401
-                      SamEncoder, WeightsUnavailableError, encoder_class, load_backbone)
+from encoders import Encoder, encoder_class, load_backbone
+from errors import CheckpointError, ConfigError
+from hub import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, SharedOnHub, card_metadata, config_problem, load_state,
+                 metrics_table, read_folder_config, read_folder_weights)
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # exp() of either end is finite in fp16 and fp32
+EXPORT_FORMAT = "ear-teacher-vae/1"  # config.json's "format" in a saved teacher folder: what wrote it, which layout
 
 
 # -----------------------------------------------------------------------------
@@ -167,30 +171,11 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.net(x))  # (B, 3, S, S)
 
 
-class SharedOnHub(PyTorchModelHubMixin):
-    """huggingface_hub's PyTorchModelHubMixin whose save_pretrained / from_pretrained are checkpoints.py's (the
-    export layout: config.json + model.safetensors + README.md, never a pickle; a hub id offline fails in one line).
-    push_to_hub is the mixin's own. The teacher (EarVAE) and the students (student.Student) share through it."""
-
-    def save_pretrained(self, save_directory: str | Path, **kwargs) -> str | None:
-        """huggingface_hub's save_pretrained (same keywords; model_card_kwargs={"metrics": {...}} puts figures in
-        the card): see checkpoints.save_pretrained."""
-        import checkpoints  # it imports this module
-        return checkpoints.save_pretrained(self, save_directory, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs):
-        """huggingface_hub's from_pretrained (same keywords, and map_location): a saved folder or a hub id -> the
-        model in eval mode; CheckpointError otherwise (see checkpoints.from_pretrained)."""
-        import checkpoints
-        return checkpoints.from_pretrained(cls, pretrained_model_name_or_path, **kwargs)
-
-
 class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
              tags=["ear-recognition", "biometrics", "vae", "sam", "image-feature-extraction"]):
-    """The teacher. Shared through huggingface_hub's PyTorchModelHubMixin: save_pretrained(dir) writes config.json +
-    model.safetensors + README.md (the export_model layout), from_pretrained(dir or hub id) rebuilds it, and
-    push_to_hub(repo_id) uploads what save_pretrained writes; checkpoints.py implements the first two."""
+    """The teacher. Shared through huggingface_hub's PyTorchModelHubMixin (hub.SharedOnHub): save_pretrained(dir)
+    writes config.json + model.safetensors + README.md (the export_model layout: hub_files), from_pretrained(dir or
+    hub id) rebuilds it (from_folder), and push_to_hub(repo_id) uploads what save_pretrained writes."""
 
     def __init__(self, cfg: VAEConfig, encoder: Encoder):
         super().__init__()
@@ -244,6 +229,22 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         return {"encoder": [p for p in self.encoder.parameters() if p.requires_grad],
                 "vae": [p for m in (self.head, self.decoder, self.embed_head) if m is not None for p in m.parameters()]}
 
+    # -- sharing through huggingface_hub's mixin (hub.SharedOnHub)
+
+    def hub_files(self, metrics: dict | None = None, step: int | None = None,
+                  weights: str = "model") -> tuple[dict, str]:
+        """config.json ({"format": EXPORT_FORMAT, "model_config": VAEConfig, "step", "weights"}) and the README.md
+        model card; step: training step or None, weights: "ema" or "model" (which of the checkpoint's weights the
+        model holds)."""
+        config = {"format": EXPORT_FORMAT, "model_config": asdict(self.cfg), "step": step, "weights": weights}
+        return config, model_card(self, step, weights, metrics)
+
+    @classmethod
+    def from_folder(cls, folder: Path, map_location: str | torch.device = "cpu") -> EarVAE:
+        """A folder that save_pretrained / export_model wrote -> the model in eval mode on map_location (JSON and
+        safetensors only: read_export, rebuild_model); CheckpointError naming the file otherwise."""
+        return rebuild_model(read_export(folder, map_location), folder, map_location)
+
 
 
 def build_model(cfg: VAEConfig) -> EarVAE:
@@ -254,6 +255,96 @@ def build_model(cfg: VAEConfig) -> EarVAE:
     cfg = replace(cfg, encoder_config=backbone.config.to_diff_dict())
     return EarVAE(cfg, encoder_class(cfg.encoder)(cfg, backbone))
 
+
+def rebuild_model(ckpt: dict, path: str | Path, map_location: str | torch.device = "cpu") -> EarVAE:
+    """The model a checkpoint describes, in eval mode on map_location: its model_config rebuilt offline
+    (config_from_checkpoint), then its EMA weights where it has them, else its weights, loaded strictly. ckpt:
+    checkpoints.read_checkpoint's result, or read_export's for a folder; path: the file or folder it was read from,
+    for the messages. A config that cannot be built or weights that do not fit -> CheckpointError naming the file."""
+    exported = Path(path).is_dir()
+    try:
+        model = build_model(config_from_checkpoint(ckpt))
+    except (ValueError, TypeError) as e:  # ConfigError and what transformers' config classes raise
+        where = Path(path) / EXPORT_CONFIG if exported else path
+        raise CheckpointError(f"{where}: its model config cannot be built ({type(e).__name__}: {e})") from e
+    load_state(model, ckpt.get("ema") or ckpt["model"], Path(path) / EXPORT_WEIGHTS if exported else path)
+    return model.to(map_location).eval()
+
+
+def config_from_checkpoint(ckpt: dict) -> VAEConfig:
+    d = dict(ckpt["model_config"])
+    for k in ("feature_blocks", "decoder_channels"):
+        d[k] = tuple(d[k])
+    d.setdefault("identity_dims", 0)  # saved before the field existed, when the embedding was all of mu
+    return replace(VAEConfig(**d), pretrained=False)  # the weights come from the checkpoint, not the hub
+
+
+def read_export(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """An export_model / save_pretrained directory as a checkpoint-like dict, the keys load_model and eval's
+    checkpoint_info read: {"model": state dict, "model_config": dict, "step": int | None, "weights": "ema" |
+    "model"}. It has no "run_config" (an export does not name the training data). JSON and safetensors only: nothing
+    is unpickled. A missing file, bad JSON, another format or a config that does not fit VAEConfig -> CheckpointError
+    naming the file."""
+    path = Path(path)
+    config = read_folder_config(path, EXPORT_FORMAT, "checkpoints.export_model")
+    config_path = path / EXPORT_CONFIG
+    problem = config_problem(config.get("model_config"), VAEConfig)
+    if problem:
+        raise CheckpointError(f"{config_path}: model_config {problem}")
+    step = config.get("step")
+    if not (step is None or type(step) is int) or config.get("weights") not in ("ema", "model"):
+        raise CheckpointError(f"{config_path}: step {step!r} / weights {config.get('weights')!r}: expected an "
+                              f"integer or null / 'ema' or 'model'")
+    state = read_folder_weights(path, map_location)
+    return {"model": state, "model_config": config["model_config"], "step": step, "weights": config["weights"]}
+
+
+
+# -----------------------------------------------------------------------------
+# the model card of a saved teacher (README.md beside config.json and model.safetensors)
+
+def embedding_source(cfg: VAEConfig) -> str:
+    """What model.embed reads, in words for the model card."""
+    src = f"the first {cfg.identity_dims} entries of mu" if cfg.identity_dims else "mu"
+    return f"an MLP head over {src} to {cfg.embed_dim} dimensions" if cfg.embed_dim else (
+        src if cfg.identity_dims else "mu itself")
+
+
+def model_card(model: EarVAE, step: int | None, weights: str, metrics: dict | None) -> str:
+    """README.md of an export: a few lines on what the model is, its config, metrics and how to load it."""
+    cfg, enc = model.cfg, model.cfg.encoder_config or {}
+    total, _ = count(model)
+    backbone = {"sam": "SAM ViT", "dinov2": "DINOv2 ViT"}[cfg.encoder]
+    start = f"initialised from `{cfg.weights}`" if cfg.pretrained else "trained from a random initialisation"
+    what = "the exponential moving average (EMA) of the training weights" if weights == "ema" else "the training weights"
+    lines = [
+        card_metadata(type(model)), "# Ear-teacher VAE", "",
+        f"A variational autoencoder for {cfg.image_size}x{cfg.image_size} RGB ear crops in [0, 1]: a {backbone} "
+        f"encoder ({enc.get('num_hidden_layers', '?')} blocks of width {enc.get('hidden_size', '?')}, input "
+        f"{cfg.input_size}x{cfg.input_size}, {start}), a VAE head to a {cfg.latent_dim}-d latent and a "
+        f"convolutional decoder. The posterior mean `mu` is the ear embedding a student distils from; "
+        f"`model.embed(x)` is the identity embedding (unit L2 norm, compared by cosine similarity: "
+        f"{embedding_source(cfg)}); "
+        f"`model.encoder.features(x)` returns the multi-scale pyramid (blocks {list(cfg.feature_blocks)}).", "",
+        f"Weights: {what} at {f'step {step}' if step is not None else 'an unknown step'}; "
+        f"{total / 1e6:.1f}M parameters.", "",
+        "## Config", "", "| field | value |", "|---|---|",
+        *[f"| {k} | `{v}` |" for k, v in asdict(cfg).items() if k != "encoder_config"],
+        f"| encoder_config | see `{EXPORT_CONFIG}` |", "",
+    ]
+    lines += metrics_table(metrics)
+    lines += ["## Load", "",
+              "With this repository's `model.py` and `checkpoints.py` (JSON and safetensors only, nothing is "
+              "unpickled):",
+              "",
+              "```python", "from checkpoints import load_model", "from model import EarVAE", "",
+              "model = EarVAE.from_pretrained(\"path/to/this/directory\")  # or its hub id; eval mode, CPU",
+              "model, cfg = load_model(\"path/to/this/directory\")  # the same, with its VAEConfig",
+              "out = model(x)  # x: (B, 3, 128, 128) in [0, 1] -> recon (B, 3, 128, 128), mu, logvar, z (B, latent_dim)",
+              "e = model.embed(x)  # (B, E) identity embedding, unit L2 norm: compare by cosine similarity",
+              "```", "",
+              f"Files: `{EXPORT_CONFIG}` (format `{EXPORT_FORMAT}`), `{EXPORT_WEIGHTS}`, `{EXPORT_CARD}`.", ""]
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -282,19 +373,3 @@ def parameter_report(parts: dict[str, nn.Module]) -> str:
                 st, str_ = count(getattr(part, sub))
                 lines.append(f"      {sub + ':':<14} {m(st):>7} ({m(str_)} trainable)")
     return "\n".join(lines)
-
-
-# Names of other modules importable from here, looked up on first use (PEP 562): checkpoints.py builds on this
-# module (either may be imported first), and attention.py imports transformers' SAM, which takes seconds
-_ELSEWHERE = {"checkpoints": {"CheckpointError", "EXPORT_CARD", "EXPORT_CONFIG", "EXPORT_FORMAT", "EXPORT_WEIGHTS",
-                              "config_from_checkpoint", "export_model", "hub_folder", "load_model", "load_state",
-                              "model_card", "read_checkpoint", "read_export"},
-              "attention": {"SamFlexAttention", "SamSdpaAttention", "flex_attention"}}
-
-
-def __getattr__(name: str):
-    import importlib
-    for module, names in _ELSEWHERE.items():
-        if name in names:
-            return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")

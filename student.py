@@ -7,15 +7,15 @@
       -> "embed": Linear -> L2-normalised (B, embed_dim)      the teacher's identity embedding (EarVAE.embed)
       -> "mu":    Linear -> (B, latent_dim)                    the teacher's posterior mean
 
-`train.py --teacher CKPT` trains one (the training loop of the teacher, with losses.DistillLoss against
-teacher_targets on the same augmented images), `load_student(path)` loads it, `eval.py STUDENT.pt --identity`
+`distill.py --teacher CKPT` trains one (loop.py's training loop with the student's objective: losses.DistillLoss
+against teacher_targets on the same augmented images), `load_student(path)` loads it, `eval.py STUDENT.pt --identity`
 measures it beside its teacher and the pixels.
 
 `Student(StudentConfig(...))` builds one: the trunk from torchvision's ImageNet weights (through its cache, the
-loading path of the perceptual loss's VGG16: losses.load_torchvision_weights), from a local state dict, or random on
+loading path of the perceptual loss's VGG16: weights.load_torchvision_weights), from a local state dict, or random on
 purpose (pretrained=False); never a silent fallback. The config is stored with the weights: Student shares through
 huggingface_hub's PyTorchModelHubMixin as the teacher does (save_pretrained(dir): config.json + model.safetensors +
-README.md, from_pretrained(dir or hub id), push_to_hub; checkpoints.py). losses.DistillLoss is the objective.
+README.md, from_pretrained(dir or hub id), push_to_hub; hub.SharedOnHub). losses.DistillLoss is the objective.
 """
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, CheckpointError, card_metadata, config_problem,
-                         load_state, metrics_table, read_checkpoint, read_folder_config, read_folder_weights)
-from losses import load_torchvision_weights
-from model import IMAGENET_MEAN, IMAGENET_STD, ConfigError, EarVAE, SharedOnHub, count
+from checkpoints import read_checkpoint
+from encoders import IMAGENET_MEAN, IMAGENET_STD
+from errors import CheckpointError, ConfigError
+from hub import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, SharedOnHub, card_metadata, config_problem, load_state,
+                 metrics_table, read_folder_config, read_folder_weights)
+from model import EarVAE, count
+from weights import load_torchvision_weights
 
 STUDENT_FORMAT = "ear-teacher-student/1"  # config.json's "format" in a saved student folder
 
@@ -89,7 +92,7 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
         return {"embed": F.normalize(self.to_embed(h), dim=1), "mu": self.to_mu(h)}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """{"encoder": the trunk (pretrained: train.py gives it lr * encoder_lr_scale), "head": the head}, as
+        """{"encoder": the trunk (pretrained: distill.py gives it lr * encoder_lr_scale), "head": the head}, as
         EarVAE.parameter_groups."""
         return {"encoder": list(self.trunk.parameters()),
                 "head": [p for m in (self.hidden, self.to_embed, self.to_mu) for p in m.parameters()]}
@@ -98,7 +101,7 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
         """x (B, 3, H, W) in [0, 1] -> the identity embedding (B, embed_dim), L2-normalised."""
         return self(x)["embed"]
 
-    # -- sharing through huggingface_hub's mixin (model.SharedOnHub, checkpoints.py)
+    # -- sharing through huggingface_hub's mixin (hub.SharedOnHub)
 
     def hub_files(self, metrics: dict | None = None) -> tuple[dict, str]:
         """config.json ({"format": STUDENT_FORMAT, "student_config": StudentConfig}) and the README.md card."""
@@ -124,7 +127,7 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
 
 
 def load_student(path: str | Path, map_location: str | torch.device = "cpu", ckpt: dict | None = None) -> Student:
-    """A trained student in eval mode, from a train.py --teacher checkpoint (its EMA weights when the run kept them;
+    """A trained student in eval mode, from a distill.py checkpoint (its EMA weights when the run kept them;
     `ckpt`: read_checkpoint(path)'s result when the caller has read it) or from a save_pretrained folder. A teacher's
     checkpoint, or a config or weights that do not fit -> CheckpointError naming the file."""
     path = Path(path)
@@ -132,7 +135,7 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu", ckp
         return Student.from_folder(path, map_location)
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     if "student_config" not in ckpt:
-        raise CheckpointError(f"{path}: a teacher's checkpoint, not a student's (train.py --teacher writes those)")
+        raise CheckpointError(f"{path}: a teacher's checkpoint, not a student's (distill.py writes those)")
     if problem := config_problem(ckpt["student_config"], StudentConfig):
         raise CheckpointError(f"{path}: student_config {problem}")
     cfg = StudentConfig(**ckpt["student_config"])

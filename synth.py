@@ -25,7 +25,8 @@ import numpy as np
 from scipy import ndimage
 
 from cli import non_negative_int, positive_int, safe_console, seed_int
-from data import IMAGE_SIZE, DataError, refuse_dataset, write_dataset
+from data import IMAGE_SIZE, refuse_dataset, write_dataset
+from errors import DataError
 from files import Writer, check_output_dir, save_npy
 
 # Generating factors of the synthetic ears, each sampled uniformly in its range (CSV column order).

@@ -15,9 +15,10 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import Dinov2Config, Dinov2Model, SamConfig, SamModel, SamVisionConfig, SamVisionModel
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
-from model import (CheckpointError, ConfigError, LOGVAR_MAX, SamFlexAttention, SamSdpaAttention,
-                   WeightsUnavailableError, build_model, load_model, parameter_report, sam_config,
-                   tiny_config)
+from attention import SamFlexAttention, SamSdpaAttention
+from checkpoints import load_model
+from errors import CheckpointError, ConfigError, WeightsUnavailableError
+from model import LOGVAR_MAX, build_model, parameter_report, sam_config, tiny_config
 
 TINY_SAM = tiny_config("sam").encoder_config
 TINY_DINO = tiny_config("dinov2").encoder_config

@@ -27,8 +27,8 @@ from data import (UNLABELLED, AugConfig, EarDataset, IdentitySampler, augment, m
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
 from files import atomic_write
 from losses import LossConfig, VAELoss, psnr, ssim
-from checkpoints import config_from_checkpoint
-from model import EarVAE, VAEConfig, build_model, dinov2_config, parameter_report, sam_config, tiny_config
+from model import (EarVAE, VAEConfig, build_model, config_from_checkpoint, dinov2_config, parameter_report,
+                   sam_config, tiny_config)
 import loop
 
 DEFAULT_WEIGHTS = {"sam": sam_config().weights, "dinov2": dinov2_config().weights}

@@ -81,8 +81,11 @@ def test_the_optimised_variant_resolves_precision_like_a_default_training_run(mo
 
 
 def test_the_benchmarked_loss_is_the_default_training_loss(monkeypatch):
-    """A changed train.py default changes the benchmark too: bench builds its loss from train's parser."""
+    """A changed default changes the benchmark too: bench builds its loss from LossConfig, where train.py's loss
+    flags read their defaults."""
     import train
+    from losses import LossConfig
+    assert train.loss_config(train.get_parser().parse_args([])) == LossConfig()
     seen = {}
 
     class Built(Exception):
@@ -92,14 +95,13 @@ def test_the_benchmarked_loss_is_the_default_training_loss(monkeypatch):
         seen.update(kwargs)
         raise Built
 
-    parser = train.get_parser()
-    parser.set_defaults(kl_weight=1e-3, contrastive_weight=0.7)  # as if train.py's defaults had changed
-    monkeypatch.setattr(bench, "train_parser", lambda: parser)
+    changed = LossConfig(kl=1e-3, contrastive=0.7)  # as if LossConfig's defaults had changed
+    monkeypatch.setattr(bench, "LossConfig", lambda: changed)
     monkeypatch.setattr(bench, "build_model", lambda cfg: torch.nn.Linear(1, 1))
     monkeypatch.setattr(bench, "VAELoss", record)
     with pytest.raises(Built):
         bench.measure("optimised", 256, 1, torch.device("cpu"), "vgg.pth", steps=1)
-    expected = {**vars(train.loss_config(parser.parse_args([]))), "vgg_weights": "vgg.pth", "image_size": 128}
+    expected = {**vars(changed), "vgg_weights": "vgg.pth", "image_size": 128}
     assert seen == expected and seen["kl"] == 1e-3 and seen["contrastive"] == 0.7
 
 

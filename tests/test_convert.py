@@ -20,7 +20,8 @@ import eval as ev
 import synth
 import train
 from conftest import ROOT, assert_one_line_error
-from data import DataError, main
+from data import main
+from errors import DataError, TrainingError
 from photos import BACKGROUND, UPSCALED, load_image, path_from_text, path_text, split_groups
 from checkpoints import read_checkpoint
 
@@ -232,7 +233,7 @@ def test_out_naming_a_file_fails_in_one_line_before_any_work(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert f"{taken}: exists and is not a folder" in err or "mu.npy: is a folder, expected a file name" in err
-    with pytest.raises(train.TrainingError, match=f"--log-dir {taken}: exists and is not a folder"):
+    with pytest.raises(TrainingError, match=f"--log-dir {taken}: exists and is not a folder"):
         train.main(["--log-dir", str(taken), "--tiny", "--no-pretrained"])
     assert taken.read_text() == "mine\n"
 

@@ -16,8 +16,9 @@ from PIL import Image
 
 import data
 from conftest import ROOT, Hostile, assert_one_line_error
-from data import (IMAGE_SIZE, AugConfig, DataError, EarDataset, IdentitySampler, ResumableSampler, _colour, augment,
-                  main, make_loader, open_npy, to_float, validate)
+from data import (IMAGE_SIZE, AugConfig, EarDataset, IdentitySampler, ResumableSampler, _colour, augment, main,
+                  make_loader, open_npy, to_float, validate)
+from errors import DataError
 from photos import BACKGROUND, load_image
 from synth import render_ears
 

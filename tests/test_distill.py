@@ -20,10 +20,10 @@ import eval as ev  # noqa: E402
 import synth  # noqa: E402
 import distill  # noqa: E402
 import train  # noqa: E402
-from checkpoints import CheckpointError, load_model, weights_sha256  # noqa: E402
+from checkpoints import load_model, weights_sha256  # noqa: E402
 from conftest import TINY_LATENT  # noqa: E402
 from data import EarDataset, read_identities, to_float  # noqa: E402
-from model import ConfigError  # noqa: E402
+from errors import CheckpointError, ConfigError  # noqa: E402
 from recognition import recognition_metrics  # noqa: E402
 from student import Student, StudentConfig, load_student, teacher_targets  # noqa: E402
 

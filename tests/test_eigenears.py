@@ -15,9 +15,10 @@ import torch
 import eigenears as eg
 from conftest import (CLI_CASES, EARLIER, ROOT, assert_error_after_progress_bars, bad_inputs,
                       check_cli_error, run_out_of_memory)
-from data import DataError, EarDataset
+from checkpoints import load_model, read_checkpoint
+from data import EarDataset
+from errors import DataError
 from inference import DEFAULT_BATCH_SIZE
-from model import load_model, read_checkpoint
 from synth import FACTORS, render_ears
 
 FIGURES = ("mean_ear.png", "traversals.png", "scree.png", "factors.png")

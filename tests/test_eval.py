@@ -22,10 +22,11 @@ import eigenears as eg
 import eval as ev
 from conftest import (CLI_CASES, EARLIER, ROOT, Hostile, assert_error_after_progress_bars, assert_one_line_error,
                       bad_inputs, check_cli_error, run_out_of_memory)
-from data import DataError, EarDataset
+from checkpoints import load_model, read_checkpoint
+from data import EarDataset
+from errors import DataError
 from inference import autocast, checkpoint_info
 from losses import LPIPS
-from model import load_model, read_checkpoint
 from recognition import probe_ranks, recognition_metrics
 
 BLANK = 3  # index of the blank (invalid) sample in the file built by holey_file

@@ -1,6 +1,6 @@
-"""Tests for model.export_model / read_export / load_model(DIR): the exported directory (config.json,
-model.safetensors, README.md) rebuilds the same model with no pickle, EMA weights are the ones exported, and every
-broken or hostile directory is refused with a CheckpointError naming the file."""
+"""Tests for checkpoints.export_model / model.read_export / checkpoints.load_model(DIR): the exported directory
+(config.json, model.safetensors, README.md) rebuilds the same model with no pickle, EMA weights are the ones exported,
+and every broken or hostile directory is refused with a CheckpointError naming the file."""
 import json
 import sys
 from dataclasses import asdict
@@ -11,11 +11,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import checkpoints  # noqa: E402
 import train  # noqa: E402
+from checkpoints import export_model, load_model, read_checkpoint  # noqa: E402
 from conftest import Hostile, tiny_train_args  # noqa: E402
-from model import (EXPORT_FORMAT, CheckpointError, build_model, export_model, load_model, read_checkpoint,  # noqa: E402
-                   tiny_config)
+from errors import CheckpointError  # noqa: E402
+from model import EXPORT_FORMAT, build_model, tiny_config  # noqa: E402
 
 
 def batch(seed: int = 0) -> torch.Tensor:
@@ -145,7 +145,7 @@ def test_failed_export_leaves_the_previous_export_intact(exported, tmp_path, mon
     def broken_card(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoints, "model_card", broken_card)  # the last of the three files fails
+    monkeypatch.setattr("model.model_card", broken_card)  # the last of the three files fails
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(random_tiny(seed=5), target)
     assert {f.name: f.read_bytes() for f in target.iterdir()} == before

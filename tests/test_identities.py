@@ -8,7 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import DataError, EarDataset, identity_files, read_identities  # noqa: E402
+from data import EarDataset, identity_files, read_identities  # noqa: E402
+from errors import DataError  # noqa: E402
 
 BLANK = 2  # the invalid (constant) sample of the file built by `ears`: not kept
 

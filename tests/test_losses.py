@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from losses import (PerceptualLoss, VAELoss, center_weight_map, kl_divergence, nt_xent, psnr, sobel,  # noqa: E402
                     ssim, supcon)
-from model import WeightsUnavailableError  # noqa: E402
+from errors import WeightsUnavailableError  # noqa: E402
 from conftest import Hostile  # noqa: E402
 
 TERMS = ("pixel", "kl", "perceptual", "ssim", "edge", "contrastive")

@@ -17,7 +17,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from losses import LPIPS  # noqa: E402
-from model import WeightsUnavailableError  # noqa: E402
+from errors import WeightsUnavailableError  # noqa: E402
 
 
 @pytest.fixture(scope="module")

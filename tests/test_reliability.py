@@ -21,9 +21,10 @@ import torch
 
 import loop
 import train
+from checkpoints import read_checkpoint
 from data import EarDataset
 from conftest import EARLIER, ROOT, TWO_VIEWS, Hostile, build_once, tiny_train_args
-from model import CheckpointError
+from errors import CheckpointError, DataError, TrainingError
 
 STEPS = 6  # of 8 in the schedule (2 epochs x 4 steps of small_synth_dir): runs end mid-epoch, after an epoch's end
 
@@ -153,7 +154,7 @@ def test_failed_save_is_reported_and_the_previous_checkpoint_stays(tiny_run, tmp
     def failing_save(obj, f):
         raise OSError(err, os.strerror(err))
     monkeypatch.setattr(loop.torch, "save", failing_save)
-    with pytest.raises(train.TrainingError, match=re.escape(str(target)) + ".*" + os.strerror(err)):
+    with pytest.raises(TrainingError, match=re.escape(str(target)) + ".*" + os.strerror(err)):
         loop.save_checkpoint({"model": {}}, target)
     assert target.read_bytes() == before and not (tmp_path / "last.pt.tmp").exists()
 
@@ -250,7 +251,7 @@ def test_a_folder_a_live_process_holds_is_refused_naming_it_and_free_again_after
     try:
         assert holder.stdout.readline().strip() == "held"
         args = tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--max-steps", "1")
-        with pytest.raises(train.TrainingError, match=f"^{tmp_path / 'checkpoints'}: in use by a test holder "
+        with pytest.raises(TrainingError, match=f"^{tmp_path / 'checkpoints'}: in use by a test holder "
                                                       rf"\(pid {holder.pid}, since "):
             train.main(args)
         assert not (tmp_path / "checkpoints" / "last.pt").exists() and not (tmp_path / "logs").exists()
@@ -284,28 +285,28 @@ def test_a_resume_over_changed_data_stops_naming_the_file_unless_accepted(synth_
     x = np.load(data / "train_teacher.npy")
     np.save(data / "train_teacher.npy", x[:48])  # 16 rows fewer: 6 steps an epoch instead of 8
     resume = tiny_train_args(data, tmp_path, "--resume")
-    with pytest.raises(train.DataError, match=re.escape(f"{data / 'train_teacher.npy'}: changed since {last} was "
+    with pytest.raises(DataError, match=re.escape(f"{data / 'train_teacher.npy'}: changed since {last} was "
                                                         f"saved (3,145,856 -> 2,359,424 bytes, (64, 128, 128, 3) -> "
                                                         f"(48, 128, 128, 3)); resuming would train on other data")):
         train.main(resume)
     assert last.read_bytes() == before
     x[5] = 255 - x[5]  # same size and shape, one image changed
     np.save(data / "train_teacher.npy", x)
-    with pytest.raises(train.DataError, match="other content, same size and shape"):
+    with pytest.raises(DataError, match="other content, same size and shape"):
         train.main(resume)
     train.main([*resume, "--accept-changed-data", "--max-steps", "4"])
     saved = torch.load(last, weights_only=True)
     assert saved["step"] == 4 and saved["run_config"]["accept_changed_data"] is True
     assert saved["data"]["train"] == EarDataset(data / "train_teacher.npy").fingerprint()
     np.save(data / "train_teacher.npy", x[:56])
-    with pytest.raises(train.DataError, match="changed since"):  # the acceptance was for that resume only
+    with pytest.raises(DataError, match="changed since"):  # the acceptance was for that resume only
         train.main(resume)
 
 
 def test_a_new_run_never_writes_over_an_earlier_best_pt(synth_dir, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints/best.pt").write_text(EARLIER)
-    with pytest.raises(train.TrainingError, match=r"best\.pt exists from an earlier run: pass --resume"):
+    with pytest.raises(TrainingError, match=r"best\.pt exists from an earlier run: pass --resume"):
         train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1"))
     assert (tmp_path / "checkpoints/best.pt").read_text() == EARLIER
 
@@ -322,7 +323,7 @@ def test_a_file_torch_save_did_not_write_is_named_as_such(tmp_path, content):
     path = tmp_path / "ckpt.pt"
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=r"ckpt\.pt: not a PyTorch file \((an empty file|it starts with b)"):
-        loop.read_checkpoint(path)
+        read_checkpoint(path)
 
 
 def test_malicious_checkpoint_is_refused_by_every_entry_point(tiny_run, tmp_path):
@@ -331,7 +332,7 @@ def test_malicious_checkpoint_is_refused_by_every_entry_point(tiny_run, tmp_path
                          ("eigenears.py", ["--ckpt", str(bad), "--out", str(tmp_path / "g")])):
         assert_one_line_error(run_cli(script, *args), str(bad))
     with pytest.raises(CheckpointError):
-        loop.read_checkpoint(bad)
+        read_checkpoint(bad)
     assert not (tmp_path / "MARKER").exists()
 
 
@@ -413,7 +414,7 @@ def test_nan_losses_in_a_row_stop_the_run_and_keep_the_good_checkpoint(synth_dir
     NaNAt.calls, NaNAt.bad_calls = 0, set(range(5, 100))
     args = tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--save-every", "2", "--max-nan", "3")
     good = re.escape(f"{tmp_path / 'checkpoints/last.pt'} (step 4) is the last good state")
-    with pytest.raises(train.TrainingError, match=f"3 non-finite losses in a row at step 6; stopped without saving: "
+    with pytest.raises(TrainingError, match=f"3 non-finite losses in a row at step 6; stopped without saving: "
                                                   f"{good}"):
         train.main(args)
     last = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
@@ -436,7 +437,7 @@ def test_a_diverging_run_saves_nothing_and_the_command_it_advises_ends_with_fini
     refused, and the advised command (a tenth of the lr, at most the default; clipping on; new folders) trains."""
     args = tiny_train_args(synth_dir, tmp_path, "--lr", "1e8", "--grad-clip", "0", "--epochs", "1",
                            "--save-every", "1", "--max-steps", "2")
-    with pytest.raises(train.TrainingError) as e:
+    with pytest.raises(TrainingError) as e:
         train.main(args)
     message = str(e.value)
     assert re.match(r"the weights diverged \(\S+ reached max \|value\| \S+, more than 1000 x max\(its initial "
@@ -461,7 +462,7 @@ def test_resuming_a_diverged_checkpoint_stops_before_step_0_and_changes_nothing(
     path.parent.mkdir()
     torch.save(ckpt, path)
     before = path.read_bytes()
-    with pytest.raises(train.TrainingError) as e:
+    with pytest.raises(TrainingError) as e:
         train.main(tiny_train_args(tiny_run.data_dir, tmp_path, "--lr", "5e-4", "--resume"))
     message = str(e.value)
     assert message.startswith(f"{path} (step 16): the weights diverged (head.fc.weight reached max |value| "), message
@@ -475,7 +476,7 @@ def test_resuming_a_diverged_checkpoint_stops_before_step_0_and_changes_nothing(
 def test_a_sanity_check_with_non_finite_values_stops_the_run_before_step_0(synth_dir, tmp_path, monkeypatch):
     validate = train.validate
     monkeypatch.setattr(train, "validate", lambda *a, **k: {**validate(*a, **k), "kl": math.inf})
-    with pytest.raises(train.TrainingError, match=r"^sanity check before step 0: non-finite validation values "
+    with pytest.raises(TrainingError, match=r"^sanity check before step 0: non-finite validation values "
                        r"\(kl inf\) from the initial model; nothing was trained or saved"):
         train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1"))
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
@@ -526,7 +527,8 @@ def test_no_source_file_loads_pickles_or_remote_code():
 
 def test_backbone_weights_load_only_from_safetensors(tmp_path):
     from transformers import SamVisionConfig, SamVisionModel
-    from model import WeightsUnavailableError, build_model, tiny_config
+    from errors import WeightsUnavailableError
+    from model import build_model, tiny_config
     model = SamVisionModel(SamVisionConfig(**tiny_config().encoder_config))
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the legacy pickle format only

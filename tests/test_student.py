@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import TINY_LATENT, Hostile  # noqa: E402
 from losses import DistillLoss  # noqa: E402
-from model import (CheckpointError, EarVAE, WeightsUnavailableError, build_model, count, export_model,  # noqa: E402
-                   tiny_config)
+from checkpoints import export_model  # noqa: E402
+from errors import CheckpointError, WeightsUnavailableError  # noqa: E402
+from model import EarVAE, build_model, count, tiny_config  # noqa: E402
 from student import ARCHS, STUDENT_FORMAT, Student, StudentConfig  # noqa: E402
 
 EMBED = 16  # the tests' embedding size

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import data
-import inference
 import loop
 import train
+from errors import ConfigError, DataError
+from inference import resolve_precision
 from model import tiny_config
 from conftest import ROOT, tiny_train_args
 
@@ -43,7 +44,7 @@ def test_short_run_writes_every_artefact(tiny_run):
 def test_logged_validation_psnr_and_ssim_match_scikit_image_on_the_saved_model(tiny_run):
     import numpy as np
     import skimage.metrics
-    from model import load_model
+    from checkpoints import load_model
     val = [r for r in csv.DictReader(open(tiny_run.log_dir / "metrics.csv")) if r["split"] == "val"][-1]
     model, _ = load_model(tiny_run.last)  # eval mode; saved right after this validation (step 16)
     ds = data.EarDataset(tiny_run.data_dir / "val_teacher.npy")
@@ -97,16 +98,16 @@ def emulating_gpu(monkeypatch, native: bool) -> list[dict]:
 @pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp16")], ids=["ampere", "v100-t4"])
 def test_auto_precision_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, native, expected):
     calls = emulating_gpu(monkeypatch, native)
-    assert inference.resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("auto", torch.device("cuda")) == expected
     assert calls == [{"including_emulation": False}]
 
 
 def test_auto_precision_is_fp32_on_cpu_and_an_explicit_choice_is_kept(monkeypatch):
     calls = emulating_gpu(monkeypatch, native=False)
-    assert inference.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     for device in ("cpu", "cuda"):
         for p in ("fp32", "bf16", "fp16"):
-            assert inference.resolve_precision(p, torch.device(device)) == p
+            assert resolve_precision(p, torch.device(device)) == p
     assert calls == []  # no GPU query where none decides anything
 
 
@@ -154,9 +155,9 @@ def test_identity_dims_default_to_an_eighth_of_the_latent_and_cannot_exceed_it()
     for flags, message in ((["--identity-dims", "65"], identity + "65"), (["--identity-dims", "1"], identity + "1" + one),
                            (["--embed-dim", "1"], r"embed_dim must be 0 \(no head\) or >= 2, got 1" + one)):
         cfg = train.model_config(parse([*tiny, *flags]))
-        with pytest.raises(train.ConfigError, match=f"^{message}$"):
+        with pytest.raises(ConfigError, match=f"^{message}$"):
             cfg.check()
-        with pytest.raises(train.ConfigError, match=f"^{message}$"):  # the same check, before any backbone loads:
+        with pytest.raises(ConfigError, match=f"^{message}$"):  # the same check, before any backbone loads:
             build_model(replace(cfg, pretrained=True, weights="no/such-weights"))  # not a WeightsUnavailableError
     # an eighth under 2 entries would be no embedding: small latents embed with all of mu
     assert [tiny_config(latent_dim=d).identity_dims for d in (7, 15, 16, 17)] == [0, 0, 2, 2]
@@ -327,7 +328,7 @@ def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, t
     assert train.contrastive_mode(args(), plain) == ("nt-xent", None, "")
     assert train.contrastive_mode(args("--contrastive", "nt-xent"), labelled) == ("nt-xent", None, "")
     assert train.contrastive_mode(args("--contrastive-weight", "0"), labelled) == ("off", None, "")
-    with pytest.raises(data.DataError, match=r"--contrastive supcon needs identity labels: .*train_index.csv does not "
+    with pytest.raises(DataError, match=r"--contrastive supcon needs identity labels: .*train_index.csv does not "
                                              r"exist; .*train_factors.csv has no 'identity' column$"):
         train.contrastive_mode(args("--contrastive", "supcon"), plain)
     # a batch that cannot hold 2 identities has no negatives: auto falls back to NT-Xent and says why, supcon refuses
@@ -335,18 +336,18 @@ def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, t
     assert (mode, labels) == ("nt-xent", None)
     assert why == (" (not SupCon: --batch-size 2 cannot hold 2 identities of 2 images (SupCon needs a batch of 4 or "
                    "more: its negatives are the other identities))")
-    with pytest.raises(train.ConfigError, match="^--contrastive supcon: --batch-size 3 cannot hold 2 identities"):
+    with pytest.raises(ConfigError, match="^--contrastive supcon: --batch-size 3 cannot hold 2 identities"):
         train.contrastive_mode(args("--batch-size", "3", "--contrastive", "supcon"), labelled)
-    with pytest.raises(train.ConfigError, match="^--images-per-identity 4: --batch-size 4 must be a multiple of it "
+    with pytest.raises(ConfigError, match="^--images-per-identity 4: --batch-size 4 must be a multiple of it "
                                                 "holding at least 2 identities"):
         train.contrastive_mode(args("--images-per-identity", "4"), labelled)
     # 3 identities x K=4 fill no batch of 16 (the sampler draws whole identities): auto trains NT-Xent, supcon refuses
     assert train.contrastive_mode(args("--batch-size", "16"), labelled) == (
         "nt-xent", None, " (not SupCon: 3 identities x K=4 images do not fill one global batch of 16)")
-    with pytest.raises(data.DataError, match="--contrastive supcon cannot train on its identity labels: 3 identities "
+    with pytest.raises(DataError, match="--contrastive supcon cannot train on its identity labels: 3 identities "
                                              "x K=2 images do not fill one global batch of 8$"):
         train.contrastive_mode(args("--batch-size", "4", "--contrastive", "supcon"), labelled, world=2)
-    with pytest.raises(train.ConfigError, match="--embed-dim 8: an embedding head needs the contrastive term"):
+    with pytest.raises(ConfigError, match="--embed-dim 8: an embedding head needs the contrastive term"):
         train.contrastive_mode(args("--contrastive-weight", "0", "--embed-dim", "8"), labelled)
 
 
@@ -358,7 +359,7 @@ def test_images_per_identity_default_holds_two_identities_or_more(batch, k):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_a_gpu_is_a_config_error_before_anything_runs(tmp_path):
-    with pytest.raises(train.ConfigError, match=r"^--device cuda: no CUDA device is available \(use --device cpu\)$"):
+    with pytest.raises(ConfigError, match=r"^--device cuda: no CUDA device is available \(use --device cpu\)$"):
         train.main(["--device", "cuda", "--ckpt-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "l")])
     assert not any(tmp_path.iterdir())
 
@@ -367,7 +368,7 @@ def test_a_resumed_supcon_run_whose_batch_does_not_fit_its_k_names_the_batch_siz
     """K comes from the checkpoint when resuming (a typed --images-per-identity is ignored): the message says so."""
     args = train.get_parser().parse_args(["--batch-size", "4", "--accum-steps", "2", "--images-per-identity", "4"])
     args.resume = "auto"
-    with pytest.raises(train.ConfigError, match=r"^--batch-size 4: this run's SupCon batches hold K=4 images of each "
+    with pytest.raises(ConfigError, match=r"^--batch-size 4: this run's SupCon batches hold K=4 images of each "
                                                 r"identity \(its --images-per-identity, kept from the checkpoint\), so "
                                                 r"the batch must be a multiple of 4 of at least 8"):
         train.images_per_identity(args)
