@@ -55,7 +55,7 @@ from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
 from checkpoints import export_model, load_model, read_checkpoint, weights_sha256  # noqa: E402
 from hub import EXPORT_CONFIG  # noqa: E402
 from model import EarVAE, count  # noqa: E402
-from recognition import label_problem, probe_ranks, recognition_metrics  # noqa: E402
+from recognition import FARS, label_problem, probe_ranks, recognition_metrics  # noqa: E402
 from student import Student, is_student_folder, load_student, teacher_targets  # noqa: E402
 
 TARGETS = {"psnr": 28.0, "ssim": 0.85}  # the original design's goals (dB, SSIM on [0, 1] RGB)
@@ -275,8 +275,8 @@ def report(metrics: dict) -> str:
             f"identity: not probes)",
             f"  rank-1 {m['rank1']:.3f} (chance {m['chance_rank1']:.3f})   rank-5 {m['rank5']:.3f} "
             f"(chance {m['chance_rank5']:.3f})   leave-one-out, cosine similarity of the identity embedding",
-            f"  verification EER {m['eer']:.3f}   ROC AUC {m['roc_auc']:.3f}   ({m['n_genuine_pairs']} genuine, "
-            f"{m['n_impostor_pairs']} impostor pairs)"]
+            f"  verification EER {m['eer']:.3f}   ROC AUC {m['roc_auc']:.3f}   {tar_text(m)}   "
+            f"({m['n_genuine_pairs']} genuine, {m['n_impostor_pairs']} impostor pairs)", *warning_lines(m)]
         if "identity_mu" in metrics:
             u = metrics["identity_mu"]
             lines.append(f"  all of mu, for comparison: rank-1 {u['rank1']:.3f}   rank-5 {u['rank5']:.3f}   "
@@ -284,9 +284,20 @@ def report(metrics: dict) -> str:
         b = metrics["identity_pixels"]
         lines += [
             f"  baseline, centred raw pixels of the same images: rank-1 {b['rank1']:.3f}   rank-5 {b['rank5']:.3f}   "
-            f"EER {b['eer']:.3f}   ROC AUC {b['roc_auc']:.3f}",
+            f"EER {b['eer']:.3f}   ROC AUC {b['roc_auc']:.3f}   {tar_text(b)}",
             f"  {'warning: ' if metrics['train_overlap']['shared'] else ''}{metrics['train_overlap']['note']}"]
     return "\n".join(lines)
+
+
+def tar_text(m: dict) -> str:
+    """'TAR@FAR=1e-2 0.912  TAR@FAR=1e-3 0.801' of recognition_metrics' result (- where too few impostor pairs)."""
+    return "  ".join(f"TAR@FAR={far:.0e} " + ("-" if m[f"tar@far={far:g}"] is None else f"{m[f'tar@far={far:g}']:.3f}")
+                     for far in FARS)
+
+
+def warning_lines(m: dict) -> list[str]:
+    """recognition_metrics' warning of a collapsed embedding, as a report line (none without one)."""
+    return [f"  warning: {m['warning']}: these figures describe no embedding"] if "warning" in m else []
 
 
 def latent_files(export_latents: str) -> tuple[Path, Path]:
@@ -329,6 +340,8 @@ def card_metrics(metrics: dict) -> dict[str, float | int | str]:
                      "rank-5": m["rank5"], "rank-5 chance": m["chance_rank5"], "verification EER": m["eer"],
                      "verification ROC AUC": m["roc_auc"], "identities": m["n_identities"], "probes": m["n_probes"],
                      "identities also in training": metrics["train_overlap"]["card"]})
+        if "warning" in m:
+            card["warning"] = m["warning"]
         if "identity_mu" in metrics:
             u = metrics["identity_mu"]
             card.update({"rank-1 of all of mu, for comparison": u["rank1"],
@@ -562,7 +575,8 @@ def student_report(metrics: dict) -> str:
                           ("baseline, centred raw pixels", "identity_pixels")):
             m = metrics[key]
             lines.append(f"  {name + ':':<30} rank-1 {m['rank1']:.3f}   rank-5 {m['rank5']:.3f}   EER {m['eer']:.3f}"
-                         f"   ROC AUC {m['roc_auc']:.3f}")
+                         f"   ROC AUC {m['roc_auc']:.3f}   {tar_text(m)}")
+            lines += warning_lines(m)
         lines.append(f"  {'warning: ' if metrics['train_overlap']['shared'] else ''}{metrics['train_overlap']['note']}")
     return "\n".join(lines)
 
@@ -580,6 +594,8 @@ def student_card_metrics(metrics: dict) -> dict[str, float | int | str]:
                           (", baseline: centred raw pixels", "identity_pixels")):
             m = metrics[key]
             card.update({f"rank-1{name}": m["rank1"], f"verification EER{name}": m["eer"]})
+            if "warning" in m:
+                card[f"warning{name}"] = m["warning"]
         card["identities also in training"] = metrics["train_overlap"]["card"]
     return card
 

@@ -45,6 +45,7 @@ def recognition_metrics(mu: np.ndarray, labels: np.ndarray) -> dict:
         n_probes (identifiable: identity with >= 2 images), n_single (probes excluded: identity with 1 image),
         rank1, rank5, chance_rank1, chance_rank5 (fractions of n_probes),
         n_genuine_pairs, n_impostor_pairs, eer, roc_auc, tar@far=0.01, tar@far=0.001 (None: too few impostor pairs)
+        warning (only where the embedding collapsed: spread_problem)
 
     Raises ValueError (naming the value and what is expected) for bad shapes, non-finite or zero embeddings,
     labels below -1, and sets with nothing to identify (every identity has one image) or to verify against
@@ -64,7 +65,23 @@ def recognition_metrics(mu: np.ndarray, labels: np.ndarray) -> dict:
         out[f"chance_rank{k}"] = float(np.mean(chance_hit(gallery, genuine, k)))
     scores, same = pair_scores(emb, ids)
     out.update(n_genuine_pairs=int(same.sum()), n_impostor_pairs=int((~same).sum()), **verification(scores, same))
+    if problem := spread_problem(emb):
+        out["warning"] = problem
     return out
+
+
+def spread_problem(emb: np.ndarray) -> str | None:
+    """Why figures measured on these unit-norm embeddings (N, D) describe no embedding at all, or None: every image
+    has the same vector (to SIM_DECIMALS), or the vectors vary along one direction only (their centred matrix has
+    rank 1: the similarity orders images by one number). A collapsed model (a student whose BatchNorm statistics
+    were never estimated) gives the first."""
+    centred = emb - emb.mean(axis=0)  # (N, D)
+    s = np.linalg.svd(centred, compute_uv=False)  # singular values, descending
+    if s[0] < 10.0 ** -SIM_DECIMALS * np.sqrt(len(emb)):
+        return "collapsed embedding: every image has the same vector"
+    if len(s) < 2 or s[1] < 1e-6 * s[0]:
+        return "collapsed embedding: the vectors vary along one direction only (rank 1)"
+    return None
 
 
 def _labelled(mu: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

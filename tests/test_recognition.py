@@ -244,3 +244,23 @@ def test_tar_at_far_is_none_where_too_few_impostor_pairs_measure_it():
     scores, same = np.linspace(0, 1, 300), np.arange(300) >= 150  # 150 impostor pairs: FAR steps of 1/150
     m = verification(scores, same)
     assert m["tar@far=0.01"] == 1.0 and m["tar@far=0.001"] is None
+
+
+def test_a_collapsed_embedding_is_named_a_healthy_one_is_not():
+    labels = np.repeat(np.arange(6), 3)
+    rng = np.random.default_rng(0)
+    same = recognition_metrics(np.tile(rng.normal(size=8), (18, 1)) + 1e-13 * rng.normal(size=(18, 8)), labels)
+    assert same["warning"] == "collapsed embedding: every image has the same vector" and same["rank1"] == 0.0
+    v = rng.normal(size=8)
+    two = recognition_metrics(np.outer(np.where(np.arange(18) % 2, 1.0, -1.0), v), labels)  # +v and -v only
+    assert two["warning"] == "collapsed embedding: the vectors vary along one direction only (rank 1)"
+    assert "warning" not in recognition_metrics(rng.normal(size=(18, 8)), labels)
+
+
+def test_the_eval_report_shows_tar_at_far_and_the_collapse_warning():
+    import eval as ev
+    m = {"tar@far=0.01": 0.5, "tar@far=0.001": None, "warning": "collapsed embedding: every image has the same vector"}
+    assert ev.tar_text(m) == "TAR@FAR=1e-02 0.500  TAR@FAR=1e-03 -"
+    assert ev.warning_lines(m) == ["  warning: collapsed embedding: every image has the same vector: these figures "
+                                   "describe no embedding"]
+    assert ev.warning_lines({}) == []
