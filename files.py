@@ -96,8 +96,7 @@ def hold_folders(paths: list[str | os.PathLike], holder: str) -> Iterator[None]:
             try:
                 lock.acquire(timeout=0)
             except Timeout:
-                raise ValueError(f"{path}: in use by {(path / LOCK).read_text().strip() or 'another process'}; "
-                                 f"wait for it to end or choose another folder") from None
+                raise ValueError(in_use(path)) from None
             stack.callback(lock.release)
             (path / LOCK).write_text(f"{holder} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         yield
@@ -106,20 +105,33 @@ def hold_folders(paths: list[str | os.PathLike], holder: str) -> Iterator[None]:
 def check_not_held(path: str | os.PathLike) -> None:
     """ValueError 'PATH: in use by HOLDER' when a live process holds the folder `path` (hold_folders); creates
     nothing."""
-    if (Path(path) / LOCK).is_file():
-        with hold_folders([path], "a check"):
-            pass
+    lock_file = Path(path) / LOCK
+    if not lock_file.is_file():
+        return
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(in_use(path)) from None
+    lock.release()
+
+
+def in_use(path: str | os.PathLike) -> str:
+    """'PATH: in use by HOLDER; ...': the refusal of a folder a live process holds, naming the holder."""
+    holder = (Path(path) / LOCK).read_text().strip() or "another process"
+    return f"{path}: in use by {holder}; wait for it to end or choose another folder"
 
 
 def check_output_dir(path: str | os.PathLike) -> None:
     """Before the long work of a command: ValueError 'PATH: reason' if `path` cannot become or be the folder its
     outputs go to: it, or a folder above it, exists and is not a folder, or the nearest existing folder is not
-    writable. Creates nothing."""
+    writable, or a live run holds it (hold_folders). Creates nothing."""
     path = Path(path)
     for p in (path, *path.absolute().parents):
         if p.is_dir():
             if not os.access(p, os.W_OK | os.X_OK):
                 raise ValueError(f"{path}: {'it' if p == path else p} is not writable")
+            check_not_held(p)
             return
         if p.exists() or p.is_symlink():
             raise ValueError(f"{path}: {'exists and is not a folder' if p == path else f'{p} is not a folder'}")

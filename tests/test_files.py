@@ -1,6 +1,7 @@
 """files.py: a write either lands whole or leaves the previous file and no PATH.tmp, whatever way it ends."""
 import pytest
 
+import files
 from files import atomic_write, tmp_path, write_outputs
 
 
@@ -56,3 +57,16 @@ def test_outputs_are_all_or_nothing(tmp_path, exc):
 
 def tmp_path_exists(path) -> bool:
     return tmp_path(path).exists()
+
+
+def test_a_folder_a_live_run_holds_is_refused_as_an_output_of_any_command(tmp_path):
+    """check_output_dir, which every command runs on its outputs, refuses a held folder naming the holder, and frees
+    it with the holder; what is checked is the nearest existing folder."""
+    run = tmp_path / "run"
+    with files.hold_folders([run], "train.py --ckpt-dir run"):
+        for out in (run, run / "eval"):
+            with pytest.raises(ValueError, match=rf"^{run}: in use by train\.py --ckpt-dir run \(pid \d+, since "):
+                files.check_output_dir(out)
+        files.check_output_dir(tmp_path / "elsewhere")
+    files.check_output_dir(run / "eval")
+    assert sorted(p.name for p in run.iterdir()) == [files.LOCK]
