@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 from cli import positive_int, safe_console  # noqa: E402
 from data import EarDataset  # noqa: E402
-from errors import CheckpointError, DataError, WeightsUnavailableError  # noqa: E402
-from files import check_output_dir, save_figure, save_json, write_outputs  # noqa: E402
+from errors import CheckpointError, DataError, OutputError, WeightsUnavailableError  # noqa: E402
+from files import check_output_dir, check_replace, save_figure, save_json, write_outputs  # noqa: E402
 from inference import (add_inference_args, autocast, checkpoint_info, data_file, encode_dataset,  # noqa: E402
                        max_invalid, out_of_memory_error, run_dataset, setup)
 from losses import psnr  # noqa: E402
@@ -54,6 +54,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-data", default=None, help=".npy the PCA and probes are fitted on (default: the run's "
                    "train file)")
     p.add_argument("--out", default="eigenears", help="folder for summary.json and the figures")
+    p.add_argument("--force", action="store_true", help="replace the results of another checkpoint in --out (the "
+                   "same checkpoint replaces its own without it)")
     p.add_argument("--n-components", type=positive_int, default=50,
                    help="PCs reported (capped at the number available)")
     add_inference_args(p)
@@ -373,6 +375,12 @@ def main(argv: list[str] | None = None) -> dict:
     stems = [Path(c).stem for c in ckpts]
     names = stems if len(set(stems)) == len(stems) else [f"{i}_{s}" for i, s in enumerate(stems)]
     out = Path(args.out)
+    for name, ckpt in zip(names, ckpts):  # before the long work: results of other checkpoints stay, unless --force
+        try:
+            check_replace((out if len(ckpts) == 1 else out / name) / "summary.json", {"checkpoint": str(ckpt)},
+                          args.force)
+        except ValueError as e:
+            raise OutputError(str(e)) from None
     summaries, files = {}, {}
     for name, ckpt in zip(names, ckpts):
         s, figures = analyse(ckpt, args, device, dtype)
@@ -396,7 +404,7 @@ if __name__ == "__main__":
     safe_console()
     try:
         main()
-    except (CheckpointError, DataError, WeightsUnavailableError) as e:
+    except (CheckpointError, DataError, OutputError, WeightsUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except torch.OutOfMemoryError:

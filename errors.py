@@ -20,3 +20,7 @@ class DataError(ValueError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite losses, a checkpoint that cannot be written); str(e) says why."""
+
+
+class OutputError(RuntimeError):
+    """An output would replace results the user has from other inputs (files.check_replace); str(e) names them."""

@@ -46,9 +46,9 @@ import torch  # noqa: E402
 from cli import safe_console  # noqa: E402
 from data import (UNLABELLED, EarDataset, missing_labels, read_identities, shared_identities,  # noqa: E402
                   to_float)
-from errors import CheckpointError, DataError, WeightsUnavailableError  # noqa: E402
-from files import (Writer, check_output_dir, check_output_file, save_figure, save_json, save_npy,  # noqa: E402
-                   write_outputs)
+from errors import CheckpointError, DataError, OutputError, WeightsUnavailableError  # noqa: E402
+from files import (Writer, check_output_dir, check_output_file, check_replace, save_figure, save_json,  # noqa: E402
+                   save_npy, write_outputs)
 from inference import (add_inference_args, autocast, checkpoint_info, clock, data_file, max_invalid,  # noqa: E402
                        out_of_memory_error, run_dataset, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
@@ -70,6 +70,8 @@ def get_parser() -> argparse.ArgumentParser:
                                 "--export / checkpoints.export_model (then give --data)")
     p.add_argument("--data", default=None, help="uint8 .npy of ear crops (default: the run's validation file)")
     p.add_argument("--out", default="eval", help="folder for metrics.json, per_image.csv, reconstructions.png")
+    p.add_argument("--force", action="store_true", help="replace the results of another checkpoint or other data in "
+                   "--out (the same checkpoint and data replace their own without it)")
     p.add_argument("--export-latents", default=None, metavar="FILE.npy",
                    help="also save mu (N, latent_dim) float32 here and the kept samples' indices to FILE_index.npy")
     p.add_argument("--identity", action="store_true",
@@ -289,6 +291,16 @@ def report(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def check_results(args: argparse.Namespace, data_path: Path) -> None:
+    """OutputError where --out holds the results of another checkpoint or other data (files.check_replace), before
+    the pass; --force replaces them."""
+    try:
+        check_replace(Path(args.out) / "metrics.json", {"checkpoint": str(args.ckpt), "data": str(data_path)},
+                      args.force)
+    except ValueError as e:
+        raise OutputError(str(e)) from None
+
+
 def tar_text(m: dict) -> str:
     """'TAR@FAR=1e-2 0.912  TAR@FAR=1e-3 0.801' of recognition_metrics' result (- where too few impostor pairs)."""
     return "  ".join(f"TAR@FAR={far:.0e} " + ("-" if m[f"tar@far={far:g}"] is None else f"{m[f'tar@far={far:g}']:.3f}")
@@ -407,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--teacher: {args.ckpt} is a teacher; --teacher names a student's teacher")
     info = checkpoint_info(ckpt)
     data_path = data_file(args.data, info, "val", args.ckpt, "--data")
+    check_results(args, data_path)
     ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
     labels = read_identities(data_path, ds) if args.identity else None
     if args.identity and labels is None:
@@ -504,6 +517,7 @@ def evaluate_student(args: argparse.Namespace, ckpt: dict, device: torch.device,
     if teacher_path is None:
         raise CheckpointError(f"{args.ckpt}: a student's saved folder does not name its teacher: give --teacher")
     data_path = data_file(args.data, info, "val", args.ckpt, "--data")
+    check_results(args, data_path)
     ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
     labels = read_identities(data_path, ds) if args.identity else None
     if args.identity and labels is None:
@@ -604,7 +618,7 @@ if __name__ == "__main__":
     safe_console()
     try:
         main()
-    except (CheckpointError, DataError, WeightsUnavailableError) as e:
+    except (CheckpointError, DataError, OutputError, WeightsUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except torch.OutOfMemoryError:

@@ -122,6 +122,24 @@ def in_use(path: str | os.PathLike) -> str:
     return f"{path}: in use by {holder}; wait for it to end or choose another folder"
 
 
+def check_replace(result: str | os.PathLike, inputs: dict[str, str], force: bool) -> None:
+    """The one rule of every command that writes results into a folder: ValueError where `result` (a JSON file the
+    command writes, holding its inputs under the same keys) exists from other inputs, naming them, unless `force`.
+    The same inputs again (the command rerun) may replace their own results."""
+    result = Path(result)
+    if force or not result.exists():
+        return
+    try:
+        saved = json.loads(result.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = {}
+    same = lambda a, b: a == b or (isinstance(a, str) and Path(a).resolve() == Path(b).resolve())  # noqa: E731
+    if not isinstance(saved, dict) or not all(same(saved.get(k), v) for k, v in inputs.items()):
+        was = ", ".join(f"{k} {saved.get(k)}" for k in inputs) if isinstance(saved, dict) else "something else"
+        raise ValueError(f"{result}: holds the results of {was}: pass --force to replace them, or choose another "
+                         f"--out")
+
+
 def check_output_dir(path: str | os.PathLike) -> None:
     """Before the long work of a command: ValueError 'PATH: reason' if `path` cannot become or be the folder its
     outputs go to: it, or a folder above it, exists and is not a folder, or the nearest existing folder is not

@@ -461,3 +461,25 @@ def test_pixel_baseline_equals_recognition_metrics_on_the_centred_pixels(full, r
     card = (full.export / "README.md").read_text()
     assert f"| rank-1, baseline: centred raw pixels | {got['rank1']:.4g} |" in card
     assert f"baseline, centred raw pixels of the same images: rank-1 {got['rank1']:.3f}" in ev.report(full.metrics)
+
+
+def test_results_of_another_checkpoint_or_data_are_never_replaced_without_force(tiny_run, tmp_path):
+    """One rule for every command that writes results (files.check_replace): eval.py and eigenears.py refuse an --out
+    holding another checkpoint's results, naming them, before any work; the same inputs, or --force, replace."""
+    from errors import OutputError
+    out, common = tmp_path / "out", ["--workers", "0", "--batch-size", "8"]
+    ev.main([str(tiny_run.best), "--out", str(out), *common])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputError, match=rf"^{out / 'metrics.json'}: holds the results of checkpoint "
+                                          rf"{tiny_run.best}, data .*val_teacher\.npy: pass --force to replace"):
+        ev.main([str(tiny_run.last), "--out", str(out), *common])
+    with pytest.raises(OutputError, match="holds the results of checkpoint"):
+        ev.main([str(tiny_run.best), "--out", str(out), "--data", str(tiny_run.data_dir / "train_teacher.npy"),
+                 *common])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    ev.main([str(tiny_run.best), "--out", str(out), *common])  # the same inputs again: its own results
+    ev.main([str(tiny_run.last), "--out", str(out), "--force", *common])
+    assert json.loads((out / "metrics.json").read_text())["checkpoint"] == str(tiny_run.last)
+    eg.main(["--ckpt", str(tiny_run.best), "--out", str(tmp_path / "eig"), "--workers", "0"])
+    with pytest.raises(OutputError, match="summary.json: holds the results of checkpoint"):
+        eg.main(["--ckpt", str(tiny_run.last), "--out", str(tmp_path / "eig"), "--workers", "0"])
