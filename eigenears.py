@@ -247,9 +247,10 @@ def factors_figure(corr: np.ndarray, names: list[str]) -> plt.Figure:
 # -----------------------------------------------------------------------------
 # one checkpoint
 
-def analyse(ckpt: str, args: argparse.Namespace, device: torch.device,
-            dtype: torch.dtype) -> tuple[dict, dict[str, plt.Figure]]:
-    """Everything for one checkpoint, the model under autocast(device, dtype) -> (summary dict, {file name: figure})."""
+def analyse(ckpt: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+            summary: Path) -> tuple[dict, dict[str, plt.Figure]]:
+    """Everything for one checkpoint, the model under autocast(device, dtype) -> (summary dict, {file name: figure}).
+    An existing `summary` of other inputs is an OutputError before the work (files.check_replace; --force)."""
     content = read_checkpoint(ckpt)
     info = checkpoint_info(content)
     fit_path = data_file(args.fit_data, info, "train", ckpt, "--fit-data")
@@ -261,6 +262,11 @@ def analyse(ckpt: str, args: argparse.Namespace, device: torch.device,
     for path, ds in ((fit_path, fit_ds), (eval_path, eval_ds)):
         if len(ds) < 2:
             raise DataError(f"{path}: {len(ds)} valid image(s): PCA needs at least 2")
+    try:
+        check_replace(summary, {"checkpoint": str(ckpt), "fit_data": str(fit_path), "eval_data": str(eval_path)},
+                      args.force)
+    except ValueError as e:
+        raise OutputError(str(e)) from None
     model, cfg = load_model(ckpt, device, content)
     del content
     print(f"{ckpt}: fit {fit_path} {fit_ds.summary()}, eval {eval_path} {eval_ds.summary()}")
@@ -375,16 +381,10 @@ def main(argv: list[str] | None = None) -> dict:
     stems = [Path(c).stem for c in ckpts]
     names = stems if len(set(stems)) == len(stems) else [f"{i}_{s}" for i, s in enumerate(stems)]
     out = Path(args.out)
-    for name, ckpt in zip(names, ckpts):  # before the long work: results of other checkpoints stay, unless --force
-        try:
-            check_replace((out if len(ckpts) == 1 else out / name) / "summary.json", {"checkpoint": str(ckpt)},
-                          args.force)
-        except ValueError as e:
-            raise OutputError(str(e)) from None
     summaries, files = {}, {}
     for name, ckpt in zip(names, ckpts):
-        s, figures = analyse(ckpt, args, device, dtype)
         folder = out if len(ckpts) == 1 else out / name
+        s, figures = analyse(ckpt, args, device, dtype, folder / "summary.json")
         summaries[name] = s
         files[folder / "summary.json"] = save_json(s)
         files.update({folder / f: save_figure(fig) for f, fig in figures.items()})

@@ -419,7 +419,6 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--teacher: {args.ckpt} is a teacher; --teacher names a student's teacher")
     info = checkpoint_info(ckpt)
     data_path = data_file(args.data, info, "val", args.ckpt, "--data")
-    check_results(args, data_path)
     ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
     labels = read_identities(data_path, ds) if args.identity else None
     if args.identity and labels is None:
@@ -430,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
     lpips = LPIPS(vgg_weights).to(device) if args.lpips else None
     model, _ = load_model(args.ckpt, device, ckpt)
     del ckpt
+    check_results(args, data_path)  # every input read: the last check before the pass
     print(f"{data_path}: {ds.summary()}")
     if labels is not None:
         n_unlabelled = int((labels == UNLABELLED).sum())
@@ -517,7 +517,6 @@ def evaluate_student(args: argparse.Namespace, ckpt: dict, device: torch.device,
     if teacher_path is None:
         raise CheckpointError(f"{args.ckpt}: a student's saved folder does not name its teacher: give --teacher")
     data_path = data_file(args.data, info, "val", args.ckpt, "--data")
-    check_results(args, data_path)
     ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
     labels = read_identities(data_path, ds) if args.identity else None
     if args.identity and labels is None:
@@ -535,6 +534,7 @@ def evaluate_student(args: argparse.Namespace, ckpt: dict, device: torch.device,
         raise CheckpointError(f"{teacher_path}: not this student's teacher: its embedding and latent are "
                               f"{teacher_embed}-d and {teacher.cfg.latent_dim}-d, the student's "
                               f"{student.cfg.embed_dim}-d and {student.cfg.latent_dim}-d")
+    check_results(args, data_path)  # every input read: the last check before the pass
     print(f"{data_path}: {ds.summary()}")
 
     per_image, speed = student_outputs(student, teacher, ds, args.batch_size, device, dtype, args.workers)
