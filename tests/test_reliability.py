@@ -251,7 +251,7 @@ def test_a_folder_a_live_process_holds_is_refused_naming_it_and_free_again_after
     try:
         assert holder.stdout.readline().strip() == "held"
         args = tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--max-steps", "1")
-        with pytest.raises(TrainingError, match=f"^{tmp_path / 'checkpoints'}: in use by a test holder "
+        with pytest.raises(TrainingError, match=f"^--ckpt-dir {tmp_path / 'checkpoints'}: in use by a test holder "
                                                       rf"\(pid {holder.pid}, since "):
             train.main(args)
         assert not (tmp_path / "checkpoints" / "last.pt").exists() and not (tmp_path / "logs").exists()
