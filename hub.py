@@ -115,7 +115,8 @@ def read_folder_weights(path: Path, map_location: str | torch.device = "cpu") ->
 def config_problem(d: object, config_class: type) -> str | None:
     """What is wrong with a JSON model config of the dataclass config_class (model.VAEConfig, student.StudentConfig;
     missing fields take its defaults, as for a checkpoint), or None. Types follow the defaults: tuples are JSON lists
-    of integers, encoder_config a dict or null."""
+    of integers, encoder_config a dict or null; sizes and indices are at least the class's MINIMA (latent_dim -5,
+    decoder_channels [] are refused here, before any tensor is built)."""
     if not isinstance(d, dict):
         return f"is a {type(d).__name__}, expected an object"
     defaults = {f.name: f.default for f in fields(config_class)}
@@ -129,12 +130,17 @@ def config_problem(d: object, config_class: type) -> str | None:
         elif name == "identity_dims":
             ok = value is None or type(value) is int
         elif isinstance(default, tuple):
-            ok = isinstance(value, list) and all(type(v) is int for v in value)
+            ok = isinstance(value, (list, tuple)) and all(type(v) is int for v in value)  # JSON list, or a .pt's tuple
         else:
             ok = type(value) is type(default)  # exact: a bool is not an int here
         if not ok:
             like = "an integer or null" if name == "identity_dims" else f"a value like {default!r}"
             return f"field {name}={value!r}: expected {like}"
+        low = getattr(config_class, "MINIMA", {}).get(name)  # the smallest size or index that can be built
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if low is not None and (any(v is not None and v < low for v in values) or not values):
+            what = f"integers >= {low}, at least one" if isinstance(value, (list, tuple)) else f"an integer >= {low}"
+            return f"field {name}={value!r}: expected {what}"
     return None
 
 

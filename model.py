@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -42,6 +43,9 @@ EXPORT_FORMAT = "ear-teacher-vae/1"  # config.json's "format" in a saved teacher
 
 @dataclass
 class VAEConfig:
+    MINIMA: ClassVar[dict[str, int]] = {  # the smallest value of each size and index a saved config may hold
+        "input_size": 1, "freeze_blocks": 0, "feature_blocks": 0, "fuse_channels": 1, "head_pool": 1, "latent_dim": 1,
+        "identity_dims": 0, "embed_dim": 0, "decoder_channels": 1, "image_size": 1}
     encoder: str = "sam"                      # "sam" (SAM ViT-B vision encoder) or "dinov2"
     weights: str = "facebook/sam-vit-base"    # hub id or local directory (save_pretrained layout) of the backbone
     pretrained: bool = True                   # False: random backbone (explicit; never a silent fallback)
@@ -272,6 +276,10 @@ def rebuild_model(ckpt: dict, path: str | Path, map_location: str | torch.device
 
 
 def config_from_checkpoint(ckpt: dict) -> VAEConfig:
+    """The VAEConfig a checkpoint's model_config describes (hub.config_problem's checks: ConfigError naming the
+    field), pretrained off: the weights come from the checkpoint."""
+    if problem := config_problem(ckpt["model_config"], VAEConfig):
+        raise ConfigError(f"model_config {problem}")
     d = dict(ckpt["model_config"])
     for k in ("feature_blocks", "decoder_channels"):
         d[k] = tuple(d[k])

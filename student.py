@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ ARCHS: dict[str, tuple[Callable[[nn.Module], nn.Module], int]] = {
 
 @dataclass
 class StudentConfig:
+    MINIMA: ClassVar[dict[str, int]] = {"embed_dim": 1, "latent_dim": 1, "head_dim": 1, "input_size": 1}  # saved
     arch: str = "mobilenet_v3_small"  # torchvision builder, one of ARCHS: mobilenet_v3_small, resnet18, efficientnet_b0
     weights: str = "imagenet"         # "imagenet": torchvision's IMAGENET1K_V1 (cached in $TORCH_HOME/hub/checkpoints),
                                       # or a local .safetensors / .pth state dict of the whole torchvision model

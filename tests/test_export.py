@@ -2,6 +2,7 @@
 (config.json, model.safetensors, README.md) rebuilds the same model with no pickle, EMA weights are the ones exported,
 and every broken or hostile directory is refused with a CheckpointError naming the file."""
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -232,3 +233,34 @@ def test_hostile_pickle_in_an_export_directory_never_runs(exported, tmp_path):
     load_model(d)
     export_model(d, tmp_path / "re-exported")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("latent_dim", -5, "an integer >= 1"), ("head_pool", 0, "an integer >= 1"), ("freeze_blocks", -1, "an integer >= 0"),
+    ("decoder_channels", [], "integers >= 1, at least one"), ("feature_blocks", [1, -3], "integers >= 0, at least one")])
+def test_every_size_of_a_saved_config_is_checked_before_any_tensor_is_built(tiny_run, tmp_path, field, value, expected):
+    """A checkpoint's model_config and an export's config.json with a size out of range: one CheckpointError naming
+    the file and the field, for the teacher and (its sizes) the student, instead of an error from deep in torch."""
+    ckpt = torch.load(tiny_run.best, weights_only=True)
+    ckpt["model_config"][field] = value
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=rf"bad\.pt: .*field {field}=.*: expected {re.escape(expected)}"):
+        load_model(tmp_path / "bad.pt")
+    export_model(tiny_run.best, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    config["model_config"][field] = value
+    (tmp_path / "export" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"config\.json: .*field {field}=.*: expected {re.escape(expected)}"):
+        load_model(tmp_path / "export")
+
+
+def test_a_students_saved_sizes_are_checked_too(tmp_path):
+    from student import Student, StudentConfig, load_student
+    Student(StudentConfig(pretrained=False, embed_dim=8, latent_dim=16, head_dim=16, input_size=32)).save_pretrained(
+        tmp_path / "s")
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    config["student_config"]["head_dim"] = -1
+    (tmp_path / "s" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: student_config field head_dim=-1: expected an integer "
+                                              r">= 1"):
+        load_student(tmp_path / "s")
