@@ -44,8 +44,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cli import safe_console  # noqa: E402
-from data import (UNLABELLED, EarDataset, missing_labels, read_identities, shared_identities,  # noqa: E402
-                  to_float)
+from data import (UNLABELLED, EarDataset, fingerprint, fingerprint_change, missing_labels, open_npy,  # noqa: E402
+                  read_identities, shared_identities, to_float)
 from errors import CheckpointError, DataError, OutputError, WeightsUnavailableError  # noqa: E402
 from files import (Writer, check_output_dir, check_output_file, check_replace, save_figure, save_json,  # noqa: E402
                    save_npy, write_outputs)
@@ -365,13 +365,19 @@ def card_metrics(metrics: dict) -> dict[str, float | int | str]:
     return card
 
 
-def training_overlap(train: Path | None, data: Path) -> dict:
+def training_overlap(train: Path | None, data: Path, trained_on: dict | None = None) -> dict:
     """Whether the identities of `data` also have images in the training file `train` (data.shared_identities): rank-1
-    and EER on identities seen in training are not those of new ones. -> {"train_data": str | None, "identities":
-    int | None, "shared": int | None (None: unknown), "note": a console line, "card": the model card's value}."""
-    found = None if train is None else shared_identities(train, data)
+    and EER on identities seen in training are not those of new ones. `trained_on`: the fingerprint the checkpoint
+    kept of that file (data.fingerprint); a file changed since says nothing about what the run saw. -> {"train_data":
+    str | None, "identities": int | None, "shared": int | None (None: unknown), "note": a console line, "card": the
+    model card's value}."""
+    changed = None
+    if train is not None and trained_on is not None and train.is_file():
+        changed = fingerprint_change(trained_on, fingerprint(train, open_npy(train)))
+    found = None if train is None or changed else shared_identities(train, data)
     if found is None:
         why = ("the checkpoint names no training data (an export)" if train is None else
+               f"{train} changed since the run trained on it ({changed})" if changed else
                f"{train} has no identity labels beside it, or labels of another kind")
         return {"train_data": None if train is None else str(train), "identities": None, "shared": None,
                 "note": f"identities of the training data unknown ({why}): some here may have been seen in training",
@@ -451,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics["identity_pixels"] = recognition_metrics(pixel_embeddings(ds), labels)
         except ValueError as e:  # labels with nothing to identify, or embeddings without a cosine similarity
             raise DataError(f"{data_path}: --identity: {e}") from e
-        metrics["train_overlap"] = training_overlap(info["train"], data_path)
+        metrics["train_overlap"] = training_overlap(info["train"], data_path, info["train_fingerprint"])
         per_image["identity"] = labels
         found = retrieval(per_image["embedding"], labels, per_image["rank"])
         figures["retrieval.png"] = retrieval_figure(ds, per_image, found)
@@ -557,7 +563,7 @@ def evaluate_student(args: argparse.Namespace, ckpt: dict, device: torch.device,
             metrics["identity_pixels"] = recognition_metrics(pixel_embeddings(ds), labels)
         except ValueError as e:
             raise DataError(f"{data_path}: --identity: {e}") from e
-        metrics["train_overlap"] = training_overlap(info["train"], data_path)
+        metrics["train_overlap"] = training_overlap(info["train"], data_path, info["train_fingerprint"])
         per_image["identity"] = labels
         figures["retrieval.png"] = retrieval_figure(ds, per_image, retrieval(per_image["embedding"], labels,
                                                                              per_image["rank"]))

@@ -102,7 +102,8 @@ def checkpoint_info(ckpt: dict) -> dict:
     files = {"train": None, "val": None}
     if "data_dir" in run:
         files = {s: Path(run.get(f"{s}_npy") or Path(run["data_dir"]) / f"{s}_teacher.npy") for s in files}
-    return {"step": ckpt.get("step"), **files, "max_invalid": run.get("max_invalid")}
+    return {"step": ckpt.get("step"), **files, "max_invalid": run.get("max_invalid"),
+            "train_fingerprint": (ckpt.get("data") or {}).get("train")}
 
 
 def max_invalid(args: argparse.Namespace, info: dict) -> float:

@@ -5,6 +5,7 @@ seen in training; every writing command checking its output location first."""
 import csv
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -388,3 +389,18 @@ def test_eval_and_eigenears_honour_the_runs_max_invalid_and_name_the_bad_samples
         eg.main(["--ckpt", ckpt, "--out", str(leaky_run / "eg"), "--max-invalid", "0.1", *common])
     with pytest.raises(SystemExit):
         eg.main(["--ckpt", ckpt, "--max-invalid", "1.5"])  # the same range check as train.py
+
+
+def test_eval_does_not_judge_the_training_overlap_from_a_training_file_changed_since(leaky_run, tmp_path):
+    """The checkpoint's fingerprint of its training file (loop.data_fingerprints) says whether the file eval reads
+    is the one the run saw; another one tells nothing about the identities seen in training."""
+    shutil.copytree(leaky_run, tmp_path / "run")
+    np.save(tmp_path / "run" / "train_teacher.npy", np.load(leaky_run / "train_teacher.npy")[:48])
+    ckpt = read_checkpoint(leaky_run / "best.pt")
+    ckpt["run_config"] = {**ckpt["run_config"], "data_dir": str(tmp_path / "run")}
+    torch.save(ckpt, tmp_path / "run" / "best.pt")
+    metrics = ev.main([str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "eval"), "--identity",
+                       "--workers", "0", "--device", "cpu", "--batch-size", "8"])
+    overlap = metrics["train_overlap"]
+    assert overlap["shared"] is None and overlap["card"] == "unknown"
+    assert "train_teacher.npy changed since the run trained on it (3,145,856 -> 2,359,424 bytes" in overlap["note"]
