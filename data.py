@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cli import float_range, fraction, int_range, progress, safe_console, seed_int
-from errors import DataError
+from errors import DataError, OutputError
 from files import Writer, check_output_dir, save_npy, write_outputs
 from photos import (BACKGROUND, CHANGE_KINDS, SQUARE_RULES, UnusableImage, load_image, path_text, scan,
                     split_groups, subject_of)
@@ -826,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

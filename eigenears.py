@@ -410,3 +410,6 @@ if __name__ == "__main__":
     except torch.OutOfMemoryError:
         print(out_of_memory_error(get_parser().parse_args().batch_size), file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written (results are written together at the end)", file=sys.stderr)
+        sys.exit(130)

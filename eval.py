@@ -53,7 +53,7 @@ from inference import (add_inference_args, autocast, checkpoint_info, clock, dat
                        out_of_memory_error, run_dataset, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
 from checkpoints import export_model, load_model, read_checkpoint, weights_sha256  # noqa: E402
-from hub import EXPORT_CONFIG  # noqa: E402
+from hub import EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS  # noqa: E402
 from model import EarVAE, count  # noqa: E402
 from recognition import FARS, label_problem, probe_ranks, recognition_metrics  # noqa: E402
 from student import Student, is_student_folder, load_student, teacher_targets  # noqa: E402
@@ -470,12 +470,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def check_export_dir(path: str) -> None:
-    """check_output_dir, and a folder that holds a saved model already is refused (ValueError): an export never
-    replaces a model saved earlier, which may be another one (a teacher's, a student's)."""
+    """check_output_dir, and a folder holding any file an export writes (config.json, model.safetensors, README.md)
+    is refused (ValueError): an export never replaces a model saved earlier, nor a user's README."""
     check_output_dir(path)
-    if (Path(path) / EXPORT_CONFIG).exists():
-        raise ValueError(f"{path}: holds a saved model already ({EXPORT_CONFIG}); export to a new folder, or delete it "
-                         f"first")
+    if taken := [f for f in (EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_CARD) if (Path(path) / f).exists()]:
+        raise ValueError(f"{path}: holds {', '.join(taken)} already (never written over: a saved model, or files of "
+                         f"yours); export to a new folder")
 
 
 # -----------------------------------------------------------------------------
@@ -630,3 +630,6 @@ if __name__ == "__main__":
     except torch.OutOfMemoryError:
         print(out_of_memory_error(get_parser().parse_args().batch_size), file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written (results are written together at the end)", file=sys.stderr)
+        sys.exit(130)

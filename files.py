@@ -8,9 +8,11 @@ that torch.save did not write before torch.load reads it.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -19,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from filelock import FileLock, Timeout
+
+from errors import OutputError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -63,7 +67,32 @@ def atomic_write(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
 
 def write_outputs(files: dict[Path, Writer]) -> None:
     """Write every file to PATH.tmp first, then rename them all: a failure while writing any of them leaves every
-    earlier file intact (none is replaced). files: final path -> function writing the content to an open file."""
+    earlier file intact (none is replaced). files: final path -> function writing the content to an open file. The
+    folders are held while writing (`writing`): a second command writing into one at that moment is an OutputError."""
+    with writing({Path(p).parent for p in files}):
+        _write_all(files)
+
+
+@contextmanager
+def writing(folders: set[Path]) -> Iterator[None]:
+    """Hold, while the block writes, an OS lock per folder kept outside it (in the temp folder, named by a hash of
+    the folder's path: nothing is added to the user's folder): a second writer into one of them at the same moment
+    is an OutputError, never a mix of the two commands' files."""
+    locks = Path(tempfile.gettempdir()) / "ear-teacher-locks"
+    locks.mkdir(exist_ok=True)
+    with ExitStack() as stack:
+        for folder in sorted({f.resolve() for f in folders}):
+            lock = FileLock(locks / (hashlib.sha256(str(folder).encode()).hexdigest()[:32] + ".lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise OutputError(f"{folder}: another command is writing its results there at this moment; run one "
+                                  f"at a time, or give each its own output folder") from None
+            stack.callback(lock.release)
+        yield
+
+
+def _write_all(files: dict[Path, Writer]) -> None:
     tmps = {}
     try:
         for path, write in files.items():

@@ -294,8 +294,8 @@ def check_new(args: argparse.Namespace) -> None:
     """TrainingError if a new run's folders hold an earlier run's last.pt, best.pt or metrics.csv."""
     for f in (Path(args.ckpt_dir) / "last.pt", Path(args.ckpt_dir) / "best.pt", Path(args.log_dir) / "metrics.csv"):
         if f.exists():
-            raise TrainingError(f"{f} exists from an earlier run: pass --resume to continue it, "
-                                f"or choose another --ckpt-dir / --log-dir")
+            raise TrainingError(f"{f} exists from an earlier run: continue it with --resume "
+                                f"{Path(args.ckpt_dir) / 'last.pt'}, or choose another --ckpt-dir / --log-dir")
 
 
 def check_output_dirs(args: argparse.Namespace) -> None:
@@ -439,7 +439,8 @@ def train(objective: Objective, run: Run, setup: Setup) -> None:
                     if setup.ddp:  # no process exits before rank 0's save is complete: torchrun, seeing one
                         dist.barrier()  # process end, signals the others and kills the rest 30 s later
                     bar.close()
-                    log(f"stopped by signal at step {at.step}; saved {ckpt_dir / 'last.pt'} (continue with --resume)")
+                    log(f"stopped by signal at step {at.step}; saved {ckpt_dir / 'last.pt'} (continue with "
+                        f"`{run.script} --resume {ckpt_dir / 'last.pt'}`)")
                     sys.exit(128 + STOP_SIGNALS[0] if STOP_SIGNALS else 1)
                 if done:
                     break

@@ -44,8 +44,8 @@ EXPORT_FORMAT = "ear-teacher-vae/1"  # config.json's "format" in a saved teacher
 @dataclass
 class VAEConfig:
     MINIMA: ClassVar[dict[str, int]] = {  # the smallest value of each size and index a saved config may hold
-        "input_size": 1, "freeze_blocks": 0, "feature_blocks": 0, "fuse_channels": 1, "head_pool": 1, "latent_dim": 1,
-        "identity_dims": 0, "embed_dim": 0, "decoder_channels": 1, "image_size": 1}
+        "input_size": 1, "freeze_blocks": 0, "feature_blocks": 0, "fuse_channels": 1, "head_pool": 1,
+        "latent_dim": 1, "identity_dims": 0, "embed_dim": 0, "decoder_channels": 1, "image_size": 1}
     encoder: str = "sam"                      # "sam" (SAM ViT-B vision encoder) or "dinov2"
     weights: str = "facebook/sam-vit-base"    # hub id or local directory (save_pretrained layout) of the backbone
     pretrained: bool = True                   # False: random backbone (explicit; never a silent fallback)

@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise DataError(f"{out}: holds {', '.join(taken)} already (never written over): choose another --out")
     model = load_any(args.model)
     images, ds = read_images(Path(args.data))
+    calibration = read_images(Path(args.calib))[0][:args.calib_images] if args.calib else None  # read before writing
     labels = read_identities(ds.path, ds)
     if labels is not None and label_problem(labels) is not None:
         labels = None
@@ -186,9 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     export(model, out / "model.onnx")
     report = {"model": str(args.model), "data": str(args.data), "fp32": parity(model, out / "model.onnx", images,
                                                                                 labels)}
-    if args.calib:
-        calibration, _ = read_images(Path(args.calib))
-        quantize(out / "model.onnx", out / "model_int8.onnx", calibration[:args.calib_images])
+    if calibration is not None:
+        quantize(out / "model.onnx", out / "model_int8.onnx", calibration)
         report["int8"] = parity(model, out / "model_int8.onnx", images, labels)
     report["bytes"] = {f: os.path.getsize(out / f) for f in FILES[:2] if (out / f).exists()}
     with atomic_write(out / "onnx.json") as f:

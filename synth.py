@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from cli import non_negative_int, positive_int, safe_console, seed_int
 from data import IMAGE_SIZE, refuse_dataset, write_dataset
-from errors import DataError
+from errors import DataError, OutputError
 from files import Writer, check_output_dir, save_npy
 
 # Generating factors of the synthetic ears, each sampled uniformly in its range (CSV column order).
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             n_train, n_val = args.identities * views, val_k * views
             what = (f"{n_train:,} train + {n_val:,} val synthetic ears ({args.identities:,} + {val_k:,} identities "
                     f"x {views:,} views)")
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     dt = time.perf_counter() - t0
@@ -378,4 +378,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     safe_console()
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written (the files are written together at the end)", file=sys.stderr)
+        sys.exit(130)

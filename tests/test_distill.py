@@ -202,8 +202,16 @@ def test_student_eval_refuses_another_teacher_and_an_export_over_a_saved_model(s
     before = (s.d / "exported" / "model.safetensors").read_bytes()
     with pytest.raises(SystemExit) as exit_info:
         ev.main([str(s.ckpt), *s.common, "--out", str(tmp_path / "o"), "--export", str(s.d / "exported")])
-    assert exit_info.value.code == 2 and "holds a saved model already" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds config.json, model.safetensors, README.md already" in \
+        capsys.readouterr().err
     assert (s.d / "exported" / "model.safetensors").read_bytes() == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("my notes\n")  # a user's folder: its README is never replaced
+    with pytest.raises(SystemExit):
+        ev.main([str(s.ckpt), *s.common, "--out", str(tmp_path / "o2"), "--export", str(tmp_path / "mine")])
+    assert "holds README.md already" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["README.md"]
+    assert (tmp_path / "mine" / "README.md").read_text() == "my notes\n"
     assert not (tmp_path / "o").exists()
 
 

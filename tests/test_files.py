@@ -70,3 +70,16 @@ def test_a_folder_a_live_run_holds_is_refused_as_an_output_of_any_command(tmp_pa
         files.check_output_dir(tmp_path / "elsewhere")
     files.check_output_dir(run / "eval")
     assert sorted(p.name for p in run.iterdir()) == [files.LOCK]
+
+
+def test_two_commands_writing_into_one_folder_at_once_never_mix_their_files(tmp_path):
+    """write_outputs holds its folders (a lock outside them): a second writer at the same moment is refused and
+    writes nothing, so a set of files (images and their labels) always comes from one command."""
+    from errors import OutputError
+    out = tmp_path / "out"
+    with files.writing({out}):
+        with pytest.raises(OutputError, match=rf"^{out}: another command is writing its results there"):
+            write_outputs({out / "a.txt": lambda f: f.write(b"second")})
+        assert not out.exists() or not any(out.iterdir())
+    write_outputs({out / "a.txt": lambda f: f.write(b"first")})
+    assert (out / "a.txt").read_bytes() == b"first" and [p.name for p in out.iterdir()] == ["a.txt"]
