@@ -231,7 +231,8 @@ FINGERPRINT_CHUNKS = 64  # chunks of 64 KiB, evenly spaced from the first byte t
 def fingerprint(path: str | os.PathLike, arr: np.ndarray) -> dict:
     """A data file's identity: {"bytes": its size, "shape": arr's shape, "dtype": arr's dtype, "sha256": of the
     whole file up to FINGERPRINT_WHOLE bytes, else of its header and FINGERPRINT_CHUNKS evenly spaced chunks of 64
-    KiB (the first and last included): ~4 MiB read whatever the size}. Equal fingerprints: the same file for any
+    KiB (the first and last included): ~4 MiB read whatever the size, "labels": {the identity CSV beside it: its
+    sha256}}. Equal fingerprints: the same file for any
     realistic edit (rows removed, added, replaced or reordered change the size or the sampled bytes)."""
     size, h = os.path.getsize(path), hashlib.sha256()
     with open(path, "rb") as f:
@@ -241,17 +242,28 @@ def fingerprint(path: str | os.PathLike, arr: np.ndarray) -> dict:
             for i in range(FINGERPRINT_CHUNKS):
                 f.seek((size - (64 << 10)) * i // (FINGERPRINT_CHUNKS - 1))
                 h.update(f.read(64 << 10))
-    return {"bytes": size, "shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": h.hexdigest()}
+    labels = {csv.name: hashlib.sha256(csv.read_bytes()).hexdigest() for csv, _ in identity_files(Path(path))
+              if csv.is_file()}  # the identity labels beside it (a resume's SupCon batches read them)
+    return {"bytes": size, "shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": h.hexdigest(),
+            "labels": labels}
 
 
 def fingerprint_change(saved: dict, now: dict) -> str | None:
     """How a data file changed between two fingerprints ('98,304,128 -> 73,728,128 bytes, (2000, 128, 128, 3) ->
-    (1500, 128, 128, 3)', or 'other content, same size and shape'), or None where they are equal."""
+    (1500, 128, 128, 3)', 'other content, same size and shape', 'its identity labels X_factors.csv changed'), or
+    None where they are equal."""
     if saved == now:
         return None
     parts = [f"{saved[k]:,} -> {now[k]:,} bytes" if k == "bytes" else f"{tuple(saved[k])} -> {tuple(now[k])}"
              if k == "shape" else f"{saved[k]} -> {now[k]}" for k in ("bytes", "shape", "dtype") if saved[k] != now[k]]
-    return ", ".join(parts) or "other content, same size and shape"
+    if not parts and saved["sha256"] != now["sha256"]:
+        parts.append("other content, same size and shape")
+    old, new = saved.get("labels", now.get("labels")), now.get("labels")  # checkpoints before labels were kept
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            parts.append(f"its identity labels {name} " + ("removed" if name not in new else "added" if name not in old
+                                                             else "changed"))
+    return ", ".join(parts) or None
 
 
 # ----------------------------------------------------------------------------------------------------------------

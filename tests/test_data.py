@@ -595,7 +595,7 @@ def test_fingerprint_hashes_a_small_file_whole_and_a_large_one_at_evenly_spaced_
     fp = lambda: data.fingerprint(path, shape)  # noqa: E731
     raw = path.read_bytes()
     assert fp() == {"bytes": len(raw), "shape": [40, 128, 128, 3], "dtype": "uint8",
-                    "sha256": hashlib.sha256(raw).hexdigest()}
+                    "sha256": hashlib.sha256(raw).hexdigest(), "labels": {}}
     monkeypatch.setattr(data, "FINGERPRINT_WHOLE", 1 << 20)  # the file is now a large one: sampled
     chunk, n = 64 << 10, data.FINGERPRINT_CHUNKS
     reference = hashlib.sha256(b"".join(raw[o:o + chunk] for o in ((len(raw) - chunk) * i // (n - 1)
@@ -618,3 +618,17 @@ def test_float_images_out_of_range_say_to_divide_by_255(tmp_path, ears):
         EarDataset(tmp_path / "x.npy")
     np.save(tmp_path / "y.npy", ears.astype(np.float32) / 255)
     assert len(EarDataset(tmp_path / "y.npy")) == len(ears)
+
+
+def test_fingerprint_covers_the_identity_labels_beside_the_file(tmp_path):
+    """A resume must notice relabelled or deleted identities as it notices changed images (SupCon reads them)."""
+    path = tmp_path / "x_teacher.npy"
+    np.save(path, np.zeros((4, 16, 16, 3), np.uint8))
+    labels = tmp_path / "x_factors.csv"
+    labels.write_text("identity\n0\n0\n1\n1\n")
+    arr = np.load(path, mmap_mode="r")
+    before = data.fingerprint(path, arr)
+    labels.write_text("identity\n0\n1\n0\n1\n")
+    assert data.fingerprint_change(before, data.fingerprint(path, arr)) == "its identity labels x_factors.csv changed"
+    labels.unlink()
+    assert data.fingerprint_change(before, data.fingerprint(path, arr)) == "its identity labels x_factors.csv removed"
