@@ -258,7 +258,8 @@ def fingerprint_change(saved: dict, now: dict) -> str | None:
              if k == "shape" else f"{saved[k]} -> {now[k]}" for k in ("bytes", "shape", "dtype") if saved[k] != now[k]]
     if not parts and saved["sha256"] != now["sha256"]:
         parts.append("other content, same size and shape")
-    old, new = saved.get("labels", now.get("labels")), now.get("labels")  # checkpoints before labels were kept
+    new = now.get("labels", {})
+    old = saved.get("labels", new)  # checkpoints before labels were kept: no change to report
     for name in sorted(set(old) | set(new)):
         if old.get(name) != new.get(name):
             parts.append(f"its identity labels {name} " + ("removed" if name not in new else "added" if name not in old
