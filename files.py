@@ -82,12 +82,10 @@ def writing(folders: set[Path]) -> Iterator[None]:
     locks.mkdir(exist_ok=True)
     with ExitStack() as stack:
         for folder in sorted({f.resolve() for f in folders}):
-            lock = FileLock(locks / (hashlib.sha256(str(folder).encode()).hexdigest()[:32] + ".lock"))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
+            lock = try_lock(locks / (hashlib.sha256(str(folder).encode()).hexdigest()[:32] + ".lock"))
+            if lock is None:
                 raise OutputError(f"{folder}: another command is writing its results there at this moment; run one "
-                                  f"at a time, or give each its own output folder") from None
+                                  f"at a time, or give each its own output folder")
             stack.callback(lock.release)
         yield
 
@@ -121,11 +119,9 @@ def hold_folders(paths: list[str | os.PathLike], holder: str) -> Iterator[None]:
     with ExitStack() as stack:
         for path in dict.fromkeys(Path(p).resolve() for p in paths):  # a folder given twice is held once
             path.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(path / LOCK)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                raise ValueError(in_use(path)) from None
+            lock = try_lock(path / LOCK)
+            if lock is None:
+                raise ValueError(in_use(path))
             stack.callback(lock.release)
             (path / LOCK).write_text(f"{holder} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         yield
@@ -137,12 +133,20 @@ def check_not_held(path: str | os.PathLike) -> None:
     lock_file = Path(path) / LOCK
     if not lock_file.is_file():
         return
+    lock = try_lock(lock_file)
+    if lock is None:
+        raise ValueError(in_use(path))
+    lock.release()
+
+
+def try_lock(lock_file: Path) -> FileLock | None:
+    """The OS lock on `lock_file` (filelock), acquired without waiting; None when another holds it."""
     lock = FileLock(lock_file)
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise ValueError(in_use(path)) from None
-    lock.release()
+        return None
+    return lock
 
 
 def in_use(path: str | os.PathLike) -> str:
