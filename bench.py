@@ -277,7 +277,7 @@ def data_pipeline(device: torch.device, workers: int, batch: int, n: int = 2048)
     write_synthetic(d, n_train=n, n_val=batch, seed=0)
     ds = EarDataset(os.path.join(d, "train_teacher.npy"))
     sampler = ResumableSampler(len(ds), batch, seed=0)
-    loader = make_loader(ds, batch, sampler, workers, pin_memory=device.type == "cuda")
+    loader = make_loader(ds, batch, sampler, workers)
     aug = AugConfig()
     t, seen = time.perf_counter(), 0
     for x, keys in loader:

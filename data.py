@@ -582,13 +582,15 @@ class IdentitySampler(Sampler[int]):
         return (self.n_used - self.start) // self.world_size
 
 
-def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int) -> DataLoader:
     """Batches of (uint8 images (B, 3, H, W), original indices int64 (B,)) in the sampler's order.
 
     Workers make no random draws (augmentation happens on the device), so what they return is deterministic; their
-    seeds come from a private generator, so iterating never consumes the global RNG.
+    seeds come from a private generator, so iterating never consumes the global RNG. Memory is not pinned: with
+    persistent workers, pinning made every process wait 5 s per worker at exit (pytorch/pytorch#81794; on an H200,
+    train.py sat ~100 s after `done` with 8 workers), and a batch of uint8 crops (4 x 49 kB) gains nothing from it.
     """
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       persistent_workers=workers > 0, generator=torch.Generator(), worker_init_fn=_own_session)
 
 

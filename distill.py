@@ -137,7 +137,7 @@ class StudentObjective:
         self.data = loop.make_data(args, setup, *loop.read_data(args))
         self.aug = AugConfig(hflip=args.hflip) if not args.no_augment else None
         first = ResumableSampler(min(len(self.data.train_ds), PRECISE_BN_IMAGES), 1, args.seed, shuffle=False)
-        self.bn_loader = make_loader(self.data.train_ds, args.batch_size, first, args.workers, device.type == "cuda")
+        self.bn_loader = make_loader(self.data.train_ds, args.batch_size, first, args.workers)
         torch.manual_seed(args.seed)  # the student's initialisation (under DDP rank 0's weights are broadcast)
         self.model = Student(cfg).to(device)
         self.config = asdict(replace(self.model.cfg, pretrained=pretrained))

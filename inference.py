@@ -133,7 +133,7 @@ def run_dataset(fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], ds: EarDa
     samples' original indices in the file, name: (N, ...) fn's outputs concatenated on the CPU}; row i is the
     dataset's sample i."""
     sampler = ResumableSampler(len(ds), 1, seed=0, shuffle=False)  # batch_size 1: no sample is dropped
-    loader = make_loader(ds, batch_size, sampler, workers, device.type == "cuda")
+    loader = make_loader(ds, batch_size, sampler, workers)
     out: dict[str, list[torch.Tensor]] = {"index": []}
     for x, index in progress(loader, desc=desc, total=len(loader)):
         outputs = fn(to_float(x.to(device, non_blocking=True)))

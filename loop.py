@@ -320,10 +320,9 @@ def make_data(args: argparse.Namespace, setup: Setup, train_ds: EarDataset, val_
                             f"{global_batch} (batch size x processes x accum steps)")
         sampler = ResumableSampler(len(train_ds), args.batch_size, args.seed, shuffle=True, rank=setup.rank,
                                    world_size=setup.world)
-    pin = setup.device.type == "cuda"
     val_sampler = ResumableSampler(len(val_ds), 1, args.seed, shuffle=False)
-    return Data(train_ds, val_ds, sampler, make_loader(train_ds, args.batch_size, sampler, args.workers, pin),
-                make_loader(val_ds, args.batch_size, val_sampler, args.workers, pin), sampler.n_used // global_batch)
+    return Data(train_ds, val_ds, sampler, make_loader(train_ds, args.batch_size, sampler, args.workers),
+                make_loader(val_ds, args.batch_size, val_sampler, args.workers), sampler.n_used // global_batch)
 
 
 def data_fingerprints(data: Data, run: Run, log: Callable[[str], None]) -> dict[str, dict]:

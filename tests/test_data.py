@@ -572,7 +572,7 @@ def test_loader_yields_uint8_batches_in_sampler_order_without_touching_the_globa
     np.save(tmp_path / "x.npy", np.concatenate([ears, ears]))
     ds = EarDataset(tmp_path / "x.npy")
     sampler = ResumableSampler(len(ds), batch_size=4, seed=0)
-    loader = make_loader(ds, batch_size=4, sampler=sampler, workers=workers, pin_memory=False)
+    loader = make_loader(ds, batch_size=4, sampler=sampler, workers=workers)
     state = torch.get_rng_state()
     for epoch in range(2):
         sampler.set_epoch(epoch)
