@@ -45,13 +45,15 @@ ARCHS: dict[str, tuple[Callable[[nn.Module], nn.Module], int]] = {
     "resnet18": (lambda m: nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4),
                  512),
     "efficientnet_b0": (lambda m: m.features, 1280),
-}
+    "shufflenet_v2_x0_5": (lambda m: nn.Sequential(m.conv1, m.maxpool, m.stage2, m.stage3, m.stage4, m.conv5), 1024),
+}  # students with SAM ViT-B's latent 1024 (head included): 1.37M, 11.6M, 4.63M, 0.90M parameters
 
 
 @dataclass
 class StudentConfig:
     MINIMA: ClassVar[dict[str, int]] = {"embed_dim": 1, "latent_dim": 1, "head_dim": 1, "input_size": 1}  # saved
-    arch: str = "mobilenet_v3_small"  # torchvision builder, one of ARCHS: mobilenet_v3_small, resnet18, efficientnet_b0
+    arch: str = "mobilenet_v3_small"  # torchvision builder, one of ARCHS: mobilenet_v3_small, resnet18,
+                                      # efficientnet_b0, shufflenet_v2_x0_5 (the smallest: 0.90M with its head)
     weights: str = "imagenet"         # "imagenet": torchvision's IMAGENET1K_V1 (cached in $TORCH_HOME/hub/checkpoints),
                                       # or a local .safetensors / .pth state dict of the whole torchvision model
     pretrained: bool = True           # False: random trunk, chosen on purpose (--no-pretrained); never a fallback

@@ -251,3 +251,8 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = {k: student.eval()(x)[k] for k in ("embed", "mu")}
         assert_same_outputs(expected, Student.from_pretrained(tmp_path / "pulled")(x))
+
+
+def test_the_smallest_student_arch_has_at_most_1m_parameters_with_its_head():
+    total, _ = count(Student(StudentConfig(arch="shufflenet_v2_x0_5", pretrained=False)))  # SAM ViT-B's latent 1024
+    assert total <= 1_000_000, total
