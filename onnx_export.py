@@ -14,15 +14,27 @@ over an existing file. The graph takes what a deployer has:
 Parity, the field's way (insightface's ONNX checks, timm's onnx utils): the cosine of every image's embedding
 against PyTorch's (>= COSINE_PARITY), and rank-1, EER and TAR@FAR recomputed from the ONNX outputs (equal to
 PyTorch's to 3 decimals). int8: onnxruntime's static quantisation, QDQ, per-channel weights, calibrated on training
-ears (quantize_dynamic fails on this exporter's graphs: its shape inference meets the exporter's stale value_info).
+ears (quantize_dynamic fails on this exporter's graphs: its shape inference meets the exporter's stale value_info);
+--int8-float-ends keeps the first convolution and the head's linear layers in float (face recognition's habit). A
+warning line says when the int8 embeddings fall below INT8_COSINE against fp32's (then deploy model.onnx).
+
+The edge table (docs/students.md): every model exported into OUT/<name>/, its size, latency at batch 1 on one CPU
+thread (PyTorch eager, onnxruntime fp32 and int8) and recognition figures on new identities, beside the pixels:
+
+    python onnx_export.py STUDENT.pt ... TEACHER.pt --table --out edge --data demo/identities/val_teacher.npy \
+        --calib demo/data/train_teacher.npy --markdown BENCHMARKS.md
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +50,7 @@ from student import Student, is_student_folder, load_student
 from checkpoints import load_model, read_checkpoint
 
 COSINE_PARITY = 0.9999  # every image's ONNX embedding against PyTorch's, fp32
+INT8_COSINE = 0.98  # int8 against fp32, min over images: below it the int8 model is not the same embedding (warning)
 OPSET = 18
 FILES = ("model.onnx", "model_int8.onnx", "onnx.json")
 
@@ -82,10 +95,13 @@ def export(model: nn.Module, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 16) -> None:
+def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 16, float_ends: bool = False) -> None:
     """Static int8 quantisation (onnxruntime, QDQ, per-channel int8 weights, uint8 activations) calibrated on
-    `calibration` uint8 (N, 128, 128, 3) images. onnxruntime's pre-processing runs without its symbolic shape
-    inference, which fails on the resize of this exporter's graphs."""
+    `calibration` uint8 (N, 128, 128, 3) images; float_ends: the first Conv and every Gemm / MatMul (the head) stay
+    float. onnxruntime's pre-processing runs without its symbolic shape inference, which fails on the resize of this
+    exporter's graphs. QOperator and per-tensor weights measured no faster at batch 1 on one thread (BENCHMARKS.md,
+    2026-12-04). DataError when the result holds no int8 weight (never a float file named int8)."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -100,8 +116,15 @@ def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        nodes = onnx.load(str(pre)).graph.node
+        convs = [n.name for n in nodes if n.op_type == "Conv"]
+        linear = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
         quantize_static(str(pre), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        nodes_to_exclude=convs[:1] + linear if float_ends else None)
+        weights = onnx.load(str(Path(tmp) / "int8.onnx")).graph.initializer
+        if not any(w.data_type == onnx.TensorProto.INT8 and len(w.dims) > 1 for w in weights):
+            raise DataError(f"{fp32}: quantisation left no int8 weight; no {path.name} written")
         with atomic_write(path) as f:
             f.write((Path(tmp) / "int8.onnx").read_bytes())
 
@@ -149,6 +172,88 @@ def parity(model: nn.Module, onnx_path: Path, images: np.ndarray, labels: np.nda
     return out
 
 
+def ort_latency_ms(path: Path, image: np.ndarray, runs: int) -> float:
+    """Median wall time (ms) of onnxruntime (CPU, one intra- and one inter-op thread, sequential) on uint8 (1, 128,
+    128, 3) `image`, after 5 untimed runs."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return median_ms(lambda: session.run(None, {"image": image}), runs)
+
+
+@torch.no_grad()
+def torch_latency_ms(model: nn.Module, image: np.ndarray, runs: int) -> float:
+    """Median wall time (ms) of PyTorch eager (CPU, fp32, one thread) on uint8 (1, 128, 128, 3) `image`."""
+    deploy, x, threads = Deployable(model).eval(), torch.from_numpy(image), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return median_ms(lambda: deploy(x), runs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def median_ms(run: Callable[[], object], runs: int) -> float:
+    """Median over `runs` timed calls of run() (ms), after 5 untimed ones."""
+    for _ in range(5):
+        run()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def edge_row(model: nn.Module, folder: Path, images: np.ndarray, labels: np.ndarray, calibration: np.ndarray,
+             float_ends: bool, runs: int) -> dict:
+    """One model of the edge table: exported into `folder` (model.onnx, model_int8.onnx, onnx.json: export, quantize,
+    parity), its deployed parameters (a teacher without its decoder), MB on disk, latency at batch 1 on one thread
+    (ms: PyTorch eager, onnxruntime fp32 and int8, on images[0]) and recognition figures of both ONNX files on
+    `images` uint8 (N, 128, 128, 3) with `labels` (N,)."""
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("decoder."))
+    export(model, folder / "model.onnx")
+    quantize(folder / "model.onnx", folder / "model_int8.onnx", calibration, float_ends=float_ends)
+    report = {"fp32": parity(model, folder / "model.onnx", images, labels),
+              "int8": parity(model, folder / "model_int8.onnx", images, labels)}
+    ref, _ = onnx_outputs(folder / "model.onnx", images)
+    report["int8"]["cosine_vs_fp32_min"] = float(cosines(ref, onnx_outputs(folder / "model_int8.onnx", images)[0]).min())
+    one = images[:1]
+    report["bytes"] = {f: os.path.getsize(folder / f) for f in FILES[:2]}
+    report["latency_ms"] = {"pytorch": torch_latency_ms(model, one, runs),
+                            "onnx_fp32": ort_latency_ms(folder / "model.onnx", one, runs),
+                            "onnx_int8": ort_latency_ms(folder / "model_int8.onnx", one, runs)}
+    report["params"] = params
+    with atomic_write(folder / "onnx.json") as f:
+        save_json(report)(f)
+    return report
+
+
+def edge_table(rows: dict[str, dict], pixels: dict) -> str:
+    """Markdown of edge_row reports (name -> report) and the centred raw pixels' recognition_metrics: the int8
+    columns are changes against the ONNX fp32 figures; "deploy" names the file to ship (int8 where it is faster and
+    keeps the embedding: cosine against fp32 >= INT8_COSINE)."""
+    lines = ["| model | params (M) | MB fp32 | MB int8 | ms PyTorch | ms ORT fp32 | ms ORT int8 | rank-1 | rank-5 | EER | "
+             "TAR@FAR=1e-3 | int8 cos min | int8 Δrank-1 | int8 ΔEER | int8 ΔTAR | deploy |",
+             "|" + "---|" * 16]
+    for name, r in rows.items():
+        f, q, ms = r["fp32"]["onnx"], r["int8"]["onnx"], r["latency_ms"]
+        cos = r["int8"]["cosine_vs_fp32_min"]
+        deploy = "model_int8.onnx" if ms["onnx_int8"] < ms["onnx_fp32"] and cos >= INT8_COSINE else "model.onnx"
+        delta = [fmt_delta(q[k], f[k]) for k in ("rank1", "eer", "tar@far=0.001")]
+        lines.append(f"| {name} | {r['params'] / 1e6:.2f} | {r['bytes']['model.onnx'] / 1e6:.2f} | "
+                     f"{r['bytes']['model_int8.onnx'] / 1e6:.2f} | {ms['pytorch']:.2f} | {ms['onnx_fp32']:.2f} | "
+                     f"{ms['onnx_int8']:.2f} | {fmt(f['rank1'])} | {fmt(f['rank5'])} | {fmt(f['eer'])} | "
+                     f"{fmt(f['tar@far=0.001'])} | {cos:.4f} | {' | '.join(delta)} | {deploy} |")
+    lines.append(f"| raw pixels, centred | - | - | - | - | - | - | {fmt(pixels['rank1'])} | {fmt(pixels['rank5'])} | "
+                 f"{fmt(pixels['eer'])} | {fmt(pixels['tar@far=0.001'])} | - | - | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt_delta(new: float | None, old: float | None) -> str:
+    return "-" if new is None or old is None else f"{new - old:+.3f}"
+
+
 def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -156,28 +261,37 @@ def fmt(value: float | None) -> str:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a student or the teacher's embedding path to ONNX (+ int8).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", help="a distill.py or train.py checkpoint, or a save_pretrained folder")
+    p.add_argument("model", nargs="+", help="a distill.py or train.py checkpoint, or a save_pretrained folder (with "
+                   "--table: several)")
     p.add_argument("--out", default=None, help="folder for model.onnx, model_int8.onnx, onnx.json (default: the "
-                   "model's folder when it is one, beside its model card)")
+                   "model's folder when it is one, beside its model card); with --table, OUT/<arch or teacher>/")
     p.add_argument("--data", required=True, help="ear images (.npy) the parity is measured on; with identity labels "
                    "beside it (synth.py, data.py convert) rank-1 / EER / TAR@FAR are compared too")
     p.add_argument("--calib", default=None, help="training ears (.npy) that calibrate the int8 model (none: no int8)")
     p.add_argument("--calib-images", type=positive_int, default=512, help="the first N of --calib")
+    p.add_argument("--int8-float-ends", action="store_true", help="keep the first convolution and the head's linear "
+                   "layers in float in model_int8.onnx")
+    p.add_argument("--table", action="store_true", help="the edge table: every model's size, latency at batch 1 on "
+                   "one thread and recognition on --data (labelled), beside the pixels; needs --out and --calib")
+    p.add_argument("--runs", type=positive_int, default=200, help="timed runs per latency (--table; the median)")
+    p.add_argument("--markdown", default=None, help="--table: append it to this file as a dated section")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_parser().parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.model) if Path(args.model).is_dir() else None
+    p = get_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.table:
+        return table_main(args, argv)
+    if len(args.model) > 1 or args.markdown:
+        p.error("several models and --markdown are for --table")
+    model_path = args.model[0]
+    out = Path(args.out) if args.out else Path(model_path) if Path(model_path).is_dir() else None
     if out is None:
-        raise CheckpointError(f"{args.model}: a checkpoint file; give --out FOLDER for the ONNX files")
-    try:
-        check_output_dir(out)
-    except ValueError as e:
-        raise DataError(f"--out {e}") from e
-    if taken := [f for f in FILES if (out / f).exists()]:
-        raise DataError(f"{out}: holds {', '.join(taken)} already (never written over): choose another --out")
-    model = load_any(args.model)
+        raise CheckpointError(f"{model_path}: a checkpoint file; give --out FOLDER for the ONNX files")
+    check_free(out)
+    model = load_any(model_path)
     images, ds = read_images(Path(args.data))
     calibration = read_images(Path(args.calib))[0][:args.calib_images] if args.calib else None  # read before writing
     labels = read_identities(ds.path, ds)
@@ -185,10 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
         labels = None
     out.mkdir(parents=True, exist_ok=True)
     export(model, out / "model.onnx")
-    report = {"model": str(args.model), "data": str(args.data), "fp32": parity(model, out / "model.onnx", images,
+    report = {"model": str(model_path), "data": str(args.data), "fp32": parity(model, out / "model.onnx", images,
                                                                                 labels)}
     if calibration is not None:
-        quantize(out / "model.onnx", out / "model_int8.onnx", calibration)
+        quantize(out / "model.onnx", out / "model_int8.onnx", calibration, float_ends=args.int8_float_ends)
         report["int8"] = parity(model, out / "model_int8.onnx", images, labels)
     report["bytes"] = {f: os.path.getsize(out / f) for f in FILES[:2] if (out / f).exists()}
     with atomic_write(out / "onnx.json") as f:
@@ -203,10 +317,65 @@ def main(argv: list[str] | None = None) -> dict:
         q = report["int8"]
         print(f"model_int8.onnx: {report['bytes']['model_int8.onnx'] / 1e6:.2f} MB, cosine min {q['cosine_min']:.4f}"
               + (": " + ", ".join(f"{k} {fmt(q['onnx'][k])}" for k in q["onnx"]) if "onnx" in q else ""))
+        warn_int8(out / "model_int8.onnx", q["cosine_min"])
     if fp32["cosine_min"] < COSINE_PARITY:
         print(f"warning: the ONNX embeddings differ from PyTorch's (cosine min {fp32['cosine_min']:.6f} < "
               f"{COSINE_PARITY})", file=sys.stderr)
     return report
+
+
+def table_main(args: argparse.Namespace, argv: list[str]) -> dict:
+    """--table: each model into OUT/<its arch, or teacher>/ (edge_row), the table printed and, with --markdown,
+    appended there as a dated section -> {"rows": name -> report, "pixels": metrics, "markdown": the table}.
+    DataError for no --out or --calib, unlabelled --data, or a folder holding the files already."""
+    from eval import pixel_embeddings  # the pixels baseline of eval.py --identity
+    if args.out is None or args.calib is None:
+        raise DataError("--table needs --out FOLDER and --calib TRAINING.npy")
+    models = {}
+    for path in args.model:
+        model = load_any(path)
+        name = model.cfg.arch if isinstance(model, Student) else "teacher"
+        models[name if name not in models else f"{name}_{len(models)}"] = model
+    for name in models:
+        check_free(Path(args.out) / name)
+    images, ds = read_images(Path(args.data))
+    labels = read_identities(ds.path, ds)
+    if labels is None or (problem := label_problem(labels)):
+        raise DataError(f"{args.data}: no identity labels to score" + (f" ({problem})" if labels is not None else ""))
+    calibration = read_images(Path(args.calib))[0][:args.calib_images]
+    rows = {}
+    for name, model in models.items():
+        (Path(args.out) / name).mkdir(parents=True, exist_ok=True)
+        rows[name] = edge_row(model, Path(args.out) / name, images, labels, calibration, args.int8_float_ends,
+                              args.runs)
+        warn_int8(Path(args.out) / name / "model_int8.onnx", rows[name]["int8"]["cosine_vs_fp32_min"])
+    pixels = recognition_metrics(pixel_embeddings(ds), labels)
+    text = edge_table(rows, pixels)
+    section = (f"### {date.today()} - edge table: CPU, batch 1, one thread, {len(images)} images of "
+               f"{len(np.unique(labels[labels >= 0]))} identities\n\n`python onnx_export.py {shlex.join(argv)}`\n\n"
+               f"{text}")
+    print("\n" + section)
+    if args.markdown:
+        with open(args.markdown, "a", encoding="utf-8") as f:
+            f.write("\n" + section)
+    return {"rows": rows, "pixels": pixels, "markdown": text}
+
+
+def check_free(out: Path) -> None:
+    """DataError when `out` is not a folder that can be written or already holds one of FILES (never written over)."""
+    try:
+        check_output_dir(out)
+    except ValueError as e:
+        raise DataError(f"--out {e}") from e
+    if taken := [f for f in FILES if (out / f).exists()]:
+        raise DataError(f"{out}: holds {', '.join(taken)} already (never written over): choose another --out")
+
+
+def warn_int8(path: Path, cosine_min: float) -> None:
+    """One warning line when the int8 embeddings drift from fp32's (cosine min < INT8_COSINE): deploy model.onnx."""
+    if cosine_min < INT8_COSINE:
+        print(f"warning: {path}: int8 embedding cosine min {cosine_min:.4f} < {INT8_COSINE} against fp32: deploy "
+              f"model.onnx, or try --int8-float-ends", file=sys.stderr)
 
 
 if __name__ == "__main__":

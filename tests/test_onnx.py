@@ -75,3 +75,37 @@ def test_the_teachers_embedding_path_exports_and_nothing_is_written_over(tiny_ru
     with pytest.raises(DataError, match=r"holds model\.onnx, onnx\.json already \(never written over\)"):
         onnx_export.main([str(tiny_run.best), "--out", str(tmp_path / "t"), *data])
     assert {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir()} == before
+
+
+def test_the_edge_table_has_a_row_per_model_and_the_pixels_with_finite_figures_and_only_appends(
+        tiny_run, ids, tmp_path, monkeypatch, capsys):
+    """--table: the smallest student arch and the teacher exported and int8-quantised into OUT/<name>/, one row each
+    and one for the pixels, finite numbers; the markdown file is appended to, a second run into OUT is refused."""
+    torch.manual_seed(0)
+    folder = tmp_path / "shufflenet"
+    Student(StudentConfig(arch="shufflenet_v2_x0_5", pretrained=False, embed_dim=8, latent_dim=16, head_dim=16,
+                          input_size=64)).eval().save_pretrained(folder)
+    markdown = tmp_path / "BENCH.md"
+    markdown.write_text("# earlier results\n")
+    monkeypatch.setattr(onnx_export, "INT8_COSINE", 1.01)  # every int8 model below it: one warning line each
+    args = [str(folder), str(tiny_run.best), "--table", "--out", str(tmp_path / "edge"), "--data",
+            str(ids / "val_teacher.npy"), "--calib", str(ids / "train_teacher.npy"), "--runs", "3"]
+    result = onnx_export.main([*args, "--markdown", str(markdown)])
+    assert list(result["rows"]) == ["shufflenet_v2_x0_5", "teacher"]
+    for name, row in result["rows"].items():
+        assert {p.name for p in (tmp_path / "edge" / name).iterdir()} == set(onnx_export.FILES)
+        assert row["fp32"]["cosine_min"] >= onnx_export.COSINE_PARITY
+        assert all(np.isfinite(v) and v > 0 for v in row["latency_ms"].values())
+        assert row["bytes"]["model_int8.onnx"] < row["bytes"]["model.onnx"]
+    assert result["rows"]["shufflenet_v2_x0_5"]["params"] == sum(p.numel() for p in Student.from_pretrained(
+        folder).parameters())
+    lines = result["markdown"].splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| shufflenet_v2_x0_5", "| teacher",
+                                                           "| raw pixels, centred"]
+    assert "nan" not in result["markdown"] and "inf" not in result["markdown"]
+    text = markdown.read_text()
+    assert text.startswith("# earlier results\n") and text.endswith(result["markdown"]) and "--table" in text
+    assert capsys.readouterr().err.count("warning: ") == 2
+    with pytest.raises(DataError, match="holds model.onnx, model_int8.onnx, onnx.json already"):
+        onnx_export.main([*args, "--markdown", str(markdown)])
+    assert markdown.read_text() == text
