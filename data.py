@@ -6,6 +6,7 @@ synth.py).
     read_identities                 identity labels of the kept samples from the CSV beside the file (X_index.csv
                                     column subject, or X_factors.csv column identity); shared_identities: those of
                                     a val file that also have images in a train file
+    read_landmarks / read_masks     landmarks (X_landmarks.csv, pixels) and ear masks (X_masks.npy) of every image
     dataset_files / write_dataset   a folder holds one dataset: its .npy files and CSVs are replaced as one set
     AugConfig / augment             batched geometric + colour jitter on the batch's device; sample i's parameters
                                     depend only on (seed, epoch, key_i, view), so a resumed run repeats them exactly
@@ -380,6 +381,86 @@ def _integer_labels(values: list[str], path: Path, column: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# landmarks and masks
+
+def landmarks_file(npy: Path) -> Path:
+    """X_teacher.npy -> X_landmarks.csv: header index, <name>_x, <name>_y, ...; one row per image."""
+    return sidecar(npy, "landmarks")
+
+
+def masks_file(npy: Path) -> Path:
+    """X_teacher.npy -> X_masks.npy: uint8 (N, 128, 128), 1 on the ear, 0 elsewhere."""
+    return npy.with_name(f"{npy.stem.removesuffix('_teacher')}_masks.npy")
+
+
+def read_landmarks(npy: Path) -> tuple[list[str], np.ndarray]:
+    """The landmarks of every image of `npy` from landmarks_file(npy) -> (names, float32 (N, K, 2)): (x, y) in pixels
+    of the 128 px image, pixel (i, j) covering [j, j + 1) x [i, i + 1) (synth.LANDMARKS for synthetic ears).
+
+    The CSV's header is `index` then the pairs <name>_x, <name>_y; its rows hold each index 0..N-1 once (any order).
+    DataError naming the file (and its line) for: no file, another header, a row of another length, an index that is
+    not an image of `npy` or comes twice, a missing row, a value that is not a finite number, a point outside the
+    image [0, 128]. Nothing is guessed."""
+    path = landmarks_file(npy)
+    if not path.is_file():
+        raise DataError(f"{path}: no landmarks for {npy.name} (synth.py writes them; a landmarks CSV has the header "
+                        f"index,<name>_x,<name>_y,...)")
+    n = len(open_npy(npy))
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header = rows[0] if rows else []
+    names = [h.removesuffix("_x") for h in header[1::2]]
+    if (len(header) < 3 or len(header) % 2 == 0 or header[0] != "index"
+            or header[1:] != [f"{name}_{axis}" for name in names for axis in "xy"]):
+        raise DataError(f"{path}: line 1: the header is not index,<name>_x,<name>_y,... ({','.join(header)[:80]!r})")
+    points = np.full((n, len(names), 2), np.nan, np.float32)
+    seen = np.zeros(n, bool)
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {line} has {len(row)} fields, the header {len(header)}")
+        try:
+            i, values = int(row[0]), np.array([float(v) for v in row[1:]])
+        except ValueError:
+            raise DataError(f"{path}: line {line}: not an integer index and numbers ({','.join(row)[:80]!r})") from None
+        if not 0 <= i < n:
+            raise DataError(f"{path}: line {line}: index {i} is not an image of {npy.name} (0..{n - 1})")
+        if seen[i]:
+            raise DataError(f"{path}: line {line}: index {i} comes twice")
+        if not np.isfinite(values).all():
+            raise DataError(f"{path}: line {line} (image {i}): {names[int(np.argmin(np.isfinite(values))) // 2]} is "
+                            f"not a finite number")
+        if (outside := (values < 0) | (values > IMAGE_SIZE)).any():
+            k = int(np.argmax(outside)) // 2
+            raise DataError(f"{path}: line {line} (image {i}): {names[k]} ({values[2 * k]:g}, {values[2 * k + 1]:g}) "
+                            f"lies outside the {IMAGE_SIZE} px image")
+        seen[i] = True
+        points[i] = values.reshape(-1, 2)
+    if not seen.all():
+        raise DataError(f"{path}: no row for image {int(np.argmin(seen))} ({int((~seen).sum())} of the {n} images of "
+                        f"{npy.name} have none)")
+    return names, points
+
+
+def read_masks(npy: Path) -> np.ndarray:
+    """The ear mask of every image of `npy` from masks_file(npy) -> uint8 (N, 128, 128), 0 or 1 (memory-mapped).
+    DataError naming the file for: no file, not a plain .npy, another dtype or shape than (N, 128, 128) with N the
+    images', a value other than 0 and 1."""
+    path, n = masks_file(npy), len(open_npy(npy))
+    if not path.is_file():
+        raise DataError(f"{path}: no ear masks for {npy.name} (synth.py writes them: uint8 (N, 128, 128), 1 on the ear)")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a plain .npy array ({e})") from e
+    if arr.dtype not in (np.uint8, np.bool_) or arr.shape != (n, IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{path}: {arr.dtype} {tuple(arr.shape)}; expected uint8 ({n}, {IMAGE_SIZE}, {IMAGE_SIZE}), "
+                        f"one mask per image of {npy.name}")
+    if arr.dtype == np.uint8 and (bad := np.flatnonzero(arr.reshape(n, -1).max(1) > 1)).size:
+        raise DataError(f"{path}: mask {bad[0]} holds values other than 0 and 1 (max {arr[bad[0]].max()})")
+    return arr.view(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # augmentation
 
 @dataclass
@@ -605,15 +686,17 @@ def _own_session(worker_id: int) -> None:
 # files and CLI
 
 SPLITS = ("train", "val")
-SIDECAR_KINDS = ("index", "factors")  # CSVs beside a split's .npy: convert's index, synth.py's factors
+SIDECAR_KINDS = ("index", "factors", "landmarks")  # CSVs beside a split's .npy: convert's index, synth.py's factors
+                                                   # and landmarks
 SKIPPED_CSV = "skipped.csv"  # convert: every entry of the source folder that is not in the .npy files, and why
 
 
 def dataset_files(out: Path) -> list[Path]:
     """The files of a dataset that exist in folder `out`: {train,val}_teacher.npy, their sidecar CSVs (index,
-    factors) and skipped.csv. A folder holds one dataset: convert and synth.py write these as one set."""
+    factors, landmarks), masks and skipped.csv. A folder holds one dataset: convert and synth.py write these as one
+    set."""
     names = [p for split in SPLITS for npy in [out / f"{split}_teacher.npy"]
-             for p in (npy, *(sidecar(npy, kind) for kind in SIDECAR_KINDS))] + [out / SKIPPED_CSV]
+             for p in (npy, *(sidecar(npy, kind) for kind in SIDECAR_KINDS), masks_file(npy))] + [out / SKIPPED_CSV]
     return [p for p in names if p.exists() or p.is_symlink()]
 
 

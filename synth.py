@@ -5,7 +5,10 @@ what the teacher's latent space encodes (eigenears.py correlates its principal c
                                 deterministic per seed
     render_identities           K identities x V views: the same ANATOMY in every view of an identity, the other
                                 factors drawn afresh per view -> images, factors and the identity of each image
-    write_synthetic             {train,val}_teacher.npy and {train,val}_factors.csv in a folder (data.py reads them)
+    landmarks / masks           the anatomical LANDMARKS (pixels) and the ear's mask of each image, exact from the
+                                renderer's geometry
+    write_synthetic             {train,val}_teacher.npy, _factors.csv, _landmarks.csv and _masks.npy in a folder
+                                (data.py reads them)
     write_synthetic_identities  the same files from render_identities, with an `identity` column in the CSVs
 
 CLI:
@@ -25,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from cli import non_negative_int, positive_int, safe_console, seed_int
-from data import IMAGE_SIZE, refuse_dataset, write_dataset
+from data import IMAGE_SIZE, landmarks_file, masks_file, refuse_dataset, write_dataset
 from errors import DataError, OutputError
 from files import Writer, check_output_dir, save_npy
 
@@ -60,6 +63,22 @@ VIEW_JITTER: dict[str, float] = {"skin_tone": 0.05, "scale": 0.02}
 # (offsets), hair, optics (blur, noise).
 NUISANCE: tuple[str, ...] = tuple(name for name in FACTORS if name not in ANATOMY)
 IDENTITY_COLUMN = "identity"  # the factors CSV's column of identity ids (written by write_synthetic_identities only)
+
+# Anatomical landmarks, exact from the renderer's geometry after pose, scale and offset, in this order in the
+# landmarks CSV: the centres of four parts (ear units: x towards the face, y up, before pose), then the lobe's centre
+# and three points where the ear's outline (the mask's edge) crosses a line through the ear.
+_PARTS: dict[str, tuple[float, float]] = {
+    "ear_canal": (0.2, -0.1),          # the canal, the darkest spot of the concha
+    "tragus": (0.31, -0.12),           # the bump in front of the canal
+    "antitragus": (-0.1, -0.32),       # the bump below the antihelix, behind and below the canal
+    "triangular_fossa": (0.0, 0.47),   # the dip between the two crura of the antihelix
+}
+LANDMARKS: tuple[str, ...] = (*_PARTS,
+                              "lobe_centre",   # the centre of the lobe's ellipse
+                              "lobe_bottom",   # the outline straight below the lobe's centre (ear's down)
+                              "helix_top",     # the outline straight above the upper ear's centre
+                              "helix_back")    # the outline straight behind the upper ear's centre
+_TOP_CENTRE, _TOP_B = (-0.05, 0.12), 0.74  # the upper ear's egg: centre and vertical semi-axis, ear units
 
 _SKIN = np.array([[0.95, 0.78, 0.68], [0.80, 0.58, 0.45], [0.45, 0.30, 0.22]], np.float32)  # skin_tone 0, .5, 1
 _HAIR = np.array([0.16, 0.11, 0.08], np.float32)
@@ -106,9 +125,10 @@ def render_identities(k: int, views: int, seed: int | list[int],
 
 
 def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: int) -> None:
-    """Write out_dir/{train,val}_teacher.npy (uint8 (N, 128, 128, 3)) and {train,val}_factors.csv (header FACTORS,
-    one row per image), all four or none (data.write_dataset: another dataset's files in out_dir are removed). Train
-    is render_ears(n_train, seed); val comes from a different random stream of the seed."""
+    """Write out_dir/{train,val}_teacher.npy (uint8 (N, 128, 128, 3)), {train,val}_factors.csv (header FACTORS,
+    one row per image), _landmarks.csv (LANDMARKS) and _masks.npy (uint8 (N, 128, 128)), all of them or none
+    (data.write_dataset: another dataset's files in out_dir are removed). Train is render_ears(n_train, seed); val
+    comes from a different random stream of the seed."""
     if n_train < 1 or n_val < 1:
         raise ValueError(f"n_train and n_val must be >= 1, got {n_train} and {n_val}")
     out_dir = Path(out_dir)
@@ -117,13 +137,15 @@ def write_synthetic(out_dir: str | os.PathLike, n_train: int, n_val: int, seed: 
         images, factors = _render(n, entropy, IMAGE_SIZE)
         files[out_dir / f"{split}_teacher.npy"] = save_npy(images)
         files[out_dir / f"{split}_factors.csv"] = _save_factors(factors)
+        files.update(_annotations(out_dir, split, factors))
     write_dataset(out_dir, files)
 
 
 def write_synthetic_identities(out_dir: str | os.PathLike, k: int, views: int, seed: int,
                                first_id: int = 0, val_k: int | None = None) -> None:
     """Write out_dir/{train,val}_teacher.npy (uint8 (k*views and val_k*views, 128, 128, 3)) and
-    {train,val}_factors.csv (header FACTORS + `identity`), all four or none (data.write_dataset). Train is
+    {train,val}_factors.csv (header FACTORS + `identity`), _landmarks.csv and _masks.npy, all or none
+    (data.write_dataset). Train is
     render_identities(k, views, seed) with identities first_id..first_id+k-1; val holds val_k (default k) other
     identities, from a different random stream of the seed, numbered first_id+k..first_id+k+val_k-1 (no id in both
     splits). Sets rendered with other seeds are other identities: give them disjoint numbers (first_id) so that
@@ -137,7 +159,23 @@ def write_synthetic_identities(out_dir: str | os.PathLike, k: int, views: int, s
         images, factors, identities = render_identities(n, views, entropy, IMAGE_SIZE)
         files[out_dir / f"{split}_teacher.npy"] = save_npy(images)
         files[out_dir / f"{split}_factors.csv"] = _save_factors(factors, identities + first)
+        files.update(_annotations(out_dir, split, factors))
     write_dataset(out_dir, files)
+
+
+def _annotations(out_dir: Path, split: str, factors: np.ndarray) -> dict[Path, Writer]:
+    """The split's landmarks CSV and masks .npy (data.landmarks_file, data.masks_file) of the ears with `factors`."""
+    npy = out_dir / f"{split}_teacher.npy"
+    return {landmarks_file(npy): _save_landmarks(landmarks(factors)), masks_file(npy): save_npy(masks(factors))}
+
+
+def _save_landmarks(points: np.ndarray) -> Writer:
+    """The landmarks CSV (data.read_landmarks): header index, <name>_x, <name>_y for LANDMARKS; one row per image of
+    points (n, len(LANDMARKS), 2), pixels, 3 decimals."""
+    table = np.column_stack([np.arange(len(points)), points.reshape(len(points), -1).astype(np.float64)])
+    header = ",".join(["index", *(f"{name}_{axis}" for name in LANDMARKS for axis in "xy")])
+    return lambda f: np.savetxt(f, table, fmt=["%d"] + ["%.3f"] * (2 * len(LANDMARKS)), delimiter=",", header=header,
+                                comments="")
 
 
 def _save_factors(factors: np.ndarray, identities: np.ndarray | None = None) -> Writer:
@@ -183,26 +221,19 @@ def _render_chunk(f: dict[str, np.ndarray], size: int) -> np.ndarray:
     f: factor name -> (n,) float32. Returns float32 (n, size, size, 3), RGB in about [0, 1].
     """
     col = lambda k: f[k][:, None, None]  # noqa: E731  (n,) -> (n, 1, 1), broadcasts against the (n, S, S) grids
-    c = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
-    u, v = c[None, None, :], -c[None, :, None]  # image x (right) and y (up) in [-1, 1]: (1, 1, S), (1, S, 1)
-
-    # image -> ear coordinates: x towards the face, y up
-    scale, el = col("scale"), np.sqrt(col("elongation"))
+    u, v = _grid(size)  # (1, 1, S), (1, S, 1)
+    x, y = _to_ear(f, u, v)  # (n, S, S), (n, S, S)
     rot = np.deg2rad(col("rotation"))
-    cr, sr = np.cos(rot), np.sin(rot)
-    pu, pv = u - 2.0 * col("x_offset"), v - 2.0 * col("y_offset")
-    x = (cr * pu + sr * pv) * (el / scale)  # (n, S, S)
-    y = (-sr * pu + cr * pv) / (el * scale)  # (n, S, S)
+    scale = col("scale")
     lobe, attached = col("lobe_size"), col("lobe_attached")
     hw, depth = col("helix_width"), col("concha_depth")
 
     # outline: an egg-shaped upper ear (wider at the top) smoothly joined to the lobe; an attached lobe sits further
     # forward and merges into the cheek
-    top_a = 0.5 + 0.06 * np.clip(y - 0.12, -0.7, 0.7)
-    lobe_c = (-0.02 + 0.1 * attached, -0.46 - 0.16 * lobe + 0.06 * attached)
-    lobe_ab = (0.17 + 0.1 * lobe, 0.15 + 0.13 * lobe)
+    top_a = _top_a(y)
+    lobe_c, lobe_ab = _lobe(lobe, attached)
     lobe_d = _ellipse_dist(x, y, *lobe_c, *lobe_ab)
-    d = _smin(_ellipse_dist(x, y, -0.05, 0.12, top_a, 0.74), lobe_d, 0.12)  # signed distance, negative inside
+    d = _smin(_ellipse_dist(x, y, *_TOP_CENTRE, top_a, _TOP_B), lobe_d, 0.12)  # signed distance, negative inside
     t = -d  # depth inside the outline
     ear = _smoothstep(0.01, -0.01, d)
 
@@ -226,14 +257,14 @@ def _render_chunk(f: dict[str, np.ndarray], size: int) -> np.ndarray:
     antihelix = 0.05 * _ridge(anti_d, 0.06) * _sector(x, y, 0.02, -0.02, 150.0, 90.0, 25.0)
     sup_d, along = _segment(x, y, (-0.2, 0.23), (-0.05, 0.68))
     superior = 0.045 * _ridge(sup_d, 0.055) * (1.0 - 0.5 * along)
-    fossa = _blob(x, y, 0.0, 0.47, 0.17, 0.08)
+    fossa = _blob(x, y, *_PARTS["triangular_fossa"], 0.17, 0.08)
 
     # concha: the bowl inside the antihelix with the ear canal at its front, guarded by the tragus (in front) and the
     # antitragus (below the antihelix); the lobe is a soft dome
     bowl = _smoothstep(0.04, -0.12, _ellipse_dist(x, y, 0.07, -0.06, 0.22, 0.27))
-    canal = _ridge(np.hypot(x - 0.2, y + 0.1), 0.07)
-    tragus = 0.05 * _blob(x, y, 0.31, -0.12, 0.09, 0.15)
-    antitragus = 0.045 * _blob(x, y, -0.1, -0.32, 0.14, 0.09)
+    canal = _ridge(np.hypot(x - _PARTS["ear_canal"][0], y - _PARTS["ear_canal"][1]), 0.07)
+    tragus = 0.05 * _blob(x, y, *_PARTS["tragus"], 0.09, 0.15)
+    antitragus = 0.045 * _blob(x, y, *_PARTS["antitragus"], 0.14, 0.09)
     lobe_dome = 0.04 * _smoothstep(0.0, -0.15, lobe_d)
 
     height = (plate + helix + np.maximum(np.maximum(antihelix, superior), crus) + tragus + antitragus + lobe_dome
@@ -250,7 +281,7 @@ def _render_chunk(f: dict[str, np.ndarray], size: int) -> np.ndarray:
 
     # cast shadow of the ear on the head (the outline seen from the light), occlusion in the folds and around the ear
     sx, sy = 0.06 * np.cos(light - rot), 0.06 * np.sin(light - rot)
-    shadow_d = _smin(_ellipse_dist(x + sx, y + sy, -0.05, 0.12, top_a, 0.74),  # the ear seen from (x, y) towards
+    shadow_d = _smin(_ellipse_dist(x + sx, y + sy, *_TOP_CENTRE, top_a, _TOP_B),  # the ear seen from (x, y) towards
                      _ellipse_dist(x + sx, y + sy, *lobe_c, *lobe_ab), 0.12)  # the light
     behind = (1.0 - ear) * (1.0 - front)
     shade *= (1.0 - 0.4 * _smoothstep(0.04, -0.04, shadow_d) * behind) * (1.0 - 0.45 * depth * bowl)
@@ -262,6 +293,84 @@ def _render_chunk(f: dict[str, np.ndarray], size: int) -> np.ndarray:
     albedo = skin[:, None, None, :].astype(np.float32) * (1.0 + (_EAR_TINT - 1.0) * ear[..., None])  # (n, S, S, 3)
     albedo += (_HAIR - albedo) * hair[..., None]
     return albedo * shade[..., None]
+
+
+def landmarks(factors: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The LANDMARKS of the ears with factors float32 (n, len(FACTORS)) -> float32 (n, len(LANDMARKS), 2): (x, y) in
+    pixels of the size x size image, pixel (i, j) covering [j, j + 1) x [i, i + 1). Parts are exact; outline points
+    are bisected on the renderer's signed distance to 1e-9 ear units."""
+    f = {name: factors[:, k].astype(np.float64) for k, name in enumerate(FACTORS)}  # (n,) each
+    n, lobe, attached = len(factors), f["lobe_size"], f["lobe_attached"]
+    (lobe_x, lobe_y), _ = _lobe(lobe, attached)
+    top = (np.full(n, _TOP_CENTRE[0]), np.full(n, _TOP_CENTRE[1]))
+    points = [*((np.full(n, px), np.full(n, py)) for px, py in _PARTS.values()), (lobe_x, lobe_y),
+              _crossing(lobe_x, lobe_y, (0.0, -1.0), lobe, attached), _crossing(*top, (0.0, 1.0), lobe, attached),
+              _crossing(*top, (-1.0, 0.0), lobe, attached)]
+    x, y = np.stack([p[0] for p in points], 1), np.stack([p[1] for p in points], 1)  # (n, K) ear units
+    col = lambda k: f[k][:, None]  # noqa: E731  (n,) -> (n, 1)
+    scale, el, rot = col("scale"), np.sqrt(col("elongation")), np.deg2rad(col("rotation"))
+    px, py = x * scale / el, y * el * scale  # the inverse of _to_ear: unstretch, unrotate, shift
+    u = np.cos(rot) * px - np.sin(rot) * py + 2.0 * col("x_offset")
+    v = np.sin(rot) * px + np.cos(rot) * py + 2.0 * col("y_offset")
+    return np.stack([(u + 1.0) * (size / 2), (1.0 - v) * (size / 2)], -1).astype(np.float32)
+
+
+def masks(factors: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The ear's mask of each image: uint8 (n, size, size), 1 where the pixel's centre lies inside the ear's outline
+    (the renderer's signed distance < 0, where its ear weight passes 0.5), 0 elsewhere."""
+    out = np.empty((len(factors), size, size), np.uint8)
+    u, v = _grid(size)
+    for i in range(0, len(factors), _RENDER_CHUNK):
+        f = {name: factors[i:i + _RENDER_CHUNK, k] for k, name in enumerate(FACTORS)}
+        x, y = _to_ear(f, u, v)  # (m, S, S)
+        out[i:i + len(x)] = _outline(x, y, f["lobe_size"][:, None, None], f["lobe_attached"][:, None, None]) < 0
+    return out
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres in image coordinates, x right and y up in [-1, 1]: float32 (1, 1, S), (1, S, 1)."""
+    c = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
+    return c[None, None, :], -c[None, :, None]
+
+
+def _to_ear(f: dict[str, np.ndarray], u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image coordinates (_grid) -> ear coordinates of each ear of f (factor -> (n,)): x towards the face, y up,
+    shifted, rotated and unstretched -> (n, S, S), (n, S, S)."""
+    col = lambda k: f[k][:, None, None]  # noqa: E731
+    scale, el = col("scale"), np.sqrt(col("elongation"))
+    rot = np.deg2rad(col("rotation"))
+    cr, sr = np.cos(rot), np.sin(rot)
+    pu, pv = u - 2.0 * col("x_offset"), v - 2.0 * col("y_offset")
+    return (cr * pu + sr * pv) * (el / scale), (-sr * pu + cr * pv) / (el * scale)
+
+
+def _top_a(y: np.ndarray) -> np.ndarray:
+    """Horizontal semi-axis of the upper ear at height y: an egg, wider at the top."""
+    return 0.5 + 0.06 * np.clip(y - 0.12, -0.7, 0.7)
+
+
+def _lobe(lobe: np.ndarray, attached: np.ndarray) -> tuple[tuple, tuple]:
+    """The lobe's ellipse, centre (x, y) and semi-axes (a, b): an attached lobe sits further forward and up."""
+    return (-0.02 + 0.1 * attached, -0.46 - 0.16 * lobe + 0.06 * attached), (0.17 + 0.1 * lobe, 0.15 + 0.13 * lobe)
+
+
+def _outline(x: np.ndarray, y: np.ndarray, lobe: np.ndarray, attached: np.ndarray) -> np.ndarray:
+    """Signed distance to the ear's outline, negative inside: the upper ear's egg smoothly joined to the lobe."""
+    lobe_c, lobe_ab = _lobe(lobe, attached)
+    return _smin(_ellipse_dist(x, y, *_TOP_CENTRE, _top_a(y), _TOP_B), _ellipse_dist(x, y, *lobe_c, *lobe_ab), 0.12)
+
+
+def _crossing(x: np.ndarray, y: np.ndarray, direction: tuple[float, float], lobe: np.ndarray,
+              attached: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the outline crosses the ray from (x, y) (n,), inside the ear, along `direction`: bisection over 2 ear
+    units (the ear spans less than 2), 41 halvings -> (n,), (n,)."""
+    lo, hi = np.zeros_like(x), np.full_like(x, 2.0)
+    for _ in range(41):
+        mid = 0.5 * (lo + hi)
+        inside = _outline(x + mid * direction[0], y + mid * direction[1], lobe, attached) < 0
+        lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
+    t = 0.5 * (lo + hi)
+    return x + t * direction[0], y + t * direction[1]
 
 
 def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
@@ -337,7 +446,7 @@ def get_parser() -> argparse.ArgumentParser:
                    "--identities): sets rendered with another seed are other identities, give them other numbers")
     p.add_argument("--seed", type=seed_int, default=0, help="random seed (train and val use separate streams)")
     p.add_argument("--force", action="store_true", help="replace the dataset already in --out (all its files: .npy, "
-                   "factors, index and skipped CSVs)")
+                   "factors, landmarks, index and skipped CSVs, masks)")
     return p
 
 

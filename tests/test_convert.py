@@ -253,11 +253,13 @@ def test_a_folder_never_mixes_two_datasets(tmp_path, capsys):
     assert main(["convert", str(src), "--out", str(out), "--size", "16", "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["skipped.csv", "train_index.csv", "train_teacher.npy",
                                                      "val_index.csv", "val_teacher.npy"]  # no stale factors CSV
-    assert "removed the earlier dataset's train_factors.csv, val_factors.csv (--force)" in capsys.readouterr().out
+    assert ("removed the earlier dataset's train_factors.csv, train_landmarks.csv, train_masks.npy, "
+            "val_factors.csv, val_landmarks.csv, val_masks.npy (--force)") in capsys.readouterr().out
     assert synth.main(["--out", str(out), "--n-train", "4", "--n-val", "2"]) == 1  # refused
     assert synth.main(["--out", str(out), "--n-train", "4", "--n-val", "2", "--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["train_factors.csv", "train_teacher.npy", "val_factors.csv",
-                                                     "val_teacher.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["train_factors.csv", "train_landmarks.csv", "train_masks.npy",
+                                                     "train_teacher.npy", "val_factors.csv", "val_landmarks.csv",
+                                                     "val_masks.npy", "val_teacher.npy"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

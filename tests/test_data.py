@@ -632,3 +632,58 @@ def test_fingerprint_covers_the_identity_labels_beside_the_file(tmp_path):
     assert data.fingerprint_change(before, data.fingerprint(path, arr)) == "its identity labels x_factors.csv changed"
     labels.unlink()
     assert data.fingerprint_change(before, data.fingerprint(path, arr)) == "its identity labels x_factors.csv removed"
+
+
+LANDMARK_CSV_CASES = {  # how the CSV is spoiled -> what the one line says (beside the file's name)
+    "no file": (lambda lines: None, "no landmarks for train_teacher.npy"),
+    "another header": (lambda lines: ["i,a_x,a_y", *lines[1:]], "line 1: the header is not index,<name>_x"),
+    "a short row": (lambda lines: [*lines[:2], lines[2].rsplit(",", 1)[0], *lines[3:]], "line 3 has 16 fields"),
+    "a missing row": (lambda lines: [lines[0], *lines[1:3], *lines[4:]], "no row for image 2 (1 of the 4 images"),
+    "a row twice": (lambda lines: [*lines, lines[1]], "line 6: index 0 comes twice"),
+    "an index of no image": (lambda lines: [*lines[:4], "9" + lines[4][1:]], "line 5: index 9 is not an image"),
+    "NaN": (lambda lines: [lines[0], "0,nan" + lines[1][lines[1].index(",", 2):], *lines[2:]],
+            "line 2 (image 0): ear_canal is not a finite number"),
+    "a point outside the crop": (lambda lines: [*lines[:2], lines[2].replace(lines[2].split(",")[4], "128.5", 1),
+                                                *lines[3:]], "line 3 (image 1): tragus ("),
+    "a word": (lambda lines: [*lines[:2], "1,x" + lines[2][lines[2].index(",", 2):], *lines[3:]],
+               "line 3: not an integer index and numbers"),
+}
+
+
+@pytest.mark.parametrize("case", LANDMARK_CSV_CASES)
+def test_bad_landmarks_are_one_line_naming_the_file_and_row(tmp_path, case):
+    from synth import write_synthetic
+    write_synthetic(tmp_path, 4, 2, seed=0)
+    npy, path = tmp_path / "train_teacher.npy", tmp_path / "train_landmarks.csv"
+    names, points = data.read_landmarks(npy)
+    assert points.shape == (4, 8, 2) and np.isfinite(points).all()
+    spoil, message = LANDMARK_CSV_CASES[case]
+    lines = spoil(path.read_text().splitlines())
+    path.unlink()
+    if lines is not None:
+        path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        data.read_landmarks(npy)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert case != "a point outside the crop" or "128.5) lies outside the 128 px image" in str(e.value)
+
+
+@pytest.mark.parametrize("case, masks, message", [
+    ("no file", None, "no ear masks for train_teacher.npy"),
+    ("another size", np.zeros((4, 64, 64), np.uint8), "uint8 (4, 64, 64); expected uint8 (4, 128, 128)"),
+    ("another count", np.zeros((5, 128, 128), np.uint8), "uint8 (5, 128, 128); expected uint8 (4, 128, 128)"),
+    ("a value 255", np.eye(128, dtype=np.uint8)[None].repeat(4, 0) * np.array([1, 1, 255, 1], np.uint8)[:, None, None],
+     "mask 2 holds values other than 0 and 1 (max 255)"),
+    ("floats", np.zeros((4, 128, 128), np.float32), "float32 (4, 128, 128)"),
+])
+def test_bad_masks_are_one_line_naming_the_file(tmp_path, case, masks, message):
+    from synth import write_synthetic
+    write_synthetic(tmp_path, 4, 2, seed=0)
+    npy, path = tmp_path / "train_teacher.npy", tmp_path / "train_masks.npy"
+    assert set(np.unique(data.read_masks(npy))) == {0, 1}
+    path.unlink()
+    if masks is not None:
+        np.save(path, masks)
+    with pytest.raises(DataError) as e:
+        data.read_masks(npy)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)

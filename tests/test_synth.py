@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, assert_one_line_error
-from data import IMAGE_SIZE, validate
-from synth import (ANATOMY, FACTOR_RANGES, FACTORS, NUISANCE, VIEW_JITTER, main, render_ears, render_identities,
-                   write_synthetic, write_synthetic_identities)
+from data import IMAGE_SIZE, read_landmarks, read_masks, validate
+from synth import (ANATOMY, FACTOR_RANGES, FACTORS, LANDMARKS, NUISANCE, VIEW_JITTER, landmarks, main, masks,
+                   render_ears, render_identities, write_synthetic, write_synthetic_identities)
 
 # sha256 of train_factors.csv and val_factors.csv of `synth.py --n-train 3 --n-val 2 --seed 0`, written by synth.py
 # before identities existed: the factor streams of the default mode must not change (the images follow from the
@@ -212,3 +212,43 @@ def test_synth_cli_identities_and_its_argument_errors(tmp_path, capsys):
         assert e.value.code == 2
         assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
     assert not (tmp_path / "e").exists()
+
+
+# sha256 of render_ears(3, seed=0)'s images, before landmarks and masks existed: adding them changed no pixel
+DEFAULT_IMAGES_SHA256 = "33b7884875b83697307cd94b9c3186e151d6555fa7cad884ce8d6ea861425273"
+
+
+def test_landmarks_land_on_the_rendered_parts_and_the_images_are_unchanged():
+    """Every part's pixel lies inside the ear's mask, every outline point on the mask's edge (its 3 x 3 pixels hold
+    ear and background), the canal's pixel is darker than a ring around it; the images are those of before."""
+    images, factors = render_ears(64, seed=3)
+    points, mask = landmarks(factors), masks(factors)  # (64, K, 2), (64, 128, 128)
+    assert points.shape == (64, len(LANDMARKS), 2) and mask.shape == (64, 128, 128) and mask.dtype == np.uint8
+    assert set(np.unique(mask)) == {0, 1} and 0.1 < mask.mean() < 0.5
+    col, row = np.floor(points[..., 0]).astype(int), np.floor(points[..., 1]).astype(int)  # (64, K)
+    assert ((points >= 1) & (points < 127)).all()
+    n = np.arange(64)[:, None]
+    inside = mask[n, row, col]  # (64, K)
+    on_edge = [LANDMARKS.index(name) for name in ("lobe_bottom", "helix_top", "helix_back")]
+    assert inside[:, [k for k in range(len(LANDMARKS)) if k not in on_edge]].all()
+    for k in on_edge:
+        around = np.stack([mask[n[:, 0], row[:, k] + di, col[:, k] + dj] for di in (-1, 0, 1) for dj in (-1, 0, 1)])
+        assert (around.min(0) == 0).all() and (around.max(0) == 1).all(), LANDMARKS[k]
+    grey = images.astype(np.float64).mean(-1)  # (64, 128, 128)
+    yy, xx = np.mgrid[:128, :128]
+    canal = points[:, LANDMARKS.index("ear_canal")]  # (64, 2)
+    for img, (cx, cy) in zip(grey, canal):
+        r = np.hypot(xx + 0.5 - cx, yy + 0.5 - cy)
+        assert img[r < 1.5].mean() < img[(r > 6) & (r < 9)].mean() - 10
+    assert hashlib.sha256(render_ears(3, seed=0)[0].tobytes()).hexdigest() == DEFAULT_IMAGES_SHA256
+
+
+def test_write_synthetic_writes_landmarks_and_masks_that_data_reads_back(tmp_path):
+    write_synthetic_identities(tmp_path, k=3, views=2, seed=5)
+    images, factors, _ = render_identities(3, 2, 5)
+    names, points = read_landmarks(tmp_path / "train_teacher.npy")
+    assert names == list(LANDMARKS)
+    assert np.abs(points - landmarks(factors)).max() <= 5e-4  # 3 decimals
+    assert np.array_equal(read_masks(tmp_path / "train_teacher.npy"), masks(factors))
+    assert np.array_equal(np.load(tmp_path / "train_teacher.npy"), images)
+    assert read_landmarks(tmp_path / "val_teacher.npy")[1].shape == (6, len(LANDMARKS), 2)
