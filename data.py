@@ -395,12 +395,13 @@ def masks_file(npy: Path) -> Path:
 
 def read_landmarks(npy: Path) -> tuple[list[str], np.ndarray]:
     """The landmarks of every image of `npy` from landmarks_file(npy) -> (names, float32 (N, K, 2)): (x, y) in pixels
-    of the 128 px image, pixel (i, j) covering [j, j + 1) x [i, i + 1) (synth.LANDMARKS for synthetic ears).
+    of the 128 px image, pixel (i, j) covering [j, j + 1) x [i, i + 1) (synth.LANDMARKS for synthetic ears); NaN
+    for a landmark outside the crop, which the CSV gives as two empty fields.
 
     The CSV's header is `index` then the pairs <name>_x, <name>_y; its rows hold each index 0..N-1 once (any order).
     DataError naming the file (and its line) for: no file, another header, a row of another length, an index that is
-    not an image of `npy` or comes twice, a missing row, a value that is not a finite number, a point outside the
-    image [0, 128]. Nothing is guessed."""
+    not an image of `npy` or comes twice, a missing row, a value that is not a finite number (NaN included) or one
+    empty field of a pair, a point outside the image [0, 128]. Nothing is guessed."""
     path = landmarks_file(npy)
     if not path.is_file():
         raise DataError(f"{path}: no landmarks for {npy.name} (synth.py writes them; a landmarks CSV has the header "
@@ -418,8 +419,13 @@ def read_landmarks(npy: Path) -> tuple[list[str], np.ndarray]:
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise DataError(f"{path}: line {line} has {len(row)} fields, the header {len(header)}")
+        empty = np.array([v.strip() == "" for v in row[1:]]).reshape(-1, 2)  # (K, 2): outside the crop
+        if (half := empty.any(1) & ~empty.all(1)).any():
+            raise DataError(f"{path}: line {line}: {names[int(np.argmax(half))]} has one empty coordinate (both "
+                            f"empty: outside the crop)")
         try:
-            i, values = int(row[0]), np.array([float(v) for v in row[1:]])
+            i = int(row[0])
+            values = np.array([0.0 if v.strip() == "" else float(v) for v in row[1:]])  # (2K,); empty: NaN below
         except ValueError:
             raise DataError(f"{path}: line {line}: not an integer index and numbers ({','.join(row)[:80]!r})") from None
         if not 0 <= i < n:
@@ -434,6 +440,7 @@ def read_landmarks(npy: Path) -> tuple[list[str], np.ndarray]:
             raise DataError(f"{path}: line {line} (image {i}): {names[k]} ({values[2 * k]:g}, {values[2 * k + 1]:g}) "
                             f"lies outside the {IMAGE_SIZE} px image")
         seen[i] = True
+        values[empty.ravel()] = np.nan
         points[i] = values.reshape(-1, 2)
     if not seen.all():
         raise DataError(f"{path}: no row for image {int(np.argmin(seen))} ({int((~seen).sum())} of the {n} images of "

@@ -1,8 +1,10 @@
-"""The whole job on the built-in synthetic ears, CPU-sized (about 20 minutes on 2 cores here):
+"""The whole job on the built-in synthetic ears, CPU-sized (about 20-30 minutes on 2 cores here):
 synthesise identity-labelled ears -> train the tiny model (reconstruction + SupCon on the identities) -> evaluate
-it -> draw its eigenears -> recognise new identities from its identity embedding, beside the raw pixels -> distil a
-student (a random mobilenet_v3_small) from it and recognise the same identities with the student, beside the teacher,
-the pixels and their speeds. Every artefact lands in --out.
+it -> draw its eigenears -> probe its pyramid for landmarks and masks, beside the pixels and a random-init encoder ->
+recognise new identities from its identity embedding, beside the raw pixels -> distil a student (a random
+mobilenet_v3_small) from it and recognise the same identities with the student, beside the teacher, the pixels and
+their speeds -> export the student to ONNX (fp32 and int8) and print its row of the edge table. Every artefact lands
+in --out.
 
     python demo.py                     # writes demo/
     python demo.py --identity-table    # + the same training with the term off, label-free, and SupCon on all of
@@ -102,6 +104,8 @@ def main() -> None:
     train(out, "", args.epochs, "--contrastive-weight", str(CONTRASTIVE_WEIGHT), "--contrastive", "supcon")
     run("eval.py", f"{out}/checkpoints/best.pt", "--out", f"{out}/eval", "--export-latents", f"{out}/eval/latents.npy")
     run("eigenears.py", "--ckpt", f"{out}/checkpoints/best.pt", "--out", f"{out}/eigenears")
+    # what its pyramid knows of the anatomy: landmark and mask probes beside the pixels and a random-init encoder
+    run("probe.py", f"{out}/checkpoints/best.pt", "--out", f"{out}/probe")
     # recognition from the identity embedding: ears of new identities, 4 views each, none seen in training
     run("synth.py", "--out", f"{out}/identities", "--identities", str(args.identities), "--views", str(VIEWS),
         "--seed", "1", "--first-identity", str(2 * args.train_identities))  # numbers apart from training's
@@ -113,6 +117,9 @@ def main() -> None:
         str(args.student_epochs), "--batch-size", str(BATCH), "--lr", "1e-3", "--encoder-lr-scale", "1",
         "--warmup-steps", "50", "--log-every", "25", "--workers", "1")
     run("eval.py", f"{out}/checkpoints_student/best.pt", *new_ids, "--out", f"{out}/identity_student")
+    # the student as a phone runs it: ONNX fp32 and int8 in student_onnx/<arch>/, its row of the edge table
+    run("onnx_export.py", f"{out}/checkpoints_student/best.pt", "--table", "--out", f"{out}/student_onnx", "--data",
+        f"{out}/identities/val_teacher.npy", "--calib", f"{out}/data/train_teacher.npy", "--runs", "50")
     if args.identity_table:  # the same training with the term off, label-free, and on all of mu, on the same data
         weight = str(CONTRASTIVE_WEIGHT)
         train(out, "off", args.epochs, "--contrastive-weight", "0", "--identity-dims", "0")

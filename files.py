@@ -204,6 +204,11 @@ def save_json(obj) -> Writer:
     return lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
+def save_text(text: str) -> Writer:
+    """UTF-8 text, with a final newline."""
+    return lambda f: f.write((text.rstrip("\n") + "\n").encode())
+
+
 def save_npy(arr: np.ndarray) -> Writer:
     """A plain .npy (no pickle)."""
     return lambda f: np.save(f, arr, allow_pickle=False)

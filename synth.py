@@ -171,11 +171,13 @@ def _annotations(out_dir: Path, split: str, factors: np.ndarray) -> dict[Path, W
 
 def _save_landmarks(points: np.ndarray) -> Writer:
     """The landmarks CSV (data.read_landmarks): header index, <name>_x, <name>_y for LANDMARKS; one row per image of
-    points (n, len(LANDMARKS), 2), pixels, 3 decimals."""
-    table = np.column_stack([np.arange(len(points)), points.reshape(len(points), -1).astype(np.float64)])
+    points (n, len(LANDMARKS), 2), pixels, 3 decimals; a landmark outside the crop (the ear cut by the frame: about 1
+    image in 1,000) as two empty fields."""
+    inside = ((points >= 0) & (points <= IMAGE_SIZE)).all(-1)  # (n, K)
     header = ",".join(["index", *(f"{name}_{axis}" for name in LANDMARKS for axis in "xy")])
-    return lambda f: np.savetxt(f, table, fmt=["%d"] + ["%.3f"] * (2 * len(LANDMARKS)), delimiter=",", header=header,
-                                comments="")
+    rows = [",".join([str(i), *(f"{x:.3f},{y:.3f}" if ok else "," for (x, y), ok in zip(p, keep))])
+            for i, (p, keep) in enumerate(zip(points.tolist(), inside))]
+    return lambda f: f.write(("\n".join([header, *rows]) + "\n").encode())
 
 
 def _save_factors(factors: np.ndarray, identities: np.ndarray | None = None) -> Writer:

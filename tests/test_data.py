@@ -687,3 +687,22 @@ def test_bad_masks_are_one_line_naming_the_file(tmp_path, case, masks, message):
     with pytest.raises(DataError) as e:
         data.read_masks(npy)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_a_landmark_outside_the_crop_is_two_empty_fields_read_as_nan(tmp_path):
+    """synth.py writes a landmark the frame cuts off as two empty fields; read_landmarks gives NaN for it, and one
+    empty field of a pair is refused."""
+    from synth import write_synthetic
+    write_synthetic(tmp_path, 4, 2, seed=0)
+    npy, path = tmp_path / "train_teacher.npy", tmp_path / "train_landmarks.csv"
+    lines = path.read_text().splitlines()
+    fields = lines[3].split(",")
+    fields[13:15] = ["", ""]  # helix_top of image 2
+    path.write_text("\n".join([*lines[:3], ",".join(fields), *lines[4:]]) + "\n")
+    names, points = data.read_landmarks(npy)
+    assert np.isnan(points[2, names.index("helix_top")]).all() and np.isfinite(np.delete(points, 6, 1)).all()
+    assert np.isfinite(points[[0, 1, 3]]).all()
+    fields[14] = "3.5"
+    path.write_text("\n".join([*lines[:3], ",".join(fields), *lines[4:]]) + "\n")
+    with pytest.raises(DataError, match=r"line 4: helix_top has one empty coordinate \(both empty: outside the crop\)"):
+        data.read_landmarks(npy)

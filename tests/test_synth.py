@@ -252,3 +252,21 @@ def test_write_synthetic_writes_landmarks_and_masks_that_data_reads_back(tmp_pat
     assert np.array_equal(read_masks(tmp_path / "train_teacher.npy"), masks(factors))
     assert np.array_equal(np.load(tmp_path / "train_teacher.npy"), images)
     assert read_landmarks(tmp_path / "val_teacher.npy")[1].shape == (6, len(LANDMARKS), 2)
+
+
+def test_a_landmark_the_frame_cuts_off_is_written_empty_and_read_as_nan(tmp_path):
+    """About 1 ear in 1,000 reaches past the frame (scale, elongation and offset at their ends): its landmark there is
+    two empty fields, NaN once read, and no other landmark is lost."""
+    lo, hi = np.array(list(FACTOR_RANGES.values())).T  # (F,), (F,): the factors as render_ears draws them
+    factors = np.random.default_rng(0).uniform(lo, hi, (5000, len(FACTORS))).astype(np.float32)
+    points = landmarks(factors)
+    outside = ((points < 0) | (points > IMAGE_SIZE)).any(-1)  # (5000, K)
+    cut = np.flatnonzero(outside.any(1))
+    assert 1 <= len(cut) <= 20
+    from synth import _save_landmarks
+    np.save(tmp_path / "x_teacher.npy", np.zeros((len(cut), 128, 128, 3), np.uint8) + 100)
+    with open(tmp_path / "x_landmarks.csv", "wb") as f:
+        _save_landmarks(points[cut])(f)
+    _, read = read_landmarks(tmp_path / "x_teacher.npy")
+    assert np.array_equal(np.isnan(read).any(-1), outside[cut])
+    assert np.abs(read - points[cut])[~outside[cut]].max() <= 5e-4
