@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from cli import non_negative_int, positive_int, safe_console, seed_int
-from data import IMAGE_SIZE, landmarks_file, masks_file, refuse_dataset, write_dataset
+from data import IMAGE_SIZE, landmarks_file, masks_file, refuse_dataset, save_landmarks, write_dataset
 from errors import DataError, OutputError
 from files import Writer, check_output_dir, save_npy
 
@@ -166,16 +166,8 @@ def write_synthetic_identities(out_dir: str | os.PathLike, k: int, views: int, s
 def _annotations(out_dir: Path, split: str, factors: np.ndarray) -> dict[Path, Writer]:
     """The split's landmarks CSV and masks .npy (data.landmarks_file, data.masks_file) of the ears with `factors`."""
     npy = out_dir / f"{split}_teacher.npy"
-    return {landmarks_file(npy): _save_landmarks(landmarks(factors)), masks_file(npy): save_npy(masks(factors))}
-
-
-def _save_landmarks(points: np.ndarray) -> Writer:
-    """The landmarks CSV (data.read_landmarks): header index, <name>_x, <name>_y for LANDMARKS; one row per image of
-    points (n, len(LANDMARKS), 2), pixels, 3 decimals."""
-    table = np.column_stack([np.arange(len(points)), points.reshape(len(points), -1).astype(np.float64)])
-    header = ",".join(["index", *(f"{name}_{axis}" for name in LANDMARKS for axis in "xy")])
-    return lambda f: np.savetxt(f, table, fmt=["%d"] + ["%.3f"] * (2 * len(LANDMARKS)), delimiter=",", header=header,
-                                comments="")
+    return {landmarks_file(npy): save_landmarks(LANDMARKS, landmarks(factors)),
+            masks_file(npy): save_npy(masks(factors))}
 
 
 def _save_factors(factors: np.ndarray, identities: np.ndarray | None = None) -> Writer:
