@@ -6,7 +6,8 @@ synth.py).
     read_identities                 identity labels of the kept samples from the CSV beside the file (X_index.csv
                                     column subject, or X_factors.csv column identity); shared_identities: those of
                                     a val file that also have images in a train file
-    read_landmarks / read_masks     landmarks (X_landmarks.csv, pixels) and ear masks (X_masks.npy) of every image
+    read_landmarks / read_masks     landmarks (X_landmarks.csv, pixels; save_landmarks writes it) and ear masks
+                                    (X_masks.npy) of every image
     dataset_files / write_dataset   a folder holds one dataset: its .npy files and CSVs are replaced as one set
     AugConfig / augment             batched geometric + colour jitter on the batch's device; sample i's parameters
                                     depend only on (seed, epoch, key_i, view), so a resumed run repeats them exactly
@@ -15,7 +16,8 @@ synth.py).
 
 CLI:
     python data.py check data/train_teacher.npy       # names the bad samples (and their source images)
-    python data.py convert ~/ear_photos --out data    # photos.py: any Pillow format, split by subject
+    python data.py convert ~/ear_photos --out data    # photos.py: any Pillow format, split by subject, iBUG .pts
+                                                      # landmarks carried into X_landmarks.csv
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import io
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,8 +41,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cli import float_range, fraction, int_range, progress, safe_console, seed_int
 from errors import DataError, OutputError
 from files import Writer, check_output_dir, save_npy, write_outputs
-from photos import (BACKGROUND, CHANGE_KINDS, SQUARE_RULES, UnusableImage, load_image, path_text, scan,
-                    split_groups, subject_of)
+from photos import (BACKGROUND, CHANGE_KINDS, SQUARE_RULES, UnusableImage, load_image, map_points, path_text,
+                    read_pts, scan, split_groups, subject_of)
 
 IMAGE_SIZE = 128
 
@@ -393,6 +396,17 @@ def masks_file(npy: Path) -> Path:
     return npy.with_name(f"{npy.stem.removesuffix('_teacher')}_masks.npy")
 
 
+def save_landmarks(names: Sequence[str], points: np.ndarray) -> Writer:
+    """The landmarks CSV that read_landmarks reads: header index, <name>_x, <name>_y for each of `names`; one row per
+    image of points (n, len(names), 2), (x, y) in pixels of the 128 px image, 3 decimals; a landmark outside the crop
+    (synthetic ears cut by the frame: about 1 image in 1,000) as two empty fields."""
+    inside = ((points >= 0) & (points <= IMAGE_SIZE)).all(-1)  # (n, K)
+    header = ",".join(["index", *(f"{name}_{axis}" for name in names for axis in "xy")])
+    rows = [",".join([str(i), *(f"{x:.3f},{y:.3f}" if ok else "," for (x, y), ok in zip(p, keep))])
+            for i, (p, keep) in enumerate(zip(points.tolist(), inside))]
+    return lambda f: f.write(("\n".join([header, *rows]) + "\n").encode())
+
+
 def read_landmarks(npy: Path) -> tuple[list[str], np.ndarray]:
     """The landmarks of every image of `npy` from landmarks_file(npy) -> (names, float32 (N, K, 2)): (x, y) in pixels
     of the 128 px image, pixel (i, j) covering [j, j + 1) x [i, i + 1) (synth.LANDMARKS for synthetic ears); NaN
@@ -696,6 +710,7 @@ SPLITS = ("train", "val")
 SIDECAR_KINDS = ("index", "factors", "landmarks")  # CSVs beside a split's .npy: convert's index, synth.py's factors
                                                    # and landmarks
 SKIPPED_CSV = "skipped.csv"  # convert: every entry of the source folder that is not in the .npy files, and why
+PTS = ".pts"  # convert: iBUG landmarks beside an image of the same name (s01/3.png -> s01/3.pts)
 
 
 def dataset_files(out: Path) -> list[Path]:
@@ -773,11 +788,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     refuse_dataset(out, args.force)
     found = scan(src, exclude=out)
     n_entries = len(found.files) + len(found.skipped)
-    images = np.empty((len(found.files), args.size, args.size, 3), np.uint8)  # filled front to back
-    loaded, changes, skipped = [], [], list(found.skipped)  # loaded: the source of each filled row, relative to src
-    for rel in progress(found.files, desc="convert", unit="img"):
+    pts = _read_all_pts(src, [rel for rel in found.files if rel.suffix.lower() == PTS])  # {rel: (K, 2)}
+    photos = [rel for rel in found.files if rel not in pts]
+    images = np.empty((len(photos), args.size, args.size, 3), np.uint8)  # filled front to back
+    loaded, changes, maps = [], [], []  # of each filled row: its source relative to src, changes, position map
+    skipped = list(found.skipped)
+    for rel in progress(photos, desc="convert", unit="img"):
         try:
-            images[len(loaded)], changed = load_image(src / rel, args.size, args.square, args.background)
+            images[len(loaded)], changed, to_output = load_image(src / rel, args.size, args.square, args.background)
         except UnidentifiedImageError:
             skipped.append((rel, "not an image Pillow can read"))
         except UnusableImage as e:
@@ -787,6 +805,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         else:
             loaded.append(rel)
             changes.append(changed)
+            maps.append(to_output)
+    used = {rel.with_suffix(PTS) for rel in loaded} & set(pts)
+    skipped += [(rel, "landmarks (.pts) of no converted image (none of the same name beside it, or it is skipped)")
+                for rel in pts if rel not in used]
     skipped.sort(key=lambda item: item[0].parts)
     for rel, reason in skipped:
         print(f"skipped {path_text(rel)}: {reason}", file=sys.stderr)
@@ -794,6 +816,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if n_ok < 2:
         raise DataError(f"{path_text(src)}: {n_ok} usable images ({len(skipped):,} of {n_entries:,} entries "
                         f"skipped); need at least 2")
+    points = _photo_landmarks(src, loaded, maps, pts, args.size, args.square) if used else None  # (n_ok, K, 2)
 
     subjects = [subject_of(rel, args.subject_depth) for rel in loaded]
     named = sorted(set(subjects) - {""})
@@ -811,6 +834,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         npys[split] = npy = out / f"{split}_teacher.npy"
         files[npy] = save_npy(images[rows])
         files[sidecar(npy, "index")] = _save_index([(loaded[i], subjects[i], changes[i]) for i in rows])
+        if points is not None:
+            files[landmarks_file(npy)] = save_landmarks([f"p{k + 1}" for k in range(points.shape[1])], points[rows])
     files[out / SKIPPED_CSV] = _save_skipped(skipped)
     removed = write_dataset(out, files)
 
@@ -818,13 +843,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                 (("train", ~val), ("val", val))}
     shared = in_split["val"] & in_split["train"]
     n_val = int(val.sum())
-    print(f"converted {n_ok:,} of {n_entries:,} entries ({len(skipped):,} skipped: {out / SKIPPED_CSV}); "
+    print(f"converted {n_ok:,} of {n_entries:,} entries ({len(skipped):,} skipped: {out / SKIPPED_CSV}"
+          f"{f'; {len(used):,} .pts landmark files read' if used else ''}); "
           f"{_n(len(named), 'subject')} (folders at --subject-depth {args.subject_depth}), "
           f"{_n(subjects.count(''), 'image')} without one")
     print(f"split by {split_by}{'' if args.split_by else ' (default)'}: train {_n(n_ok - n_val, 'image')} of "
           f"{_n(len(in_split['train']), 'subject')} -> {npys['train']}, val {_n(n_val, 'image')} of "
           f"{_n(len(in_split['val']), 'subject')} ({n_val / n_ok:.1%}; --val-fraction {args.val_fraction:g}) -> "
           f"{npys['val']}; their sources in {sidecar(npys['train'], 'index')}, {sidecar(npys['val'], 'index')}")
+    if points is not None:
+        print(f"landmarks: {points.shape[1]} points per image from the .pts beside it, carried through the "
+              f"orientation, --square {args.square} and the resize -> {landmarks_file(npys['train'])}, "
+              f"{landmarks_file(npys['val'])}")
     counts = {kind: sum(kind in {k for k, _ in c} for c in changes) for kind in CHANGE_KINDS}
     print(f"content changes: {', '.join(f'{kind} {n:,}' for kind, n in counts.items() if n) or 'none'} (background "
           f"{','.join(map(str, args.background))}; each image's in the changes column of the index CSVs)")
@@ -840,6 +870,54 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _n(count: int, noun: str) -> str:
     """'1 image', '2 images'."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _read_all_pts(src: Path, files: list[Path]) -> dict[Path, np.ndarray]:
+    """Every .pts of the folder, before any image is decoded -> {path relative to src: float64 (K, 2), photos.read_pts}.
+    DataError naming the file for one that cannot be read or parsed, or whose point count is not the first's."""
+    found: dict[Path, np.ndarray] = {}
+    for rel in files:
+        try:
+            found[rel] = read_pts(src / rel)
+        except OSError as e:
+            raise DataError(f"{path_text(src / rel)}: cannot read it ({e.strerror})") from e
+        except ValueError as e:
+            raise DataError(f"{path_text(src / rel)}: not an iBUG .pts file: {e}") from e
+        first = next(iter(found))
+        if len(found[rel]) != len(found[first]):
+            raise DataError(f"{path_text(src / rel)}: {len(found[rel])} points, but {path_text(first)} (the first "
+                            f".pts) has {len(found[first])}; every image's .pts must hold the same points")
+    return found
+
+
+def _photo_landmarks(src: Path, loaded: list[Path], maps: list[np.ndarray], pts: dict[Path, np.ndarray], size: int,
+                     square: str) -> np.ndarray:
+    """The landmarks of each converted image in pixels of its crop at 128 px (read_landmarks' frame, whatever --size)
+    -> float64 (n, K, 2), rounded to the CSV's 3 decimals. loaded: the images; maps: their (3, 3) position maps from
+    the stored photo to the `size` px crop (photos.load_image); pts: _read_all_pts. DataError when an image has no
+    .pts while others have (naming the first), when two images share one .pts, or when points leave the crop (naming
+    the first image and counting them)."""
+    missing = [rel for rel in loaded if rel.with_suffix(PTS) not in pts]
+    if missing:
+        raise DataError(f"{path_text(src / missing[0])}: no landmarks {path_text(missing[0].with_suffix(PTS))} beside "
+                        f"it, while {len(loaded) - len(missing):,} of the {len(loaded):,} images have theirs "
+                        f"({len(missing):,} without); give every image a .pts, or none")
+    owner: dict[Path, Path] = {}
+    for rel in loaded:
+        if (other := owner.setdefault(rel.with_suffix(PTS), rel)) != rel:
+            raise DataError(f"{path_text(src / rel.with_suffix(PTS))}: the landmarks of two images ({path_text(other)},"
+                            f" {path_text(rel)}); one .pts per image, of the same name")
+    to_128 = np.diag([IMAGE_SIZE / size, IMAGE_SIZE / size, 1.0])
+    points = np.round(np.stack([map_points(pts[rel.with_suffix(PTS)], to_128 @ m) for rel, m in zip(loaded, maps)]),
+                      3)
+    outside = ((points < 0) | (points > IMAGE_SIZE)).any(axis=2)  # (n, K)
+    if outside.any():
+        i, k = np.argwhere(outside)[0]
+        raise DataError(f"{path_text(src / loaded[i].with_suffix(PTS))}: point p{k + 1} lands at ({points[i, k, 0]:g}, "
+                        f"{points[i, k, 1]:g}), outside the {IMAGE_SIZE} px crop of {path_text(loaded[i])} after "
+                        f"--square {square} ({int(outside.any(axis=1).sum()):,} of {len(loaded):,} images have points "
+                        f"outside it){'; --square pad keeps the whole photo' if square == 'crop' else ''}")
+    return points
 
 
 def _printable(text: str) -> str:
@@ -901,9 +979,12 @@ def get_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a folder of ear crops (any format Pillow reads) to train/val .npy",
                        formatter_class=fmt)
     p.add_argument("image_dir", help="folder searched recursively for images (symlinks followed); every entry that "
-                   "is not converted is named with its reason")
+                   "is not converted is named with its reason. iBUG landmarks X.pts beside an image X.png (the "
+                   "in-the-wild ear collections) are carried through the orientation, squaring and resize into "
+                   "{train,val}_landmarks.csv; every image needs one, or none")
     p.add_argument("--out", required=True, help="output folder for {train,val}_teacher.npy, {train,val}_index.csv "
-                   "(each row's source image, subject and content changes) and skipped.csv (entries left out, why)")
+                   "(each row's source image, subject and content changes), {train,val}_landmarks.csv (with .pts "
+                   "files: points p1..pN in pixels of the 128 px crop) and skipped.csv (entries left out, why)")
     p.add_argument("--size", type=int_range(8), default=IMAGE_SIZE, help="output image size in pixels")
     p.add_argument("--square", choices=SQUARE_RULES, default="pad",
                    help="how a non-square image becomes square: pad (centred on --background: the whole ear kept, "
@@ -922,7 +1003,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="fraction of the images for val (met as closely as whole subjects allow)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the split")
     p.add_argument("--force", action="store_true", help="replace the dataset already in --out (all its files: "
-                   ".npy, index, factors and skipped CSVs)")
+                   ".npy, index, factors, landmarks and skipped CSVs, masks)")
     p.set_defaults(func=_cmd_convert)
     return parser
 

@@ -2,8 +2,11 @@
 
     scan(src)            every entry under a folder: the image candidates (each real file once) and, for everything
                          else, why it is left out (broken symlink, FIFO, a second link to a file, unreadable folder)
-    load_image(path)     any image Pillow opens -> uint8 (size, size, 3) and the list of what changed its content
-                         (bit depth, transparency, padding or cropping to square, upscaling, frames left out)
+    load_image(path)     any image Pillow opens -> uint8 (size, size, 3), the list of what changed its content
+                         (bit depth, transparency, padding or cropping to square, upscaling, frames left out) and
+                         the affine map it applied to the pixels' positions (orientation, square, resize)
+    read_pts(path)       iBUG .pts landmarks -> (x, y) in the pixel coordinates of the photo as stored
+    map_points(p, m)     points through such an affine map
     subject_of(rel)      the subject of an image: its first folder level(s) under the folder
     split_groups(keys)   train/val by groups (subjects), seeded, the val fraction met by images as closely as the
                          group sizes allow
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
 SQUARE_RULES = ("pad", "reflect", "crop")
 BACKGROUND = (124, 116, 104)  # ImageNet mean x 255: 0 after the encoders' normalisation, i.e. "no signal" to them
@@ -35,6 +38,11 @@ SQUARED = {"pad": "padded to square", "reflect": "reflected to square", "crop": 
 UPSCALED = f"upscaled more than {UPSCALE_NOTED:g}x"
 FRAMES = "first frame only"
 CHANGE_KINDS = (BIT_DEPTH, TRANSPARENCY, *SQUARED.values(), UPSCALED, FRAMES)
+
+# EXIF orientation -> the transpose that shows the image upright (as PIL.ImageOps.exif_transpose; 1: none)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
 
 
 class UnusableImage(ValueError):
@@ -140,22 +148,24 @@ def _file_type(mode: int) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # one image
 
-def load_image(path: str | os.PathLike, size: int, square: str = "pad",
-               background: tuple[int, int, int] = BACKGROUND) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Read an image file (any format Pillow opens) -> (uint8 (size, size, 3) RGB, changes).
+def load_image(path: str | os.PathLike, size: int, square: str = "pad", background: tuple[int, int, int] = BACKGROUND
+               ) -> tuple[np.ndarray, list[tuple[str, str]], np.ndarray]:
+    """Read an image file (any format Pillow opens) -> (uint8 (size, size, 3) RGB, changes, to_output).
 
-    In order: the first frame (an animation or multi-page file: FRAMES); the EXIF orientation applied; 8-bit RGB by
-    the pixels' meaning: 16-bit values v -> round(v / 257) (0 -> 0, 65535 -> 255), float pixels in [0, 1] -> x 255,
-    16-bit colour PNG/TIFF through Pillow, which keeps the high byte (BIT_DEPTH); grayscale repeated, palette, CMYK,
-    YCbCr and LAB through Pillow's conversion; transparency (an alpha band, or a palette / grey / colour key)
-    composited as rgb * a + background * (1 - a) (TRANSPARENCY); a non-square image made square by `square`:
-    "pad" (centred on a square of `background`), "reflect" (mirrored at its edges, numpy.pad "reflect") or "crop"
-    (the centre square) (SQUARED); resized with Pillow's bicubic filter (antialiased when shrinking), UPSCALED when
-    enlarged by more than UPSCALE_NOTED.
+    In order: the first frame (an animation or multi-page file: FRAMES); the EXIF orientation applied (ORIENTATIONS,
+    as PIL.ImageOps.exif_transpose); 8-bit RGB by the pixels' meaning: 16-bit values v -> round(v / 257) (0 -> 0,
+    65535 -> 255), float pixels in [0, 1] -> x 255, 16-bit colour PNG/TIFF through Pillow, which keeps the high byte
+    (BIT_DEPTH); grayscale repeated, palette, CMYK, YCbCr and LAB through Pillow's conversion; transparency (an alpha
+    band, or a palette / grey / colour key) composited as rgb * a + background * (1 - a) (TRANSPARENCY); a
+    non-square image made square by `square`: "pad" (centred on a square of `background`), "reflect" (mirrored at
+    its edges, numpy.pad "reflect") or "crop" (the centre square) (SQUARED); resized with Pillow's bicubic filter
+    (antialiased when shrinking), UPSCALED when enlarged by more than UPSCALE_NOTED.
 
-    changes: (kind of CHANGE_KINDS, detail) for each of these that altered the content. Raises UnusableImage
-    (32-bit integer pixels, float pixels outside [0, 1], 16-bit colour PPM), and Pillow's errors for a file it
-    cannot read (OSError, ValueError, EOFError, Image.DecompressionBombError)."""
+    changes: (kind of CHANGE_KINDS, detail) for each of these that altered the content. to_output: float64 (3, 3),
+    the affine map of positions that the orientation, the square and the resize applied: (x, y, 1) in pixels of the
+    file as stored -> (x, y, 1) in pixels of the output, both with pixel (i, j) covering [j, j + 1) x [i, i + 1)
+    (map_points). Raises UnusableImage (32-bit integer pixels, float pixels outside [0, 1], 16-bit colour PPM), and
+    Pillow's errors for a file it cannot read (OSError, ValueError, EOFError, Image.DecompressionBombError)."""
     if square not in SQUARE_RULES:
         raise ValueError(f"square must be one of {SQUARE_RULES}, got {square!r}")
     changes: list[tuple[str, str]] = []
@@ -170,7 +180,11 @@ def load_image(path: str | os.PathLike, size: int, square: str = "pad",
             raise UnusableImage("16-bit colour PPM: Pillow reads only the low byte of each value; save it as PNG "
                                 "or TIFF")
         wide = maxval > 255 or any(";16" in _rawmode(t.args) for t in im.tile)
-        im = ImageOps.exif_transpose(im)  # a copy: keeps mode, info and palette, not the format
+        im.load()  # the EXIF of a PNG may follow its pixels
+        method = ORIENTATIONS.get(im.getexif().get(ExifTags.Base.Orientation, 1))
+        to_output = _transpose_map(method, *im.size)
+        if method is not None:
+            im = im.transpose(method)  # a copy: keeps mode, info and palette
         rgb, alpha, depth = _to_rgb8(im, wide)
     if depth:
         changes.append((BIT_DEPTH, depth))
@@ -180,14 +194,87 @@ def load_image(path: str | os.PathLike, size: int, square: str = "pad",
         changes.append((TRANSPARENCY, f"{(alpha < 255).mean():.0%} of pixels not opaque"))
     h, w = rgb.shape[:2]
     if h != w:
+        _, top, left = _square_box(h, w, square)
         rgb = _square(rgb, square, background)
+        to_output = np.array([[1, 0, left], [0, 1, top], [0, 0, 1]]) @ to_output
         changes.append((SQUARED[square], f"{w}x{h}"))
     side = rgb.shape[0]
     if size / side > UPSCALE_NOTED:
         changes.append((UPSCALED, f"{size / side:.1f}x"))
     if side != size:
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
-    return rgb, changes
+        # Pillow's output pixel centre x + 0.5 samples the input at (x + 0.5) * side / size: a plain scaling
+        to_output = np.diag([size / side, size / side, 1.0]) @ to_output
+    return rgb, changes, to_output
+
+
+def map_points(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Points (K, 2) of (x, y) through an affine map (3, 3) acting on (x, y, 1) -> float64 (K, 2)."""
+    return points @ affine[:2, :2].T + affine[:2, 2]
+
+
+def _transpose_map(method: Image.Transpose | None, w: int, h: int) -> np.ndarray:
+    """The affine map (3, 3) of positions that Image.transpose(method) applies to a w x h image (None: the identity),
+    in pixel coordinates with pixel (i, j) covering [j, j + 1) x [i, i + 1)."""
+    t = Image.Transpose
+    rows = {None: ((1, 0, 0), (0, 1, 0)),
+            t.FLIP_LEFT_RIGHT: ((-1, 0, w), (0, 1, 0)),
+            t.ROTATE_180: ((-1, 0, w), (0, -1, h)),
+            t.FLIP_TOP_BOTTOM: ((1, 0, 0), (0, -1, h)),
+            t.TRANSPOSE: ((0, 1, 0), (1, 0, 0)),
+            t.ROTATE_270: ((0, -1, h), (1, 0, 0)),  # clockwise: the top-left corner goes to the top right
+            t.TRANSVERSE: ((0, -1, h), (-1, 0, w)),
+            t.ROTATE_90: ((0, 1, 0), (-1, 0, w))}[method]  # anticlockwise: the top-left corner goes to the bottom left
+    return np.array([*rows, (0, 0, 1)], np.float64)
+
+
+def read_pts(path: str | os.PathLike) -> np.ndarray:
+    """The landmarks of an iBUG .pts file (version 1, as the in-the-wild ear collections ship: 55 points per ear) ->
+    float64 (K, 2): (x, y) in pixels of the photo as stored (before its EXIF orientation), with pixel (i, j) covering
+    [j, j + 1) x [i, i + 1).
+
+    The file: `version: 1`, `n_points: K`, `{`, K lines `x y`, `}`. Its coordinates are 1-based pixel centres, the
+    centre of the top-left pixel being (1, 1): menpo, iBUG's own reader (menpo.io.input.landmark.pts_importer),
+    subtracts 1 to get 0-based pixel centres (https://github.com/menpo/menpo). Here the centre of that pixel is
+    (0.5, 0.5), so x - 0.5, y - 0.5.
+
+    Raises ValueError naming the line and the reason for: a file that is not text, no or another version than 1,
+    no n_points, no `{` or `}`, a point line that is not two numbers, a coordinate that is not finite, a count of
+    points other than n_points. OSError when the file cannot be read."""
+    try:
+        lines = Path(path).read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError("not a text file (an iBUG .pts is `version: 1`, `n_points: K`, `{`, K lines `x y`, `}`)"
+                         ) from None
+    numbered = [(k, line.strip()) for k, line in enumerate(lines, start=1) if line.strip()]
+    header: dict[str, str] = {}
+    while numbered and numbered[0][1] != "{":
+        k, line = numbered.pop(0)
+        key, colon, value = line.partition(":")
+        if not colon:
+            raise ValueError(f"line {k}: {line[:40]!r} is not a `key: value` header line before `{{`")
+        header[key.strip()] = value.strip()
+    if header.get("version") != "1":
+        raise ValueError(f"version {header.get('version', '(none)')!r}, expected `version: 1` before `{{`")
+    if not header.get("n_points", "").isdigit():
+        raise ValueError(f"n_points {header.get('n_points', '(none)')!r}, expected `n_points: K` before `{{`")
+    if not numbered:
+        raise ValueError("no `{` opening the points")
+    if numbered[-1][1] != "}":
+        raise ValueError("no `}` closing the points (a truncated file?)")
+    body = numbered[1:-1]  # (line number, 'x y')
+    points = np.empty((len(body), 2))
+    for row, (k, line) in enumerate(body):
+        try:
+            x, y = (float(v) for v in line.split())  # ValueError: not a number, or not two
+        except ValueError:
+            raise ValueError(f"line {k}: {line[:40]!r} is not two numbers `x y`") from None
+        points[row] = x, y
+        if not np.isfinite(points[row]).all():
+            raise ValueError(f"line {k}: {line[:40]!r} is not a finite point")
+    if len(points) != int(header["n_points"]):
+        raise ValueError(f"{len(points)} points between `{{` and `}}`, but n_points: {header['n_points']}")
+    return points - 0.5
 
 
 def _rawmode(args: object) -> str:
@@ -229,21 +316,28 @@ def _to_rgb8(im: Image.Image, wide: bool) -> tuple[np.ndarray, np.ndarray | None
 
 
 def _square(rgb: np.ndarray, rule: str, background: tuple[int, int, int]) -> np.ndarray:
-    """uint8 (h, w, 3) -> (s, s, 3): "pad" centres it on `background` (s = max), "reflect" mirrors its edges
-    outwards (s = max), "crop" keeps the centre (s = min)."""
+    """uint8 (h, w, 3) -> (s, s, 3), placed by _square_box: "pad" centres it on `background`, "reflect" mirrors its
+    edges outwards, "crop" keeps the centre."""
     h, w = rgb.shape[:2]
+    s, top, left = _square_box(h, w, rule)
     if rule == "crop":
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        return rgb[top:top + s, left:left + s]
-    s = max(h, w)
-    top, left = (s - h) // 2, (s - w) // 2
+        return rgb[-top:s - top, -left:s - left]
     if rule == "reflect":
         return np.pad(rgb, ((top, s - h - top), (left, s - w - left), (0, 0)), mode="reflect")
     out = np.empty((s, s, 3), np.uint8)
     out[:] = background
     out[top:top + h, left:left + w] = rgb
     return out
+
+
+def _square_box(h: int, w: int, rule: str) -> tuple[int, int, int]:
+    """(side s, top, left) of the square made of an h x w image: the image's top-left corner lands at (left, top) of
+    the square (negative for "crop", which keeps the centre: s = min(h, w); else s = max(h, w))."""
+    if rule == "crop":
+        s = min(h, w)
+        return s, -((h - s) // 2), -((w - s) // 2)
+    s = max(h, w)
+    return s, (s - h) // 2, (s - w) // 2
 
 
 # ----------------------------------------------------------------------------------------------------------------

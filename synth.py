@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from cli import non_negative_int, positive_int, safe_console, seed_int
-from data import IMAGE_SIZE, landmarks_file, masks_file, refuse_dataset, write_dataset
+from data import IMAGE_SIZE, landmarks_file, masks_file, refuse_dataset, save_landmarks, write_dataset
 from errors import DataError, OutputError
 from files import Writer, check_output_dir, save_npy
 
@@ -166,18 +166,8 @@ def write_synthetic_identities(out_dir: str | os.PathLike, k: int, views: int, s
 def _annotations(out_dir: Path, split: str, factors: np.ndarray) -> dict[Path, Writer]:
     """The split's landmarks CSV and masks .npy (data.landmarks_file, data.masks_file) of the ears with `factors`."""
     npy = out_dir / f"{split}_teacher.npy"
-    return {landmarks_file(npy): _save_landmarks(landmarks(factors)), masks_file(npy): save_npy(masks(factors))}
-
-
-def _save_landmarks(points: np.ndarray) -> Writer:
-    """The landmarks CSV (data.read_landmarks): header index, <name>_x, <name>_y for LANDMARKS; one row per image of
-    points (n, len(LANDMARKS), 2), pixels, 3 decimals; a landmark outside the crop (the ear cut by the frame: about 1
-    image in 1,000) as two empty fields."""
-    inside = ((points >= 0) & (points <= IMAGE_SIZE)).all(-1)  # (n, K)
-    header = ",".join(["index", *(f"{name}_{axis}" for name in LANDMARKS for axis in "xy")])
-    rows = [",".join([str(i), *(f"{x:.3f},{y:.3f}" if ok else "," for (x, y), ok in zip(p, keep))])
-            for i, (p, keep) in enumerate(zip(points.tolist(), inside))]
-    return lambda f: f.write(("\n".join([header, *rows]) + "\n").encode())
+    return {landmarks_file(npy): save_landmarks(LANDMARKS, landmarks(factors)),
+            masks_file(npy): save_npy(masks(factors))}
 
 
 def _save_factors(factors: np.ndarray, identities: np.ndarray | None = None) -> Writer:

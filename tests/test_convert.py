@@ -1,7 +1,8 @@
 """Tests for `data.py convert` on real photo folders (photos.py): every pixel format brought to 8-bit RGB by its
 meaning, every skipped entry named, non-UTF-8 names kept, subject-disjoint splits, output folders that never mix
-datasets; `check` naming bad samples; eval / eigenears honouring the run's --max-invalid and warning about identities
-seen in training; every writing command checking its output location first."""
+datasets; iBUG .pts landmarks moving with the pixels (EXIF orientation, squaring, resize) into the landmarks CSV,
+bad ones named; `check` naming bad samples; eval / eigenears honouring the run's --max-invalid and warning about
+identities seen in training; every writing command checking its output location first."""
 import csv
 import itertools
 import os
@@ -14,16 +15,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import eigenears as eg
 import eval as ev
 import synth
 import train
 from conftest import ROOT, assert_one_line_error
-from data import main
+from data import main, read_landmarks
 from errors import DataError, TrainingError
-from photos import BACKGROUND, UPSCALED, load_image, path_from_text, path_text, split_groups
+from photos import BACKGROUND, UPSCALED, load_image, map_points, path_from_text, path_text, read_pts, split_groups
 from checkpoints import read_checkpoint
 
 
@@ -66,7 +67,7 @@ def test_16_bit_ramp_is_scaled_not_clipped(tmp_path):
     for name in ("ramp.png", "ramp.tif"):
         Image.fromarray(ramp).save(tmp_path / name)  # mode I;16: 16-bit grayscale PNG and TIFF
         assert Image.open(tmp_path / name).mode == "I;16"
-        image, changes = load_image(tmp_path / name, 16)  # 16 x 16: no resize
+        image, changes, _ = load_image(tmp_path / name, 16)  # 16 x 16: no resize
         for c in range(3):
             np.testing.assert_array_equal(image[..., c], expected)
         assert changes == [("bit depth scaled to 8-bit", "16-bit / 257")]
@@ -75,7 +76,7 @@ def test_16_bit_ramp_is_scaled_not_clipped(tmp_path):
 def test_float_tiff_in_unit_range_is_scaled_and_other_ranges_are_refused(tmp_path):
     x = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     Image.fromarray(x).save(tmp_path / "f.tif")
-    image, _ = load_image(tmp_path / "f.tif", 8)
+    image, _, _ = load_image(tmp_path / "f.tif", 8)
     np.testing.assert_array_equal(image[..., 1], np.round(x.astype(np.float64) * 255).astype(np.uint8))
     Image.fromarray(x * 4000).save(tmp_path / "g.tif")
     with pytest.raises(ValueError, match=r"float pixels 0\.\.4000"):
@@ -91,7 +92,7 @@ def test_transparency_is_composited_on_the_stated_background(tmp_path):
     bg = np.array((0, 255, 0), np.float64)
     a = rgba[..., 3:] / 255.0
     expected = np.round(rgba[..., :3] * a + bg * (1 - a)).astype(np.uint8)
-    image, changes = load_image(tmp_path / "rgba.png", 8, background=(0, 255, 0))
+    image, changes, _ = load_image(tmp_path / "rgba.png", 8, background=(0, 255, 0))
     np.testing.assert_array_equal(image, expected)
     assert changes == [("transparency composited on the background", "50% of pixels not opaque")]
 
@@ -100,7 +101,7 @@ def test_transparency_is_composited_on_the_stated_background(tmp_path):
     p.putpalette([10, 20, 30, 250, 0, 0, 0, 0, 250])
     p.putdata([1 if y < 2 else 2 for y in range(8) for _ in range(8)])
     p.save(tmp_path / "palette.png", transparency=1)
-    image, _ = load_image(tmp_path / "palette.png", 8)
+    image, _, _ = load_image(tmp_path / "palette.png", 8)
     assert (image[:2] == BACKGROUND).all() and (image[2:] == (0, 0, 250)).all()
 
 
@@ -113,7 +114,7 @@ def test_8_bit_modes_convert_as_pillow_defines_them(tmp_path, mode, fmt):
     src.save(path, **({"lossless": True} if fmt == "webp" else {"quality": 100} if fmt == "jpg" else {}))
     with Image.open(path) as im:
         expected = np.asarray(im.convert("RGB"))  # Pillow's own meaning of the mode (LA: alpha 255, nothing to blend)
-    image, changes = load_image(path, 12)
+    image, changes, _ = load_image(path, 12)
     np.testing.assert_array_equal(image, expected)
     assert changes == []
 
@@ -121,7 +122,7 @@ def test_8_bit_modes_convert_as_pillow_defines_them(tmp_path, mode, fmt):
 def test_animation_keeps_the_first_frame_and_says_so(tmp_path):
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
-    image, changes = load_image(tmp_path / "a.gif", 8)
+    image, changes, _ = load_image(tmp_path / "a.gif", 8)
     assert (image == (255, 0, 0)).all()
     assert changes == [("first frame only", "of 2")]
 
@@ -130,19 +131,170 @@ def test_square_rules_pad_reflect_crop_keep_the_image_and_invent_nothing(tmp_pat
     rng = np.random.default_rng(1)
     portrait = rng.integers(0, 256, (40, 20, 3), dtype=np.uint8)  # 20 wide, 40 high: an ear crop's 1:2
     Image.fromarray(portrait).save(tmp_path / "p.png")
-    pad, changes = load_image(tmp_path / "p.png", 40, "pad")
+    pad, changes, _ = load_image(tmp_path / "p.png", 40, "pad")
     np.testing.assert_array_equal(pad[:, 10:30], portrait)  # the whole crop, centred, untouched
     assert (pad[:, :10] == BACKGROUND).all() and (pad[:, 30:] == BACKGROUND).all()
     assert changes == [("padded to square", "20x40")]
-    reflect, _ = load_image(tmp_path / "p.png", 40, "reflect")
+    reflect, _, _ = load_image(tmp_path / "p.png", 40, "reflect")
     np.testing.assert_array_equal(reflect[:, 10:30], portrait)
     np.testing.assert_array_equal(reflect[:, 9::-1], portrait[:, 1:11])  # mirrored about the edge column
-    crop, changes = load_image(tmp_path / "p.png", 20, "crop")
+    crop, changes, _ = load_image(tmp_path / "p.png", 20, "crop")
     np.testing.assert_array_equal(crop, portrait[10:30])
     assert changes == [("centre-cropped to square", "20x40")]
     tiny = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))  # 8 x 6: 16x to 128
     tiny.save(tmp_path / "tiny.png")
     assert (UPSCALED, "16.0x") in load_image(tmp_path / "tiny.png", 128)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# landmarks: iBUG .pts carried through every change to the pixels
+
+def save_oriented(path: Path, pixels: np.ndarray, orientation: int) -> None:
+    """A PNG of uint8 (h, w, 3) pixels as stored, with the EXIF orientation tag (1..8)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif)
+
+
+def write_pts(path: Path, points: list[tuple[float, float]]) -> None:
+    """An iBUG .pts file of (x, y) points, as written: 1-based pixel centres."""
+    path.write_text(f"version: 1\nn_points: {len(points)}\n{{\n"
+                    + "".join(f"{x:g} {y:g}\n" for x, y in points) + "}\n")
+
+
+@pytest.mark.parametrize("square", ["pad", "reflect", "crop"])
+def test_the_map_load_image_returns_moves_points_with_the_pixels_in_all_8_orientations(tmp_path, square):
+    stored = np.zeros((10, 6, 3), np.uint8)  # 6 wide, 10 high as stored
+    dots = [(1, 2), (4, 7), (3, 0), (0, 9)]  # (column, row) of single bright pixels
+    for c, r in dots:
+        stored[r, c] = 255
+    centres = np.array(dots) + 0.5  # (x, y) of their centres, pixel (i, j) covering [j, j + 1) x [i, i + 1)
+    for orientation in range(1, 9):
+        path = tmp_path / f"o{orientation}.png"
+        save_oriented(path, stored, orientation)
+        upright = np.asarray(ImageOps.exif_transpose(Image.open(path)))  # Pillow's reading of the tag
+        side = 6 if square == "crop" else 10
+        out, _, to_output = load_image(path, side, square, background=(0, 0, 0))  # no resize: pixels stay exact
+        if square == "pad":
+            h, w = upright.shape[:2]
+            np.testing.assert_array_equal(out[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w],
+                                          upright)  # the pixel path is Pillow's exif_transpose
+        placed = map_points(centres, to_output)  # (4, 2)
+        assert (placed % 1 == 0.5).all()  # pixel centres go to pixel centres
+        inside = ((placed >= 0) & (placed < side)).all(axis=1)
+        assert inside.sum() >= (2 if square == "crop" else 4)
+        cols, rows = placed[inside].astype(int).T
+        assert (out[rows, cols] == 255).all(), orientation  # each point where its bright pixel went
+        if square != "reflect":  # reflect mirrors the dots: more bright pixels than points
+            assert (out[..., 0] == 255).sum() == inside.sum(), orientation
+
+
+def test_pts_points_follow_rotation_padding_and_resize_into_the_landmarks_csv(tmp_path, capsys):
+    src = tmp_path / "ears"
+    (src / "s1").mkdir(parents=True)
+    (src / "s2").mkdir()
+    # s1/a: stored 384 wide x 192 high, EXIF 6 (shown turned 90 degrees clockwise: 192 x 384), padded by 96 columns
+    # on each side to 384 x 384, shrunk 3x to 128
+    a = np.zeros((192, 384, 3), np.uint8)
+    dots_a = [(10, 4), (190, 100), (370, 190)]  # (column, row) as stored
+    for c, r in dots_a:
+        a[r, c] = 255
+    save_oriented(src / "s1" / "a.png", a, 6)
+    write_pts(src / "s1" / "a.pts", [(c + 1, r + 1) for c, r in dots_a])  # iBUG: 1-based pixel centres
+    # by hand: centre (c + 0.5, r + 0.5) -> turned clockwise in a 192-high image (192 - (r + 0.5), c + 0.5) -> + 96
+    # columns -> / 3
+    expected_a = [((288 - r - 0.5) / 3, (c + 0.5) / 3) for c, r in dots_a]
+    assert expected_a == [(94.5, 3.5), (62.5, 63.5), (32.5, 123.5)]
+    b = np.zeros((128, 128, 3), np.uint8)  # s2/b: already 128 px, upright: points stay
+    dots_b = [(0, 0), (127, 5), (60, 127)]
+    for c, r in dots_b:
+        b[r, c] = 255
+    Image.fromarray(b).save(src / "s2" / "b.png")
+    write_pts(src / "s2" / "b.pts", [(c + 1, r + 1) for c, r in dots_b])
+    write_pts(src / "s2" / "lost.pts", dots_b)  # no image of that name
+    expected_b = [(c + 0.5, r + 0.5) for c, r in dots_b]
+
+    assert main(["convert", str(src), "--out", str(tmp_path / "out"), "--background", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "2 .pts landmark files read" in out and "landmarks: 3 points per image" in out
+    assert read_csv(tmp_path / "out" / "skipped.csv") == [  # used .pts are not skipped entries; the lost one is
+        {"path": "s2/lost.pts", "reason": "landmarks (.pts) of no converted image (none of the same name beside it, or "
+                                          "it is skipped)"}]
+    for split in ("train", "val"):
+        npy = tmp_path / "out" / f"{split}_teacher.npy"
+        names, points = read_landmarks(npy)  # the CSV round-trips through the reader
+        assert names == ["p1", "p2", "p3"]
+        images = np.load(npy)
+        for row in read_csv(tmp_path / "out" / f"{split}_index.csv"):
+            i = int(row["index"])
+            expected = {"s1/a.png": expected_a, "s2/b.png": expected_b}[row["path"]]
+            np.testing.assert_array_equal(points[i], np.float32(expected))
+            brightest = np.argsort(images[i, ..., 0], axis=None)[-3:]  # the 3 brightest output pixels
+            assert sorted(zip(*np.unravel_index(brightest, (128, 128)))) == sorted(
+                (int(y), int(x)) for x, y in points[i])  # (row, column) of the pixel each point lies in
+
+
+PTS_FAULTS = {  # case -> (content of s2/b.pts, fragment of the one-line error)
+    "no brace": ("version: 1\nn_points: 3\n1 1\n2 2\n3 3\n", "line 3: '1 1' is not a `key: value` header line"),
+    "not numbers": ("version: 1\nn_points: 3\n{\n1 1\n2 two\n3 3\n}\n", "line 5: '2 two' is not two numbers"),
+    "nan": ("version: 1\nn_points: 3\n{\n1 1\nnan 2\n3 3\n}\n", "line 5: 'nan 2' is not a finite point"),
+    "truncated": ("version: 1\nn_points: 3\n{\n1 1\n2 2\n", "no `}` closing the points"),
+    "count": ("version: 1\nn_points: 2\n{\n1 1\n2 2\n}\n", "2 points, but s1/a.pts (the first .pts) has 3"),
+    "short": ("version: 1\nn_points: 3\n{\n1 1\n2 2\n}\n", "2 points between `{` and `}`, but n_points: 3"),
+}
+
+
+@pytest.mark.parametrize("case", PTS_FAULTS)
+def test_a_bad_pts_is_a_one_line_error_naming_it(tmp_path, capsys, case):
+    src = tmp_path / "ears"
+    for s in ("s1", "s2"):
+        (src / s).mkdir(parents=True)
+    for rel in ("s1/a", "s2/b"):
+        Image.fromarray(np.full((8, 8, 3), 99, np.uint8)).save(src / f"{rel}.png")
+    write_pts(src / "s1" / "a.pts", [(1, 1), (2, 2), (3, 3)])
+    content, fragment = PTS_FAULTS[case]
+    (src / "s2" / "b.pts").write_text(content)
+    assert_one_line_error(run_main(["convert", str(src), "--out", str(tmp_path / "out"), "--size", "8"], capsys),
+                          f"{src}/s2/b.pts: ", fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def assert_last_line_error(proc: SimpleNamespace, *fragments: str) -> None:
+    """A CLI failure found after the images were read: exit 1, no traceback, the progress lines, then one line
+    'error: ...' holding each fragment."""
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(f in last for f in fragments), (fragments, last)
+    assert sum(line.startswith("error") for line in proc.stderr.splitlines()) == 1
+
+
+def test_images_without_pts_among_images_with_them_and_points_cut_off_are_named(tmp_path, capsys):
+    src = tmp_path / "ears"
+    for s in ("s1", "s2", "s3"):
+        (src / s).mkdir(parents=True)
+        Image.fromarray(np.full((20, 10, 3), 99, np.uint8)).save(src / s / "x.png")  # 10 wide, 20 high
+    write_pts(src / "s1" / "x.pts", [(5, 1), (5, 20)])  # the top and bottom rows' centres
+    write_pts(src / "s3" / "x.pts", [(5, 10), (5, 11)])
+    assert_last_line_error(run_main(["convert", str(src), "--out", str(tmp_path / "out"), "--size", "8"], capsys),
+                          f"{src}/s2/x.png: no landmarks s2/x.pts beside it, while 2 of the 3 images have theirs")
+    write_pts(src / "s2" / "x.pts", [(5, 10), (5, 11)])
+    # --square crop keeps rows 5..14: s1's top point (4.5, 0.5) goes to (4.5, -4.5) of 10 px, (57.6, -57.6) at 128
+    assert_last_line_error(run_main(["convert", str(src), "--out", str(tmp_path / "out"), "--size", "8", "--square",
+                                    "crop"], capsys),
+                          f"{src}/s1/x.pts: point p1 lands at (57.6, -57.6), outside the 128 px crop of s1/x.png "
+                          f"after --square crop (1 of 3 images have points outside it); --square pad keeps the whole")
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", str(src), "--out", str(tmp_path / "out"), "--size", "8"]) == 0  # pad: all inside
+    names, points = read_landmarks(tmp_path / "out" / "train_teacher.npy")
+    assert names == ["p1", "p2"] and ((points >= 0) & (points <= 128)).all()
+    Image.fromarray(np.full((20, 10, 3), 99, np.uint8)).save(src / "s3" / "x.jpg")  # x.pts would be whose?
+    assert_last_line_error(run_main(["convert", str(src), "--out", str(tmp_path / "out"), "--size", "8", "--force"],
+                                    capsys), f"{src}/s3/x.pts: the landmarks of two images (s3/x.jpg, s3/x.png)")
+
+
+def test_read_pts_takes_ibug_one_based_pixel_centres(tmp_path):
+    write_pts(tmp_path / "a.pts", [(1, 1), (10.25, 3)])
+    np.testing.assert_array_equal(read_pts(tmp_path / "a.pts"), [[0.5, 0.5], [9.75, 2.5]])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -318,7 +318,7 @@ def test_convert_index_csvs_give_each_npy_rows_source_and_subject(tmp_path, caps
         rows = read_index(out / f"{split}_index.csv")
         assert [int(r["index"]) for r in rows] == list(range(len(npy)))  # one row per row of the .npy
         for r in rows:
-            image, changes = load_image(src / r["path"], 16)
+            image, changes, _ = load_image(src / r["path"], 16)
             assert np.array_equal(npy[int(r["index"])], image), r
             assert r["changes"] == "; ".join(f"{kind} ({detail})" for kind, detail in changes) != "", r
             assert r["subject"] == subjects[r["path"]], r

@@ -263,10 +263,10 @@ def test_a_landmark_the_frame_cuts_off_is_written_empty_and_read_as_nan(tmp_path
     outside = ((points < 0) | (points > IMAGE_SIZE)).any(-1)  # (5000, K)
     cut = np.flatnonzero(outside.any(1))
     assert 1 <= len(cut) <= 20
-    from synth import _save_landmarks
+    from data import save_landmarks
     np.save(tmp_path / "x_teacher.npy", np.zeros((len(cut), 128, 128, 3), np.uint8) + 100)
     with open(tmp_path / "x_landmarks.csv", "wb") as f:
-        _save_landmarks(points[cut])(f)
+        save_landmarks(LANDMARKS, points[cut])(f)
     _, read = read_landmarks(tmp_path / "x_teacher.npy")
     assert np.array_equal(np.isnan(read).any(-1), outside[cut])
     assert np.abs(read - points[cut])[~outside[cut]].max() <= 5e-4
