@@ -14,7 +14,6 @@ subfolder per checkpoint and a comparison table in OUT/summary.json.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -24,12 +23,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cli import positive_int, safe_console  # noqa: E402
+from cli import positive_int  # noqa: E402
 from data import EarDataset  # noqa: E402
-from errors import CheckpointError, DataError, OutputError, WeightsUnavailableError  # noqa: E402
+from errors import DataError, OutputError  # noqa: E402
 from files import check_output_dir, check_replace, save_figure, save_json, write_outputs  # noqa: E402
 from inference import (add_inference_args, autocast, checkpoint_info, data_file, encode_dataset,  # noqa: E402
-                       max_invalid, out_of_memory_error, run_dataset, setup)
+                       max_invalid, run_command, run_dataset, setup)
 from losses import psnr  # noqa: E402
 from checkpoints import load_model, read_checkpoint  # noqa: E402
 from model import EarVAE  # noqa: E402
@@ -401,15 +400,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    safe_console()
-    try:
-        main()
-    except (CheckpointError, DataError, OutputError, WeightsUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except torch.OutOfMemoryError:
-        print(out_of_memory_error(get_parser().parse_args().batch_size), file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written (results are written together at the end)", file=sys.stderr)
-        sys.exit(130)
+    run_command(main, get_parser)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -43,14 +42,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cli import safe_console  # noqa: E402
 from data import (UNLABELLED, EarDataset, fingerprint, fingerprint_change, missing_labels, open_npy,  # noqa: E402
                   read_identities, shared_identities, to_float)
-from errors import CheckpointError, DataError, OutputError, WeightsUnavailableError  # noqa: E402
+from errors import CheckpointError, DataError, OutputError  # noqa: E402
 from files import (Writer, check_output_dir, check_output_file, check_replace, save_figure, save_json,  # noqa: E402
                    save_npy, write_outputs)
 from inference import (add_inference_args, autocast, checkpoint_info, clock, data_file, max_invalid,  # noqa: E402
-                       out_of_memory_error, run_dataset, setup)
+                       run_command, run_dataset, setup)
 from losses import LPIPS, kl_divergence, psnr, ssim  # noqa: E402
 from checkpoints import export_model, load_model, read_checkpoint, weights_sha256  # noqa: E402
 from hub import EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS  # noqa: E402
@@ -622,15 +620,4 @@ def student_card_metrics(metrics: dict) -> dict[str, float | int | str]:
 
 
 if __name__ == "__main__":
-    safe_console()
-    try:
-        main()
-    except (CheckpointError, DataError, OutputError, WeightsUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except torch.OutOfMemoryError:
-        print(out_of_memory_error(get_parser().parse_args().batch_size), file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written (results are written together at the end)", file=sys.stderr)
-        sys.exit(130)
+    run_command(main, get_parser)

@@ -8,6 +8,7 @@ is measured from the model's outputs is computed in float32 from `.float()` copi
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from cli import fraction, non_negative_int, positive_int, progress
+from cli import fraction, non_negative_int, positive_int, progress, safe_console
 from data import EarDataset, ResumableSampler, make_loader, to_float
-from errors import CheckpointError
+from errors import CheckpointError, DataError, OutputError, WeightsUnavailableError
 from model import EarVAE
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,6 +93,24 @@ def out_of_memory_error(batch_size: int) -> str:
     """The one-line error for torch.OutOfMemoryError in a script with add_inference_args' flags."""
     smaller = f"a smaller batch (e.g. --batch-size {batch_size // 2}) or " if batch_size > 1 else ""
     return f"error: out of GPU memory at --batch-size {batch_size}. Use {smaller}--device cpu."
+
+
+def run_command(main: Callable[[], object], get_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """The `__main__` of eval.py, eigenears.py and probe.py: main() under a safe console; what a user can cause (a
+    bad checkpoint, data file or output folder, weights out of reach, out of GPU memory) is one line and exit 1, an
+    interrupt one line and exit 130 (these commands write their results together at the end)."""
+    safe_console()
+    try:
+        main()
+    except (CheckpointError, DataError, OutputError, WeightsUnavailableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError:
+        print(out_of_memory_error(get_parser().parse_args().batch_size), file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written (results are written together at the end)", file=sys.stderr)
+        sys.exit(130)
 
 
 def checkpoint_info(ckpt: dict) -> dict:

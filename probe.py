@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,11 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import load_model, read_checkpoint
-from cli import positive_int, safe_console
+from cli import positive_int
 from data import EarDataset, read_landmarks, read_masks, to_float
-from errors import CheckpointError, DataError, OutputError, WeightsUnavailableError
+from errors import DataError, OutputError
 from files import check_output_dir, check_replace, save_json, save_text, write_outputs
-from inference import (add_inference_args, autocast, checkpoint_info, data_file, max_invalid, out_of_memory_error,
+from inference import (add_inference_args, autocast, checkpoint_info, data_file, max_invalid, run_command,
                        setup)
 from model import build_model
 
@@ -331,12 +330,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    safe_console()
-    try:
-        main()
-    except (CheckpointError, DataError, OutputError, WeightsUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except torch.OutOfMemoryError:
-        print(out_of_memory_error(get_parser().parse_args().batch_size), file=sys.stderr)
-        sys.exit(1)
+    run_command(main, get_parser)
