@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cli import float_range, fraction, int_range, progress, safe_console, seed_int
 from errors import DataError, OutputError
-from files import Writer, check_output_dir, save_npy, write_outputs
+from files import Writer, check_output_dir, claim, release, save_npy, write_outputs
 from photos import (BACKGROUND, CHANGE_KINDS, SQUARE_RULES, UnusableImage, load_image, map_points, path_text,
                     read_pts, scan, split_groups, subject_of)
 
@@ -724,9 +724,12 @@ def dataset_files(out: Path) -> list[Path]:
 
 def refuse_dataset(out: Path, force: bool) -> None:
     """DataError unless `out` can take a new dataset: it holds none of dataset_files(), or `force` (the new set then
-    replaces all of them, write_dataset)."""
+    replaces all of them, write_dataset). Claims `out` first (files.claim: OutputError while another command works
+    on results there)."""
+    claim(out)
     existing = dataset_files(out)
     if existing and not force:
+        release([out])
         raise DataError(f"{existing[0]}: already exists ({out} holds a dataset: "
                         f"{', '.join(p.name for p in existing)}); pass --force to replace the whole set")
 

@@ -68,26 +68,57 @@ def atomic_write(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
 def write_outputs(files: dict[Path, Writer]) -> None:
     """Write every file to PATH.tmp first, then rename them all: a failure while writing any of them leaves every
     earlier file intact (none is replaced). files: final path -> function writing the content to an open file. The
-    folders are held while writing (`writing`): a second command writing into one at that moment is an OutputError."""
-    with writing({Path(p).parent for p in files}):
-        _write_all(files)
+    folders are held while writing (`writing`): a second command writing into one at that moment is an OutputError.
+    The command's claims on them (claim) end with it: its results are written."""
+    folders = {Path(p).parent for p in files}
+    try:
+        with writing(folders):
+            _write_all(files)
+    finally:
+        release(folders)
 
 
 @contextmanager
 def writing(folders: set[Path]) -> Iterator[None]:
     """Hold, while the block writes, an OS lock per folder kept outside it (in the temp folder, named by a hash of
     the folder's path: nothing is added to the user's folder): a second writer into one of them at the same moment
-    is an OutputError, never a mix of the two commands' files."""
+    is an OutputError, never a mix of the two commands' files. Folders this process claimed are held already."""
+    with ExitStack() as stack:
+        for folder in sorted({f.resolve() for f in folders} - set(_CLAIMED)):
+            stack.callback(_lock_folder(folder).release)
+        yield
+
+
+_CLAIMED: dict[Path, FileLock] = {}  # output folders this process holds until it ends (claim)
+
+
+def claim(folder: str | os.PathLike) -> None:
+    """Hold the output folder `folder` (the lock of `writing`) from a command's first check of it until its results
+    are written there (write_outputs, release) or the process ends (the OS releases it then, however it ends): a
+    second command into it meanwhile is an OutputError at its start, instead of replacing the first's results at
+    its end. Claiming a folder again is a no-op."""
+    folder = Path(folder).resolve()
+    if folder not in _CLAIMED:
+        _CLAIMED[folder] = _lock_folder(folder)
+
+
+def release(folders: set[Path] | list[Path]) -> None:
+    """End this process's claims on `folders` (those it holds; others are ignored)."""
+    for folder in {Path(f).resolve() for f in folders}:
+        if (lock := _CLAIMED.pop(folder, None)) is not None:
+            lock.release()
+
+
+def _lock_folder(folder: Path) -> FileLock:
+    """The OS lock of an output folder (`writing`, `claim`), acquired without waiting; OutputError when another
+    command holds it."""
     locks = Path(tempfile.gettempdir()) / "ear-teacher-locks"
     locks.mkdir(exist_ok=True)
-    with ExitStack() as stack:
-        for folder in sorted({f.resolve() for f in folders}):
-            lock = try_lock(locks / (hashlib.sha256(str(folder).encode()).hexdigest()[:32] + ".lock"))
-            if lock is None:
-                raise OutputError(f"{folder}: another command is writing its results there at this moment; run one "
-                                  f"at a time, or give each its own output folder")
-            stack.callback(lock.release)
-        yield
+    lock = try_lock(locks / (hashlib.sha256(str(folder).encode()).hexdigest()[:32] + ".lock"))
+    if lock is None:
+        raise OutputError(f"{folder}: another command is writing its results there at this moment; run one at a "
+                          f"time, or give each its own output folder")
+    return lock
 
 
 def _write_all(files: dict[Path, Writer]) -> None:
@@ -158,8 +189,18 @@ def in_use(path: str | os.PathLike) -> str:
 def check_replace(result: str | os.PathLike, inputs: dict[str, str], force: bool) -> None:
     """The one rule of every command that writes results into a folder: ValueError where `result` (a JSON file the
     command writes, holding its inputs under the same keys) exists from other inputs, naming them, unless `force`.
-    The same inputs again (the command rerun) may replace their own results."""
+    The same inputs again (the command rerun) may replace their own results. The folder is claimed first (claim):
+    OutputError while another command works on results there."""
     result = Path(result)
+    claim(result.parent)
+    try:
+        _check_replace(result, inputs, force)
+    except ValueError:
+        release([result.parent])
+        raise
+
+
+def _check_replace(result: Path, inputs: dict[str, str], force: bool) -> None:
     if force or not result.exists():
         return
     try:

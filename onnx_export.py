@@ -30,10 +30,12 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -43,8 +45,8 @@ import torch.nn as nn
 
 from cli import positive_int, safe_console
 from data import EarDataset, read_identities
-from errors import CheckpointError, DataError
-from files import atomic_write, check_output_dir, save_json
+from errors import CheckpointError, DataError, OutputError
+from files import atomic_write, check_output_dir, claim, release, save_json
 from recognition import label_problem, recognition_metrics
 from student import Student, is_student_folder, load_student
 from checkpoints import load_model, read_checkpoint
@@ -224,7 +226,7 @@ def edge_row(model: nn.Module, folder: Path, images: np.ndarray, labels: np.ndar
                             "onnx_fp32": ort_latency_ms(folder / "model.onnx", one, runs),
                             "onnx_int8": ort_latency_ms(folder / "model_int8.onnx", one, runs)}
     report["params"] = params
-    with atomic_write(folder / "onnx.json") as f:
+    with open(folder / "onnx.json", "wb") as f:
         save_json(report)(f)
     return report
 
@@ -297,16 +299,16 @@ def main(argv: list[str] | None = None) -> dict:
     labels = read_identities(ds.path, ds)
     if labels is not None and label_problem(labels) is not None:
         labels = None
-    out.mkdir(parents=True, exist_ok=True)
-    export(model, out / "model.onnx")
-    report = {"model": str(model_path), "data": str(args.data), "fp32": parity(model, out / "model.onnx", images,
-                                                                                labels)}
-    if calibration is not None:
-        quantize(out / "model.onnx", out / "model_int8.onnx", calibration, float_ends=args.int8_float_ends)
-        report["int8"] = parity(model, out / "model_int8.onnx", images, labels)
-    report["bytes"] = {f: os.path.getsize(out / f) for f in FILES[:2] if (out / f).exists()}
-    with atomic_write(out / "onnx.json") as f:
-        save_json(report)(f)
+    with staged(out) as tmp:
+        export(model, tmp / "model.onnx")
+        report = {"model": str(model_path), "data": str(args.data), "fp32": parity(model, tmp / "model.onnx", images,
+                                                                                    labels)}
+        if calibration is not None:
+            quantize(tmp / "model.onnx", tmp / "model_int8.onnx", calibration, float_ends=args.int8_float_ends)
+            report["int8"] = parity(model, tmp / "model_int8.onnx", images, labels)
+        report["bytes"] = {f: os.path.getsize(tmp / f) for f in FILES[:2] if (tmp / f).exists()}
+        with open(tmp / "onnx.json", "wb") as f:
+            save_json(report)(f)
     fp32 = report["fp32"]
     print(f"model.onnx: {report['bytes']['model.onnx'] / 1e6:.2f} MB, embedding cosine against PyTorch min "
           f"{fp32['cosine_min']:.6f} over {fp32['images']} images")
@@ -345,9 +347,8 @@ def table_main(args: argparse.Namespace, argv: list[str]) -> dict:
     calibration = read_images(Path(args.calib))[0][:args.calib_images]
     rows = {}
     for name, model in models.items():
-        (Path(args.out) / name).mkdir(parents=True, exist_ok=True)
-        rows[name] = edge_row(model, Path(args.out) / name, images, labels, calibration, args.int8_float_ends,
-                              args.runs)
+        with staged(Path(args.out) / name) as tmp:
+            rows[name] = edge_row(model, tmp, images, labels, calibration, args.int8_float_ends, args.runs)
         warn_int8(Path(args.out) / name / "model_int8.onnx", rows[name]["int8"]["cosine_vs_fp32_min"])
     pixels = recognition_metrics(pixel_embeddings(ds), labels)
     text = edge_table(rows, pixels)
@@ -361,13 +362,32 @@ def table_main(args: argparse.Namespace, argv: list[str]) -> dict:
     return {"rows": rows, "pixels": pixels, "markdown": text}
 
 
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary folder inside `out` (created) that the block writes its files into; they are moved into `out`
+    together when the block ends cleanly, and the folder is removed on any exception (Ctrl-C too): a stopped export
+    leaves no file behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=out))
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp)
+        release([out])
+
+
 def check_free(out: Path) -> None:
-    """DataError when `out` is not a folder that can be written or already holds one of FILES (never written over)."""
+    """DataError when `out` is not a folder that can be written or already holds one of FILES (never written over);
+    claims it (files.claim: OutputError while another command works there)."""
     try:
         check_output_dir(out)
     except ValueError as e:
         raise DataError(f"--out {e}") from e
+    claim(out)
     if taken := [f for f in FILES if (out / f).exists()]:
+        release([out])
         raise DataError(f"{out}: holds {', '.join(taken)} already (never written over): choose another --out")
 
 
@@ -382,6 +402,10 @@ if __name__ == "__main__":
     safe_console()
     try:
         main()
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written (a model's files are moved into place together at its end)",
+              file=sys.stderr)
+        sys.exit(130)

@@ -416,8 +416,8 @@ def _sector(x: np.ndarray, y: np.ndarray, cx: float, cy: float, angle: float, ha
 # CLI
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Render synthetic ears with known factors: OUT/{train,val}_teacher.npy "
-                                "and OUT/{train,val}_factors.csv.",
+    p = argparse.ArgumentParser(description="Render synthetic ears with known factors, landmarks and masks: "
+                                "OUT/{train,val}_teacher.npy, _factors.csv, _landmarks.csv and _masks.npy.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="data", help="output directory")
     # SUPPRESS: absent from args unless given, so that giving them with --identities is an error
@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     dt = time.perf_counter() - t0
-    print(f"wrote {what} to {out}/ ({(n_train + n_val) / dt:,.0f} images/s)")
+    print(f"wrote {what} to {out}/ ({(n_train + n_val) / dt:,.0f} images/s): {{train,val}}_teacher.npy, "
+          f"_factors.csv, _landmarks.csv, _masks.npy")
     return 0
 
 

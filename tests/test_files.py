@@ -83,3 +83,23 @@ def test_two_commands_writing_into_one_folder_at_once_never_mix_their_files(tmp_
         assert not out.exists() or not any(out.iterdir())
     write_outputs({out / "a.txt": lambda f: f.write(b"first")})
     assert (out / "a.txt").read_bytes() == b"first" and [p.name for p in out.iterdir()] == ["a.txt"]
+
+
+def test_a_command_claims_its_output_folder_from_its_first_check_to_its_write(tmp_path):
+    """Two commands side by side into one folder: the second is refused at its start (one line, exit 1) while the
+    first holds the folder (claim), instead of replacing the first's results at its end; after the first's write
+    the folder is free again."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = tmp_path / "d"
+    cmd = [sys.executable, str(ROOT / "synth.py"), "--out", str(out), "--n-train", "2", "--n-val", "1"]
+    files.check_replace(out / "result.json", {"checkpoint": "a.pt"}, force=False)  # this process's command starts
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and not out.exists()
+    assert second.stderr.strip().splitlines() == [f"error: {out.resolve()}: another command is writing its results "
+                                                  f"there at this moment; run one at a time, or give each its own "
+                                                  f"output folder"]
+    write_outputs({out / "result.json": files.save_json({"checkpoint": "a.pt"})})  # its results: the claim ends
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).returncode == 0
+    assert (out / "train_teacher.npy").exists() and (out / "result.json").exists()

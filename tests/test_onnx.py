@@ -109,3 +109,18 @@ def test_the_edge_table_has_a_row_per_model_and_the_pixels_with_finite_figures_a
     with pytest.raises(DataError, match="holds model.onnx, model_int8.onnx, onnx.json already"):
         onnx_export.main([*args, "--markdown", str(markdown)])
     assert markdown.read_text() == text
+
+
+def test_an_interrupted_export_leaves_no_file_and_the_folder_free(tmp_path):
+    """staged: what an export wrote before Ctrl-C is removed with its temporary folder, so the rerun into the same
+    --out is not refused; a clean end moves every file into place."""
+    out = tmp_path / "onnx"
+    with pytest.raises(KeyboardInterrupt):
+        with onnx_export.staged(out) as tmp:
+            (tmp / "model.onnx").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(out.iterdir()) == []
+    onnx_export.check_free(out)  # not refused
+    with onnx_export.staged(out) as tmp:
+        (tmp / "model.onnx").write_bytes(b"whole")
+    assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"whole"

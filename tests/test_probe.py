@@ -118,6 +118,8 @@ def test_the_probe_of_a_tiny_teacher_writes_its_table_beside_the_baselines_and_r
     before = (out / "probe.json").read_bytes()
     with pytest.raises(OutputError, match="probe.json: holds the results of checkpoint"):
         probe.main([*args, "--out", str(out), "--data", str(tiny_run.data_dir / "train_teacher.npy")])
+    with pytest.raises(OutputError, match="probe.json: holds the results of .* steps 30"):  # other settings
+        probe.main([*args[:-4], "--steps", "31", "--probe-batch", "16", "--out", str(out)])
     assert (out / "probe.json").read_bytes() == before
     spoiled = tmp_path / "spoiled"
     spoiled.mkdir()
