@@ -106,16 +106,9 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
         return {"embed": F.normalize(self.to_embed(h), dim=1), "mu": self.to_mu(h)}
 
     def trunk_maps(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """x (B, 3, H, W) in [0, 1] -> {stride: (B, C_s, S / stride, S / stride)}: the trunk's deepest map at each
-        stride of its input (S = input_size; layer by layer through the trunk, an nn.Sequential for every arch of
-        ARCHS), in order of stride; the last is the trunk's output. For mobilenet_v3_small at S = 128: strides 2, 4,
-        8, 16, 32 with 16, 16, 24, 48, 576 channels."""
-        h = self.preprocess(x)  # (B, 3, S, S)
-        maps = {}
-        for layer in self.trunk:
-            h = layer(h)
-            maps[round(self.cfg.input_size / h.shape[-1])] = h  # a deeper layer at the same stride replaces it
-        return maps
+        """x (B, 3, H, W) in [0, 1] -> trunk_maps(self.trunk, ...) of its preprocessed input: {stride: (B, C_s, S /
+        stride, S / stride)}."""
+        return trunk_maps(self.trunk, self.preprocess(x))
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """{"encoder": the trunk (pretrained: distill.py gives it lr * encoder_lr_scale), "head": the head}, as
@@ -182,6 +175,17 @@ def is_student_folder(path: str | Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(config, dict) and config.get("format") == STUDENT_FORMAT
+
+
+def trunk_maps(trunk: nn.Sequential, h: torch.Tensor) -> dict[int, torch.Tensor]:
+    """A trunk of ARCHS (an nn.Sequential) on its input h (B, 3, S, S) -> {stride: (B, C_s, S / stride, S / stride)}:
+    its deepest map at each stride of the input, layer by layer, in order of stride; the last is the trunk's output.
+    For mobilenet_v3_small at S = 128: strides 2, 4, 8, 16, 32 with 16, 16, 24, 48, 576 channels."""
+    size, maps = h.shape[-1], {}
+    for layer in trunk:
+        h = layer(h)
+        maps[round(size / h.shape[-1])] = h  # a deeper layer at the same stride replaces it
+    return maps
 
 
 @torch.no_grad()
