@@ -64,10 +64,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 @torch.no_grad()
-def teacher_hint_channels(teacher: EarVAE, size: int) -> dict[int, int]:
+def teacher_hint_channels(teacher: EarVAE) -> dict[int, int]:
     """{stride: channels} of the teacher maps hint_targets gives each student stride, from one blank image."""
-    maps = hint_targets(teacher.encoder.features(torch.zeros(1, 3, 128, 128)), {s: max(1, size // s)
-                                                                               for s in HINT_STRIDES})
+    maps = hint_targets(teacher.encoder.features(torch.zeros(1, 3, 128, 128)), {s: 1 for s in HINT_STRIDES})
     return {s: m.shape[1] for s, m in maps.items()}
 
 
@@ -145,8 +144,7 @@ HINT_STRIDES = (8, 16)  # the student's trunk strides that learn a teacher map (
 class HintStudent(Student):
     """A student with FitNets' regressors: `hint` ({str(stride): 1x1 conv from the trunk's channels at that stride to
     the teacher map's}), trained with it by the loop's optimizer, its state-dict keys under student.HINT_PREFIX
-    ("hint.").
-    forward adds "hints": {stride: (B, C_teacher, S / stride, S / stride)} to Student's outputs. teacher_channels:
+    ("hint."). forward adds "hints": {stride: (B, C_teacher, S / stride, S / stride)} to Student's outputs. teacher_channels:
     {stride: channels} of hint_targets' maps."""
 
     def __init__(self, cfg: StudentConfig, teacher_channels: dict[int, int]) -> None:
@@ -210,7 +208,7 @@ class StudentObjective:
         self.bn_loader = make_loader(self.data.train_ds, args.batch_size, first, args.workers)
         torch.manual_seed(args.seed)  # the student's initialisation (under DDP rank 0's weights are broadcast)
         if args.hint_weight > 0:  # the regressors are drawn after the student: its initial weights stay the same
-            self.model = HintStudent(cfg, teacher_hint_channels(teacher, args.student_input_size)).to(device)
+            self.model = HintStudent(cfg, teacher_hint_channels(teacher)).to(device)
         else:
             self.model = Student(cfg).to(device)
         self.config = asdict(replace(self.model.cfg, pretrained=pretrained))
