@@ -47,9 +47,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # anything else the parser raises on a damaged file (EOFError, IndexError, ...)
         reason = " ".join(str(e).split())[:160] or "no detail"
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: {reason})") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or not ("model_config" in ckpt or "student_config" in ckpt):
+    configs = ("model_config", "student_config", "landmark_config")  # a teacher's, a student's, a landmarker's
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not any(k in ckpt for k in configs):
         raise CheckpointError(f"{path}: not an ear-teacher checkpoint (expected keys 'model' and 'model_config', or "
-                              f"'student_config' for a student)")
+                              f"'student_config' for a student, 'landmark_config' for a landmarker)")
     return ckpt
 
 

@@ -9,6 +9,12 @@ The student (student.py: a small torchvision CNN with a head) learns the teacher
 (losses.DistillLoss: cosine + L2, torchdistill's names) on the teacher's training data and augmentation, the frozen
 teacher computing its targets on the fly from each augmented batch (student.teacher_targets, under no_grad). best.pt
 is the student that agrees best with the teacher on the validation images (mean cosine of their embeddings).
+
+--hint-weight W adds FitNets' hints (Romero et al. 2015; torchdistill's `hint` with a regressor): the student's
+trunk maps at strides 8 and 16 of its input each pass through a 1x1-conv regressor to the channels of a teacher
+map, and their MSE to it is a loss term (hint_targets: the teacher's first pyramid map for stride 8, its last (the
+neck) for stride 16, each resized to the student's grid). The regressors train with the student (HintStudent) and
+are left out when it is loaded for use (student.load_student), so a hint-trained student deploys as any other.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import int_range
+from cli import int_range, non_negative
 from data import AugConfig, ResumableSampler, augment, make_loader, to_float
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
 from checkpoints import load_model, weights_sha256
@@ -47,11 +53,21 @@ def get_parser() -> argparse.ArgumentParser:
                    "(explicit)")
     g.add_argument("--student-input-size", type=int_range(32, 1024), default=StudentConfig.input_size,
                    help="side the crop is resized to for the student")
+    g.add_argument("--hint-weight", type=non_negative, default=DistillConfig.hint, help="FitNets hints: weight of "
+                   "the MSE between the student's trunk maps at strides 8 and 16 (each through a trained 1x1-conv "
+                   "regressor) and the teacher's first and last pyramid maps on the same grids (0: off)")
     resumable = loop.add_run_flags(p)
     resumable.add_argument("--teacher", default=None, metavar="PATH", help="the trained teacher (a train.py "
                            "checkpoint or an export / save_pretrained folder); needed for a new run, and on --resume "
                            "where it moved (its weights' hash is checked)")
     return p
+
+
+@torch.no_grad()
+def teacher_hint_channels(teacher: EarVAE) -> dict[int, int]:
+    """{stride: channels} of the teacher maps hint_targets gives each student stride, from one blank image."""
+    maps = hint_targets(teacher.encoder.features(torch.zeros(1, 3, 128, 128)), {s: 1 for s in HINT_STRIDES})
+    return {s: m.shape[1] for s, m in maps.items()}
 
 
 def load_teacher(path: str) -> tuple[EarVAE, str]:
@@ -122,13 +138,65 @@ def precise_bn(model: nn.Module, loader, device: torch.device, autocast) -> None
     model.train(was_training)
 
 
+HINT_STRIDES = (8, 16)  # the student's trunk strides that learn a teacher map (hint_targets says which)
+
+
+class HintStudent(Student):
+    """A student with FitNets' regressors: `hint` ({str(stride): 1x1 conv from the trunk's channels at that stride to
+    the teacher map's}), trained with it by the loop's optimizer, its state-dict keys under student.HINT_PREFIX
+    ("hint."). forward adds "hints": {stride: (B, C_teacher, S / stride, S / stride)} to Student's outputs. teacher_channels:
+    {stride: channels} of hint_targets' maps."""
+
+    def __init__(self, cfg: StudentConfig, teacher_channels: dict[int, int]) -> None:
+        super().__init__(cfg)
+        was = self.training
+        with torch.no_grad():  # the trunk's channels at each stride, from one small batch in eval mode
+            maps = self.eval().trunk_maps(torch.zeros(2, 3, cfg.input_size, cfg.input_size))
+        self.train(was)
+        missing = [s for s in HINT_STRIDES if s not in maps]
+        if missing:
+            raise ConfigError(f"--hint-weight: the {cfg.arch} trunk at input {cfg.input_size} has no map at stride "
+                              f"{missing} (it has {sorted(maps)})")
+        self.hint = nn.ModuleDict({str(s): nn.Conv2d(maps[s].shape[1], teacher_channels[s], 1)  # keys "hint.8...":
+                                   for s in HINT_STRIDES})  # under HINT_PREFIX
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:
+        """x (B, 3, H, W) in [0, 1] -> Student's {"embed", "mu"} and "hints": {stride: (B, C_t, S / stride, S /
+        stride)} the regressed trunk maps."""
+        maps = self.trunk_maps(x)  # {stride: (B, C_s, S / stride, S / stride)}
+        out = self.outputs(maps[max(maps)])
+        return {**out, "hints": {s: self.hint[str(s)](maps[s]) for s in HINT_STRIDES}}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Student's groups, the regressors in "head"."""
+        groups = super().parameter_groups()
+        return {**groups, "head": groups["head"] + list(self.hint.parameters())}
+
+
+def hint_targets(pyramid: dict[str, torch.Tensor], grids: dict[int, int]) -> dict[int, torch.Tensor]:
+    """The teacher's maps the student's strides learn: pyramid (encoder.features: {name: (B, C, g, g)}, in order) ->
+    {8: its first map, 16: its last (the neck)}, each put on the student's grid at that stride (grids: {stride:
+    side}): average pooled when larger (the tiny teacher's 16x16 neck to 8x8 at student input 128), bilinear when
+    smaller, as it is when equal."""
+    maps = list(pyramid.values())
+    out = {}
+    for stride, m in zip(HINT_STRIDES, (maps[0], maps[-1])):
+        g = grids[stride]
+        if m.shape[-1] > g:
+            m = F.adaptive_avg_pool2d(m, g)
+        elif m.shape[-1] < g:
+            m = F.interpolate(m, size=(g, g), mode="bilinear", align_corners=False)
+        out[stride] = m  # (B, C, g, g)
+    return out
+
+
 class StudentObjective:
     """A student's task (loop.Objective): reproduce the frozen teacher's identity embedding and mu for the same
     augmented images (losses.DistillLoss). best.pt is the best validation agreement: the mean cosine of the two
     embeddings."""
     score, score_text = "agreement", "agreement with the teacher {:.4f}"
     score_axis = {"ylabel": "cosine", "title": "validation agreement with the teacher"}
-    log_fields = ("embed_cosine", "embed_l2", "mu_cosine", "mu_l2", "agreement")
+    log_fields = ("embed_cosine", "embed_l2", "mu_cosine", "mu_l2", "hint", "agreement")
 
     def __init__(self, run: loop.Run, setup: loop.Setup) -> None:
         args, device = run.args, setup.device
@@ -139,10 +207,21 @@ class StudentObjective:
         first = ResumableSampler(min(len(self.data.train_ds), PRECISE_BN_IMAGES), 1, args.seed, shuffle=False)
         self.bn_loader = make_loader(self.data.train_ds, args.batch_size, first, args.workers)
         torch.manual_seed(args.seed)  # the student's initialisation (under DDP rank 0's weights are broadcast)
-        self.model = Student(cfg).to(device)
+        if args.hint_weight > 0:  # the regressors are drawn after the student: its initial weights stay the same
+            self.model = HintStudent(cfg, teacher_hint_channels(teacher)).to(device)
+        else:
+            self.model = Student(cfg).to(device)
         self.config = asdict(replace(self.model.cfg, pretrained=pretrained))
         self.teacher = teacher.to(device)
-        self.criterion = DistillLoss(**asdict(DistillConfig())).to(device)
+        self.criterion = DistillLoss(**asdict(replace(DistillConfig(), hint=args.hint_weight))).to(device)
+
+    def targets(self, x: torch.Tensor, out: dict) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:
+        """teacher_targets for x (B, 3, 128, 128) and, where the student's outputs `out` have hints, the teacher's
+        maps on their grids (hint_targets)."""
+        target = teacher_targets(self.teacher, x)
+        if "hints" in out:
+            target["hints"] = hint_targets(target["pyramid"], {s: m.shape[-1] for s, m in out["hints"].items()})
+        return target
 
     def loss(self, model: nn.Module, x: torch.Tensor, keys: torch.Tensor,
              epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -150,7 +229,8 @@ class StudentObjective:
         the teacher's for the same images: DistillLoss's (loss, logs)."""
         with torch.autocast(x.device.type, enabled=False):
             x = augment(x, keys, self.args.seed, epoch, self.aug, view=0) if self.aug is not None else to_float(x)
-        return self.criterion(model(x), teacher_targets(self.teacher, x))
+        out = model(x)
+        return self.criterion(out, self.targets(x, out))
 
     @torch.no_grad()
     def validate(self, model: nn.Module, max_batches: int | None = None) -> dict[str, float]:
@@ -161,7 +241,8 @@ class StudentObjective:
 
         def logs(x: torch.Tensor) -> dict[str, torch.Tensor]:
             with self.setup.autocast():
-                out, target = model(x), teacher_targets(self.teacher, x)
+                out = model(x)
+                target = self.targets(x, out)
                 _, terms = self.criterion(out, target)
             return {**terms, "agreement": F.cosine_similarity(out["embed"].float(), target["embed"].float()).mean()}
         return loop.mean_logs(model, self.data.val_loader, self.setup.device, logs, max_batches)

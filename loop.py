@@ -2,6 +2,7 @@
 
     train.py    the teacher: TeacherObjective (the VAE's terms, SupCon / NT-Xent)
     distill.py  a student: StudentObjective (the teacher's embedding and mu, on the fly)
+    landmarker.py  a landmark student: LandmarkObjective (a student's trunk and a heatmap head, N labelled images)
 
 The loop knows optimisation: processes and devices (torchrun, DDP), precision and autocast, gradient accumulation,
 EMA, the non-finite skip and the divergence guard, signals, checkpoints written atomically, the metrics log, exact

@@ -378,11 +378,13 @@ class DistillConfig:
                            # the cosine term at a 2/E scale: off by default
     mu_cosine: float = 1.0  # 1 - cosine between student and teacher mu (the direction of the latent)
     mu_l2: float = 1.0  # MSE between the mu (its scale as well)
+    hint: float = 0.0  # FitNets hints (Romero et al. 2015): MSE between the student's regressed trunk maps and the
+                       # teacher's pyramid maps (distill.py --hint-weight); off by default
 
 
 class DistillLoss(nn.Module):
     """Feature distillation of the teacher's outputs into a student, with the field's names (torchdistill): cosine
-    and L2 (mean squared error) terms on the identity embedding and on `mu`.
+    and L2 (mean squared error) terms on the identity embedding and on `mu`, and FitNets' `hint` term on maps.
 
     A term whose weight is 0 is not computed and not logged. Every term is float32, also for bf16/fp16 inputs.
     Teacher outputs are constants: they are detached here.
@@ -394,9 +396,11 @@ class DistillLoss(nn.Module):
         embed_l2: float = DistillConfig.embed_l2,
         mu_cosine: float = DistillConfig.mu_cosine,
         mu_l2: float = DistillConfig.mu_l2,
+        hint: float = DistillConfig.hint,
     ) -> None:
         super().__init__()
-        self.weights = {"embed_cosine": embed_cosine, "embed_l2": embed_l2, "mu_cosine": mu_cosine, "mu_l2": mu_l2}
+        self.weights = {"embed_cosine": embed_cosine, "embed_l2": embed_l2, "mu_cosine": mu_cosine, "mu_l2": mu_l2,
+                        "hint": hint}
         for name, w in self.weights.items():
             if not (w >= 0 and math.isfinite(w)):
                 raise ValueError(f"distillation weight {name}={w}: expected a finite value >= 0")
@@ -404,7 +408,9 @@ class DistillLoss(nn.Module):
             raise ValueError(f"all distillation weights are 0 ({self.weights}): nothing to learn")
 
     def forward(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """student, teacher: {"embed": (B, E), "mu": (B, D)}, each key needed only by the terms with a weight > 0.
+        """student, teacher: {"embed": (B, E), "mu": (B, D), "hints": {stride: (B, C, h, w)}}, each key needed only
+        by the terms with a weight > 0. The hint term is the mean over the student's strides of the MSE between its
+        regressed map and the teacher's map of the same shape (FitNets' hint; distill.hint_targets makes them).
 
         Returns (total, logs): total is the 0-dim weighted sum; logs maps 'loss' and each computed term to its
         detached, unweighted 0-dim float32 value. A missing key or unequal shapes -> ValueError naming them.
@@ -424,6 +430,15 @@ class DistillLoss(nn.Module):
                 terms[f"{key}_cosine"] = 1.0 - F.cosine_similarity(s, t, dim=1).mean()
             if w[f"{key}_l2"] > 0:
                 terms[f"{key}_l2"] = F.mse_loss(s, t)
+        if w["hint"] > 0:
+            if "hints" not in student or "hints" not in teacher:
+                whose = "student" if "hints" not in student else "teacher"
+                raise ValueError(f"the hint term: 'hints' missing from the {whose}'s outputs")
+            pairs = [(s.float(), teacher["hints"][k].detach().float()) for k, s in student["hints"].items()]
+            for s, t in pairs:
+                if s.shape != t.shape:
+                    raise ValueError(f"hint: student map {tuple(s.shape)}, teacher map {tuple(t.shape)}: expected equal")
+            terms["hint"] = sum(F.mse_loss(s, t) for s, t in pairs) / len(pairs)
         total = sum(w[name] * value for name, value in terms.items())
         logs = {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
         return total, logs

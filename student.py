@@ -38,6 +38,8 @@ from model import EarVAE, count
 from weights import load_torchvision_weights
 
 STUDENT_FORMAT = "ear-teacher-student/1"  # config.json's "format" in a saved student folder
+HINT_PREFIX = "hint."  # the state-dict keys of a hint run's FitNets regressors (distill.HintStudent): trained
+                      # with the student, not part of it (load_student leaves them out)
 
 # torchvision builder name -> (the trunk of a model it built: every layer before global pooling, its channels)
 ARCHS: dict[str, tuple[Callable[[nn.Module], nn.Module], int]] = {
@@ -87,13 +89,26 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """x (B, 3, H, W) in [0, 1] (ear crops, 128 x 128 here) -> {"embed": (B, embed_dim) unit vectors, "mu": (B,
         latent_dim)}."""
+        return self.outputs(self.trunk(self.preprocess(x)))
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, H, W) in [0, 1] -> (B, 3, S, S) resized to input_size S and ImageNet-normalised: the trunk's
+        input."""
         if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
             x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", antialias=True,
                               align_corners=False)
-        x = (x - self.pixel_mean) / self.pixel_std  # (B, 3, S, S)
-        feature = self.trunk(x)  # (B, C, h, w)
+        return (x - self.pixel_mean) / self.pixel_std  # (B, 3, S, S)
+
+    def outputs(self, feature: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The trunk's last map (B, C, h, w) -> the head's {"embed": (B, embed_dim) unit vectors, "mu": (B,
+        latent_dim)}."""
         h = self.hidden(feature.mean(dim=(2, 3)))  # (B, head_dim)
         return {"embed": F.normalize(self.to_embed(h), dim=1), "mu": self.to_mu(h)}
+
+    def trunk_maps(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """x (B, 3, H, W) in [0, 1] -> trunk_maps(self.trunk, ...) of its preprocessed input: {stride: (B, C_s, S /
+        stride, S / stride)}."""
+        return trunk_maps(self.trunk, self.preprocess(x))
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """{"encoder": the trunk (pretrained: distill.py gives it lr * encoder_lr_scale), "head": the head}, as
@@ -148,7 +163,8 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu", ckp
     except ConfigError as e:
         raise CheckpointError(f"{path}: its student_config cannot be built ({e})") from e
     model.cfg = cfg
-    load_state(model, ckpt.get("ema") or ckpt["model"], path)
+    weights = ckpt.get("ema") or ckpt["model"]
+    load_state(model, {k: v for k, v in weights.items() if not k.startswith(HINT_PREFIX)}, path)
     return model.to(map_location).eval()
 
 
@@ -161,12 +177,25 @@ def is_student_folder(path: str | Path) -> bool:
     return isinstance(config, dict) and config.get("format") == STUDENT_FORMAT
 
 
+def trunk_maps(trunk: nn.Sequential, h: torch.Tensor) -> dict[int, torch.Tensor]:
+    """A trunk of ARCHS (an nn.Sequential) on its input h (B, 3, S, S) -> {stride: (B, C_s, S / stride, S / stride)}:
+    its deepest map at each stride of the input, layer by layer, in order of stride; the last is the trunk's output.
+    For mobilenet_v3_small at S = 128: strides 2, 4, 8, 16, 32 with 16, 16, 24, 48, 576 channels."""
+    size, maps = h.shape[-1], {}
+    for layer in trunk:
+        h = layer(h)
+        maps[round(size / h.shape[-1])] = h  # a deeper layer at the same stride replaces it
+    return maps
+
+
 @torch.no_grad()
 def teacher_targets(teacher: EarVAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """What a student learns from the teacher, for x (B, 3, 128, 128) in [0, 1]: {"embed": (B, E) the identity
-    embedding (EarVAE.embed), "mu": (B, latent_dim)}. Encoder and head only: the decoder does not run."""
-    mu, _ = teacher.head(teacher.encoder.features(x))  # (B, latent_dim)
-    return {"embed": teacher.embedding(mu), "mu": mu}
+    embedding (EarVAE.embed), "mu": (B, latent_dim), "pyramid": the encoder's maps (encoder.features: {name: (B, C,
+    g, g)}, for distill.py's FitNets hints)}. Encoder and head only: the decoder does not run."""
+    pyramid = teacher.encoder.features(x)
+    mu, _ = teacher.head(pyramid)  # (B, latent_dim)
+    return {"embed": teacher.embedding(mu), "mu": mu, "pyramid": pyramid}
 
 
 def build_torchvision(cfg: StudentConfig) -> nn.Module:

@@ -72,6 +72,29 @@ def test_a_student_run_moves_towards_its_teacher_resumes_bit_exactly_and_refuses
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_a_hint_run_moves_its_maps_towards_the_teachers_resumes_bit_exactly_and_deploys_without_regressors(
+        tiny_run, tmp_path):
+    """FitNets hints (--hint-weight): the hint MSE falls over 8 steps, the run resumes bit-exactly, and the checkpoint
+    loads as a plain Student (its regressors left out) that computes what the trained model's trunk and head do."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    distill.main(student_args(tiny_run.best, tiny_run.data_dir, whole, "--hint-weight", "1"))
+    hint = [float(r["hint"]) for r in csv.DictReader(open(whole / "logs" / "metrics.csv")) if r["split"] == "train"]
+    assert len(hint) == 8 and np.mean(hint[-2:]) < 0.8 * hint[0], hint
+
+    distill.main(student_args(tiny_run.best, tiny_run.data_dir, cut, "--hint-weight", "1", "--max-steps", "3"))
+    distill.main(["--resume", "--ckpt-dir", str(cut / "checkpoints"), "--log-dir", str(cut / "logs"),
+                  "--max-steps", "8", "--teacher", str(tiny_run.best)])
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, cut))
+    assert a["step"] == b["step"] == 8 and a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+    student = load_student(whole / "checkpoints" / "last.pt")
+    plain = {k: v for k, v in a["model"].items() if not k.startswith("hint.")}
+    assert {k for k in a["model"] if k.startswith("hint.")} and student.state_dict().keys() == plain.keys()
+    assert type(student) is Student and all(torch.equal(student.state_dict()[k], v) for k, v in plain.items())
+
+
 @pytest.mark.parametrize("argv, named", [
     (["--no-pretrained"], "--teacher PATH is needed: the trained teacher"),
     (["--teacher", "t.pt", "--no-pretrained", "--student-weights", "w.pth"], "--student-weights w.pth with "

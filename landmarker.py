@@ -1,0 +1,234 @@
+"""Train a landmark student: a student's trunk and a heatmap head, end to end on N labelled images; the optimisation
+loop is loop.py's, shared with train.py and distill.py.
+
+    python landmarker.py --student student/best.pt --labels 50 --ckpt-dir lm50 --log-dir lm50_logs
+    python landmarker.py --scratch --student-arch mobilenet_v3_small --labels 50 ...   # the same trunk, random
+    python landmarker.py --resume lm50/last.pt                                           # continue
+
+The model (Landmarker): the trunk of a distill.py student (--student PATH: its weights; --scratch: the same
+architecture from a random initialisation), whose maps at strides 8 and 16 of its input (the second upsampled to the
+first's grid) go through a 1x1 convolution to one heatmap logit per landmark, read out by soft-argmax
+(probe.soft_argmax) to (x, y) in pixels of the 128 crop. It trains on the first --labels training images that have
+every landmark in the crop (data.read_landmarks: X_landmarks.csv beside X.npy), the loss the mean point distance in
+pixels. The images are never augmented (a geometric augmentation would move the points): --hflip is refused and
+--no-augment changes nothing. An epoch is the N images repeated --epoch-images // N times (at least once), so
+that an epoch is about the same number of steps whatever N is.
+
+Validation: NME (the point error over the square root of the landmarks' box area), the error in pixels and PCK@0.1
+on the val images with every landmark in the crop (probe.landmark_scores, the probe's metrics). The loop keeps the
+highest score as best.pt, so the score is `neg_nme` = -NME: best.pt is the lowest NME.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cli import int_range, positive_int
+from data import ResumableSampler, make_loader, read_landmarks, to_float
+from distill import precise_bn
+from encoders import IMAGENET_MEAN, IMAGENET_STD
+from errors import CheckpointError, ConfigError, DataError
+from hub import config_problem
+from model import parameter_report
+from probe import landmark_scores, soft_argmax
+from student import ARCHS, StudentConfig, build_torchvision, load_student, trunk_maps
+import loop
+
+PRECISE_BN_IMAGES = 1024  # the first labelled training images, un-augmented, that precise_bn averages over
+
+
+@dataclass
+class LandmarkConfig:
+    MINIMA: ClassVar[dict[str, int]] = {"input_size": 32, "landmarks": 1}
+    arch: str = "mobilenet_v3_small"  # the trunk: one of student.ARCHS
+    input_size: int = 128  # side the crop is resized to before the trunk (a student's: its own)
+    landmarks: int = 8  # K heatmaps (synth.LANDMARKS: 8)
+    init: str = "scratch"  # the distill.py checkpoint the trunk started from, or "scratch" (random)
+
+
+class Landmarker(nn.Module):
+    """A student trunk and a heatmap head (module docstring). trunk: a trained student's (Student.trunk), or None for
+    a random one of cfg.arch. ConfigError for an unknown arch or a trunk without maps at strides 8 and 16."""
+
+    def __init__(self, cfg: LandmarkConfig, trunk: nn.Sequential | None = None) -> None:
+        super().__init__()
+        if cfg.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {', '.join(map(repr, ARCHS))}, got {cfg.arch!r}")
+        self.cfg = cfg
+        if trunk is None:
+            trunk = ARCHS[cfg.arch][0](build_torchvision(StudentConfig(arch=cfg.arch, pretrained=False)))
+        self.trunk = trunk
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        was = self.trunk.training
+        with torch.no_grad():  # the trunk's channels at each stride, from one small batch in eval mode
+            maps = trunk_maps(self.trunk.eval(), torch.zeros(2, 3, cfg.input_size, cfg.input_size))
+        self.trunk.train(was)
+        if 8 not in maps or 16 not in maps:
+            raise ConfigError(f"the {cfg.arch} trunk at input {cfg.input_size} has no maps at strides 8 and 16 (it "
+                              f"has {sorted(maps)})")
+        self.head = nn.Conv2d(maps[8].shape[1] + maps[16].shape[1], cfg.landmarks, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, H, W) in [0, 1] (128 x 128 ear crops) -> landmarks (B, K, 2), (x, y) in pixels of the 128 crop."""
+        return soft_argmax(self.heatmaps(x).float())
+
+    def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, H, W) in [0, 1] -> heatmap logits (B, K, S / 8, S / 8)."""
+        if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
+            x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", antialias=True,
+                              align_corners=False)
+        maps = trunk_maps(self.trunk, (x - self.pixel_mean) / self.pixel_std)
+        fine, coarse = maps[8], maps[16]  # (B, C8, g, g), (B, C16, g / 2, g / 2)
+        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(torch.cat([fine, coarse], 1))  # (B, K, g, g)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{"encoder": the trunk (lr * encoder_lr_scale), "head": the heatmap head}."""
+        return {"encoder": list(self.trunk.parameters()), "head": list(self.head.parameters())}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a landmark student: a student's trunk and a heatmap head on N "
+                                            "labelled images.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("landmarker")
+    start = g.add_mutually_exclusive_group()
+    start.add_argument("--student", default=None, metavar="PATH", help="a distill.py checkpoint whose trunk starts "
+                       "the model (its arch and input size)")
+    start.add_argument("--scratch", action="store_true", help="start from a random trunk of --student-arch")
+    g.add_argument("--student-arch", choices=list(ARCHS), default=LandmarkConfig.arch, help="the trunk with "
+                   "--scratch")
+    g.add_argument("--student-input-size", type=int_range(32, 1024), default=LandmarkConfig.input_size,
+                   help="side the crop is resized to, with --scratch")
+    g.add_argument("--labels", type=positive_int, default=None, help="train on the first N training images with "
+                   "every landmark in the crop (default: all of them)")
+    g.add_argument("--epoch-images", type=positive_int, default=1000, help="an epoch is the N images repeated "
+                   "EPOCH_IMAGES // N times, at least once (validation runs after each epoch)")
+    loop.add_run_flags(p)
+    return p
+
+
+def landmark_config(run: loop.Run) -> tuple[LandmarkConfig, nn.Sequential | None]:
+    """The model to build and its trunk: a student's (--student), a random one (--scratch), or on resume the
+    checkpoint's config (its weights come from the checkpoint). ConfigError for contradicting flags, CheckpointError
+    for a checkpoint of another kind."""
+    args, ckpt = run.args, run.ckpt
+    if ckpt is not None:
+        if "landmark_config" not in ckpt:
+            raise CheckpointError(f"{run.ckpt_path}: not a landmarker.py run (no landmark_config)")
+        if problem := config_problem(ckpt["landmark_config"], LandmarkConfig):
+            raise CheckpointError(f"{run.ckpt_path}: landmark_config {problem}")
+        return LandmarkConfig(**ckpt["landmark_config"]), None
+    if args.hflip:
+        raise ConfigError("--hflip: a flip moves the landmarks; landmarker.py trains on the images as they are")
+    if args.batch_size < 2:
+        raise ConfigError("--batch-size 1: the trunk's BatchNorm layers need 2 images or more per micro-batch")
+    if args.student is None and not args.scratch:
+        raise ConfigError("--student PATH (a distill.py checkpoint) or --scratch (a random trunk) is needed")
+    if args.scratch:
+        return LandmarkConfig(arch=args.student_arch, input_size=args.student_input_size), None
+    student = load_student(args.student)
+    return LandmarkConfig(arch=student.cfg.arch, input_size=student.cfg.input_size, init=str(args.student)), \
+        student.trunk.train()
+
+
+def complete(points: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """points (N_total, K, 2) with NaN outside the crop, keep (n,) the dataset's file indices -> the positions (m,) in
+    `keep` whose image has every landmark in the crop."""
+    return np.flatnonzero(~np.isnan(points[keep]).any((1, 2)))
+
+
+class LandmarkObjective:
+    """The landmark task (loop.Objective): mean point distance in pixels on the labelled training images; best.pt
+    is the lowest validation NME (score neg_nme = -NME)."""
+    score, score_text = "neg_nme", "-NME {:.4f}"
+    score_axis = {"ylabel": "-NME", "title": "validation -NME (higher is better)"}
+    log_fields = ("nme", "error_px", "pck", "neg_nme")
+
+    def __init__(self, run: loop.Run, setup: loop.Setup) -> None:
+        args, device = run.args, setup.device
+        cfg, trunk = landmark_config(run)
+        self.args, self.setup = args, setup
+        train_ds, val_ds = loop.read_data(args)
+        train_points, val_points = read_landmarks(train_ds.path)[1], read_landmarks(val_ds.path)[1]  # (N, K, 2)
+        rows = complete(train_points, train_ds.keep)[:args.labels]
+        if args.labels is not None and len(rows) < args.labels:
+            raise DataError(f"{train_ds.path}: {len(rows)} valid images with every landmark in the crop, fewer than "
+                            f"--labels {args.labels}")
+        if train_points.shape[1] != cfg.landmarks:
+            raise DataError(f"{train_ds.path}: {train_points.shape[1]} landmarks, the model has {cfg.landmarks}")
+        self.n_labels = len(rows)
+        repeats = max(1, args.epoch_images // len(rows))
+        train_ds.keep = np.tile(train_ds.keep[rows], repeats)  # the N labelled images, `repeats` times an epoch
+        val_ds.keep = val_ds.keep[complete(val_points, val_ds.keep)]
+        self.data = loop.make_data(args, setup, train_ds, val_ds)
+        first = ResumableSampler(min(len(rows), PRECISE_BN_IMAGES), 1, args.seed, shuffle=False)
+        self.bn_loader = make_loader(train_ds, args.batch_size, first, args.workers)
+        self.train_points = torch.from_numpy(train_points).to(device)  # (N_total, K, 2), by file index
+        self.val_points = torch.from_numpy(val_points).to(device)
+        torch.manual_seed(args.seed)  # the head's (and a scratch trunk's) initialisation
+        self.model = Landmarker(cfg, trunk).to(device)
+        self.config = asdict(cfg)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, keys: torch.Tensor,
+             epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x uint8 (B, 3, 128, 128), keys (B,) file indices -> the mean distance (pixels) between the predicted and
+        the labelled landmarks."""
+        pred = model(to_float(x))  # (B, K, 2)
+        loss = (pred - self.train_points[keys.to(pred.device)]).norm(dim=-1).mean()
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, max_batches: int | None = None) -> dict[str, float]:
+        """probe.landmark_scores over the val images (the first max_batches batches) and neg_nme, model in eval mode
+        after precise_bn (distill.precise_bn: the statistics every saved model uses)."""
+        precise_bn(model, self.bn_loader, self.setup.device, self.setup.autocast())
+        was = model.training
+        model.eval()
+        pred, true = [], []
+        for b, (x, keys) in enumerate(self.data.val_loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            with self.setup.autocast():
+                pred.append(model(to_float(x.to(self.setup.device))).float())  # (B, K, 2)
+            true.append(self.val_points[keys.to(self.setup.device)])
+        model.train(was)
+        scores = landmark_scores(torch.cat(pred), torch.cat(true))
+        return {**scores, "neg_nme": -scores["nme"]}
+
+    def state(self) -> dict:
+        return {"landmark_config": self.config}
+
+    def after_validation(self, model: nn.Module, step: int, log_dir: Path) -> None:
+        """Nothing drawn."""
+
+    def describe(self) -> list[str]:
+        cfg = self.model.cfg
+        return [parameter_report({"Landmarker": self.model}),
+                f"Landmarks: {cfg.arch} trunk at input {cfg.input_size} from {cfg.init}, heatmap head on strides 8 "
+                f"and 16, soft-argmax; trained on the first {self.n_labels} labelled images (no augmentation)"]
+
+    def postfix(self, row: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    @staticmethod
+    def memory_advice(resuming: bool) -> str:
+        return "."
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = get_parser()
+    setup = loop.setup_processes(parser, argv)
+    run = loop.resolve_run(parser, "landmarker.py", argv, setup)
+    loop.fit(LandmarkObjective, run, setup)
+
+
+if __name__ == "__main__":
+    loop.command(main)
