@@ -293,10 +293,11 @@ def resolve_run(parser: argparse.ArgumentParser, script: str, argv: list[str] | 
 
 def check_new(args: argparse.Namespace) -> None:
     """TrainingError if a new run's folders hold an earlier run's last.pt, best.pt or metrics.csv."""
-    for f in (Path(args.ckpt_dir) / "last.pt", Path(args.ckpt_dir) / "best.pt", Path(args.log_dir) / "metrics.csv"):
+    last = Path(args.ckpt_dir) / "last.pt"
+    for f in (last, Path(args.ckpt_dir) / "best.pt", Path(args.log_dir) / "metrics.csv"):
         if f.exists():
-            raise TrainingError(f"{f} exists from an earlier run: continue it with --resume "
-                                f"{Path(args.ckpt_dir) / 'last.pt'}, or choose another --ckpt-dir / --log-dir")
+            resume = f"continue it with --resume {last}, or " if last.exists() else ""
+            raise TrainingError(f"{f} exists from an earlier run: {resume}choose another --ckpt-dir / --log-dir")
 
 
 def check_output_dirs(args: argparse.Namespace) -> None:

@@ -306,7 +306,10 @@ def test_a_resume_over_changed_data_stops_naming_the_file_unless_accepted(synth_
 def test_a_new_run_never_writes_over_an_earlier_best_pt(synth_dir, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints/best.pt").write_text(EARLIER)
-    with pytest.raises(TrainingError, match=r"best\.pt exists from an earlier run: continue it with --resume "
+    with pytest.raises(TrainingError, match=r"best\.pt exists from an earlier run: choose another --ckpt-dir"):
+        train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1"))  # no last.pt: no --resume to suggest
+    (tmp_path / "checkpoints/last.pt").write_text(EARLIER)
+    with pytest.raises(TrainingError, match=r"last\.pt exists from an earlier run: continue it with --resume "
                                             r".*checkpoints/last\.pt"):
         train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1"))
     assert (tmp_path / "checkpoints/best.pt").read_text() == EARLIER
