@@ -462,6 +462,12 @@ def read_landmarks(npy: Path) -> tuple[list[str], np.ndarray]:
     return names, points
 
 
+def whole_landmarks(points: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """points (N_total, K, 2) from read_landmarks (NaN outside the crop), keep (n,) a dataset's file indices -> the
+    positions (m,) in `keep` whose image has every landmark in the crop."""
+    return np.flatnonzero(~np.isnan(points[keep]).any((1, 2)))
+
+
 def read_masks(npy: Path) -> np.ndarray:
     """The ear mask of every image of `npy` from masks_file(npy) -> uint8 (N, 128, 128), 0 or 1 (memory-mapped).
     DataError naming the file for: no file, not a plain .npy, another dtype or shape than (N, 128, 128) with N the

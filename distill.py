@@ -33,7 +33,7 @@ from checkpoints import load_model, weights_sha256
 from hub import config_problem
 from losses import DistillConfig, DistillLoss
 from model import EarVAE, parameter_report
-from student import ARCHS, Student, StudentConfig, teacher_targets
+from student import ARCHS, Student, StudentConfig, stride_channels, teacher_targets
 import loop
 
 PRECISE_BN_IMAGES = 1024  # the first training images, un-augmented, that precise_bn averages over
@@ -149,15 +149,12 @@ class HintStudent(Student):
 
     def __init__(self, cfg: StudentConfig, teacher_channels: dict[int, int]) -> None:
         super().__init__(cfg)
-        was = self.training
-        with torch.no_grad():  # the trunk's channels at each stride, from one small batch in eval mode
-            maps = self.eval().trunk_maps(torch.zeros(2, 3, cfg.input_size, cfg.input_size))
-        self.train(was)
-        missing = [s for s in HINT_STRIDES if s not in maps]
+        channels = stride_channels(self.trunk, cfg.input_size)  # {stride: the trunk's channels there}
+        missing = [s for s in HINT_STRIDES if s not in channels]
         if missing:
             raise ConfigError(f"--hint-weight: the {cfg.arch} trunk at input {cfg.input_size} has no map at stride "
-                              f"{missing} (it has {sorted(maps)})")
-        self.hint = nn.ModuleDict({str(s): nn.Conv2d(maps[s].shape[1], teacher_channels[s], 1)  # keys "hint.8...":
+                              f"{missing} (it has {sorted(channels)})")
+        self.hint = nn.ModuleDict({str(s): nn.Conv2d(channels[s], teacher_channels[s], 1)  # keys "hint.8...":
                                    for s in HINT_STRIDES})  # under HINT_PREFIX
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:

@@ -31,17 +31,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import int_range, positive_int
-from data import ResumableSampler, make_loader, read_landmarks, to_float
-from distill import precise_bn
+from data import ResumableSampler, make_loader, read_landmarks, to_float, whole_landmarks
+from distill import PRECISE_BN_IMAGES, precise_bn
 from encoders import IMAGENET_MEAN, IMAGENET_STD
 from errors import CheckpointError, ConfigError, DataError
 from hub import config_problem
 from model import parameter_report
 from probe import landmark_scores, soft_argmax
-from student import ARCHS, StudentConfig, build_torchvision, load_student, trunk_maps
+from student import ARCHS, StudentConfig, build_torchvision, load_student, stride_channels, trunk_input, trunk_maps
 import loop
-
-PRECISE_BN_IMAGES = 1024  # the first labelled training images, un-augmented, that precise_bn averages over
 
 
 @dataclass
@@ -67,14 +65,11 @@ class Landmarker(nn.Module):
         self.trunk = trunk
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        was = self.trunk.training
-        with torch.no_grad():  # the trunk's channels at each stride, from one small batch in eval mode
-            maps = trunk_maps(self.trunk.eval(), torch.zeros(2, 3, cfg.input_size, cfg.input_size))
-        self.trunk.train(was)
-        if 8 not in maps or 16 not in maps:
+        channels = stride_channels(self.trunk, cfg.input_size)  # {stride: the trunk's channels there}
+        if 8 not in channels or 16 not in channels:
             raise ConfigError(f"the {cfg.arch} trunk at input {cfg.input_size} has no maps at strides 8 and 16 (it "
-                              f"has {sorted(maps)})")
-        self.head = nn.Conv2d(maps[8].shape[1] + maps[16].shape[1], cfg.landmarks, 1)
+                              f"has {sorted(channels)})")
+        self.head = nn.Conv2d(channels[8] + channels[16], cfg.landmarks, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) in [0, 1] (128 x 128 ear crops) -> landmarks (B, K, 2), (x, y) in pixels of the 128 crop."""
@@ -82,10 +77,7 @@ class Landmarker(nn.Module):
 
     def heatmaps(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) in [0, 1] -> heatmap logits (B, K, S / 8, S / 8)."""
-        if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
-            x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", antialias=True,
-                              align_corners=False)
-        maps = trunk_maps(self.trunk, (x - self.pixel_mean) / self.pixel_std)
+        maps = trunk_maps(self.trunk, trunk_input(x, self.cfg.input_size, self.pixel_mean, self.pixel_std))
         fine, coarse = maps[8], maps[16]  # (B, C8, g, g), (B, C16, g / 2, g / 2)
         coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
         return self.head(torch.cat([fine, coarse], 1))  # (B, K, g, g)
@@ -139,12 +131,6 @@ def landmark_config(run: loop.Run) -> tuple[LandmarkConfig, nn.Sequential | None
         student.trunk.train()
 
 
-def complete(points: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """points (N_total, K, 2) with NaN outside the crop, keep (n,) the dataset's file indices -> the positions (m,) in
-    `keep` whose image has every landmark in the crop."""
-    return np.flatnonzero(~np.isnan(points[keep]).any((1, 2)))
-
-
 class LandmarkObjective:
     """The landmark task (loop.Objective): mean point distance in pixels on the labelled training images; best.pt
     is the lowest validation NME (score neg_nme = -NME)."""
@@ -158,7 +144,7 @@ class LandmarkObjective:
         self.args, self.setup = args, setup
         train_ds, val_ds = loop.read_data(args)
         train_points, val_points = read_landmarks(train_ds.path)[1], read_landmarks(val_ds.path)[1]  # (N, K, 2)
-        rows = complete(train_points, train_ds.keep)[:args.labels]
+        rows = whole_landmarks(train_points, train_ds.keep)[:args.labels]
         if args.labels is not None and len(rows) < args.labels:
             raise DataError(f"{train_ds.path}: {len(rows)} valid images with every landmark in the crop, fewer than "
                             f"--labels {args.labels}")
@@ -167,7 +153,7 @@ class LandmarkObjective:
         self.n_labels = len(rows)
         repeats = max(1, args.epoch_images // len(rows))
         train_ds.keep = np.tile(train_ds.keep[rows], repeats)  # the N labelled images, `repeats` times an epoch
-        val_ds.keep = val_ds.keep[complete(val_points, val_ds.keep)]
+        val_ds.keep = val_ds.keep[whole_landmarks(val_points, val_ds.keep)]
         self.data = loop.make_data(args, setup, train_ds, val_ds)
         first = ResumableSampler(min(len(rows), PRECISE_BN_IMAGES), 1, args.seed, shuffle=False)
         self.bn_loader = make_loader(train_ds, args.batch_size, first, args.workers)

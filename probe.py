@@ -28,14 +28,13 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import load_model, read_checkpoint
 from cli import positive_int, seed_int
-from data import EarDataset, read_landmarks, read_masks, to_float
+from data import EarDataset, read_landmarks, read_masks, to_float, whole_landmarks
 from errors import DataError, OutputError
 from files import check_output_dir, check_replace, save_json, save_text, write_outputs
 from inference import (add_inference_args, autocast, checkpoint_info, data_file, max_invalid, run_command,
@@ -237,14 +236,13 @@ def load_split(path: Path, n: int, max_bad: float) -> tuple[torch.Tensor, torch.
     ds = EarDataset(path, max_invalid=max_bad)
     _, points = read_landmarks(path)  # (N_total, K, 2)
     masks = read_masks(path)  # (N_total, 128, 128)
-    whole = torch.from_numpy(~np.isnan(points[ds.keep]).any((1, 2)))  # (len(ds),) every landmark in the crop
-    rows = torch.nonzero(whole).squeeze(1)[:n]  # positions in ds
+    rows = whole_landmarks(points, ds.keep)[:n]  # positions in ds
     if len(rows) < 2:
         raise DataError(f"{path}: {len(rows)} valid image(s) with every landmark in the crop; the probe needs 2")
-    if cut := int((~whole[:int(rows[-1]) + 1]).sum()):
+    if cut := int(rows[-1]) + 1 - len(rows):  # the images before the last one taken that were left out
         print(f"{path}: left out {cut} image(s) with a landmark outside the crop")
     images = torch.stack([ds[int(i)][0] for i in rows])
-    keep = ds.keep[rows.numpy()]
+    keep = ds.keep[rows]
     return images, torch.from_numpy(points[keep]), torch.from_numpy(masks[keep]).bool()
 
 

@@ -94,10 +94,7 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) in [0, 1] -> (B, 3, S, S) resized to input_size S and ImageNet-normalised: the trunk's
         input."""
-        if x.shape[-1] != self.cfg.input_size or x.shape[-2] != self.cfg.input_size:
-            x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", antialias=True,
-                              align_corners=False)
-        return (x - self.pixel_mean) / self.pixel_std  # (B, 3, S, S)
+        return trunk_input(x, self.cfg.input_size, self.pixel_mean, self.pixel_std)
 
     def outputs(self, feature: torch.Tensor) -> dict[str, torch.Tensor]:
         """The trunk's last map (B, C, h, w) -> the head's {"embed": (B, embed_dim) unit vectors, "mu": (B,
@@ -175,6 +172,24 @@ def is_student_folder(path: str | Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(config, dict) and config.get("format") == STUDENT_FORMAT
+
+
+def trunk_input(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """x (B, 3, H, W) in [0, 1] -> (B, 3, size, size): resized (bilinear, antialiased) where it is another size and
+    normalised by mean, std (1, 3, 1, 1): a trunk's input (Student, landmarker.Landmarker)."""
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - mean) / std  # (B, 3, size, size)
+
+
+@torch.no_grad()
+def stride_channels(trunk: nn.Sequential, size: int) -> dict[int, int]:
+    """{stride: channels} of trunk_maps at input `size`, from a blank batch of 2 in eval mode (the trunk's own mode
+    is kept)."""
+    was = trunk.training
+    maps = trunk_maps(trunk.eval(), torch.zeros(2, 3, size, size))
+    trunk.train(was)
+    return {s: m.shape[1] for s, m in maps.items()}
 
 
 def trunk_maps(trunk: nn.Sequential, h: torch.Tensor) -> dict[int, torch.Tensor]:
