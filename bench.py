@@ -37,7 +37,7 @@ from synth import write_synthetic
 from losses import LossConfig, VAELoss
 from model import build_model, sam_config
 from inference import PRECISIONS, clock, resolve_precision, autocast as inference_autocast
-from cli import int_range, non_negative_int, positive_int, safe_console
+from cli import HelpFormatter, int_range, non_negative_int, positive_int, safe_console
 from files import check_output_file, save_json, write_outputs
 from student import ARCHS, Student, StudentConfig, teacher_targets
 
@@ -344,7 +344,7 @@ def largest_batch(variant: str, input_size: int, device: torch.device, vgg: str,
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     cuda = torch.cuda.is_available()
     p.add_argument("--sizes", type=int_range(16, multiple_of=16), nargs="+", default=None,
                    help="SAM input sizes, multiples of its patch 16 (default: 1024 512 256 on a GPU, 256 on CPU, "

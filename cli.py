@@ -19,6 +19,16 @@ from tqdm import tqdm
 LOG_INTERVAL = 30.0  # seconds between two progress lines in a log file (the first and the last line always come)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each flag's help, except where the help already says what the default is,
+    or the default is None (a flag that is off or derived unless given): no second, contradicting default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # -----------------------------------------------------------------------------
 # flag types: a value outside its range is argparse's one-line error (after the usage), exit 2
 

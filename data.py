@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cli import float_range, fraction, int_range, progress, safe_console, seed_int
+from cli import HelpFormatter, float_range, fraction, int_range, progress, safe_console, seed_int
 from errors import DataError, OutputError
 from files import Writer, check_output_dir, claim, release, save_npy, write_outputs
 from photos import (BACKGROUND, CHANGE_KINDS, SQUARE_RULES, UnusableImage, load_image, map_points, path_text,
@@ -976,7 +976,7 @@ def _rgb(s: str) -> tuple[int, int, int]:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Ear-teacher data: checks and conversion.")
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     p = sub.add_parser("check", help="report on an image .npy file; exit 0 if usable for training, else 1",
                        formatter_class=fmt)

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli import int_range, positive_int, safe_console
+from cli import HelpFormatter, int_range, positive_int, safe_console
 
 ROOT = Path(__file__).resolve().parent
 BATCH = 16  # the training batch: 4 identities x 4 views (SupCon's P x K)
@@ -41,7 +41,7 @@ def run(*args: str) -> None:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo", help="folder for data, checkpoints, logs, eval and eigenears")
     p.add_argument("--train-identities", type=int_range(BATCH // VIEWS), default=500,
                    help=f"synthetic training identities, {VIEWS} views each (val: {VAL_IDENTITIES} other "

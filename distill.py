@@ -15,6 +15,10 @@ trunk maps at strides 8 and 16 of its input each pass through a 1x1-conv regress
 map, and their MSE to it is a loss term (hint_targets: the teacher's first pyramid map for stride 8, its last (the
 neck) for stride 16, each resized to the student's grid). The regressors train with the student (HintStudent) and
 are left out when it is loaded for use (student.load_student), so a hint-trained student deploys as any other.
+
+--rkd-weight W adds RKD's distance term (Park et al. 2019; losses.rkd_distance): the student matches the teacher's
+pairwise distances between the batch's identity embeddings, each over its mean, the relations that rank-1 and EER
+read, where the cosine term matches each embedding on its own.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import int_range, non_negative
+from cli import HelpFormatter, int_range, non_negative
 from data import AugConfig, ResumableSampler, augment, make_loader, to_float
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
 from checkpoints import load_model, weights_sha256
@@ -43,7 +47,7 @@ def get_parser() -> argparse.ArgumentParser:
     """The student's flags (defaults from StudentConfig) and the run flags every training command shares
     (loop.add_run_flags)."""
     p = argparse.ArgumentParser(description="Distil a small student from a trained ear teacher.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("student")
     g.add_argument("--student-arch", choices=list(ARCHS), default=StudentConfig.arch, help="the student's "
                    "torchvision trunk")
@@ -56,6 +60,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--hint-weight", type=non_negative, default=DistillConfig.hint, help="FitNets hints: weight of "
                    "the MSE between the student's trunk maps at strides 8 and 16 (each through a trained 1x1-conv "
                    "regressor) and the teacher's first and last pyramid maps on the same grids (0: off)")
+    g.add_argument("--rkd-weight", type=non_negative, default=DistillConfig.embed_rkd, help="RKD's distance term: "
+                   "weight of the Huber loss between the batch's pairwise distances of student and teacher identity "
+                   "embeddings, each over its mean (0: off)")
     resumable = loop.add_run_flags(p)
     resumable.add_argument("--teacher", default=None, metavar="PATH", help="the trained teacher (a train.py "
                            "checkpoint or an export / save_pretrained folder); needed for a new run, and on --resume "
@@ -193,7 +200,7 @@ class StudentObjective:
     embeddings."""
     score, score_text = "agreement", "agreement with the teacher {:.4f}"
     score_axis = {"ylabel": "cosine", "title": "validation agreement with the teacher"}
-    log_fields = ("embed_cosine", "embed_l2", "mu_cosine", "mu_l2", "hint", "agreement")
+    log_fields = ("embed_cosine", "embed_l2", "mu_cosine", "mu_l2", "hint", "embed_rkd", "agreement")
 
     def __init__(self, run: loop.Run, setup: loop.Setup) -> None:
         args, device = run.args, setup.device
@@ -210,7 +217,7 @@ class StudentObjective:
             self.model = Student(cfg).to(device)
         self.config = asdict(replace(self.model.cfg, pretrained=pretrained))
         self.teacher = teacher.to(device)
-        self.criterion = DistillLoss(**asdict(replace(DistillConfig(), hint=args.hint_weight))).to(device)
+        self.criterion = DistillLoss(**asdict(replace(DistillConfig(), hint=args.hint_weight, embed_rkd=args.rkd_weight))).to(device)
 
     def targets(self, x: torch.Tensor, out: dict) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:
         """teacher_targets for x (B, 3, 128, 128) and, where the student's outputs `out` have hints, the teacher's

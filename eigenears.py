@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cli import positive_int  # noqa: E402
+from cli import HelpFormatter, positive_int  # noqa: E402
 from data import EarDataset  # noqa: E402
 from errors import DataError, OutputError  # noqa: E402
 from files import check_output_dir, check_replace, save_figure, save_json, write_outputs  # noqa: E402
@@ -44,7 +44,7 @@ RIDGE = 1e-3  # probe regularisation, relative to the mean eigenvalue of the cen
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="PCA of the ear teacher's latent means (eigenears).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", action="append", default=None,
                    help="checkpoint written by train.py, or a directory written by eval.py --export / "
                         "checkpoints.export_model (it names no data: give --data and --fit-data); repeat to compare "

@@ -42,6 +42,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cli import HelpFormatter  # noqa: E402
 from data import (UNLABELLED, EarDataset, fingerprint, fingerprint_change, missing_labels, open_npy,  # noqa: E402
                   read_identities, shared_identities, to_float)
 from errors import CheckpointError, DataError, OutputError  # noqa: E402
@@ -63,7 +64,7 @@ FIGURES = ("reconstructions.png", "retrieval.png")  # what a run may draw: one i
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate an ear-teacher checkpoint: PSNR, SSIM, MAE, MSE, KL per image.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("ckpt", help="checkpoint written by train.py (best.pt or last.pt), or a directory written by "
                                 "--export / checkpoints.export_model (then give --data)")
     p.add_argument("--data", default=None, help="uint8 .npy of ear crops (default: the run's validation file)")
@@ -596,6 +597,9 @@ def student_report(metrics: dict) -> str:
             lines.append(f"  {name + ':':<30} rank-1 {m['rank1']:.3f}   rank-5 {m['rank5']:.3f}   EER {m['eer']:.3f}"
                          f"   ROC AUC {m['roc_auc']:.3f}   {tar_text(m)}")
             lines += warning_lines(m)
+        s, t = metrics["identity"], metrics["identity_teacher"]
+        lines.append(f"  student / teacher: rank-1 {s['rank1'] / t['rank1']:.2f}x, EER {s['eer'] / t['eer']:.2f}x"
+                     if t["rank1"] > 0 and t["eer"] > 0 else "  student / teacher: no ratio (a teacher figure is 0)")
         lines.append(f"  {'warning: ' if metrics['train_overlap']['shared'] else ''}{metrics['train_overlap']['note']}")
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import int_range, positive_int
+from cli import HelpFormatter, int_range, positive_int
 from data import ResumableSampler, make_loader, read_landmarks, to_float, whole_landmarks
 from distill import PRECISE_BN_IMAGES, precise_bn
 from encoders import IMAGENET_MEAN, IMAGENET_STD
@@ -89,7 +89,7 @@ class Landmarker(nn.Module):
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a landmark student: a student's trunk and a heatmap head on N "
-                                            "labelled images.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "labelled images.", formatter_class=HelpFormatter)
     g = p.add_argument_group("landmarker")
     start = g.add_mutually_exclusive_group()
     start.add_argument("--student", default=None, metavar="PATH", help="a distill.py checkpoint whose trunk starts "

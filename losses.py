@@ -380,11 +380,14 @@ class DistillConfig:
     mu_l2: float = 1.0  # MSE between the mu (its scale as well)
     hint: float = 0.0  # FitNets hints (Romero et al. 2015): MSE between the student's regressed trunk maps and the
                        # teacher's pyramid maps (distill.py --hint-weight); off by default
+    embed_rkd: float = 0.0  # RKD's distance term (Park et al. 2019) on the identity embeddings: the batch's pairwise
+                            # distances, each over their mean, matched by Huber loss (distill.py --rkd-weight); off
 
 
 class DistillLoss(nn.Module):
     """Feature distillation of the teacher's outputs into a student, with the field's names (torchdistill): cosine
-    and L2 (mean squared error) terms on the identity embedding and on `mu`, and FitNets' `hint` term on maps.
+    and L2 (mean squared error) terms on the identity embedding and on `mu`, FitNets' `hint` term on maps, and RKD's
+    distance term (`embed_rkd`) on the relations between the batch's embeddings.
 
     A term whose weight is 0 is not computed and not logged. Every term is float32, also for bf16/fp16 inputs.
     Teacher outputs are constants: they are detached here.
@@ -397,10 +400,11 @@ class DistillLoss(nn.Module):
         mu_cosine: float = DistillConfig.mu_cosine,
         mu_l2: float = DistillConfig.mu_l2,
         hint: float = DistillConfig.hint,
+        embed_rkd: float = DistillConfig.embed_rkd,
     ) -> None:
         super().__init__()
         self.weights = {"embed_cosine": embed_cosine, "embed_l2": embed_l2, "mu_cosine": mu_cosine, "mu_l2": mu_l2,
-                        "hint": hint}
+                        "hint": hint, "embed_rkd": embed_rkd}
         for name, w in self.weights.items():
             if not (w >= 0 and math.isfinite(w)):
                 raise ValueError(f"distillation weight {name}={w}: expected a finite value >= 0")
@@ -410,7 +414,8 @@ class DistillLoss(nn.Module):
     def forward(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """student, teacher: {"embed": (B, E), "mu": (B, D), "hints": {stride: (B, C, h, w)}}, each key needed only
         by the terms with a weight > 0. The hint term is the mean over the student's strides of the MSE between its
-        regressed map and the teacher's map of the same shape (FitNets' hint; distill.hint_targets makes them).
+        regressed map and the teacher's map of the same shape (FitNets' hint; distill.hint_targets makes them). The
+        embed_rkd term is rkd_distance of the two (B, E) embeddings (B >= 2).
 
         Returns (total, logs): total is the 0-dim weighted sum; logs maps 'loss' and each computed term to its
         detached, unweighted 0-dim float32 value. A missing key or unequal shapes -> ValueError naming them.
@@ -418,7 +423,7 @@ class DistillLoss(nn.Module):
         w = self.weights
         terms: dict[str, Tensor] = {}
         for key in ("embed", "mu"):
-            if w[f"{key}_cosine"] == 0 and w[f"{key}_l2"] == 0:
+            if not any(w[name] > 0 for name in w if name.startswith(f"{key}_")):
                 continue
             if key not in student or key not in teacher:
                 whose = "student" if key not in student else "teacher"
@@ -430,6 +435,8 @@ class DistillLoss(nn.Module):
                 terms[f"{key}_cosine"] = 1.0 - F.cosine_similarity(s, t, dim=1).mean()
             if w[f"{key}_l2"] > 0:
                 terms[f"{key}_l2"] = F.mse_loss(s, t)
+            if key == "embed" and w["embed_rkd"] > 0:
+                terms["embed_rkd"] = rkd_distance(s, t)
         if w["hint"] > 0:
             if "hints" not in student or "hints" not in teacher:
                 whose = "student" if "hints" not in student else "teacher"
@@ -442,3 +449,29 @@ class DistillLoss(nn.Module):
         total = sum(w[name] * value for name, value in terms.items())
         logs = {"loss": total.detach(), **{name: value.detach() for name, value in terms.items()}}
         return total, logs
+
+
+def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD's distance-wise loss (Park et al., "Relational Knowledge Distillation", CVPR 2019; the authors' code,
+    lenscloth/RKD metric/loss.py RkdDistance): every pair's Euclidean distance in the batch, divided by the mean over
+    the distinct pairs, student against teacher by Huber loss (smooth L1, beta 1) over the B x B matrix, diagonal
+    included (zero in both). It teaches the student the teacher's geometry of the batch, not each point: who is
+    near whom, at the teacher's relative scale.
+
+    student, teacher: (B, E), B >= 2 (the teacher's is a constant). Returns a 0-dim float32 tensor. A batch whose
+    teacher (or student) points all coincide -> ValueError (no scale to divide by).
+    """
+    if student.shape[0] < 2:
+        raise ValueError(f"rkd_distance needs 2 or more embeddings in the batch, got {student.shape[0]}")
+    off = ~torch.eye(student.shape[0], dtype=torch.bool, device=student.device)  # (B, B) the distinct pairs
+
+    def relative(e: Tensor) -> Tensor:
+        d = torch.cdist(e.float(), e.float()).masked_fill(~off, 0)  # (B, B) Euclidean distances, 0 on the diagonal
+        scale = d[off].mean()
+        if not scale > 0:
+            raise ValueError("rkd_distance: every embedding of the batch is the same point")
+        return d / scale
+
+    with torch.no_grad():
+        t = relative(teacher.detach())
+    return F.smooth_l1_loss(relative(student), t)

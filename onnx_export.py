@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cli import positive_int, safe_console
+from cli import HelpFormatter, positive_int, safe_console
 from data import EarDataset, read_identities
 from errors import CheckpointError, DataError, OutputError
 from files import atomic_write, check_output_dir, claim, release, save_json
@@ -262,7 +262,7 @@ def fmt(value: float | None) -> str:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a student or the teacher's embedding path to ONNX (+ int8).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("model", nargs="+", help="a distill.py or train.py checkpoint, or a save_pretrained folder (with "
                    "--table: several)")
     p.add_argument("--out", default=None, help="folder for model.onnx, model_int8.onnx, onnx.json (default: the "

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import load_model, read_checkpoint
-from cli import positive_int, seed_int
+from cli import HelpFormatter, positive_int, seed_int
 from data import EarDataset, read_landmarks, read_masks, to_float, whole_landmarks
 from errors import DataError, OutputError
 from files import check_output_dir, check_replace, save_json, save_text, write_outputs
@@ -51,7 +51,7 @@ PIXEL_PATCH = 128 // GRID  # the pixels' patches: 8x8x3 = 192 values per cell
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("ckpt", help="teacher checkpoint written by train.py")
     p.add_argument("--fit-data", default=None, help=".npy the heads are fitted on (default: the run's train file)")
     p.add_argument("--data", default=None, help=".npy the heads are scored on (default: the run's val file)")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cli import non_negative_int, positive_int, safe_console, seed_int
+from cli import HelpFormatter, non_negative_int, positive_int, safe_console, seed_int
 from data import IMAGE_SIZE, landmarks_file, masks_file, refuse_dataset, save_landmarks, write_dataset
 from errors import DataError, OutputError
 from files import Writer, check_output_dir, save_npy
@@ -418,7 +418,7 @@ def _sector(x: np.ndarray, y: np.ndarray, cx: float, cy: float, angle: float, ha
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Render synthetic ears with known factors, landmarks and masks: "
                                 "OUT/{train,val}_teacher.npy, _factors.csv, _landmarks.csv and _masks.npy.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", default="data", help="output directory")
     # SUPPRESS: absent from args unless given, so that giving them with --identities is an error
     p.add_argument("--n-train", type=positive_int, default=argparse.SUPPRESS,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cli import int_range, non_negative, non_negative_int, positive, positive_int
+from cli import HelpFormatter, int_range, non_negative, non_negative_int, positive, positive_int
 from data import (UNLABELLED, AugConfig, EarDataset, IdentitySampler, augment, missing_labels, read_identities,
                   sample_seed, to_float)
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
@@ -40,7 +40,7 @@ def get_parser() -> argparse.ArgumentParser:
     run flags every training command shares (loop.add_run_flags)."""
     sam, dinov2, tiny, loss = sam_config(), dinov2_config(), tiny_config(), LossConfig()
     p = argparse.ArgumentParser(description="Train the SAM-encoder VAE ear teacher.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--encoder", choices=["sam", "dinov2"], default="sam", help="backbone")
     g.add_argument("--weights", default=None, help=f"hub id or local dir of the backbone (default: {sam.weights} "

@@ -99,6 +99,21 @@ def test_no_numeric_flag_is_a_plain_int_or_float(command):
     assert tested <= {a.option_strings[0] for a in actions}
 
 
+@pytest.mark.parametrize("command", PARSERS)
+def test_help_states_each_default_at_most_once_and_never_as_none(command):
+    """--help adds "(default: X)" to a flag only where its own text does not already say what the default is, and
+    never "(default: None)" (cli.HelpFormatter): a flag's help never shows two defaults."""
+    make, args = PARSERS[command]
+    parser = make()
+    for a in parser._actions:  # data.py's check / convert: the subcommand's own help
+        if isinstance(a, argparse._SubParsersAction):
+            parser = a.choices[args[0]]
+    text = " ".join(parser.format_help().split())  # argparse's line breaks undone
+    assert "(default: None)" not in text
+    helps = [h for h in re.split(r"(?=\s-{1,2}[a-z])", text) if "default" in h]
+    assert helps and [h for h in helps if h.count("default") > 1 and "(default: " in h] == []
+
+
 @pytest.mark.parametrize("command, flag, refused, accepted", RANGES, ids=[f"{c}{f}" for c, f, _, _ in RANGES])
 def test_a_value_outside_the_flags_range_is_one_error_line_at_parse_time(command, flag, refused, accepted, capsys):
     make, base = PARSERS[command]

@@ -188,6 +188,8 @@ def test_student_eval_agreement_is_the_cosine_of_the_two_embeddings_image_by_ima
         assert s.metrics[key]["rank1"] == pytest.approx(want_id["rank1"]) and s.metrics[key]["eer"] == pytest.approx(
             want_id["eer"], abs=1e-6), key
     assert s.metrics["identity_pixels"]["n_identities"] == 6
+    ratio = s.metrics["identity"]["rank1"] / s.metrics["identity_teacher"]["rank1"]
+    assert f"student / teacher: rank-1 {ratio:.2f}x" in ev.student_report(s.metrics)
     speed = s.metrics["speed"]
     assert speed["student_images_per_s"] > 0 and speed["teacher_images_per_s"] > 0
     assert speed["ratio"] == pytest.approx(speed["student_images_per_s"] / speed["teacher_images_per_s"])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import TINY_LATENT, Hostile  # noqa: E402
-from losses import DistillLoss  # noqa: E402
+from losses import DistillLoss, rkd_distance  # noqa: E402
 from checkpoints import export_model  # noqa: E402
 from errors import CheckpointError, WeightsUnavailableError  # noqa: E402
 from model import EarVAE, build_model, count, tiny_config  # noqa: E402
@@ -69,6 +69,38 @@ def test_distill_loss_terms_off_are_not_computed_and_missing_outputs_are_named()
         DistillLoss()({"embed": torch.ones(2, 3), "mu": torch.ones(2, 3)}, {"mu": torch.ones(2, 3)})
     with pytest.raises(ValueError, match="nothing to learn"):
         DistillLoss(embed_cosine=0.0, mu_cosine=0.0, mu_l2=0.0)
+
+
+def reference_rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD's distance loss as the authors wrote it (lenscloth/RKD, metric/loss.py RkdDistance with metric/utils.py
+    pdist): distances from the expanded squared norms, means over the positive entries. Used only by the tests."""
+    def pdist(e):
+        sq = e.pow(2).sum(dim=1)
+        d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * e @ e.t()).clamp(min=1e-12).sqrt().clone()
+        d[range(len(e)), range(len(e))] = 0
+        return d
+    t_d = pdist(teacher)
+    t_d = t_d / t_d[t_d > 0].mean()
+    d = pdist(student)
+    d = d / d[d > 0].mean()
+    return F.smooth_l1_loss(d, t_d)
+
+
+def test_rkd_distance_matches_the_authors_formulation_is_scale_free_and_has_gradients():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(12, 8, generator=g, dtype=torch.float64), torch.randn(12, 8, generator=g, dtype=torch.float64)
+    ours = rkd_distance(s, t)
+    assert ours.item() == pytest.approx(reference_rkd_distance(s, t).item(), rel=1e-6) and ours.item() > 0.01
+    assert rkd_distance(3 * t + 1, t).item() == pytest.approx(0.0, abs=1e-6)  # the same geometry at another scale
+    leaf = s.float().requires_grad_()
+    rkd_distance(leaf, t.float()).backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+    total, logs = DistillLoss(embed_cosine=0.0, mu_cosine=0.0, mu_l2=0.0, embed_rkd=2.0)({"embed": s}, {"embed": t})
+    assert set(logs) == {"loss", "embed_rkd"} and total.item() == pytest.approx(2 * ours.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="2 or more"):
+        rkd_distance(s[:1], t[:1])
+    with pytest.raises(ValueError, match="the same point"):
+        rkd_distance(s[:3], torch.ones(3, 8))
 
 
 # ---------------------------------------------------------------------------------------------- learning
