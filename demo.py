@@ -1,4 +1,4 @@
-"""The whole job on the built-in synthetic ears, CPU-sized (about 20-30 minutes on 2 cores here):
+"""The whole job on the built-in synthetic ears, CPU-sized (about 16 minutes on 2 quiet cores here):
 synthesise identity-labelled ears -> train the tiny model (reconstruction + SupCon on the identities) -> evaluate
 it -> draw its eigenears -> probe its pyramid for landmarks and masks, beside the pixels and a random-init encoder ->
 recognise new identities from its identity embedding, beside the raw pixels -> distil a student (a random
