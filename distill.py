@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import HelpFormatter, int_range, non_negative, positive_int
+from cli import HelpFormatter, int_range, non_negative
 from data import AugConfig, ResumableSampler, augment, make_loader, to_float
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
 from checkpoints import load_model, weights_sha256
@@ -57,9 +57,6 @@ def get_parser() -> argparse.ArgumentParser:
                    "(explicit)")
     g.add_argument("--student-input-size", type=int_range(32, 1024), default=StudentConfig.input_size,
                    help="side the crop is resized to for the student")
-    g.add_argument("--student-head-maps", type=positive_int, default=StudentConfig.head_maps, help="the "
-                   "trunk's deepest maps the head average-pools and concatenates: 1, the last (stride 32); 2, also "
-                   "the stride-16 map")
     g.add_argument("--hint-weight", type=non_negative, default=DistillConfig.hint, help="FitNets hints: weight of "
                    "the MSE between the student's trunk maps at strides 8 and 16 (each through a trained 1x1-conv "
                    "regressor) and the teacher's first and last pyramid maps on the same grids (0: off)")
@@ -107,7 +104,7 @@ def student_run(run: loop.Run) -> tuple[StudentConfig, bool, EarVAE, str]:
         teacher, sha256 = load_teacher(args.teacher)
         cfg = StudentConfig(arch=args.student_arch, weights=args.student_weights, pretrained=not args.no_pretrained,
                             embed_dim=teacher.cfg.embedding_dim, latent_dim=teacher.cfg.latent_dim,
-                            input_size=args.student_input_size, head_maps=args.student_head_maps)
+                            input_size=args.student_input_size)
         return cfg, cfg.pretrained, teacher, sha256
     if "student_config" not in ckpt:
         raise CheckpointError(f"{path}: a teacher's run, not a student's; continue it with train.py --resume {path}")
@@ -171,7 +168,7 @@ class HintStudent(Student):
         """x (B, 3, H, W) in [0, 1] -> Student's {"embed", "mu"} and "hints": {stride: (B, C_t, S / stride, S /
         stride)} the regressed trunk maps."""
         maps = self.trunk_maps(x)  # {stride: (B, C_s, S / stride, S / stride)}
-        out = self.outputs(maps)
+        out = self.outputs(maps[max(maps)])
         return {**out, "hints": {s: self.hint[str(s)](maps[s]) for s in HINT_STRIDES}}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -53,8 +53,7 @@ ARCHS: dict[str, tuple[Callable[[nn.Module], nn.Module], int]] = {
 
 @dataclass
 class StudentConfig:
-    MINIMA: ClassVar[dict[str, int]] = {"embed_dim": 1, "latent_dim": 1, "head_dim": 1, "input_size": 1,
-                                        "head_maps": 1}  # the smallest values a saved config may hold
+    MINIMA: ClassVar[dict[str, int]] = {"embed_dim": 1, "latent_dim": 1, "head_dim": 1, "input_size": 1}  # saved
     arch: str = "mobilenet_v3_small"  # torchvision builder, one of ARCHS: mobilenet_v3_small, resnet18,
                                       # efficientnet_b0, shufflenet_v2_x0_5 (the smallest: 0.90M with its head)
     weights: str = "imagenet"         # "imagenet": torchvision's IMAGENET1K_V1 (cached in $TORCH_HOME/hub/checkpoints),
@@ -64,8 +63,6 @@ class StudentConfig:
     latent_dim: int = 1024            # size of the teacher's mu (VAEConfig.latent_dim)
     head_dim: int = 256               # width of the head's hidden layer
     input_size: int = 224             # side the ear crop (128 in this project) is resized to before the trunk
-    head_maps: int = 1                # the trunk's deepest maps the head pools: 1, its last (stride 32); 2, also
-                                      # the stride-16 map, their pooled channels concatenated
 
 
 class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
@@ -77,18 +74,12 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
         super().__init__()
         if cfg.arch not in ARCHS:
             raise ConfigError(f"student arch must be one of {', '.join(map(repr, ARCHS))}, got {cfg.arch!r}")
-        for name in ("embed_dim", "latent_dim", "head_dim", "input_size", "head_maps"):
+        for name in ("embed_dim", "latent_dim", "head_dim", "input_size"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"student {name} must be >= 1, got {getattr(cfg, name)}")
         self.cfg = cfg
         trunk, channels = ARCHS[cfg.arch]
         self.trunk = trunk(build_torchvision(cfg))
-        if cfg.head_maps > 1:
-            strides = stride_channels(self.trunk, cfg.input_size)  # {stride: channels}
-            if cfg.head_maps > len(strides):
-                raise ConfigError(f"student head_maps {cfg.head_maps}: the {cfg.arch} trunk at input "
-                                  f"{cfg.input_size} has {len(strides)} strides")
-            channels = sum(strides[s] for s in sorted(strides)[-cfg.head_maps:])
         self.hidden = nn.Sequential(nn.Linear(channels, cfg.head_dim), nn.SiLU())
         self.to_embed = nn.Linear(cfg.head_dim, cfg.embed_dim)
         self.to_mu = nn.Linear(cfg.head_dim, cfg.latent_dim)
@@ -98,18 +89,17 @@ class Student(nn.Module, SharedOnHub, library_name="ear-teacher",
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """x (B, 3, H, W) in [0, 1] (ear crops, 128 x 128 here) -> {"embed": (B, embed_dim) unit vectors, "mu": (B,
         latent_dim)}."""
-        return self.outputs(self.trunk_maps(x))
+        return self.outputs(self.trunk(self.preprocess(x)))
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) in [0, 1] -> (B, 3, S, S) resized to input_size S and ImageNet-normalised: the trunk's
         input."""
         return trunk_input(x, self.cfg.input_size, self.pixel_mean, self.pixel_std)
 
-    def outputs(self, maps: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The trunk's maps {stride: (B, C_s, h, w)} (trunk_maps) -> the head's {"embed": (B, embed_dim) unit
-        vectors, "mu": (B, latent_dim)}, from the average-pooled deepest cfg.head_maps maps, concatenated."""
-        pooled = [maps[s].mean(dim=(2, 3)) for s in sorted(maps)[-self.cfg.head_maps:]]  # each (B, C_s)
-        h = self.hidden(torch.cat(pooled, dim=1))  # (B, head_dim)
+    def outputs(self, feature: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The trunk's last map (B, C, h, w) -> the head's {"embed": (B, embed_dim) unit vectors, "mu": (B,
+        latent_dim)}."""
+        h = self.hidden(feature.mean(dim=(2, 3)))  # (B, head_dim)
         return {"embed": F.normalize(self.to_embed(h), dim=1), "mu": self.to_mu(h)}
 
     def trunk_maps(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
