@@ -136,9 +136,10 @@ def landmark_config(run: loop.Run) -> tuple[LandmarkConfig, nn.Sequential | None
 
 def point_loss(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """pred (B, K, 2), true (B, K, 2) in pixels, NaN for a landmark outside the crop -> the mean distance (pixels)
-    over the landmarks in it (NaN when there is none: the loop skips that step)."""
+    over the landmarks in it (NaN when there is none: the loop skips that step). The NaN are zeroed before the
+    distance, not only masked after it: a NaN inside norm's backward would reach every gradient."""
     inside = ~true.isnan().any(-1)  # (B, K)
-    return (pred - true).norm(dim=-1)[inside].mean()
+    return (pred - true.nan_to_num()).norm(dim=-1)[inside].mean()
 
 
 class LandmarkObjective:

@@ -90,7 +90,7 @@ def test_a_landmark_run_augments_images_and_landmarks_alike_unless_told_not_to(s
 
 
 def test_point_loss_leaves_out_landmarks_outside_the_crop():
-    """The mean distance over the landmarks that are not NaN; with none NaN, the plain mean (bit for bit: the
+    """The mean distance over the landmarks that are not NaN, with a finite gradient; with none NaN, the plain mean (bit for bit: the
     --no-augment loss is the one before augmentation came in)."""
     torch.manual_seed(0)
     pred, true = torch.rand(4, 8, 2) * 128, torch.rand(4, 8, 2) * 128
@@ -99,4 +99,8 @@ def test_point_loss_leaves_out_landmarks_outside_the_crop():
     cut[1, 3] = cut[2, :5] = float("nan")
     keep = torch.ones(4, 8, dtype=torch.bool)
     keep[1, 3] = keep[2, :5] = False
-    torch.testing.assert_close(landmarker.point_loss(pred, cut), (pred - true).norm(dim=-1)[keep].sum() / 26)
+    pred.requires_grad_(True)
+    loss = landmarker.point_loss(pred, cut)
+    torch.testing.assert_close(loss, (pred - true).norm(dim=-1)[keep].sum() / 26)
+    loss.backward()  # the landmarks left out get no gradient, and their NaN reach no other
+    assert pred.grad.isfinite().all() and (pred.grad[~keep] == 0).all() and (pred.grad[keep] != 0).all()
