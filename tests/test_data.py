@@ -511,6 +511,10 @@ def test_augment_on_gpu_matches_cpu(batch):
     x, keys = batch
     gpu = augment(x.cuda(), keys.cuda(), 0, 0, AugConfig())
     torch.testing.assert_close(gpu.cpu(), augment(x, keys, 0, 0, AugConfig()), rtol=0, atol=2e-3)
+    points = 8 + 112 * torch.rand(len(keys), 8, 2, generator=torch.Generator().manual_seed(0))  # (B, 8, 2)
+    moved = augment_points(points, IMAGE_SIZE, keys, 0, 0, AugConfig())
+    torch.testing.assert_close(augment_points(points.cuda(), IMAGE_SIZE, keys.cuda(), 0, 0, AugConfig()).cpu(), moved,
+                               rtol=0, atol=1e-3, equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

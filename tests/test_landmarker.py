@@ -90,8 +90,8 @@ def test_a_landmark_run_augments_images_and_landmarks_alike_unless_told_not_to(s
 
 
 def test_point_loss_leaves_out_landmarks_outside_the_crop():
-    """The mean distance over the landmarks that are not NaN, with a finite gradient; with none NaN, the plain mean (bit for bit: the
-    --no-augment loss is the one before augmentation came in)."""
+    """The mean distance over the landmarks that are not NaN, with a finite gradient; with none NaN, the plain mean
+    (bit for bit: the --no-augment loss is the one before augmentation came in)."""
     torch.manual_seed(0)
     pred, true = torch.rand(4, 8, 2) * 128, torch.rand(4, 8, 2) * 128
     assert torch.equal(landmarker.point_loss(pred, true), (pred - true).norm(dim=-1).mean())
