@@ -533,14 +533,26 @@ def augment(x: torch.Tensor, keys: torch.Tensor, seed: int, epoch: int, cfg: Aug
     Returns float32 (B, 3, H, W) in [0, 1]. Sample i's parameters come only from (seed, epoch, keys[i], view): the
     result does not depend on the batch it is in, a resumed run draws the same augmentations, and the global RNG is
     never touched. view=0 and view=1 give two different views of each sample (for the contrastive loss).
+    augment_points with the same arguments moves points with the pixels. ValueError for other shapes.
     """
     if x.ndim != 4 or x.shape[1] != 3 or keys.shape != (x.shape[0],):
         raise ValueError(f"expected x (B, 3, H, W) and keys (B,), got {tuple(x.shape)} and {tuple(keys.shape)}")
-    gens = [torch.Generator().manual_seed(sample_seed(seed, epoch, k, view)) for k in keys.tolist()]
-    p = torch.stack([torch.rand(_N_AUG_PARAMS, generator=g) for g in gens]).to(x.device)  # (B, 9) uniform [0, 1)
-    sym = 2.0 * p - 1.0  # (B, 9) uniform [-1, 1)
+    theta, colour = augment_params(keys, seed, epoch, cfg, view, x.device)  # (B, 2, 3), (B, 4)
     x = to_float(x)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _colour(x, *colour.unbind(1))
 
+
+def augment_params(keys: torch.Tensor, seed: int, epoch: int, cfg: AugConfig, view: int = 0,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The parameters augment draws for keys (B,) -> theta float32 (B, 2, 3), the affine map from output to input
+    coordinates normalised to [-1, 1] (F.affine_grid, align_corners=False), and colour float32 (B, 4): the
+    brightness, contrast and saturation factors and the hue rotation in turns (_colour). On `device`; sample i's
+    come only from (seed, epoch, keys[i], view)."""
+    gens = [torch.Generator().manual_seed(sample_seed(seed, epoch, k, view)) for k in keys.tolist()]
+    p = torch.stack([torch.rand(_N_AUG_PARAMS, generator=g) for g in gens]).to(device)  # (B, 9) uniform [0, 1)
+    sym = 2.0 * p - 1.0  # (B, 9) uniform [-1, 1)
     zoom = 1.0 + cfg.scale * sym[:, 0]  # (B,)
     angle = torch.deg2rad(cfg.rotate * sym[:, 1])
     shift = 2.0 * cfg.translate * sym[:, 2:4]  # (B, 2), in normalised [-1, 1] coordinates
@@ -548,11 +560,31 @@ def augment(x: torch.Tensor, keys: torch.Tensor, seed: int, epoch: int, cfg: Aug
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
                          torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3): output -> input coords
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    colour = torch.stack([1.0 + cfg.brightness * sym[:, 5], 1.0 + cfg.contrast * sym[:, 6],
+                          1.0 + cfg.saturation * sym[:, 7], cfg.hue * sym[:, 8]], 1)  # (B, 4)
+    return theta, colour
 
-    return _colour(x, 1.0 + cfg.brightness * sym[:, 5], 1.0 + cfg.contrast * sym[:, 6],
-                   1.0 + cfg.saturation * sym[:, 7], cfg.hue * sym[:, 8])
+
+def augment_points(points: torch.Tensor, size: int, keys: torch.Tensor, seed: int, epoch: int, cfg: AugConfig,
+                   view: int = 0) -> torch.Tensor:
+    """Where augment with the same (keys, seed, epoch, cfg, view) moves the points of size x size images.
+
+    points: float (B, K, 2), (x, y) in pixels of the image with pixel centres at 0.5, 1.5, ... (read_landmarks's
+    convention; normalised u = 2 p / size - 1 under align_corners=False), NaN for a point outside it. Returns float32
+    (B, K, 2) on points.device: each point through the inverse of augment's theta, NaN where it was NaN or where the
+    augmentation moves it outside the image (a coordinate below 0 or above size, read_landmarks's bounds).
+    ValueError for other shapes.
+    """
+    if points.ndim != 3 or points.shape[-1] != 2 or keys.shape != (points.shape[0],):
+        raise ValueError(f"expected points (B, K, 2) and keys (B,), got {tuple(points.shape)} and "
+                         f"{tuple(keys.shape)}")
+    theta = augment_params(keys, seed, epoch, cfg, view, points.device)[0]  # (B, 2, 3)
+    a, t = theta[:, :, :2], theta[:, :, 2]  # (B, 2, 2), (B, 2): u_in = a @ u_out + t
+    u_in = 2.0 * points.float() / size - 1.0  # (B, K, 2) normalised
+    u_out = torch.linalg.solve(a, (u_in - t[:, None]).transpose(1, 2)).transpose(1, 2)  # (B, K, 2)
+    out = (u_out + 1.0) * size / 2.0  # (B, K, 2) pixels
+    outside = ((out < 0) | (out > size)).any(-1, keepdim=True)  # (B, K, 1); NaN compares False, stays NaN
+    return out.masked_fill(outside, float("nan"))
 
 
 def _colour(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,

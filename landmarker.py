@@ -10,8 +10,10 @@ architecture from a random initialisation), whose maps at strides 8 and 16 of it
 first's grid) go through a 1x1 convolution to one heatmap logit per landmark, read out by soft-argmax
 (probe.soft_argmax) to (x, y) in pixels of the 128 crop. It trains on the first --labels training images that have
 every landmark in the crop (data.read_landmarks: X_landmarks.csv beside X.npy), the loss the mean point distance in
-pixels. The images are never augmented (a geometric augmentation would move the points): --hflip is refused and
---no-augment changes nothing. An epoch is the N images repeated --epoch-images // N times (at least once), so
+pixels. The labelled images are augmented as the teacher's are (data.AugConfig: zoom, shift, rotation, colour
+jitter) and their landmarks moved with the pixels (data.augment_points); a landmark the augmentation moves out of the
+crop is left out of that image's loss. --no-augment trains on the images as they are; --hflip is refused (a flip
+turns a left ear into a right one). An epoch is the N images repeated --epoch-images // N times (at least once), so
 that an epoch is about the same number of steps whatever N is.
 
 Validation: NME (the point error over the square root of the landmarks' box area), the error in pixels and PCK@0.1
@@ -31,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import HelpFormatter, int_range, positive_int
-from data import ResumableSampler, make_loader, read_landmarks, to_float, whole_landmarks
+from data import (AugConfig, ResumableSampler, augment, augment_points, make_loader, read_landmarks, to_float,
+                  whole_landmarks)
 from distill import PRECISE_BN_IMAGES, precise_bn
 from encoders import IMAGENET_MEAN, IMAGENET_STD
 from errors import CheckpointError, ConfigError, DataError
@@ -119,7 +122,7 @@ def landmark_config(run: loop.Run) -> tuple[LandmarkConfig, nn.Sequential | None
             raise CheckpointError(f"{run.ckpt_path}: landmark_config {problem}")
         return LandmarkConfig(**ckpt["landmark_config"]), None
     if args.hflip:
-        raise ConfigError("--hflip: a flip moves the landmarks; landmarker.py trains on the images as they are")
+        raise ConfigError("--hflip: a flip turns a left ear into a right one; landmarker.py augments without it")
     if args.batch_size < 2:
         raise ConfigError("--batch-size 1: the trunk's BatchNorm layers need 2 images or more per micro-batch")
     if args.student is None and not args.scratch:
@@ -131,9 +134,17 @@ def landmark_config(run: loop.Run) -> tuple[LandmarkConfig, nn.Sequential | None
         student.trunk.train()
 
 
+def point_loss(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """pred (B, K, 2), true (B, K, 2) in pixels, NaN for a landmark outside the crop -> the mean distance (pixels)
+    over the landmarks in it (NaN when there is none: the loop skips that step). The NaN are zeroed before the
+    distance, not only masked after it: a NaN inside norm's backward would reach every gradient."""
+    inside = ~true.isnan().any(-1)  # (B, K)
+    return (pred - true.nan_to_num()).norm(dim=-1)[inside].mean()
+
+
 class LandmarkObjective:
-    """The landmark task (loop.Objective): mean point distance in pixels on the labelled training images; best.pt
-    is the lowest validation NME (score neg_nme = -NME)."""
+    """The landmark task (loop.Objective): mean point distance in pixels on the labelled training images, augmented
+    with their landmarks unless --no-augment; best.pt is the lowest validation NME (score neg_nme = -NME)."""
     score, score_text = "neg_nme", "-NME {:.4f}"
     score_axis = {"ylabel": "-NME", "title": "validation -NME (higher is better)"}
     log_fields = ("nme", "error_px", "pck", "neg_nme")
@@ -142,6 +153,7 @@ class LandmarkObjective:
         args, device = run.args, setup.device
         cfg, trunk = landmark_config(run)
         self.args, self.setup = args, setup
+        self.aug = AugConfig() if not args.no_augment else None
         train_ds, val_ds = loop.read_data(args)
         train_points, val_points = read_landmarks(train_ds.path)[1], read_landmarks(val_ds.path)[1]  # (N, K, 2)
         rows = whole_landmarks(train_points, train_ds.keep)[:args.labels]
@@ -166,9 +178,15 @@ class LandmarkObjective:
     def loss(self, model: nn.Module, x: torch.Tensor, keys: torch.Tensor,
              epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x uint8 (B, 3, 128, 128), keys (B,) file indices -> the mean distance (pixels) between the predicted and
-        the labelled landmarks."""
-        pred = model(to_float(x))  # (B, K, 2)
-        loss = (pred - self.train_points[keys.to(pred.device)]).norm(dim=-1).mean()
+        the labelled landmarks (point_loss), both augmented alike in float32 outside the run's autocast."""
+        true = self.train_points[keys.to(x.device)]  # (B, K, 2)
+        if self.aug is None:
+            x = to_float(x)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                x = augment(x, keys, self.args.seed, epoch, self.aug)
+            true = augment_points(true, x.shape[-1], keys, self.args.seed, epoch, self.aug)  # NaN: out of the crop
+        loss = point_loss(model(x), true)  # model(x): (B, K, 2)
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
@@ -199,7 +217,8 @@ class LandmarkObjective:
         cfg = self.model.cfg
         return [parameter_report({"Landmarker": self.model}),
                 f"Landmarks: {cfg.arch} trunk at input {cfg.input_size} from {cfg.init}, heatmap head on strides 8 "
-                f"and 16, soft-argmax; trained on the first {self.n_labels} labelled images (no augmentation)"]
+                f"and 16, soft-argmax; trained on the first {self.n_labels} labelled images, "
+                f"{'not augmented' if self.aug is None else 'augmented with their landmarks (no flip)'}"]
 
     def postfix(self, row: dict[str, float]) -> dict[str, float]:
         return {}

@@ -16,8 +16,8 @@ from PIL import Image
 
 import data
 from conftest import ROOT, Hostile, assert_one_line_error
-from data import (IMAGE_SIZE, AugConfig, EarDataset, IdentitySampler, ResumableSampler, _colour, augment, main,
-                  make_loader, open_npy, to_float, validate)
+from data import (IMAGE_SIZE, AugConfig, EarDataset, IdentitySampler, ResumableSampler, _colour, augment,
+                  augment_points, main, make_loader, open_npy, to_float, validate)
 from errors import DataError
 from photos import BACKGROUND, load_image
 from synth import render_ears
@@ -455,12 +455,66 @@ def test_hue_rotation_keeps_luma_and_changes_colour(batch):
     assert (out - x).abs().mean() > 1e-3
 
 
+GEOMETRY = dict(brightness=0, contrast=0, saturation=0, hue=0)  # no colour jitter: a dot's centroid is its position
+
+
+def dots(points: torch.Tensor, size: int = IMAGE_SIZE, sigma: float = 1.5) -> torch.Tensor:
+    """points (B, 2) in pixels (pixel centres at 0.5) -> float (B, 3, size, size): one Gaussian dot per image."""
+    c = torch.arange(size) + 0.5  # (size,) pixel centres
+    d2 = (c.view(1, 1, -1) - points[:, 0, None, None]) ** 2 + (c.view(1, -1, 1) - points[:, 1, None, None]) ** 2
+    return torch.exp(-d2 / (2 * sigma**2))[:, None].expand(-1, 3, -1, -1)  # (B, 3, size, size)
+
+
+def centroids(x: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) -> (B, 2) the brightness-weighted mean (x, y) of channel 0, in pixels."""
+    w = x[:, 0]  # (B, H, W)
+    c = torch.arange(x.shape[-1]) + 0.5
+    return torch.stack([(w * c).sum((1, 2)), (w * c[:, None]).sum((1, 2))], 1) / w.sum((1, 2))[:, None]
+
+
+@pytest.mark.parametrize("cfg", [AugConfig(scale=0.25, translate=0.05, rotate=30, **GEOMETRY),
+                                 AugConfig(scale=0.1, translate=0.05, rotate=10, hflip=True, **GEOMETRY)],
+                         ids=["zoom-rotate-shift", "default-geometry-and-flip"])
+def test_augment_points_follow_the_pixels(cfg):
+    """A dot at each of K points, each in its own image with the same key, lands where augment_points puts the point
+    (the dot's centroid, to 0.05 px; the points stay 59 px or less from the centre, so no dot leaves the crop)."""
+    points = torch.tensor([[33.7, 43.4], [64.4, 64.3], [89.5, 91.2], [51.9, 97.4]])  # (K, 2)
+    k = len(points)
+    for seed, epoch in ((0, 0), (3, 7)):
+        keys = torch.arange(12) * 17  # (B,)
+        moved = augment_points(points.expand(len(keys), k, 2), IMAGE_SIZE, keys, seed, epoch, cfg)  # (B, K, 2)
+        x = augment(dots(points.repeat(len(keys), 1)), keys.repeat_interleave(k), seed, epoch, cfg)  # (B * K, ...)
+        torch.testing.assert_close(centroids(x).view(-1, k, 2), moved, rtol=0, atol=0.05)
+        assert (moved - points).norm(dim=-1).amax() > 4  # the augmentation did move them
+
+
+def test_augment_points_without_augmentation_are_the_points_and_out_of_the_crop_are_nan():
+    """A zero config keeps the points; a point moved out of the crop (coordinate < 0 or > size) comes back NaN, and a
+    NaN point (outside before) stays NaN, while the centre never leaves."""
+    points = torch.tensor([[1.0, 1.0], [64.0, 64.0], [126.0, 70.0], [float("nan"), float("nan")]])  # (K, 2)
+    keys = torch.arange(64)
+    zero = AugConfig(scale=0, translate=0, rotate=0, **GEOMETRY)
+    same = augment_points(points.expand(64, 4, 2), IMAGE_SIZE, keys, 0, 0, zero)
+    torch.testing.assert_close(same, points.expand(64, 4, 2), rtol=0, atol=1e-4, equal_nan=True)
+    moved = augment_points(points.expand(64, 4, 2), IMAGE_SIZE, keys, 0, 0, AugConfig())  # (64, 4, 2)
+    out = moved.isnan()
+    assert (out[..., 0] == out[..., 1]).all() and out[:, 3].all() and not out[:, 1].any()
+    assert 8 < out[:, 0, 0].sum() < 56 and out[:, 2, 0].any()  # a corner point leaves in about half the samples
+    assert ((moved[~out] >= 0) & (moved[~out] <= IMAGE_SIZE)).all()
+    with pytest.raises(ValueError, match=r"points \(B, K, 2\)"):
+        augment_points(points, IMAGE_SIZE, keys[:4], 0, 0, AugConfig())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_augment_on_gpu_matches_cpu(batch):
     x, keys = batch
     gpu = augment(x.cuda(), keys.cuda(), 0, 0, AugConfig())
     torch.testing.assert_close(gpu.cpu(), augment(x, keys, 0, 0, AugConfig()), rtol=0, atol=2e-3)
+    points = 8 + 112 * torch.rand(len(keys), 8, 2, generator=torch.Generator().manual_seed(0))  # (B, 8, 2)
+    moved = augment_points(points, IMAGE_SIZE, keys, 0, 0, AugConfig())
+    torch.testing.assert_close(augment_points(points.cuda(), IMAGE_SIZE, keys.cuda(), 0, 0, AugConfig()).cpu(), moved,
+                               rtol=0, atol=1e-3, equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """landmarker.py: a landmark student trained through the loop on synthetic ears learns (its loss falls), writes
-best.pt and last.pt, resumes bit-exactly, starts from a distilled student's trunk, and refuses what it cannot use."""
+best.pt and last.pt, resumes bit-exactly, starts from a distilled student's trunk, augments its images and their
+landmarks alike unless --no-augment, and refuses what it cannot use."""
 import csv
 import re
 import shutil
@@ -63,7 +64,43 @@ def test_a_landmark_run_refuses_a_missing_csv_a_flip_and_no_start(synth_dir, tmp
     (data / "train_landmarks.csv").unlink()
     with pytest.raises(DataError, match=re.escape(f"{data / 'train_landmarks.csv'}: no landmarks")):
         landmarker.main(lm_args(data, tmp_path / "a"))
-    with pytest.raises(ConfigError, match="--hflip: a flip moves the landmarks"):
+    with pytest.raises(ConfigError, match="--hflip: a flip turns a left ear into a right one"):
         landmarker.main(lm_args(synth_dir, tmp_path / "b", "--hflip"))
     with pytest.raises(ConfigError, match=re.escape("--student PATH (a distill.py checkpoint) or --scratch")):
         landmarker.main(lm_args(synth_dir, tmp_path / "c")[1:])
+
+
+@pytest.mark.parametrize("no_augment", [False, True])
+def test_a_landmark_run_augments_images_and_landmarks_alike_unless_told_not_to(synth_dir, tmp_path, monkeypatch,
+                                                                               no_augment):
+    """Every training batch goes through augment and its landmarks through augment_points with the same keys, seed
+    and epoch (data.augment_points's test checks that the two agree); --no-augment calls neither."""
+    images, points = [], []
+    monkeypatch.setattr(landmarker, "augment", lambda x, keys, seed, epoch, cfg: images.append(
+        (keys.tolist(), seed, epoch, cfg)) or landmarker.to_float(x))
+    monkeypatch.setattr(landmarker, "augment_points", lambda p, size, keys, seed, epoch, cfg: points.append(
+        (keys.tolist(), seed, epoch, cfg)) or p)
+    landmarker.main(lm_args(synth_dir, tmp_path, "--max-steps", "2", "--seed", "5",
+                            *(["--no-augment"] if no_augment else [])))
+    if no_augment:
+        assert images == points == []
+    else:
+        assert len(images) == 2 and images == points
+        assert all(seed == 5 and epoch == 0 and cfg == landmarker.AugConfig() for _, seed, epoch, cfg in images)
+
+
+def test_point_loss_leaves_out_landmarks_outside_the_crop():
+    """The mean distance over the landmarks that are not NaN, with a finite gradient; with none NaN, the plain mean
+    (bit for bit: the --no-augment loss is the one before augmentation came in)."""
+    torch.manual_seed(0)
+    pred, true = torch.rand(4, 8, 2) * 128, torch.rand(4, 8, 2) * 128
+    assert torch.equal(landmarker.point_loss(pred, true), (pred - true).norm(dim=-1).mean())
+    cut = true.clone()
+    cut[1, 3] = cut[2, :5] = float("nan")
+    keep = torch.ones(4, 8, dtype=torch.bool)
+    keep[1, 3] = keep[2, :5] = False
+    pred.requires_grad_(True)
+    loss = landmarker.point_loss(pred, cut)
+    torch.testing.assert_close(loss, (pred - true).norm(dim=-1)[keep].sum() / 26)
+    loss.backward()  # the landmarks left out get no gradient, and their NaN reach no other
+    assert pred.grad.isfinite().all() and (pred.grad[~keep] == 0).all() and (pred.grad[keep] != 0).all()
