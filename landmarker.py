@@ -19,6 +19,8 @@ that an epoch is about the same number of steps whatever N is.
 Validation: NME (the point error over the square root of the landmarks' box area), the error in pixels and PCK@0.1
 on the val images with every landmark in the crop (probe.landmark_scores, the probe's metrics). The loop keeps the
 highest score as best.pt, so the score is `neg_nme` = -NME: best.pt is the lowest NME.
+
+load_landmarker(path) loads best.pt or last.pt for use (onnx_export.py ships it as ONNX).
 """
 from __future__ import annotations
 
@@ -32,13 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import read_checkpoint
 from cli import HelpFormatter, int_range, positive_int
 from data import (AugConfig, ResumableSampler, augment, augment_points, make_loader, read_landmarks, to_float,
                   whole_landmarks)
 from distill import PRECISE_BN_IMAGES, precise_bn
 from encoders import IMAGENET_MEAN, IMAGENET_STD
 from errors import CheckpointError, ConfigError, DataError
-from hub import config_problem
+from hub import config_problem, load_state
 from model import parameter_report
 from probe import landmark_scores, soft_argmax
 from student import ARCHS, StudentConfig, build_torchvision, load_student, stride_channels, trunk_input, trunk_maps
@@ -116,11 +119,7 @@ def landmark_config(run: loop.Run) -> tuple[LandmarkConfig, nn.Sequential | None
     for a checkpoint of another kind."""
     args, ckpt = run.args, run.ckpt
     if ckpt is not None:
-        if "landmark_config" not in ckpt:
-            raise CheckpointError(f"{run.ckpt_path}: not a landmarker.py run (no landmark_config)")
-        if problem := config_problem(ckpt["landmark_config"], LandmarkConfig):
-            raise CheckpointError(f"{run.ckpt_path}: landmark_config {problem}")
-        return LandmarkConfig(**ckpt["landmark_config"]), None
+        return checkpoint_config(ckpt, run.ckpt_path), None
     if args.hflip:
         raise ConfigError("--hflip: a flip turns a left ear into a right one; landmarker.py augments without it")
     if args.batch_size < 2:
@@ -132,6 +131,32 @@ def landmark_config(run: loop.Run) -> tuple[LandmarkConfig, nn.Sequential | None
     student = load_student(args.student)
     return LandmarkConfig(arch=student.cfg.arch, input_size=student.cfg.input_size, init=str(args.student)), \
         student.trunk.train()
+
+
+def checkpoint_config(ckpt: dict, path: str | Path) -> LandmarkConfig:
+    """The LandmarkConfig of a checkpoint (read_checkpoint's dict). CheckpointError naming `path` when it holds none
+    (another kind of run) or one that does not fit LandmarkConfig."""
+    if "landmark_config" not in ckpt:
+        raise CheckpointError(f"{path}: not a landmarker.py run (no landmark_config)")
+    if problem := config_problem(ckpt["landmark_config"], LandmarkConfig):
+        raise CheckpointError(f"{path}: landmark_config {problem}")
+    return LandmarkConfig(**ckpt["landmark_config"])
+
+
+def load_landmarker(path: str | Path, map_location: str | torch.device = "cpu",
+                    ckpt: dict | None = None) -> Landmarker:
+    """A trained landmark model in eval mode from a landmarker.py checkpoint (best.pt, last.pt; its EMA weights when
+    the run kept them; `ckpt`: read_checkpoint(path)'s result when the caller has read it). It maps x (B, 3, 128,
+    128) in [0, 1] to landmarks (B, K, 2) in pixels of the 128 crop. A missing, damaged or foreign file, a config
+    that cannot be built or weights that do not fit it -> CheckpointError naming the file."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    cfg = checkpoint_config(ckpt, path)
+    try:
+        model = Landmarker(cfg)  # a random trunk: the weights come from the checkpoint
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its landmark_config cannot be built ({e})") from e
+    load_state(model, ckpt.get("ema") or ckpt["model"], path)
+    return model.to(map_location).eval()
 
 
 def point_loss(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

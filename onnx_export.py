@@ -1,5 +1,6 @@
 """Ship a model as ONNX: a student, or the teacher's embedding path (encoder and head, no decoder), with a dynamic
-batch, checked against PyTorch image by image and on a recognition benchmark, and quantised to int8.
+batch, checked against PyTorch image by image and on a recognition benchmark, and quantised to int8. A landmark
+model (landmarker.py's best.pt) ships the same way, its points checked in pixels and by NME / PCK (docs/landmarks.md).
 
     python onnx_export.py demo/checkpoints_student/best.pt --out demo/onnx_student \\
         --data demo/identities/val_teacher.npy --calib demo/data/train_teacher.npy
@@ -10,6 +11,8 @@ over an existing file. The graph takes what a deployer has:
     image      uint8 (B, 128, 128, 3), RGB, 0-255      (resizing and normalisation are inside the graph)
     embedding  float32 (B, E)   the L2-normalised identity embedding (cosine similarity compares two ears)
     mu         float32 (B, D)   the teacher's latent mean (a student's estimate of it)
+    landmarks  float32 (B, K, 2)  a landmark model's only output: (x, y) in pixels of the 128 crop, as its PyTorch
+                                  readout (probe.soft_argmax): pixel (i, j) covers [j, j + 1) x [i, i + 1)
 
 Parity, the field's way (insightface's ONNX checks, timm's onnx utils): the cosine of every image's embedding
 against PyTorch's (>= COSINE_PARITY), and rank-1, EER and TAR@FAR recomputed from the ONNX outputs (equal to
@@ -38,35 +41,45 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from cli import HelpFormatter, positive_int, safe_console
-from data import EarDataset, read_identities
+from data import EarDataset, landmarks_file, read_identities, read_landmarks, whole_landmarks
 from errors import CheckpointError, DataError, OutputError
 from files import atomic_write, check_output_dir, claim, release, save_json
+from landmarker import Landmarker, load_landmarker
+from probe import landmark_scores
 from recognition import label_problem, recognition_metrics
 from student import Student, is_student_folder, load_student
 from checkpoints import load_model, read_checkpoint
 
+if TYPE_CHECKING:
+    import onnx
+
 COSINE_PARITY = 0.9999  # every image's ONNX embedding against PyTorch's, fp32
+LANDMARK_PARITY_PX = 1e-3  # every point of the ONNX landmarks against PyTorch's, fp32, in pixels of the 128 crop
 INT8_COSINE = 0.98  # int8 against fp32, min over images: below it the int8 model is not the same embedding (warning)
 OPSET = 18
 FILES = ("model.onnx", "model_int8.onnx", "onnx.json")
 
 
 class Deployable(nn.Module):
-    """A student or a teacher as a deployer runs it: uint8 (B, 128, 128, 3) RGB -> (embedding (B, E), mu (B, D)).
-    The teacher runs its encoder and head only (its decoder is not part of the graph)."""
+    """A model as a deployer runs it, on uint8 (B, 128, 128, 3) RGB: a student or a teacher -> (embedding (B, E),
+    mu (B, D)); a landmarker -> (landmarks (B, K, 2),). The teacher runs its encoder and head only (its decoder is
+    not part of the graph)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model.eval()
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = image.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, 128, 128) in [0, 1]
+        if isinstance(self.model, Landmarker):
+            return (self.model(x),)  # (B, K, 2)
         if isinstance(self.model, Student):
             out = self.model(x)
             return out["embed"], out["mu"]
@@ -74,12 +87,20 @@ class Deployable(nn.Module):
         return self.model.embedding(mu), mu
 
 
+def output_names(model: nn.Module) -> list[str]:
+    """The graph's output names, in Deployable's order."""
+    return ["landmarks"] if isinstance(model, Landmarker) else ["embedding", "mu"]
+
+
 def load_any(path: str | Path) -> nn.Module:
-    """A trained student or teacher (checkpoint or save_pretrained folder), in eval mode on the CPU."""
+    """A trained student, teacher or landmarker (checkpoint; a student or teacher also as a save_pretrained folder),
+    in eval mode on the CPU. CheckpointError naming the file for anything else."""
     path = Path(path)
     if path.is_dir():
         return load_student(path) if is_student_folder(path) else load_model(path)[0]
     ckpt = read_checkpoint(path)
+    if "landmark_config" in ckpt:
+        return load_landmarker(path, ckpt=ckpt)
     return load_student(path, ckpt=ckpt) if "student_config" in ckpt else load_model(path, ckpt=ckpt)[0]
 
 
@@ -89,7 +110,7 @@ def export(model: nn.Module, path: Path) -> None:
     import onnx
     example = torch.zeros(2, 128, 128, 3, dtype=torch.uint8)
     program = torch.onnx.export(Deployable(model).eval(), (example,), dynamo=True, opset_version=OPSET,
-                                input_names=["image"], output_names=["embedding", "mu"],
+                                input_names=["image"], output_names=output_names(model),
                                 dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=65536)}},
                                 verbose=False)
     with atomic_write(path) as f:
@@ -99,10 +120,11 @@ def export(model: nn.Module, path: Path) -> None:
 
 def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 16, float_ends: bool = False) -> None:
     """Static int8 quantisation (onnxruntime, QDQ, per-channel int8 weights, uint8 activations) calibrated on
-    `calibration` uint8 (N, 128, 128, 3) images; float_ends: the first Conv and every Gemm / MatMul (the head) stay
-    float. onnxruntime's pre-processing runs without its symbolic shape inference, which fails on the resize of this
-    exporter's graphs. QOperator and per-tensor weights measured no faster at batch 1 on one thread (BENCHMARKS.md,
-    2026-12-04). DataError when the result holds no int8 weight (never a float file named int8)."""
+    `calibration` uint8 (N, 128, 128, 3) images. The nodes of float_nodes stay float (a landmark graph's readout;
+    float_ends: the first Conv and every Gemm / MatMul too); normalisation scales are per tensor
+    (norm_scales_per_tensor). onnxruntime's pre-processing runs without its symbolic shape inference, which fails on
+    the resize of this exporter's graphs. QOperator and per-tensor weights measured no faster at batch 1 on one thread
+    (BENCHMARKS.md, 2026-12-04). DataError when the result holds no int8 weight (never a float file named int8)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -118,12 +140,11 @@ def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        nodes = onnx.load(str(pre)).graph.node
-        convs = [n.name for n in nodes if n.op_type == "Conv"]
-        linear = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
+        graph = onnx.load(str(pre)).graph
         quantize_static(str(pre), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        nodes_to_exclude=convs[:1] + linear if float_ends else None)
+                        nodes_to_exclude=float_nodes(graph, float_ends),
+                        extra_options={"TensorQuantOverrides": norm_scales_per_tensor(graph)})
         weights = onnx.load(str(Path(tmp) / "int8.onnx")).graph.initializer
         if not any(w.data_type == onnx.TensorProto.INT8 and len(w.dims) > 1 for w in weights):
             raise DataError(f"{fp32}: quantisation left no int8 weight; no {path.name} written")
@@ -131,8 +152,31 @@ def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 
             f.write((Path(tmp) / "int8.onnx").read_bytes())
 
 
+def float_nodes(graph: onnx.GraphProto, float_ends: bool) -> list[str]:
+    """The names of the nodes that quantize leaves in float: a landmark graph's soft-argmax readout (every node after
+    its last Conv; in uint8 its probabilities round to steps of 1/255 and its points to ~0.5 px: the demo's
+    landmarker measured NME 0.0285 -> 0.136, and 0.0298 with the readout in float); with float_ends, the first Conv
+    and every Gemm / MatMul as well."""
+    nodes = list(graph.node)  # in topological order
+    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    names = [n.name for n in nodes[convs[-1] + 1:]] if graph.output[0].name == "landmarks" else []
+    if float_ends:
+        names += [nodes[i].name for i in convs[:1]] + [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
+    return names
+
+
+def norm_scales_per_tensor(graph: onnx.GraphProto) -> dict[str, list[dict]]:
+    """onnxruntime's TensorQuantOverrides that quantise the 1-D scale of each normalisation node (LayerNorm, and the
+    InstanceNorm of an exported GroupNorm) per tensor: what per_channel=True does with them anyway (its channel axis
+    for these nodes, 1, does not exist on a 1-D tensor), without a warning line for each."""
+    norms = ("LayerNormalization", "InstanceNormalization", "BatchNormalization")
+    rank1 = {w.name for w in graph.initializer if len(w.dims) == 1}
+    return {n.input[1]: [{}] for n in graph.node if n.op_type in norms and n.input[1] in rank1}
+
+
 def onnx_outputs(path: Path, images: np.ndarray, batch_size: int = 64, threads: int = 0) -> tuple[np.ndarray, ...]:
-    """onnxruntime (CPU) over uint8 (N, 128, 128, 3) images -> (embedding (N, E), mu (N, D)) float32."""
+    """onnxruntime (CPU) over uint8 (N, 128, 128, 3) images -> the graph's outputs, float32: (embedding (N, E), mu
+    (N, D)), or a landmarker's (landmarks (N, K, 2),)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -143,7 +187,8 @@ def onnx_outputs(path: Path, images: np.ndarray, batch_size: int = 64, threads: 
 
 @torch.no_grad()
 def torch_outputs(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, ...]:
-    """PyTorch (CPU, fp32) over the same images -> (embedding (N, E), mu (N, D))."""
+    """PyTorch (CPU, fp32) over the same images -> Deployable's outputs: (embedding (N, E), mu (N, D)), or a
+    landmarker's (landmarks (N, K, 2),)."""
     deploy = Deployable(model).eval()
     outs = [deploy(torch.from_numpy(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
     return tuple(torch.cat(parts).numpy() for parts in zip(*outs))
@@ -261,18 +306,19 @@ def fmt(value: float | None) -> str:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a student or the teacher's embedding path to ONNX (+ int8).",
-                                formatter_class=HelpFormatter)
-    p.add_argument("model", nargs="+", help="a distill.py or train.py checkpoint, or a save_pretrained folder (with "
-                   "--table: several)")
+    p = argparse.ArgumentParser(description="Export a student, the teacher's embedding path or a landmark model to "
+                                            "ONNX (+ int8).", formatter_class=HelpFormatter)
+    p.add_argument("model", nargs="+", help="a distill.py, train.py or landmarker.py checkpoint, or a "
+                   "save_pretrained folder (with --table: several students or teachers)")
     p.add_argument("--out", default=None, help="folder for model.onnx, model_int8.onnx, onnx.json (default: the "
                    "model's folder when it is one, beside its model card); with --table, OUT/<arch or teacher>/")
     p.add_argument("--data", required=True, help="ear images (.npy) the parity is measured on; with identity labels "
-                   "beside it (synth.py, data.py convert) rank-1 / EER / TAR@FAR are compared too")
+                   "beside it (synth.py, data.py convert) rank-1 / EER / TAR@FAR are compared too, and for a landmark "
+                   "model, with a landmarks CSV beside it, NME / PCK@0.1")
     p.add_argument("--calib", default=None, help="training ears (.npy) that calibrate the int8 model (none: no int8)")
     p.add_argument("--calib-images", type=positive_int, default=512, help="the first N of --calib")
     p.add_argument("--int8-float-ends", action="store_true", help="keep the first convolution and the head's linear "
-                   "layers in float in model_int8.onnx")
+                   "layers in float in model_int8.onnx (a landmark model's soft-argmax readout always is)")
     p.add_argument("--table", action="store_true", help="the edge table: every model's size, latency at batch 1 on "
                    "one thread and recognition on --data (labelled), beside the pixels; needs --out and --calib")
     p.add_argument("--runs", type=positive_int, default=200, help="timed runs per latency (--table; the median)")
@@ -296,19 +342,17 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_any(model_path)
     images, ds = read_images(Path(args.data))
     calibration = read_images(Path(args.calib))[0][:args.calib_images] if args.calib else None  # read before writing
+    head = {"model": str(model_path), "data": str(args.data)}
+    if isinstance(model, Landmarker):
+        points = read_points(ds, model.cfg.landmarks)
+        report = write_onnx(model, out, calibration, args.int8_float_ends,
+                            lambda f: landmark_parity(model, f, images, points), head)
+        print_landmark_report(report)
+        return report
     labels = read_identities(ds.path, ds)
     if labels is not None and label_problem(labels) is not None:
         labels = None
-    with staged(out) as tmp:
-        export(model, tmp / "model.onnx")
-        report = {"model": str(model_path), "data": str(args.data), "fp32": parity(model, tmp / "model.onnx", images,
-                                                                                    labels)}
-        if calibration is not None:
-            quantize(tmp / "model.onnx", tmp / "model_int8.onnx", calibration, float_ends=args.int8_float_ends)
-            report["int8"] = parity(model, tmp / "model_int8.onnx", images, labels)
-        report["bytes"] = {f: os.path.getsize(tmp / f) for f in FILES[:2] if (tmp / f).exists()}
-        with open(tmp / "onnx.json", "wb") as f:
-            save_json(report)(f)
+    report = write_onnx(model, out, calibration, args.int8_float_ends, lambda f: parity(model, f, images, labels), head)
     fp32 = report["fp32"]
     print(f"model.onnx: {report['bytes']['model.onnx'] / 1e6:.2f} MB, embedding cosine against PyTorch min "
           f"{fp32['cosine_min']:.6f} over {fp32['images']} images")
@@ -326,6 +370,73 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def write_onnx(model: nn.Module, out: Path, calibration: np.ndarray | None, float_ends: bool,
+               score: Callable[[Path], dict], head: dict) -> dict:
+    """Into `out`, together (staged): model.onnx (export), model_int8.onnx (quantize, when `calibration` uint8 (N,
+    128, 128, 3) is given) and onnx.json, the report: `head`, then {"fp32": score(model.onnx), "int8":
+    score(model_int8.onnx), "bytes": each ONNX file's size} -> the report."""
+    with staged(out) as tmp:
+        export(model, tmp / "model.onnx")
+        report = {**head, "fp32": score(tmp / "model.onnx")}
+        if calibration is not None:
+            quantize(tmp / "model.onnx", tmp / "model_int8.onnx", calibration, float_ends=float_ends)
+            report["int8"] = score(tmp / "model_int8.onnx")
+        report["bytes"] = {f: os.path.getsize(tmp / f) for f in FILES[:2] if (tmp / f).exists()}
+        with open(tmp / "onnx.json", "wb") as f:
+            save_json(report)(f)
+    return report
+
+
+def read_points(ds: EarDataset, landmarks: int) -> np.ndarray | None:
+    """The true landmarks of ds's images (N, K, 2), (x, y) in pixels of the 128 crop, NaN outside it, from the CSV
+    beside its file (data.read_landmarks), or None where there is none. DataError for a CSV that read_landmarks
+    refuses, or one with another number of landmarks than the model's `landmarks`."""
+    if not landmarks_file(ds.path).is_file():
+        return None
+    points = read_landmarks(ds.path)[1]  # (N_total, K, 2)
+    if points.shape[1] != landmarks:
+        raise DataError(f"{landmarks_file(ds.path)}: {points.shape[1]} landmarks, the model has {landmarks}")
+    return points[ds.keep]
+
+
+def landmark_parity(model: Landmarker, onnx_path: Path, images: np.ndarray, points: np.ndarray | None) -> dict:
+    """The ONNX landmarks against PyTorch's on uint8 (N, 128, 128, 3) `images`: the max and mean distance (pixels of
+    the 128 crop) between the two models' points, and with `points` (N, K, 2) (the truth, NaN outside the crop) the
+    NME, error in pixels and PCK@0.1 of both (probe.landmark_scores) over the images with every landmark in the
+    crop (data.whole_landmarks), as the landmarker's validation and the probe count them."""
+    ref, = torch_outputs(model, images)  # (N, K, 2)
+    out, = onnx_outputs(onnx_path, images)
+    dist = np.linalg.norm(out - ref, axis=-1)  # (N, K) pixels
+    report = {"images": len(images), "point_diff_px_max": float(dist.max()), "point_diff_px_mean": float(dist.mean())}
+    rows = [] if points is None else whole_landmarks(points, np.arange(len(points)))
+    if len(rows):
+        true = torch.from_numpy(points[rows])  # (M, K, 2)
+        report["scored_images"] = len(rows)
+        report["pytorch"] = landmark_scores(torch.from_numpy(ref[rows]), true)
+        report["onnx"] = landmark_scores(torch.from_numpy(out[rows]), true)
+    return report
+
+
+def print_landmark_report(report: dict) -> None:
+    """What a landmark export prints: each file's size and distance to PyTorch's points, the scores PyTorch -> ONNX
+    (and int8's change in NME), and a warning line when the fp32 points differ by more than LANDMARK_PARITY_PX."""
+    fp32 = report["fp32"]
+    print(f"model.onnx: {report['bytes']['model.onnx'] / 1e6:.2f} MB, landmarks against PyTorch: max "
+          f"{fp32['point_diff_px_max']:.6f} px, mean {fp32['point_diff_px_mean']:.6f} px over {fp32['images']} images")
+    if "onnx" in fp32:
+        print(f"  PyTorch -> ONNX on the {fp32['scored_images']} images with every landmark in the crop: "
+              + ", ".join(f"{k} {fp32['pytorch'][k]:.4f} -> {fp32['onnx'][k]:.4f}" for k in fp32["onnx"]))
+    if "int8" in report:
+        q = report["int8"]
+        print(f"model_int8.onnx: {report['bytes']['model_int8.onnx'] / 1e6:.2f} MB, landmarks against PyTorch: max "
+              f"{q['point_diff_px_max']:.3f} px, mean {q['point_diff_px_mean']:.3f} px"
+              + (": " + ", ".join(f"{k} {q['onnx'][k]:.4f}" for k in q["onnx"])
+                 + f" (NME {q['onnx']['nme'] - fp32['onnx']['nme']:+.4f} against model.onnx)" if "onnx" in q else ""))
+    if fp32["point_diff_px_max"] > LANDMARK_PARITY_PX:
+        print(f"warning: the ONNX landmarks differ from PyTorch's (max {fp32['point_diff_px_max']:.6f} px > "
+              f"{LANDMARK_PARITY_PX} px)", file=sys.stderr)
+
+
 def table_main(args: argparse.Namespace, argv: list[str]) -> dict:
     """--table: each model into OUT/<its arch, or teacher>/ (edge_row), the table printed and, with --markdown,
     appended there as a dated section -> {"rows": name -> report, "pixels": metrics, "markdown": the table}.
@@ -336,6 +447,9 @@ def table_main(args: argparse.Namespace, argv: list[str]) -> dict:
     models = {}
     for path in args.model:
         model = load_any(path)
+        if isinstance(model, Landmarker):
+            raise DataError(f"{path}: a landmark model (landmarker.py); the edge table compares recognition models: "
+                            f"export it without --table")
         name = model.cfg.arch if isinstance(model, Student) else "teacher"
         models[name if name not in models else f"{name}_{len(models)}"] = model
     for name in models:

@@ -1,8 +1,14 @@
-"""onnx_export.py: a student and the teacher's embedding path as ONNX with a dynamic uint8 input, equal to PyTorch
-image by image and on the recognition benchmark, an int8 model that keeps the embedding, and nothing written over."""
+"""onnx_export.py: a student, the teacher's embedding path and a landmark model as ONNX with a dynamic uint8 input,
+equal to PyTorch image by image and on the benchmark (recognition; NME / PCK), an int8 model that keeps the embedding
+or the points, and nothing written over."""
+import contextlib
+import io
 import json
+import logging
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,8 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx_export  # noqa: E402
 import synth  # noqa: E402
+from conftest import ROOT, assert_one_line_error  # noqa: E402
+from data import read_landmarks, to_float, whole_landmarks  # noqa: E402
 from errors import CheckpointError, DataError  # noqa: E402
+import landmarker  # noqa: E402
+from probe import landmark_scores  # noqa: E402
 from student import Student, StudentConfig  # noqa: E402
+from test_landmarker import lm_args  # noqa: E402
 
 pytestmark = pytest.mark.slow  # exports take ~10 s each
 
@@ -78,7 +89,7 @@ def test_the_teachers_embedding_path_exports_and_nothing_is_written_over(tiny_ru
 
 
 def test_the_edge_table_has_a_row_per_model_and_the_pixels_with_finite_figures_and_only_appends(
-        tiny_run, ids, tmp_path, monkeypatch, capsys):
+        tiny_run, ids, tmp_path, monkeypatch, capsys, caplog):
     """--table: the smallest student arch and the teacher exported and int8-quantised into OUT/<name>/, one row each
     and one for the pixels, finite numbers; the markdown file is appended to, a second run into OUT is refused."""
     torch.manual_seed(0)
@@ -90,7 +101,9 @@ def test_the_edge_table_has_a_row_per_model_and_the_pixels_with_finite_figures_a
     monkeypatch.setattr(onnx_export, "INT8_COSINE", 1.01)  # every int8 model below it: one warning line each
     args = [str(folder), str(tiny_run.best), "--table", "--out", str(tmp_path / "edge"), "--data",
             str(ids / "val_teacher.npy"), "--calib", str(ids / "train_teacher.npy"), "--runs", "3"]
-    result = onnx_export.main([*args, "--markdown", str(markdown)])
+    with caplog.at_level(logging.WARNING):
+        result = onnx_export.main([*args, "--markdown", str(markdown)])
+    assert not [r for r in caplog.records if "out-of-range" in r.getMessage()]  # the teacher's 1-D norm scales
     assert list(result["rows"]) == ["shufflenet_v2_x0_5", "teacher"]
     for name, row in result["rows"].items():
         assert {p.name for p in (tmp_path / "edge" / name).iterdir()} == set(onnx_export.FILES)
@@ -124,3 +137,107 @@ def test_an_interrupted_export_leaves_no_file_and_the_folder_free(tmp_path):
     with onnx_export.staged(out) as tmp:
         (tmp / "model.onnx").write_bytes(b"whole")
     assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"whole"
+
+
+@pytest.fixture(scope="module")
+def landmark_export(synth_dir, tmp_path_factory) -> SimpleNamespace:
+    """A landmarker trained for 4 steps by landmarker.py (test_landmarker's CPU-sized run: mobilenet_v3_small at input
+    64, so a resize inside the graph; its points already spread over the crop), its best.pt exported by the command
+    with int8 calibrated on synth_dir's training ears; its printed lines kept. --no-augment: the 4 steps as this test's
+    bounds were measured on (augmented steps give other points, int8's drift included)."""
+    d = tmp_path_factory.mktemp("onnx_landmarker")
+    landmarker.main(lm_args(synth_dir, d, "--epochs", "1", "--max-steps", "4", "--no-augment"))
+    ckpt = d / "checkpoints" / "best.pt"
+    args = [str(ckpt), "--out", str(d / "onnx"), "--data", str(synth_dir / "val_teacher.npy"), "--calib",
+            str(synth_dir / "train_teacher.npy")]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        report = onnx_export.main(args)
+    return SimpleNamespace(ckpt=ckpt, out=d / "onnx", args=args, report=report, printed=printed.getvalue(),
+                           val=synth_dir / "val_teacher.npy")
+
+
+def test_a_landmarker_exports_with_the_points_of_its_pytorch_readout_and_the_same_nme_and_pck(landmark_export):
+    """The ONNX points are the PyTorch landmarker's own (its forward on the same crops) within LANDMARK_PARITY_PX,
+    and NME / error / PCK@0.1 from them equal PyTorch's to 3 decimals, over the images with every landmark in the
+    crop, scored against the CSV as probe.landmark_scores scores them."""
+    r, out = landmark_export.report, landmark_export.out
+    assert {p.name for p in out.iterdir()} == set(onnx_export.FILES)
+    assert json.loads((out / "onnx.json").read_text()) == json.loads(json.dumps(r))
+    images, ds = onnx_export.read_images(landmark_export.val)
+    points = read_landmarks(landmark_export.val)[1]  # (N, K, 2)
+    rows = whole_landmarks(points, ds.keep)
+    assert 0 < len(rows) and r["fp32"]["images"] == len(images) == 16
+    with torch.no_grad():
+        ref = landmarker.load_landmarker(landmark_export.ckpt)(to_float(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    got, = onnx_export.onnx_outputs(out / "model.onnx", images)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=onnx_export.LANDMARK_PARITY_PX)
+    assert r["fp32"]["point_diff_px_max"] <= onnx_export.LANDMARK_PARITY_PX and r["fp32"]["scored_images"] == len(rows)
+    true = torch.from_numpy(points[ds.keep[rows]])
+    assert r["fp32"]["pytorch"] == pytest.approx(landmark_scores(ref[rows], true), rel=1e-6)
+    for k, v in r["fp32"]["pytorch"].items():
+        assert round(v, 3) == round(r["fp32"]["onnx"][k], 3), k
+    assert "warning" not in landmark_export.printed
+
+
+def test_the_landmark_graph_maps_uint8_crops_to_float_points_with_a_dynamic_batch(landmark_export):
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(landmark_export.out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (image,), (landmarks,) = session.get_inputs(), session.get_outputs()
+    assert (image.name, image.type, image.shape[1:]) == ("image", "tensor(uint8)", [128, 128, 3])
+    assert (landmarks.name, landmarks.type, landmarks.shape[1:]) == ("landmarks", "tensor(float)", [8, 2])
+    assert isinstance(image.shape[0], str) and landmarks.shape[0] == image.shape[0]  # the batch is symbolic
+    images = np.random.default_rng(0).integers(0, 256, (7, 128, 128, 3), dtype=np.uint8)
+    whole, = onnx_export.onnx_outputs(landmark_export.out / "model.onnx", images, batch_size=7)
+    ones, = onnx_export.onnx_outputs(landmark_export.out / "model.onnx", images, batch_size=1)
+    assert whole.shape == (7, 8, 2) and whole.dtype == np.float32
+    np.testing.assert_allclose(whole, ones, rtol=0, atol=1e-4)
+    assert (whole > 0).all() and (whole < 128).all()  # soft-argmax over cell centres: inside the crop
+
+
+def test_the_int8_landmarker_is_smaller_keeps_its_readout_in_float_and_reports_the_nme_change(landmark_export):
+    import onnx
+    r = landmark_export.report
+    assert r["bytes"]["model_int8.onnx"] < 0.5 * r["bytes"]["model.onnx"]
+    graph = onnx.load(str(landmark_export.out / "model_int8.onnx")).graph
+    assert any(w.data_type == onnx.TensorProto.INT8 and len(w.dims) == 4 for w in graph.initializer)
+    last_conv = max(i for i, n in enumerate(graph.node) if n.op_type == "Conv")  # the heatmap head
+    readout = [n for n in graph.node[last_conv + 1:] if n.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+    assert {"Softmax", "ReduceSum"} <= {n.op_type for n in readout}
+    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert not quantized & {o for n in readout for o in n.output}  # soft-argmax in float, the points too
+    q = r["int8"]
+    assert 0 < q["point_diff_px_mean"] < 2.0 and q["scored_images"] == r["fp32"]["scored_images"]
+    change = q["onnx"]["nme"] - r["fp32"]["onnx"]["nme"]
+    assert abs(change) < 0.02
+    assert f"(NME {change:+.4f} against model.onnx)" in landmark_export.printed
+
+
+def test_a_landmark_export_is_never_written_over_and_not_part_of_the_edge_table(landmark_export, tmp_path):
+    before = {p.name: p.read_bytes() for p in landmark_export.out.iterdir()}
+    with pytest.raises(DataError, match=r"holds model\.onnx, model_int8\.onnx, onnx\.json already"):
+        onnx_export.main(landmark_export.args)
+    assert {p.name: p.read_bytes() for p in landmark_export.out.iterdir()} == before
+    table = [str(landmark_export.ckpt), "--table", "--out", str(tmp_path / "edge"), "--data",
+             str(landmark_export.val), "--calib", str(landmark_export.val)]
+    with pytest.raises(DataError, match=r"best\.pt: a landmark model \(landmarker\.py\); the edge table compares "
+                                        r"recognition models"):
+        onnx_export.main(table)
+    assert not (tmp_path / "edge").exists()
+
+
+def test_a_damaged_or_foreign_landmarker_is_one_line_naming_it(landmark_export, tmp_path):
+    """Truncated (the command: exit 1, one line, no traceback), weights of another model, a config that cannot be
+    built: each a CheckpointError naming the file, nothing written."""
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(landmark_export.ckpt.read_bytes()[:4096])
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "onnx_export.py"), str(truncated), "--out", str(out), "--data",
+                        str(landmark_export.val)], capture_output=True, text=True, timeout=120)
+    assert_one_line_error(r, str(truncated))
+    ckpt = torch.load(landmark_export.ckpt, weights_only=True)
+    for name, config, message in [("foreign.pt", {"landmarks": 5}, "weights do not fit the model"),
+                                  ("arch.pt", {"arch": "vgg16"}, "its landmark_config cannot be built")]:
+        torch.save({**ckpt, "landmark_config": {**ckpt["landmark_config"], **config}}, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"{tmp_path / name}: {message}"):
+            onnx_export.main([str(tmp_path / name), "--out", str(out), "--data", str(landmark_export.val)])
+    assert not out.exists() or not list(out.iterdir())
