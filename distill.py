@@ -107,7 +107,9 @@ def student_run(run: loop.Run) -> tuple[StudentConfig, bool, EarVAE, str]:
                             input_size=args.student_input_size)
         return cfg, cfg.pretrained, teacher, sha256
     if "student_config" not in ckpt:
-        raise CheckpointError(f"{path}: a teacher's run, not a student's; continue it with train.py --resume {path}")
+        what, again = (("a landmark model's run", "landmarker.py") if "landmark_config" in ckpt else
+                       ("a teacher's run", "train.py"))
+        raise CheckpointError(f"{path}: {what}, not a student's; continue it with {again} --resume {path}")
     if problem := config_problem(ckpt["student_config"], StudentConfig):
         raise CheckpointError(f"{path}: student_config {problem}")
     try:

@@ -25,7 +25,7 @@ load_landmarker(path) loads best.pt or last.pt for use (onnx_export.py ships it 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -53,7 +53,7 @@ class LandmarkConfig:
     MINIMA: ClassVar[dict[str, int]] = {"input_size": 32, "landmarks": 1}
     arch: str = "mobilenet_v3_small"  # the trunk: one of student.ARCHS
     input_size: int = 128  # side the crop is resized to before the trunk (a student's: its own)
-    landmarks: int = 8  # K heatmaps (synth.LANDMARKS: 8)
+    landmarks: int = 8  # K heatmaps: a new run takes its training data's K (synth.LANDMARKS: 8)
     init: str = "scratch"  # the distill.py checkpoint the trunk started from, or "scratch" (random)
 
 
@@ -185,8 +185,11 @@ class LandmarkObjective:
         if args.labels is not None and len(rows) < args.labels:
             raise DataError(f"{train_ds.path}: {len(rows)} valid images with every landmark in the crop, fewer than "
                             f"--labels {args.labels}")
-        if train_points.shape[1] != cfg.landmarks:
-            raise DataError(f"{train_ds.path}: {train_points.shape[1]} landmarks, the model has {cfg.landmarks}")
+        if run.ckpt is None:  # a new run: one heatmap per landmark of the data (synth's 8, iBUG's 55, ...)
+            cfg = replace(cfg, landmarks=train_points.shape[1])
+        if train_points.shape[1] != cfg.landmarks or val_points.shape[1] != cfg.landmarks:
+            raise DataError(f"{train_ds.path}: {train_points.shape[1]} landmarks, {val_ds.path}: "
+                            f"{val_points.shape[1]}, the model has {cfg.landmarks}")
         self.n_labels = len(rows)
         repeats = max(1, args.epoch_images // len(rows))
         train_ds.keep = np.tile(train_ds.keep[rows], repeats)  # the N labelled images, `repeats` times an epoch

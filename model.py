@@ -266,6 +266,10 @@ def rebuild_model(ckpt: dict, path: str | Path, map_location: str | torch.device
     checkpoints.read_checkpoint's result, or read_export's for a folder; path: the file or folder it was read from,
     for the messages. A config that cannot be built or weights that do not fit -> CheckpointError naming the file."""
     exported = Path(path).is_dir()
+    if "model_config" not in ckpt:  # another command's run: say whose
+        whose = ("a landmark model's checkpoint (landmarker.py)" if "landmark_config" in ckpt else
+                 "a student's checkpoint (distill.py)" if "student_config" in ckpt else "no model_config")
+        raise CheckpointError(f"{path}: {whose}, not a teacher's (train.py writes those)")
     try:
         model = build_model(config_from_checkpoint(ckpt))
     except (ValueError, TypeError) as e:  # ConfigError and what transformers' config classes raise

@@ -444,6 +444,9 @@ def table_main(args: argparse.Namespace, argv: list[str]) -> dict:
     from eval import pixel_embeddings  # the pixels baseline of eval.py --identity
     if args.out is None or args.calib is None:
         raise DataError("--table needs --out FOLDER and --calib TRAINING.npy")
+    if args.markdown and (Path(args.markdown).is_dir() or not Path(args.markdown).parent.is_dir()):
+        raise DataError(f"--markdown {args.markdown}: a folder, or in a folder that does not exist: give a file to "
+                        f"append the table to")
     models = {}
     for path in args.model:
         model = load_any(path)

@@ -151,7 +151,8 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu", ckp
         return Student.from_folder(path, map_location)
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     if "student_config" not in ckpt:
-        raise CheckpointError(f"{path}: a teacher's checkpoint, not a student's (distill.py writes those)")
+        whose = "a landmark model's checkpoint (landmarker.py)" if "landmark_config" in ckpt else "a teacher's checkpoint"
+        raise CheckpointError(f"{path}: {whose}, not a student's (distill.py writes those)")
     if problem := config_problem(ckpt["student_config"], StudentConfig):
         raise CheckpointError(f"{path}: student_config {problem}")
     cfg = StudentConfig(**ckpt["student_config"])

@@ -70,6 +70,30 @@ def test_a_landmark_run_refuses_a_missing_csv_a_flip_and_no_start(synth_dir, tmp
         landmarker.main(lm_args(synth_dir, tmp_path / "c")[1:])
 
 
+def test_a_landmark_model_has_a_heatmap_per_landmark_of_its_data_and_other_commands_name_its_checkpoint(synth_dir,
+                                                                                                       tmp_path):
+    """The model takes K from the training CSV (iBUG's 55 points as synth's 8; here the first 3), and a landmark
+    checkpoint given to the teacher's or a student's loader is one CheckpointError naming it."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    for split in ("train", "val"):
+        with open(data / f"{split}_landmarks.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        with open(data / f"{split}_landmarks.csv", "w", newline="") as f:
+            csv.writer(f).writerows([r[:7] for r in rows])  # index and 3 (x, y) pairs
+    landmarker.main(lm_args(data, tmp_path / "run", "--max-steps", "1", "--epochs", "1"))
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    model = landmarker.load_landmarker(best)
+    assert model.cfg.landmarks == 3 and model(torch.rand(2, 3, 128, 128)).shape == (2, 3, 2)
+    from checkpoints import load_model
+    from errors import CheckpointError
+    from student import load_student
+    with pytest.raises(CheckpointError, match=re.escape(f"{best}: a landmark model's checkpoint (landmarker.py)")):
+        load_model(best)
+    with pytest.raises(CheckpointError, match=re.escape(f"{best}: a landmark model's checkpoint (landmarker.py)")):
+        load_student(best)
+
+
 @pytest.mark.parametrize("no_augment", [False, True])
 def test_a_landmark_run_augments_images_and_landmarks_alike_unless_told_not_to(synth_dir, tmp_path, monkeypatch,
                                                                                no_augment):

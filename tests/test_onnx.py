@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -241,3 +242,13 @@ def test_a_damaged_or_foreign_landmarker_is_one_line_naming_it(landmark_export, 
         with pytest.raises(CheckpointError, match=f"{tmp_path / name}: {message}"):
             onnx_export.main([str(tmp_path / name), "--out", str(out), "--data", str(landmark_export.val)])
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_table_whose_markdown_file_cannot_be_written_is_refused_before_any_export(tmp_path):
+    """--markdown in a missing folder, or a folder, is one DataError at the start: no model is read, nothing exported
+    into --out (which a rerun would then find occupied)."""
+    for bad in (tmp_path / "nodir" / "x.md", tmp_path):
+        with pytest.raises(DataError, match=re.escape(f"--markdown {bad}: a folder, or in a folder that does not")):
+            onnx_export.main([str(tmp_path / "student.pt"), "--table", "--out", str(tmp_path / "edge"), "--data",
+                              str(tmp_path / "v.npy"), "--calib", str(tmp_path / "t.npy"), "--markdown", str(bad)])
+        assert not (tmp_path / "edge").exists()
