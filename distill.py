@@ -34,7 +34,7 @@ from cli import HelpFormatter, int_range, non_negative
 from data import AugConfig, ResumableSampler, augment, make_loader, to_float
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
 from checkpoints import load_model, weights_sha256
-from hub import config_problem
+from hub import checkpoint_kind, config_problem
 from losses import DistillConfig, DistillLoss
 from model import EarVAE, parameter_report
 from student import ARCHS, Student, StudentConfig, stride_channels, teacher_targets
@@ -107,9 +107,8 @@ def student_run(run: loop.Run) -> tuple[StudentConfig, bool, EarVAE, str]:
                             input_size=args.student_input_size)
         return cfg, cfg.pretrained, teacher, sha256
     if "student_config" not in ckpt:
-        what, again = (("a landmark model's run", "landmarker.py") if "landmark_config" in ckpt else
-                       ("a teacher's run", "train.py"))
-        raise CheckpointError(f"{path}: {what}, not a student's; continue it with {again} --resume {path}")
+        whose, again = checkpoint_kind(ckpt)
+        raise CheckpointError(f"{path}: {whose} run, not a student's; continue it with {again} --resume {path}")
     if problem := config_problem(ckpt["student_config"], StudentConfig):
         raise CheckpointError(f"{path}: student_config {problem}")
     try:
@@ -219,7 +218,8 @@ class StudentObjective:
             self.model = Student(cfg).to(device)
         self.config = asdict(replace(self.model.cfg, pretrained=pretrained))
         self.teacher = teacher.to(device)
-        self.criterion = DistillLoss(**asdict(replace(DistillConfig(), hint=args.hint_weight, embed_rkd=args.rkd_weight))).to(device)
+        config = replace(DistillConfig(), hint=args.hint_weight, embed_rkd=args.rkd_weight)
+        self.criterion = DistillLoss(**asdict(config)).to(device)
 
     def targets(self, x: torch.Tensor, out: dict) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:
         """teacher_targets for x (B, 3, 128, 128) and, where the student's outputs `out` have hints, the teacher's

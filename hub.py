@@ -112,6 +112,16 @@ def read_folder_weights(path: Path, map_location: str | torch.device = "cpu") ->
                               f"{' '.join(str(e).split())[:160]})") from e
 
 
+def checkpoint_kind(ckpt: dict) -> tuple[str, str]:
+    """Which command wrote a checkpoint dict, for messages -> (its kind in words, the command): a landmark model's
+    (landmarker.py), a student's (distill.py) or a teacher's (train.py)."""
+    if "landmark_config" in ckpt:
+        return "a landmark model's", "landmarker.py"
+    if "student_config" in ckpt:
+        return "a student's", "distill.py"
+    return "a teacher's", "train.py"
+
+
 def config_problem(d: object, config_class: type) -> str | None:
     """What is wrong with a JSON model config of the dataclass config_class (model.VAEConfig, student.StudentConfig;
     missing fields take its defaults, as for a checkpoint), or None. Types follow the defaults: tuples are JSON lists

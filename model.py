@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from encoders import Encoder, encoder_class, load_backbone
 from errors import CheckpointError, ConfigError
-from hub import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, SharedOnHub, card_metadata, config_problem, load_state,
-                 metrics_table, read_folder_config, read_folder_weights)
+from hub import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, SharedOnHub, card_metadata, checkpoint_kind, config_problem,
+                 load_state, metrics_table, read_folder_config, read_folder_weights)
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # exp() of either end is finite in fp16 and fp32
 EXPORT_FORMAT = "ear-teacher-vae/1"  # config.json's "format" in a saved teacher folder: what wrote it, which layout
@@ -267,8 +267,8 @@ def rebuild_model(ckpt: dict, path: str | Path, map_location: str | torch.device
     for the messages. A config that cannot be built or weights that do not fit -> CheckpointError naming the file."""
     exported = Path(path).is_dir()
     if "model_config" not in ckpt:  # another command's run: say whose
-        whose = ("a landmark model's checkpoint (landmarker.py)" if "landmark_config" in ckpt else
-                 "a student's checkpoint (distill.py)" if "student_config" in ckpt else "no model_config")
+        whose, command = checkpoint_kind(ckpt)
+        whose = f"{whose} checkpoint ({command})" if command != "train.py" else "no model_config"
         raise CheckpointError(f"{path}: {whose}, not a teacher's (train.py writes those)")
     try:
         model = build_model(config_from_checkpoint(ckpt))

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from checkpoints import read_checkpoint
 from encoders import IMAGENET_MEAN, IMAGENET_STD
 from errors import CheckpointError, ConfigError
-from hub import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, SharedOnHub, card_metadata, config_problem, load_state,
-                 metrics_table, read_folder_config, read_folder_weights)
+from hub import (EXPORT_CARD, EXPORT_CONFIG, EXPORT_WEIGHTS, SharedOnHub, card_metadata, checkpoint_kind, config_problem,
+                 load_state, metrics_table, read_folder_config, read_folder_weights)
 from model import EarVAE, count
 from weights import load_torchvision_weights
 
@@ -151,7 +151,8 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu", ckp
         return Student.from_folder(path, map_location)
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     if "student_config" not in ckpt:
-        whose = "a landmark model's checkpoint (landmarker.py)" if "landmark_config" in ckpt else "a teacher's checkpoint"
+        whose, command = checkpoint_kind(ckpt)
+        whose = f"{whose} checkpoint ({command})" if command == "landmarker.py" else "a teacher's checkpoint"
         raise CheckpointError(f"{path}: {whose}, not a student's (distill.py writes those)")
     if problem := config_problem(ckpt["student_config"], StudentConfig):
         raise CheckpointError(f"{path}: student_config {problem}")
