@@ -42,8 +42,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as e:  # the weights-only unpickler met a Python object it will not build
         what = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         detail = f"it asks to run {what.group(1)}" if what else "it holds Python objects, not only tensors"
-        raise CheckpointError(f"{path}: refused: {detail} (a pickle can run code); only train.py checkpoints "
-                              f"load") from e
+        raise CheckpointError(f"{path}: refused: {detail} (a pickle can run code); only the checkpoints "
+                              f"train.py, distill.py and landmarker.py write load") from e
     except Exception as e:  # anything else the parser raises on a damaged file (EOFError, IndexError, ...)
         reason = " ".join(str(e).split())[:160] or "no detail"
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: {reason})") from e

@@ -99,7 +99,11 @@ def _layout(arr: np.ndarray, path: Path) -> str:
     if arr.shape[0] == 0:
         raise DataError(f"{path}: no samples (shape {arr.shape})")
     if h != w:
-        raise DataError(f"{path}: images are {h}x{w}, expected square crops (`data.py convert` pads photos to square)")
+        single = arr.ndim == 3 and arr.shape[2] == 3 and arr.shape[0] == arr.shape[1]  # (H, W, 3): read as N, H, W
+        one = (f"; one image of shape {arr.shape}? an image array has the count first: x[None] is (1, "
+               f"{', '.join(map(str, arr.shape))})" if single else "")
+        raise DataError(f"{path}: images are {h}x{w}, expected square crops (`data.py convert` pads photos to square)"
+                        + one)
     return layout
 
 
@@ -215,9 +219,11 @@ class EarDataset(Dataset):
         return fingerprint(self.path, self._arr)
 
     def summary(self) -> str:
-        """e.g. '12,023 (filtered 0 invalid)' or '9,990 (filtered 10 invalid: blank 10)'."""
-        n_bad = sum(self.invalid.values())
-        return f"{len(self):,} (filtered {n_bad:,} invalid{': ' + _reasons(self.invalid) if n_bad else ''})"
+        """e.g. '12,023 (filtered 0 invalid)', '9,990 (filtered 10 invalid: blank 10)', or where `keep` repeats
+        images (landmarker.py's epochs of N labels) '1,000: 50 images 20 times (filtered 0 invalid)'."""
+        n_bad, unique = sum(self.invalid.values()), len(np.unique(self.keep))
+        times = f": {unique:,} images {len(self) // unique} times" if unique < len(self) else ""
+        return f"{len(self):,}{times} (filtered {n_bad:,} invalid{': ' + _reasons(self.invalid) if n_bad else ''})"
 
     def __getstate__(self) -> dict:
         # DataLoader workers started by spawn/forkserver get the path, not a pickled copy of the whole memmap
@@ -346,7 +352,7 @@ def _read_column(path: Path, column: str) -> list[str] | None:
     whose field count is not the header's -> DataError naming the file and line."""
     if not path.is_file():
         return None
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if not rows or column not in rows[0]:
         return None
@@ -421,7 +427,8 @@ def read_landmarks(npy: Path) -> tuple[list[str], np.ndarray]:
         raise DataError(f"{path}: no landmarks for {npy.name} (synth.py writes them; a landmarks CSV has the header "
                         f"index,<name>_x,<name>_y,...)")
     n = len(open_npy(npy))
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: the byte-order mark a spreadsheet writes before the header is no part of "index"
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     header = rows[0] if rows else []
     names = [h.removesuffix("_x") for h in header[1::2]]

@@ -1,4 +1,4 @@
-"""The whole job on the built-in synthetic ears, CPU-sized (about 16 minutes on 2 quiet cores here):
+"""The whole job on the built-in synthetic ears, CPU-sized (about 19 minutes on 2 quiet cores here):
 synthesise identity-labelled ears -> train the tiny model (reconstruction + SupCon on the identities) -> evaluate
 it -> draw its eigenears -> probe its pyramid for landmarks and masks, beside the pixels and a random-init encoder ->
 recognise new identities from its identity embedding, beside the raw pixels -> distil a student (a random
@@ -33,9 +33,10 @@ THREADS = "2"  # CPU threads of every step, unless OMP_NUM_THREADS is set: the R
 
 
 def run(*args: str) -> None:
-    cmd = [sys.executable, *args]
+    """Runs `python SCRIPT ARGS...`, the script from this repo, in the caller's folder (where --out is)."""
+    cmd = [sys.executable, str(ROOT / args[0]), *args[1:]]
     print(f"\n$ python {shlex.join(args)}", flush=True)
-    r = subprocess.run(cmd, cwd=ROOT)
+    r = subprocess.run(cmd)
     if r.returncode != 0:
         sys.exit(f"error: step failed (exit {r.returncode}): python {shlex.join(args)}")
 

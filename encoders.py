@@ -45,10 +45,15 @@ def load_backbone(cfg: VAEConfig) -> nn.Module:
         model, info = model_cls.from_pretrained(cfg.weights, attn_implementation=attn,
                                                 use_safetensors=True, output_loading_info=True)
     except OSError as e:
-        where = "local directory" if Path(cfg.weights).exists() else "Hugging Face hub id (online or cached)"
         reason = str(e).strip().splitlines()[0]
+        if Path(cfg.weights).exists():  # a user's folder: the fix is in it, not on the hub
+            raise WeightsUnavailableError(
+                f"could not load {cfg.encoder} weights from the local directory {cfg.weights!r}: {reason}. It needs "
+                f"the save_pretrained layout of a {model_cls.__name__} (config.json + model.safetensors); or pass "
+                f"a hub id, or --no-pretrained to train from random initialisation on purpose.") from e
         raise WeightsUnavailableError(
-            f"could not load {cfg.encoder} weights from {cfg.weights!r} ({where}, safetensors): {reason}. "
+            f"could not load {cfg.encoder} weights from {cfg.weights!r} (Hugging Face hub id, online or cached; "
+            f"safetensors): {reason}. "
             f"Fixes: (1) while online, download them once: `hf download {cfg.weights}` "
             f"(or `huggingface-cli download {cfg.weights}`), then run with HF_HUB_OFFLINE=1; "
             f"(2) point at a local copy: --weights /path/to/dir (config.json + model.safetensors); "

@@ -522,6 +522,9 @@ def evaluate_student(args: argparse.Namespace, ckpt: dict, device: torch.device,
     teacher_path = args.teacher or (ckpt["run_config"] or {}).get("teacher")
     if teacher_path is None:
         raise CheckpointError(f"{args.ckpt}: a student's saved folder does not name its teacher: give --teacher")
+    if args.teacher is None and not Path(teacher_path).exists():  # moved or deleted since distill.py ran
+        raise CheckpointError(f"{teacher_path}: no such file or folder: the teacher {args.ckpt} was distilled from "
+                              f"(its run recorded this path); give its new place with --teacher")
     data_path = data_file(args.data, info, "val", args.ckpt, "--data")
     ds = EarDataset(data_path, max_invalid=max_invalid(args, info))
     labels = read_identities(data_path, ds) if args.identity else None

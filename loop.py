@@ -292,12 +292,18 @@ def resolve_run(parser: argparse.ArgumentParser, script: str, argv: list[str] | 
 
 
 def check_new(args: argparse.Namespace) -> None:
-    """TrainingError if a new run's folders hold an earlier run's last.pt, best.pt or metrics.csv."""
-    last = Path(args.ckpt_dir) / "last.pt"
-    for f in (last, Path(args.ckpt_dir) / "best.pt", Path(args.log_dir) / "metrics.csv"):
+    """TrainingError if a new run's folders hold an earlier run's last.pt, best.pt or metrics.csv. A metrics.csv of
+    only its header, beside no checkpoint, is a run stopped (killed) before its first log row: it holds nothing, and
+    the new run writes it afresh (MetricsLog)."""
+    last, best = Path(args.ckpt_dir) / "last.pt", Path(args.ckpt_dir) / "best.pt"
+    metrics = Path(args.log_dir) / "metrics.csv"
+    for f in (last, best):
         if f.exists():
             resume = f"continue it with --resume {last}, or " if last.exists() else ""
             raise TrainingError(f"{f} exists from an earlier run: {resume}choose another --ckpt-dir / --log-dir")
+    if metrics.exists() and len(metrics.read_bytes().splitlines()) > 1:
+        raise TrainingError(f"{metrics} holds the log of an earlier run that stopped before it saved a checkpoint: "
+                            f"delete it, or choose another --log-dir")
 
 
 def check_output_dirs(args: argparse.Namespace) -> None:
@@ -491,7 +497,7 @@ def start(objective: Objective, run: Run, setup: Setup, total_steps: int) -> Met
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     with atomic_write(Path(args.log_dir) / "config.json") as f:
         save_json({"run": vars(args), "model": objective.config})(f)
-    return MetricsLog(Path(args.log_dir), objective.log_fields, log)
+    return MetricsLog(Path(args.log_dir), objective.log_fields, log, fresh=run.ckpt is None)
 
 
 @contextmanager
@@ -791,13 +797,13 @@ def restart_command(parser: argparse.ArgumentParser, script: str, args: argparse
 # the metrics log and its figure
 
 class MetricsLog:
-    """LOG_DIR/metrics.csv (appended to when resuming) and, where tensorboard is installed, TensorBoard events. Its
-    columns: the loop's (step, epoch, split, lr, loss), the objective's `fields`, then grad_norm, skipped, img_per_s,
-    time."""
+    """LOG_DIR/metrics.csv (appended to when resuming; a new run's, fresh, replaces a header-only file: check_new)
+    and, where tensorboard is installed, TensorBoard events. Its columns: the loop's (step, epoch, split, lr, loss),
+    the objective's `fields`, then grad_norm, skipped, img_per_s, time."""
 
-    def __init__(self, log_dir: Path, fields: tuple[str, ...], log: Callable[[str], None]) -> None:
-        new_csv = not (log_dir / "metrics.csv").exists()
-        self.csv_file = open(log_dir / "metrics.csv", "a", newline="")
+    def __init__(self, log_dir: Path, fields: tuple[str, ...], log: Callable[[str], None], fresh: bool) -> None:
+        new_csv = fresh or not (log_dir / "metrics.csv").exists()
+        self.csv_file = open(log_dir / "metrics.csv", "w" if fresh else "a", newline="")
         columns = ["step", "epoch", "split", "lr", "loss", *fields, "grad_norm", "skipped", "img_per_s", "time"]
         self.csv = csv.DictWriter(self.csv_file, fieldnames=columns)
         if new_csv:
@@ -842,7 +848,8 @@ def plot_curves(csv_path: Path, png_path: Path, score: str, score_axis: dict[str
     axes[0].set(xlabel="optimizer step", ylabel="loss", yscale="log", title="loss")
     axes[1].set(xlabel="optimizer step", **score_axis)
     for a in axes:
-        a.legend()
+        if a.lines:  # a run stopped before its first log row has none
+            a.legend()
         a.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_write(png_path) as f:

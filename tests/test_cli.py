@@ -216,6 +216,18 @@ def test_safe_console_writes_what_the_encoding_lacks_as_escapes(monkeypatch):
     assert raw.getvalue().endswith(f"path {ESCAPED} \xe9\n".encode("cp1252"))  # é is in cp1252: kept
 
 
+def test_the_demos_steps_run_this_repos_scripts_in_the_callers_folder(tmp_path, monkeypatch):
+    """`python /repo/demo.py --out runs/a` from another folder writes into that folder's runs/a, as every other
+    command's relative paths do: each step is the repo's script, run in the caller's folder."""
+    calls = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)) or
+                        subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.chdir(tmp_path)
+    demo.run("train.py", "--data-dir", "runs/a/data")
+    [(cmd, kw)] = calls
+    assert cmd == [sys.executable, str(ROOT / "train.py"), "--data-dir", "runs/a/data"] and "cwd" not in kw
+
+
 @pytest.fixture(scope="module")
 def demo_log(tmp_path_factory):
     """demo.py at the smallest sizes with a cp1252 console, its output (stdout and stderr) in a file."""

@@ -100,6 +100,9 @@ def test_invalid_samples_are_dropped_and_counted_by_reason(tmp_path, ears):
     assert ds.n_total == 24
     assert ds.invalid == invalid
     assert ds.summary() == "16 (filtered 8 invalid: non-finite 3, out of range 2, blank 3)"
+    ds.keep = np.tile(ds.keep[:4], 5)  # landmarker.py's epoch: N labelled images repeated
+    assert ds.summary() == "20: 4 images 5 times (filtered 8 invalid: non-finite 3, out of range 2, blank 3)"
+    ds.keep = keep
     assert {ds[i][1] for i in range(len(ds))}.isdisjoint(bad)
 
     blank_u8 = ears.copy()
@@ -144,6 +147,9 @@ def test_pickled_object_npy_is_refused_without_unpickling(tmp_path):
     ("flat.npy", np.zeros((2, 16), np.uint8), "shape (2, 16)"),
     ("five_d.npy", np.zeros((2, 1, 16, 16, 3), np.uint8), "shape (2, 1, 16, 16, 3)"),
     ("wide.npy", np.zeros((2, 16, 24, 3), np.uint8), "16x24"),
+    ("one_image.npy", np.zeros((32, 32, 3), np.uint8), "images are 32x3, expected square crops (`data.py convert` "
+                                                     "pads photos to square); one image of shape (32, 32, 3)? an image "
+                                                     "array has the count first: x[None] is (1, 32, 32, 3)"),
     ("empty.npy", np.zeros((0, 16, 16, 3), np.uint8), "no samples"),
     ("int16.npy", np.zeros((2, 16, 16, 3), np.int16), "dtype int16"),
     ("missing.npy", None, "file not found (`python synth.py --out "),
@@ -720,6 +726,17 @@ def test_bad_landmarks_are_one_line_naming_the_file_and_row(tmp_path, case):
         data.read_landmarks(npy)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
     assert case != "a point outside the crop" or "128.5) lies outside the 128 px image" in str(e.value)
+
+
+def test_a_landmarks_csv_saved_with_a_byte_order_mark_reads_the_same(tmp_path):
+    """Spreadsheets save "UTF-8 CSV" with a byte-order mark before the header: it is no part of "index"."""
+    from synth import write_synthetic
+    write_synthetic(tmp_path, 4, 2, seed=0)
+    npy, path = tmp_path / "train_teacher.npy", tmp_path / "train_landmarks.csv"
+    names, points = data.read_landmarks(npy)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    names_bom, points_bom = data.read_landmarks(npy)
+    assert names_bom == names and np.array_equal(points_bom, points)
 
 
 @pytest.mark.parametrize("case, masks, message", [

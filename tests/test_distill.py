@@ -238,6 +238,14 @@ def test_student_eval_refuses_another_teacher_and_an_export_over_a_saved_model(s
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["README.md"]
     assert (tmp_path / "mine" / "README.md").read_text() == "my notes\n"
     assert not (tmp_path / "o").exists()
+    moved = torch.load(s.ckpt, weights_only=True)  # its teacher moved since distill.py ran
+    moved["run_config"]["teacher"] = str(tmp_path / "gone" / "best.pt")
+    torch.save(moved, tmp_path / "student.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'gone' / 'best.pt'}: no such file or folder: "
+                                                        f"the teacher {tmp_path / 'student.pt'} was distilled from "
+                                                        f"(its run recorded this path); give its new place with "
+                                                        f"--teacher")):
+        ev.main([str(tmp_path / "student.pt"), *s.common, "--out", str(tmp_path / "o3")])
 
 
 def test_precise_bn_equals_torchs_update_bn_and_leaves_the_model_as_it_was():

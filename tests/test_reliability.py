@@ -315,6 +315,25 @@ def test_a_new_run_never_writes_over_an_earlier_best_pt(synth_dir, tmp_path):
     assert (tmp_path / "checkpoints/best.pt").read_text() == EARLIER
 
 
+def test_a_run_killed_before_its_first_log_row_is_no_earlier_run(synth_dir, tmp_path):
+    """SIGKILL after metrics.csv got its header and before any row or checkpoint: the next run in the same folders
+    starts without a manual step and writes the header once; a log with rows and no checkpoint is refused in one
+    line, left as it was."""
+    (tmp_path / "logs").mkdir()
+    metrics = tmp_path / "logs" / "metrics.csv"
+    metrics.write_text("step,epoch,split,lr,loss\n")
+    train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--max-steps", "1"))
+    lines = metrics.read_text().splitlines()
+    assert lines[0].startswith("step,epoch,split,lr,loss,pixel") and sum(x.startswith("step,") for x in lines) == 1
+    other = tmp_path / "other"
+    (other / "logs").mkdir(parents=True)
+    (other / "logs" / "metrics.csv").write_text("step,epoch,split,lr,loss\n25,0,train,0.001,0.5\n")
+    with pytest.raises(TrainingError, match=r"metrics\.csv holds the log of an earlier run that stopped before it "
+                                            r"saved a checkpoint: delete it, or choose another --log-dir"):
+        train.main(tiny_train_args(synth_dir, other, "--epochs", "1"))
+    assert (other / "logs" / "metrics.csv").read_text().endswith("0.5\n")
+
+
 @pytest.mark.slow
 def test_resume_without_a_checkpoint_never_starts_fresh(synth_dir, tmp_path):
     r = run_cli("train.py", *tiny_train_args(synth_dir, tmp_path, "--resume"))
