@@ -30,13 +30,14 @@ class LossConfig:
     ssim: float = 0.6  # 1 - SSIM
     edge: float = 0.3  # L1 between Sobel gradients
     contrastive: float = 0.1  # SupCon on identity labels, or NT-Xent between two augmented views without them
+    dense: float = 0.0  # dense InfoNCE between the encoder's last maps of two views at known correspondences
     center_weight: float = 3.0  # pixel-loss weight at the image centre relative to the corners
     temperature: float = 0.1  # SupCon / NT-Xent temperature
     vgg_weights: str = "imagenet"  # "imagenet" (torchvision) or a path to a local VGG16 state dict
 
 
 class VAELoss(nn.Module):
-    """Weighted sum of reconstruction, KL, perceptual, SSIM, edge and contrastive terms (see LossConfig).
+    """Weighted sum of reconstruction, KL, perceptual, SSIM, edge, contrastive and dense terms (see LossConfig).
 
     A term whose weight is 0 is not computed and does not appear in the logs; with `perceptual == 0` the VGG is
     not even built (so no weights are needed).
@@ -50,6 +51,7 @@ class VAELoss(nn.Module):
         ssim: float = LossConfig.ssim,
         edge: float = LossConfig.edge,
         contrastive: float = LossConfig.contrastive,
+        dense: float = LossConfig.dense,
         center_weight: float = LossConfig.center_weight,
         temperature: float = LossConfig.temperature,
         image_size: int = 128,  # H == W of recon/target; sizes the centre-weight map
@@ -57,7 +59,7 @@ class VAELoss(nn.Module):
     ) -> None:
         super().__init__()
         self.weights = {"pixel": pixel, "kl": kl, "perceptual": perceptual, "ssim": ssim, "edge": edge,
-                        "contrastive": contrastive}
+                        "contrastive": contrastive, "dense": dense}
         for name, w in self.weights.items():
             if not (w >= 0 and math.isfinite(w)):
                 raise ValueError(f"loss weight {name}={w}: expected a finite value >= 0")
@@ -73,6 +75,7 @@ class VAELoss(nn.Module):
     def forward(
         self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, views: int = 1,
         labels: Tensor | None = None, embedding: Tensor | None = None,
+        dense: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """recon, target: (N, 3, H, W) in [0, 1]; mu, logvar: (N, D). The contrastive term (weight > 0) acts on
         `embedding` (N, E) when given (the model's identity embedding, EarVAE.embed), else on mu:
@@ -81,6 +84,8 @@ class VAELoss(nn.Module):
         - no labels, views=2: the batch holds two augmented views of the same B = N / 2 images stacked as
           [view 0; view 1], and NT-Xent (nt_xent) pairs rows i and B + i;
         - no labels, views=1: the term is skipped.
+        The dense term (weight > 0) acts on `dense` = (f1, f2, p1, p2) when given: dense_nce of two views' maps at
+        their points (pixels of the image_size crop); without it (validation) the term is skipped.
         Every other term uses all N images.
 
         Returns (total, logs): total is the 0-dim weighted sum; logs maps 'loss' and each computed term to its
@@ -110,6 +115,8 @@ class VAELoss(nn.Module):
             terms["contrastive"] = supcon(z, labels, self.temperature)
         elif w["contrastive"] > 0 and views == 2:
             terms["contrastive"] = nt_xent(*z.chunk(2), self.temperature)
+        if w["dense"] > 0 and dense is not None:
+            terms["dense"] = dense_nce(*dense, self.image_size, self.temperature)
         if not terms:
             raise ValueError("no loss term to compute: contrastive is the only weight > 0 but there are neither labels "
                              "nor two views")
@@ -316,6 +323,45 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
         raise ValueError(f"nt_xent inputs {tuple(z1.shape)}, {tuple(z2.shape)}: expected equal (B, D)")
     image = torch.arange(z1.shape[0], device=z1.device)  # (B,)
     return supcon(torch.cat([z1, z2]), torch.cat([image, image]), temperature)
+
+
+def dense_nce(f1: Tensor, f2: Tensor, p1: Tensor, p2: Tensor, size: int, temperature: float) -> Tensor:
+    """Dense InfoNCE between two views of the same images at known correspondences: PixContrast (Xie et al., CVPR
+    2021, "Propagate Yourself", sec. 3.1), the pixel-level contrast of VADeR (Pinheiro et al., NeurIPS 2020), with
+    the exact correspondences of known warps in place of a distance threshold.
+
+    f1, f2: (B, C, h, w) feature maps of view 1 and view 2 of B images; p1, p2: (B, N, 2) the same N points of each
+    image in pixels of view 1 and of view 2 ((x, y), pixel centres at 0.5 of a size x size view: data.augment_points;
+    NaN where a point is outside its view). Each point's feature in view 1 (bilinear sample, L2-normalised) must pick
+    the same point among the image's N points in view 2, by softmax over cosine / temperature, and the other way
+    round:
+
+        l = 1/2 mean_i [ -log softmax_j(s12_ij / t)_i - log softmax_j(s21_ij / t)_i ],  s12 = cosine(q1_i, q2_j)
+
+    over the points valid in both views, with the image's other valid points as the only negatives (a point NaN in
+    either view takes no part). With no valid point the loss is exactly 0, still attached to the graph. -> 0-dim
+    float32. ValueError for other shapes."""
+    if f1.dim() != 4 or f1.shape[:2] != f2.shape[:2] or p1.shape != p2.shape or p1.dim() != 3 or \
+            p1.shape[0] != f1.shape[0] or p1.shape[-1] != 2:
+        raise ValueError(f"dense_nce inputs {tuple(f1.shape)}, {tuple(f2.shape)}, points {tuple(p1.shape)}, "
+                         f"{tuple(p2.shape)}: expected maps (B, C, h, w) and points (B, N, 2)")
+    b, n = p1.shape[:2]
+    with torch.autocast(f1.device.type, enabled=False):
+        valid = ~(p1.isnan().any(-1) | p2.isnan().any(-1))  # (B, N)
+
+        def sample(f: Tensor, p: Tensor) -> Tensor:  # (B, C, h, w), (B, N, 2) pixels -> (B, N, C) unit vectors
+            u = (2.0 * p.float() / size - 1.0).nan_to_num(0.0)  # (B, N, 2) normalised, align_corners=False
+            q = F.grid_sample(f.float(), u[:, :, None], mode="bilinear", align_corners=False)  # (B, C, N, 1)
+            return F.normalize(q[..., 0].transpose(1, 2), dim=-1)
+
+        s = sample(f1, p1) @ sample(f2, p2).transpose(1, 2) / temperature  # (B, N, N)
+        target = torch.arange(n, device=f1.device).repeat(b)  # (B * N,)
+        # invalid points leave the denominators (a finite fill: their own rows stay finite, and are weighted 0)
+        out = valid[:, None, :]  # (B, 1, N) columns
+        ce = [F.cross_entropy(m.masked_fill(~out, -1e4).flatten(0, 1), target, reduction="none")
+              for m in (s, s.transpose(1, 2))]  # 2 x (B * N,)
+        weight = valid.flatten().float()  # (B * N,)
+        return ((ce[0] + ce[1]) * weight).sum() / (2 * weight.sum().clamp(min=1))
 
 
 class LPIPS(nn.Module):

@@ -215,17 +215,26 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         """z (B, latent_dim) -> (B, 3, 128, 128) in [0, 1]."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None,
+                extra: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """x (B, 3, 128, 128) -> {"recon": (B, 3, 128, 128), "mu", "logvar", "z": (B, latent_dim), "embedding":
-        (B, E) the identity embedding of mu}. In training z = mu + sigma * eps, with eps (B, latent_dim) given
-        (train.py keys it by sample) or drawn here."""
-        mu, logvar = self.encode(x)
+        (B, E) the identity embedding of mu, "features": x's pyramid {name: (B, C, g, g)}}. In training
+        z = mu + sigma * eps, with eps (B, latent_dim) given (train.py keys it by sample) or drawn here. extra
+        (B2, 3, 128, 128): images that are only encoded, in the same encoder pass (the dense term's views, train.py);
+        their pyramid is out["extra_features"]."""
+        feats = self.encoder.features(x if extra is None else torch.cat([x, extra]))
+        out = {}
+        if extra is not None:
+            out["extra_features"] = {k: f[len(x):] for k, f in feats.items()}
+            feats = {k: f[:len(x)] for k, f in feats.items()}
+        mu, logvar = self.head(feats)
         if self.training:
             eps = torch.randn_like(mu) if eps is None else eps.to(mu)
             z = mu + eps * torch.exp(0.5 * logvar)
         else:
             z = mu
-        return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z, "embedding": self.embedding(mu)}
+        return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z, "embedding": self.embedding(mu),
+                "features": feats, **out}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters: {"encoder": the trainable ViT blocks + neck, "vae": head + decoder (+ embedding

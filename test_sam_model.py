@@ -141,6 +141,15 @@ def test_unreachable_weights_raise_one_clear_error():
         build_model(tiny_config("dinov2", pretrained=True, weights="/no/such/dir"))
 
 
+
+def test_an_empty_local_weights_folder_says_what_it_needs_not_a_download(tmp_path):
+    with pytest.raises(WeightsUnavailableError) as e:
+        build_model(tiny_config("sam", pretrained=True, weights=str(tmp_path)))
+    msg = str(e.value)
+    assert f"from the local directory {str(tmp_path)!r}" in msg and "config.json + model.safetensors" in msg
+    assert "hf download" not in msg and "\n" not in msg
+
+
 def test_incomplete_weights_are_refused_not_randomly_filled(saved_sam, tmp_path):
     path, _ = saved_sam
     for f in path.iterdir():
@@ -209,6 +218,23 @@ def test_forward_shapes_and_ranges(encoder):
     assert torch.equal(a["recon"], b["recon"])  # deterministic
     torch.testing.assert_close(model.decode(a["mu"]), a["recon"])
     torch.testing.assert_close(model.encode(tiny_batch(4))[0], a["mu"])
+    for k, f in model.encoder.features(tiny_batch(4)).items():  # the pyramid the head read
+        torch.testing.assert_close(a["features"][k], f)
+
+
+def test_extra_images_are_encoded_in_the_same_pass_and_change_nothing_else():
+    """forward(x, extra=...) (the dense term's views): the extra images' pyramid is what encoding them alone gives,
+    and x's outputs are those of forward(x)."""
+    model = build_model(tiny_config()).eval()
+    x, extra = tiny_batch(4), tiny_batch(6)[3:]
+    with torch.no_grad():
+        both, alone, extra_alone = model(x, extra=extra), model(x), model.encoder.features(extra)
+    for k in ("recon", "mu", "embedding"):
+        torch.testing.assert_close(both[k], alone[k])
+    assert both["extra_features"].keys() == extra_alone.keys()
+    for k, f in extra_alone.items():
+        assert both["extra_features"][k].shape[0] == 3
+        torch.testing.assert_close(both["extra_features"][k], f)
 
 
 def test_pyramid_shapes_full_vit_b_and_tiny():

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from cli import HelpFormatter, int_range, non_negative, non_negative_int, positive, positive_int
-from data import (UNLABELLED, AugConfig, EarDataset, IdentitySampler, augment, missing_labels, read_identities,
-                  sample_seed, to_float)
+from data import (UNLABELLED, AugConfig, EarDataset, IdentitySampler, augment, augment_points, missing_labels,
+                  read_identities, sample_seed, to_float)
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
 from files import atomic_write
 from losses import LossConfig, VAELoss, psnr, ssim
@@ -33,6 +33,10 @@ import loop
 
 DEFAULT_WEIGHTS = {"sam": sam_config().weights, "dinov2": dinov2_config().weights}
 CONTRASTIVE_MODES = ("auto", "supcon", "nt-xent")
+# the dense term's second view of each image: warped further than the training view, so that a point's feature must
+# say what is there (a shift of less than a cell would be matched by position alone); its colour jittered as usual
+DENSE_AUG = AugConfig(scale=0.25, translate=0.15, rotate=30.0)
+DENSE_GRID = 16  # the dense term's points: the centres of a 16 x 16 grid of cells over the crop
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -79,6 +83,11 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--images-per-identity", type=int_range(2), default=None, help="K of the P x K batches of "
                    "supcon: each micro-batch holds batch-size / K >= 2 identities (the other identities are SupCon's "
                    "negatives). Default: the largest of 4, 3, 2 that divides --batch-size so (4 -> 2 x 2, 16 -> 4 x 4)")
+    g.add_argument("--dense-weight", type=non_negative, default=loss.dense, help="dense InfoNCE (PixContrast) "
+                   "between the encoder's last map of each training view and of a second view warped further "
+                   f"(rotation {DENSE_AUG.rotate:g} deg, shift {DENSE_AUG.translate:g}, zoom {DENSE_AUG.scale:g}), "
+                   f"at the {DENSE_GRID}x{DENSE_GRID} cell centres of the crop: a point's feature must find the same "
+                   "point among the image's others. Costs one more encoder pass per image; 0: off")
     g.add_argument("--center-weight", type=positive, default=loss.center_weight, help="pixel-loss weight at the crop "
                    "centre (border 1)")
     g.add_argument("--temperature", type=positive, default=loss.temperature, help="SupCon / NT-Xent temperature")
@@ -111,7 +120,8 @@ def model_config(args: argparse.Namespace) -> VAEConfig:
 def loss_config(args: argparse.Namespace) -> LossConfig:
     """The loss flags of a run (the pixel weight has no flag: it is the unit the others are relative to)."""
     return LossConfig(kl=args.kl_weight, perceptual=args.perceptual_weight, ssim=args.ssim_weight,
-                      edge=args.edge_weight, contrastive=args.contrastive_weight, center_weight=args.center_weight,
+                      edge=args.edge_weight, contrastive=args.contrastive_weight, dense=args.dense_weight,
+                      center_weight=args.center_weight,
                       temperature=args.temperature, vgg_weights=args.vgg_weights)
 
 
@@ -216,7 +226,7 @@ class TeacherObjective:
     between two views of each image. best.pt is the best validation PSNR."""
     score, score_text = "psnr", "PSNR {:.2f} dB"
     score_axis = {"ylabel": "dB", "title": "validation PSNR"}
-    log_fields = ("pixel", "kl", "perceptual", "ssim", "edge", "contrastive", "psnr", "ssim_metric")
+    log_fields = ("pixel", "kl", "perceptual", "ssim", "edge", "contrastive", "dense", "psnr", "ssim_metric")
 
     def __init__(self, run: loop.Run, setup: loop.Setup) -> None:
         args, device = run.args, setup.device
@@ -257,23 +267,38 @@ class TeacherObjective:
         self.model = build_model(cfg).to(device)
         self.config = asdict(replace(self.model.cfg, pretrained=pretrained))
         self.criterion = VAELoss(**asdict(loss_config(args)), image_size=cfg.image_size).to(device)
+        cell = cfg.image_size / DENSE_GRID  # the dense term's points (1, N, 2), (x, y) in pixels
+        centres = (torch.arange(DENSE_GRID) + 0.5) * cell
+        self.points = torch.cartesian_prod(centres, centres).flip(-1)[None].to(device)  # row-major (y, x) -> (x, y)
         self.grid_x = to_float(torch.stack([val_ds[i][0] for i in range(min(8, len(val_ds)))])).to(device)
 
     def loss(self, model: nn.Module, x: torch.Tensor, keys: torch.Tensor,
              epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x uint8 (B, 3, 128, 128) -> its views (views * B, 3, 128, 128), augmented in float32 outside the run's
-        autocast, through the VAE with the samples' keyed noise -> VAELoss's (loss, logs)."""
-        args, views = self.args, self.views
+        autocast, through the VAE with the samples' keyed noise -> VAELoss's (loss, logs). With the dense term, a
+        further view of each image (DENSE_AUG, view index `views`) is encoded beside them, and the term compares the
+        last maps of view 0 and of it at the grid points both warps carry."""
+        args, views, size = self.args, self.views, x.shape[-1]
+        dense_view = None
         with torch.autocast(x.device.type, enabled=False):
+            if args.dense_weight > 0:
+                dense_view = augment(x, keys, args.seed, epoch, DENSE_AUG, view=views)  # (B, 3, 128, 128)
             if self.aug is not None:
                 x = torch.cat([augment(x, keys, args.seed, epoch, self.aug, view=v) for v in range(views)])
             else:
                 x = to_float(x).repeat(views, 1, 1, 1)
         eps = torch.cat([keyed_normal(keys, args.seed, epoch, v, self.model.cfg.latent_dim) for v in range(views)])
-        out = model(x, eps=eps.to(x.device, non_blocking=True))
+        out = model(x, eps=eps.to(x.device, non_blocking=True), extra=dense_view)
         labels = self.label_of_key[keys].to(x.device) if self.mode == "supcon" else None
+        dense = None
+        if dense_view is not None:
+            points = self.points.expand(len(keys), -1, -1)  # (B, N, 2) in the original crop
+            p1 = points if self.aug is None else augment_points(points, size, keys, args.seed, epoch, self.aug)
+            p2 = augment_points(points, size, keys, args.seed, epoch, DENSE_AUG, view=views)
+            last = self.model.encoder.final_name
+            dense = (out["features"][last][:len(keys)], out["extra_features"][last], p1, p2)  # view 0, dense view
         return self.criterion(out["recon"], x, out["mu"], out["logvar"], views=views, embedding=out["embedding"],
-                              labels=labels)
+                              labels=labels, dense=dense)
 
     def validate(self, model: nn.Module, max_batches: int | None = None) -> dict[str, float]:
         return validate(model, self.data.val_loader, self.criterion, self.setup.device, self.setup.autocast(),

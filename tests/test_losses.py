@@ -1,11 +1,13 @@
 """Tests for losses.py: metrics against scikit-image, KL against torch.distributions, SupCon and NT-Xent against
-direct references, and the VAELoss / PerceptualLoss contracts (frozen VGG, weight loading, (loss, logs))."""
+direct references, the dense InfoNCE against a per-point loop and the augmentation's own warps, and the VAELoss /
+PerceptualLoss contracts (frozen VGG, weight loading, (loss, logs))."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import sys
 import urllib.error
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +25,8 @@ from torch.distributions import Normal, kl_divergence as torch_kl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from losses import (PerceptualLoss, VAELoss, center_weight_map, kl_divergence, nt_xent, psnr, sobel,  # noqa: E402
-                    ssim, supcon)
+from losses import (PerceptualLoss, VAELoss, center_weight_map, dense_nce, kl_divergence, nt_xent, psnr,  # noqa: E402
+                    sobel, ssim, supcon)
 from errors import WeightsUnavailableError  # noqa: E402
 from conftest import Hostile  # noqa: E402
 
@@ -471,3 +473,87 @@ def test_vae_loss_rejects_wrong_image_size_and_bad_weights():
         VAELoss(perceptual=0)(recon, target, mu, logvar)
     with pytest.raises(ValueError, match="kl=-1"):
         VAELoss(perceptual=0, kl=-1)
+
+
+# -- dense InfoNCE (PixContrast)
+
+def reference_dense_nce(f1, f2, cells1, cells2, valid, t):
+    """Per image, per valid point, in float64: the features read at the points' cells, cross-entropy both ways."""
+    total, count = 0.0, 0
+    for b in range(f1.shape[0]):
+        idx = [i for i in range(len(valid[b])) if valid[b][i]]
+        q1 = F.normalize(torch.stack([f1[b, :, r, c] for r, c in cells1[b]]).double(), dim=1)[idx]
+        q2 = F.normalize(torch.stack([f2[b, :, r, c] for r, c in cells2[b]]).double(), dim=1)[idx]
+        s = q1 @ q2.t() / t  # (n, n)
+        for i in range(len(idx)):
+            total += -(torch.log_softmax(s[i], 0)[i] + torch.log_softmax(s[:, i], 0)[i]).item() / 2
+            count += 1
+    return total / max(count, 1)
+
+
+def cell_points(cells, size, g):
+    """(row, col) cells of a g x g map -> their centres in pixels (x, y) of a size x size image."""
+    return torch.tensor([[[(c + 0.5) * size / g, (r + 0.5) * size / g] for r, c in img] for img in cells])
+
+
+def test_dense_nce_matches_a_per_point_reference_and_leaves_nan_points_out():
+    """At cell centres the bilinear sample is the cell's feature: the loss equals a loop over images and points;
+    a point NaN in either view is neither an anchor nor a negative (the loss is the one without it)."""
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(2, 6, 4, 4, generator=g), torch.randn(2, 6, 4, 4, generator=g)
+    cells1 = [[(0, 0), (1, 2), (3, 3), (2, 1), (0, 3)], [(3, 0), (1, 1), (2, 2), (0, 1), (1, 3)]]
+    cells2 = [[(1, 1), (0, 2), (3, 0), (2, 3), (1, 0)], [(0, 0), (3, 3), (2, 1), (1, 2), (3, 1)]]
+    p1, p2 = cell_points(cells1, 32, 4), cell_points(cells2, 32, 4)
+    p1[0, 2, 0] = float("nan")  # image 0's point 2 outside view 1, image 1's point 4 outside view 2
+    p2[1, 4] = float("nan")
+    valid = [[True, True, False, True, True], [True, True, True, True, False]]
+    for t in (0.1, 0.5):
+        got = dense_nce(f1, f2, p1, p2, 32, t)
+        assert got.item() == pytest.approx(reference_dense_nce(f1, f2, cells1, cells2, valid, t), rel=1e-5)
+    keep = [[0, 1, 3, 4], [0, 1, 2, 3]]  # the same points without the NaN ones: each image keeps 4
+    torch.testing.assert_close(dense_nce(f1, f2, torch.stack([p1[b, k] for b, k in enumerate(keep)]),
+                                         torch.stack([p2[b, k] for b, k in enumerate(keep)]), 32, 0.1),
+                               dense_nce(f1, f2, p1, p2, 32, 0.1))
+
+
+def test_dense_nce_finds_points_through_the_augmentations_warp():
+    """Maps that move with the pixels (a random feature image through augment's own warp, centred so that cosines
+    tell points apart) score far below chance (log N) at the points augment_points gives, and far above it at the
+    unmoved points or with the two views' points swapped: the term's correspondences are the augmentation's."""
+    from data import AugConfig, augment, augment_points
+    from train import DENSE_AUG
+    g = torch.Generator().manual_seed(0)
+    feats = F.avg_pool2d(torch.rand(2, 3, 64, 64, generator=g), 3, 1, 1)  # (B, 3, 64, 64), a smooth random image
+    keys = torch.tensor([3, 11])
+    view = lambda cfg, v: augment(feats, keys, 0, 0, replace(cfg, brightness=0, contrast=0, saturation=0, hue=0),
+                                  v) - 0.5  # noqa: E731
+    f1, f2 = view(AugConfig(), 0), view(DENSE_AUG, 1)
+    centres = (torch.arange(8) + 0.5) * 8
+    points = torch.cartesian_prod(centres, centres)[None].expand(2, -1, -1)  # (2, 64, 2)
+    p1, p2 = augment_points(points, 64, keys, 0, 0, AugConfig()), augment_points(points, 64, keys, 0, 0, DENSE_AUG, 1)
+    assert p2.isnan().any() and not p2.isnan().all()  # the strong warp moves some points out of the view
+    moved, unmoved = dense_nce(f1, f2, p1, p2, 64, 0.1), dense_nce(f1, f2, points, points, 64, 0.1)
+    assert moved < 0.5 * np.log(64) and unmoved > np.log(64) and dense_nce(f1, f2, p2, p1, 64, 0.1) > np.log(64)
+
+
+def test_dense_nce_without_a_valid_point_is_zero_with_its_graph_and_bad_shapes_are_refused():
+    f = torch.randn(1, 4, 4, 4, requires_grad=True)
+    p = torch.full((1, 3, 2), float("nan"))
+    loss = dense_nce(f, f, p, p, 32, 0.1)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert f.grad is not None and not f.grad.any()
+    with pytest.raises(ValueError, match="expected maps"):
+        dense_nce(f, f, p[0], p[0], 32, 0.1)
+
+
+def test_vae_loss_adds_the_dense_term_only_when_given_its_maps():
+    crit = VAELoss(perceptual=0, dense=0.5)
+    x, mu = torch.rand(2, 3, 128, 128), torch.randn(2, 8)
+    f = torch.randn(2, 4, 16, 16)
+    p = torch.rand(2, 5, 2) * 128
+    _, logs = crit(x, x, mu, torch.zeros_like(mu))
+    assert "dense" not in logs  # validation: no second view
+    total, logs = crit(x, x, mu, torch.zeros_like(mu), dense=(f, f.flip(-1), p, p))
+    torch.testing.assert_close(logs["dense"], dense_nce(f, f.flip(-1), p, p, 128, 0.1))
+    torch.testing.assert_close(total, sum(w * logs[k] for k, w in crit.weights.items() if k in logs))

@@ -1,6 +1,7 @@
 """train.py: artefacts of a short run, schedule, and the one-line errors a user can meet."""
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -313,6 +314,25 @@ def test_nt_xent_views_keep_the_identity_and_other_runs_augment_fully(synth_dir,
     expected = data.AugConfig().keeping_identity() if weight != "0" else data.AugConfig()
     assert used and all(cfg == expected for cfg, _ in used)
     assert sorted({view for _, view in used}) == ([0, 1] if weight != "0" else [0])
+
+
+@pytest.mark.slow
+def test_dense_term_encodes_a_further_view_and_logs_its_loss(synth_dir, tmp_path, monkeypatch):
+    """--dense-weight: each step augments a DENSE_AUG view of every image (the view index after the training
+    views, so its draws are its own) that the encoder reads beside the training view; metrics.csv logs the term,
+    which starts near chance (log of the grid's points) and is finite."""
+    used, real = [], train.augment
+    monkeypatch.setattr(train, "augment", lambda x, keys, seed, epoch, cfg, view: used.append((cfg, view)) or
+                        real(x, keys, seed, epoch, cfg, view))
+    monkeypatch.setattr(train, "tiny_config", smallest_tiny)
+    train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--max-steps", "2", "--latent-dim", "16",
+                               "--dense-weight", "1"))
+    assert [u for i, u in enumerate(used) if u not in used[:i]] == [(train.DENSE_AUG, 1), (data.AugConfig(), 0)]
+    rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv")) if r["split"] == "train"]
+    dense = [float(r["dense"]) for r in rows]
+    assert len(dense) == 2 and all(0 < d < 2 * math.log(train.DENSE_GRID ** 2) for d in dense)
+    assert all(r["dense"] == "" for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv"))
+               if r["split"] == "val")  # validation has no second view
 
 
 def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, tmp_path):
