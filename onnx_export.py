@@ -64,6 +64,7 @@ COSINE_PARITY = 0.9999  # every image's ONNX embedding against PyTorch's, fp32
 LANDMARK_PARITY_PX = 1e-3  # every point of the ONNX landmarks against PyTorch's, fp32, in pixels of the 128 crop
 INT8_COSINE = 0.98  # int8 against fp32, min over images: below it the int8 model is not the same embedding (warning)
 OPSET = 18
+COLLAPSE_CHECK_IMAGES = 64  # calibration images on which quantize compares the int8 model's outputs with fp32's
 FILES = ("model.onnx", "model_int8.onnx", "onnx.json")
 
 
@@ -124,7 +125,9 @@ def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 
     float_ends: the first Conv and every Gemm / MatMul too); normalisation scales are per tensor
     (norm_scales_per_tensor). onnxruntime's pre-processing runs without its symbolic shape inference, which fails on
     the resize of this exporter's graphs. QOperator and per-tensor weights measured no faster at batch 1 on one thread
-    (BENCHMARKS.md, 2026-12-04). DataError when the result holds no int8 weight (never a float file named int8)."""
+    (BENCHMARKS.md, 2026-12-04). DataError when the result holds no int8 weight (never a float file named int8), or
+    when its first output is all zero for more of the first COLLAPSE_CHECK_IMAGES calibration images than fp32's (a
+    quantised range that rounds a whole output away: a 10-epoch efficientnet_b0 lost 348 of 400 embeddings so)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -148,6 +151,14 @@ def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 
         weights = onnx.load(str(Path(tmp) / "int8.onnx")).graph.initializer
         if not any(w.data_type == onnx.TensorProto.INT8 and len(w.dims) > 1 for w in weights):
             raise DataError(f"{fp32}: quantisation left no int8 weight; no {path.name} written")
+        first = calibration[:COLLAPSE_CHECK_IMAGES]  # an int8 graph can hold whole outputs at 0 (a range that
+        zero = [int((np.abs(out.reshape(len(first), -1)).max(1) == 0).sum())  # rounds them away): never shipped
+                for out in (onnx_outputs(f, first)[0] for f in (fp32, Path(tmp) / "int8.onnx"))]
+        if zero[1] > zero[0]:
+            raise DataError(f"{fp32}: the int8 model's {graph.output[0].name} is all zero for {zero[1]} of "
+                            f"{len(first)} calibration images (fp32: {zero[0]}); no {path.name} written"
+                            + ("" if float_ends else ": --int8-float-ends keeps the first convolution and the head "
+                               "in float"))
         with atomic_write(path) as f:
             f.write((Path(tmp) / "int8.onnx").read_bytes())
 
@@ -257,19 +268,26 @@ def edge_row(model: nn.Module, folder: Path, images: np.ndarray, labels: np.ndar
     """One model of the edge table: exported into `folder` (model.onnx, model_int8.onnx, onnx.json: export, quantize,
     parity), its deployed parameters (a teacher without its decoder), MB on disk, latency at batch 1 on one thread
     (ms: PyTorch eager, onnxruntime fp32 and int8, on images[0]) and recognition figures of both ONNX files on
-    `images` uint8 (N, 128, 128, 3) with `labels` (N,)."""
+    `images` uint8 (N, 128, 128, 3) with `labels` (N,). A model that quantize refuses gets no int8 file: its
+    report's "int8" is {"refused": the reason}."""
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("decoder."))
     export(model, folder / "model.onnx")
-    quantize(folder / "model.onnx", folder / "model_int8.onnx", calibration, float_ends=float_ends)
-    report = {"fp32": parity(model, folder / "model.onnx", images, labels),
-              "int8": parity(model, folder / "model_int8.onnx", images, labels)}
-    ref, _ = onnx_outputs(folder / "model.onnx", images)
-    report["int8"]["cosine_vs_fp32_min"] = float(cosines(ref, onnx_outputs(folder / "model_int8.onnx", images)[0]).min())
+    report = {"fp32": parity(model, folder / "model.onnx", images, labels)}
+    try:
+        quantize(folder / "model.onnx", folder / "model_int8.onnx", calibration, float_ends=float_ends)
+    except DataError as e:
+        report["int8"] = {"refused": str(e).removeprefix(f"{folder / 'model.onnx'}: ")}
+    else:
+        report["int8"] = parity(model, folder / "model_int8.onnx", images, labels)
+        ref, _ = onnx_outputs(folder / "model.onnx", images)
+        int8, _ = onnx_outputs(folder / "model_int8.onnx", images)
+        report["int8"]["cosine_vs_fp32_min"] = float(cosines(ref, int8).min())
     one = images[:1]
-    report["bytes"] = {f: os.path.getsize(folder / f) for f in FILES[:2]}
+    report["bytes"] = {f: os.path.getsize(folder / f) for f in FILES[:2] if (folder / f).exists()}
     report["latency_ms"] = {"pytorch": torch_latency_ms(model, one, runs),
-                            "onnx_fp32": ort_latency_ms(folder / "model.onnx", one, runs),
-                            "onnx_int8": ort_latency_ms(folder / "model_int8.onnx", one, runs)}
+                            "onnx_fp32": ort_latency_ms(folder / "model.onnx", one, runs)}
+    if "refused" not in report["int8"]:
+        report["latency_ms"]["onnx_int8"] = ort_latency_ms(folder / "model_int8.onnx", one, runs)
     report["params"] = params
     with open(folder / "onnx.json", "wb") as f:
         save_json(report)(f)
@@ -283,18 +301,23 @@ def edge_table(rows: dict[str, dict], pixels: dict) -> str:
     lines = ["| model | params (M) | MB fp32 | MB int8 | ms PyTorch | ms ORT fp32 | ms ORT int8 | rank-1 | rank-5 | EER | "
              "TAR@FAR=1e-3 | int8 cos min | int8 Δrank-1 | int8 ΔEER | int8 ΔTAR | deploy |",
              "|" + "---|" * 16]
+    notes = []
     for name, r in rows.items():
-        f, q, ms = r["fp32"]["onnx"], r["int8"]["onnx"], r["latency_ms"]
-        cos = r["int8"]["cosine_vs_fp32_min"]
-        deploy = "model_int8.onnx" if ms["onnx_int8"] < ms["onnx_fp32"] and cos >= INT8_COSINE else "model.onnx"
-        delta = [fmt_delta(q[k], f[k]) for k in ("rank1", "eer", "tar@far=0.001")]
-        lines.append(f"| {name} | {r['params'] / 1e6:.2f} | {r['bytes']['model.onnx'] / 1e6:.2f} | "
-                     f"{r['bytes']['model_int8.onnx'] / 1e6:.2f} | {ms['pytorch']:.2f} | {ms['onnx_fp32']:.2f} | "
-                     f"{ms['onnx_int8']:.2f} | {fmt(f['rank1'])} | {fmt(f['rank5'])} | {fmt(f['eer'])} | "
-                     f"{fmt(f['tar@far=0.001'])} | {cos:.4f} | {' | '.join(delta)} | {deploy} |")
+        f, ms = r["fp32"]["onnx"], r["latency_ms"]
+        if "refused" in r["int8"]:  # no int8 file: its cells are "-", and a note under the table says why
+            mb8, ms8, cos, delta, deploy = "-", "-", "-", ["-"] * 3, "model.onnx"
+            notes.append(f"- {name}: no int8 model: {r['int8']['refused']}")
+        else:
+            q, c = r["int8"]["onnx"], r["int8"]["cosine_vs_fp32_min"]
+            mb8, ms8, cos = f"{r['bytes']['model_int8.onnx'] / 1e6:.2f}", f"{ms['onnx_int8']:.2f}", f"{c:.4f}"
+            delta = [fmt_delta(q[k], f[k]) for k in ("rank1", "eer", "tar@far=0.001")]
+            deploy = "model_int8.onnx" if ms["onnx_int8"] < ms["onnx_fp32"] and c >= INT8_COSINE else "model.onnx"
+        lines.append(f"| {name} | {r['params'] / 1e6:.2f} | {r['bytes']['model.onnx'] / 1e6:.2f} | {mb8} | "
+                     f"{ms['pytorch']:.2f} | {ms['onnx_fp32']:.2f} | {ms8} | {fmt(f['rank1'])} | {fmt(f['rank5'])} | "
+                     f"{fmt(f['eer'])} | {fmt(f['tar@far=0.001'])} | {cos} | {' | '.join(delta)} | {deploy} |")
     lines.append(f"| raw pixels, centred | - | - | - | - | - | - | {fmt(pixels['rank1'])} | {fmt(pixels['rank5'])} | "
                  f"{fmt(pixels['eer'])} | {fmt(pixels['tar@far=0.001'])} | - | - | - | - | - |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def fmt_delta(new: float | None, old: float | None) -> str:
@@ -466,7 +489,8 @@ def table_main(args: argparse.Namespace, argv: list[str]) -> dict:
     for name, model in models.items():
         with staged(Path(args.out) / name) as tmp:
             rows[name] = edge_row(model, tmp, images, labels, calibration, args.int8_float_ends, args.runs)
-        warn_int8(Path(args.out) / name / "model_int8.onnx", rows[name]["int8"]["cosine_vs_fp32_min"])
+        if "refused" not in rows[name]["int8"]:
+            warn_int8(Path(args.out) / name / "model_int8.onnx", rows[name]["int8"]["cosine_vs_fp32_min"])
     pixels = recognition_metrics(pixel_embeddings(ds), labels)
     text = edge_table(rows, pixels)
     section = (f"### {date.today()} - edge table: CPU, batch 1, one thread, {len(images)} images of "

@@ -125,6 +125,33 @@ def test_the_edge_table_has_a_row_per_model_and_the_pixels_with_finite_figures_a
     assert markdown.read_text() == text
 
 
+def test_an_int8_model_that_rounds_its_embedding_away_is_never_written_and_its_table_row_says_why(
+        ids, tmp_path, monkeypatch):
+    """quantize runs the int8 graph on the first calibration images: where its embedding is all zero and fp32's is
+    not (a 10-epoch efficientnet_b0 lost 348 of 400 so), the export is one line naming the fix and writes nothing;
+    in the edge table that model's int8 cells are "-", a note under the table says why and model.onnx is deployed."""
+    real = onnx_export.onnx_outputs
+    monkeypatch.setattr(onnx_export, "onnx_outputs", lambda path, images, **kw: tuple(
+        np.zeros_like(o) if path.name == "int8.onnx" else o for o in real(path, images, **kw)))
+    torch.manual_seed(0)
+    folder = tmp_path / "student"
+    Student(StudentConfig(pretrained=False, embed_dim=8, latent_dim=16, head_dim=16, input_size=64)).eval(
+        ).save_pretrained(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    common = ["--data", str(ids / "val_teacher.npy"), "--calib", str(ids / "train_teacher.npy")]
+    with pytest.raises(DataError, match=r"model\.onnx: the int8 model's embedding is all zero for 18 of 18 "
+                                        r"calibration images \(fp32: 0\); no model_int8\.onnx written: "
+                                        r"--int8-float-ends keeps the first convolution and the head in float$"):
+        onnx_export.main([str(folder), *common])
+    assert sorted(p.name for p in folder.iterdir()) == before
+    result = onnx_export.main([str(folder), "--table", "--out", str(tmp_path / "edge"), *common, "--runs", "3"])
+    row = result["markdown"].splitlines()[2].split(" | ")
+    assert row[0] == "| mobilenet_v3_small" and row[3] == row[6] == row[11] == "-" and row[-1] == "model.onnx |"
+    assert "- mobilenet_v3_small: no int8 model: the int8 model's embedding is all zero for 18 of 18" in \
+        result["markdown"]
+    assert sorted(p.name for p in (tmp_path / "edge" / "mobilenet_v3_small").iterdir()) == ["model.onnx", "onnx.json"]
+
+
 def test_an_interrupted_export_leaves_no_file_and_the_folder_free(tmp_path):
     """staged: what an export wrote before Ctrl-C is removed with its temporary folder, so the rerun into the same
     --out is not refused; a clean end moves every file into place."""
