@@ -330,7 +330,7 @@ def write_results(args: argparse.Namespace, metrics: dict, per_image: dict[str, 
         files[latents] = save_npy(per_image["mu"].astype(np.float32))
         files[index] = save_npy(per_image["index"].astype(np.int64))
     stale = [out / name for name in FIGURES if out / name not in files and (out / name).exists()]
-    write_outputs(files)
+    write_outputs(files, removes=stale)  # refused where they are the user's files (no earlier evaluation there)
     for path in stale:
         path.unlink()
     print(report_text)

@@ -65,13 +65,16 @@ def atomic_write(path: str | os.PathLike) -> Iterator[io.BufferedWriter]:
         raise
 
 
-def write_outputs(files: dict[Path, Writer]) -> None:
+def write_outputs(files: dict[Path, Writer], removes: list[Path] = ()) -> None:
     """Write every file to PATH.tmp first, then rename them all: a failure while writing any of them leaves every
     earlier file intact (none is replaced). files: final path -> function writing the content to an open file. The
     folders are held while writing (`writing`): a second command writing into one at that moment is an OutputError.
-    The command's claims on them (claim) end with it: its results are written."""
+    The command's claims on them (claim) end with it: its results are written. A file of a folder that held no
+    earlier result of the command is never written over, nor one of `removes` (the earlier results the caller
+    deletes next) removed (check_taken)."""
     folders = {Path(p).parent for p in files}
     try:
+        check_taken([*files, *removes])
         with writing(folders):
             _write_all(files)
     finally:
@@ -90,6 +93,19 @@ def writing(folders: set[Path]) -> Iterator[None]:
 
 
 _CLAIMED: dict[Path, FileLock] = {}  # output folders this process holds until it ends (claim)
+_FRESH: dict[Path, Path] = {}  # claimed folders that held no result of this command -> that result (check_replace)
+
+
+def check_taken(paths) -> None:
+    """OutputError naming them where any of `paths` exists in a folder that held no earlier result of this command
+    (check_replace without force): such files are the user's, never written over or removed."""
+    taken: dict[Path, list[str]] = {}
+    for path in map(Path, paths):
+        if (folder := path.parent.resolve()) in _FRESH and path.exists():
+            taken.setdefault(folder, []).append(path.name)
+    for folder, names in taken.items():
+        raise OutputError(f"{folder}: holds {', '.join(sorted(names))} already, and no {_FRESH[folder].name} of an "
+                          f"earlier run of this command: choose another --out, or pass --force to replace them")
 
 
 def claim(folder: str | os.PathLike) -> None:
@@ -105,6 +121,7 @@ def claim(folder: str | os.PathLike) -> None:
 def release(folders: set[Path] | list[Path]) -> None:
     """End this process's claims on `folders` (those it holds; others are ignored)."""
     for folder in {Path(f).resolve() for f in folders}:
+        _FRESH.pop(folder, None)
         if (lock := _CLAIMED.pop(folder, None)) is not None:
             lock.release()
 
@@ -190,7 +207,8 @@ def check_replace(result: str | os.PathLike, inputs: dict[str, str], force: bool
     """The one rule of every command that writes results into a folder: ValueError where `result` (a JSON file the
     command writes, holding its inputs under the same keys) exists from other inputs, naming them, unless `force`.
     The same inputs again (the command rerun) may replace their own results. The folder is claimed first (claim):
-    OutputError while another command works on results there."""
+    OutputError while another command works on results there. Where `result` does not exist, the folder's files are
+    the user's: write_outputs refuses to write over them (check_taken)."""
     result = Path(result)
     claim(result.parent)
     try:
@@ -198,6 +216,8 @@ def check_replace(result: str | os.PathLike, inputs: dict[str, str], force: bool
     except ValueError:
         release([result.parent])
         raise
+    if not force and not result.exists():  # its files there are the user's (check_taken)
+        _FRESH[result.parent.resolve()] = result
 
 
 def _check_replace(result: Path, inputs: dict[str, str], force: bool) -> None:

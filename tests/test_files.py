@@ -103,3 +103,26 @@ def test_a_command_claims_its_output_folder_from_its_first_check_to_its_write(tm
     write_outputs({out / "result.json": files.save_json({"checkpoint": "a.pt"})})  # its results: the claim ends
     assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).returncode == 0
     assert (out / "train_teacher.npy").exists() and (out / "result.json").exists()
+
+
+def test_a_folder_of_no_earlier_result_keeps_the_users_files(tmp_path):
+    """eval / eigenears / probe into a folder that holds no result of theirs: a file there with the name of one they
+    write (or of an earlier figure eval removes) is the user's: refused in one line, nothing written; --force, or the
+    command's own earlier result there, lets them replace it."""
+    from errors import OutputError
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "retrieval.png").write_text("my figure")
+    (out / "notes.md").write_text("my notes")
+    results = {out / "result.json": files.save_json({"checkpoint": "a.pt"}), out / "per_image.csv": files.save_json([])}
+    for also, removes in (({out / "retrieval.png": files.save_json([])}, []), ({}, [out / "retrieval.png"])):
+        files.check_replace(out / "result.json", {"checkpoint": "a.pt"}, force=False)
+        with pytest.raises(OutputError, match=rf"mine: holds retrieval\.png already, and no result\.json of an "
+                                               rf"earlier run of this command: choose another --out, or pass --force"):
+            write_outputs({**results, **also}, removes=removes)
+        assert sorted(p.name for p in out.iterdir()) == ["notes.md", "retrieval.png"]
+    files.check_replace(out / "result.json", {"checkpoint": "a.pt"}, force=True)
+    write_outputs({**results, out / "retrieval.png": files.save_json([])})
+    assert (out / "retrieval.png").read_text().strip() == "[]" and (out / "notes.md").read_text() == "my notes"
+    files.check_replace(out / "result.json", {"checkpoint": "a.pt"}, force=False)  # its own results: rerun replaces
+    write_outputs(results, removes=[out / "retrieval.png"])
