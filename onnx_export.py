@@ -263,6 +263,25 @@ def median_ms(run: Callable[[], object], runs: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def row_names(models: list[tuple[str, str]]) -> list[str]:
+    """The edge table's row (and folder) names of (kind, path) pairs, kind a student's arch or "teacher": the kind,
+    and where several models share it, "<kind>-<what their paths do not share>" (e20/ckpt/best.pt and
+    in192/ckpt/best.pt: "-e20", "-in192"), or "-<position>" where that is empty or not unique."""
+    names = [kind for kind, _ in models]
+    for kind in set(names):
+        same = [i for i, (k, _) in enumerate(models) if k == kind]
+        if len(same) < 2:
+            continue
+        parts = [Path(models[i][1]).resolve().parts for i in same]
+        head = len(os.path.commonprefix(parts))
+        tail = len(os.path.commonprefix([p[head:][::-1] for p in parts]))
+        marks = ["-".join(p[head:len(p) - tail]).replace(".", "_") for p in parts]
+        unique = all(marks) and len(set(marks)) == len(marks)
+        for n, (i, mark) in enumerate(zip(same, marks), start=1):
+            names[i] = f"{kind}-{mark if unique else n}"
+    return names
+
+
 def edge_row(model: nn.Module, folder: Path, images: np.ndarray, labels: np.ndarray, calibration: np.ndarray,
              float_ends: bool, runs: int) -> dict:
     """One model of the edge table: exported into `folder` (model.onnx, model_int8.onnx, onnx.json: export, quantize,
@@ -470,14 +489,15 @@ def table_main(args: argparse.Namespace, argv: list[str]) -> dict:
     if args.markdown and (Path(args.markdown).is_dir() or not Path(args.markdown).parent.is_dir()):
         raise DataError(f"--markdown {args.markdown}: a folder, or in a folder that does not exist: give a file to "
                         f"append the table to")
-    models = {}
+    loaded = []
     for path in args.model:
         model = load_any(path)
         if isinstance(model, Landmarker):
             raise DataError(f"{path}: a landmark model (landmarker.py); the edge table compares recognition models: "
                             f"export it without --table")
-        name = model.cfg.arch if isinstance(model, Student) else "teacher"
-        models[name if name not in models else f"{name}_{len(models)}"] = model
+        loaded.append((model.cfg.arch if isinstance(model, Student) else "teacher", path, model))
+    names = row_names([(kind, path) for kind, path, _ in loaded])
+    models = {name: model for name, (_, _, model) in zip(names, loaded)}
     for name in models:
         check_free(Path(args.out) / name)
     images, ds = read_images(Path(args.data))

@@ -152,6 +152,13 @@ def test_an_int8_model_that_rounds_its_embedding_away_is_never_written_and_its_t
     assert sorted(p.name for p in (tmp_path / "edge" / "mobilenet_v3_small").iterdir()) == ["model.onnx", "onnx.json"]
 
 
+def test_table_rows_of_one_architecture_are_named_by_what_their_paths_do_not_share():
+    names = onnx_export.row_names([("mobilenet_v3_small", "runs/e20/ckpt/best.pt"), ("resnet18", "r/best.pt"),
+                                   ("mobilenet_v3_small", "runs/in192/ckpt/best.pt"), ("teacher", "demo/best.pt")])
+    assert names == ["mobilenet_v3_small-e20", "resnet18", "mobilenet_v3_small-in192", "teacher"]
+    assert onnx_export.row_names([("teacher", "a/best.pt"), ("teacher", "a/best.pt")]) == ["teacher-1", "teacher-2"]
+
+
 def test_an_interrupted_export_leaves_no_file_and_the_folder_free(tmp_path):
     """staged: what an export wrote before Ctrl-C is removed with its temporary folder, so the rerun into the same
     --out is not refused; a clean end moves every file into place."""
