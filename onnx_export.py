@@ -18,7 +18,8 @@ Parity, the field's way (insightface's ONNX checks, timm's onnx utils): the cosi
 against PyTorch's (>= COSINE_PARITY), and rank-1, EER and TAR@FAR recomputed from the ONNX outputs (equal to
 PyTorch's to 3 decimals). int8: onnxruntime's static quantisation, QDQ, per-channel weights, calibrated on training
 ears (quantize_dynamic fails on this exporter's graphs: its shape inference meets the exporter's stale value_info);
---int8-float-ends keeps the first convolution and the head's linear layers in float (face recognition's habit). A
+the first convolution stays float (it reads the raw crop), --int8-float-ends keeps the head's linear layers in float
+too (face recognition's habit: both ends). A
 warning line says when the int8 embeddings fall below INT8_COSINE against fp32's (then deploy model.onnx).
 
 The edge table (docs/students.md): every model exported into OUT/<name>/, its size, latency at batch 1 on one CPU
@@ -122,7 +123,7 @@ def export(model: nn.Module, path: Path) -> None:
 def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 16, float_ends: bool = False) -> None:
     """Static int8 quantisation (onnxruntime, QDQ, per-channel int8 weights, uint8 activations) calibrated on
     `calibration` uint8 (N, 128, 128, 3) images. The nodes of float_nodes stay float (a landmark graph's readout;
-    float_ends: the first Conv and every Gemm / MatMul too); normalisation scales are per tensor
+    the first Conv; float_ends: every Gemm / MatMul too); normalisation scales are per tensor
     (norm_scales_per_tensor). onnxruntime's pre-processing runs without its symbolic shape inference, which fails on
     the resize of this exporter's graphs. QOperator and per-tensor weights measured no faster at batch 1 on one thread
     (BENCHMARKS.md, 2026-12-04). DataError when the result holds no int8 weight (never a float file named int8), or
@@ -157,8 +158,7 @@ def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 
         if zero[1] > zero[0]:
             raise DataError(f"{fp32}: the int8 model's {graph.output[0].name} is all zero for {zero[1]} of "
                             f"{len(first)} calibration images (fp32: {zero[0]}); no {path.name} written"
-                            + ("" if float_ends else ": --int8-float-ends keeps the first convolution and the head "
-                               "in float"))
+                            + ("" if float_ends else ": --int8-float-ends keeps the head in float too"))
         with atomic_write(path) as f:
             f.write((Path(tmp) / "int8.onnx").read_bytes())
 
@@ -166,13 +166,15 @@ def quantize(fp32: Path, path: Path, calibration: np.ndarray, batch_size: int = 
 def float_nodes(graph: onnx.GraphProto, float_ends: bool) -> list[str]:
     """The names of the nodes that quantize leaves in float: a landmark graph's soft-argmax readout (every node after
     its last Conv; in uint8 its probabilities round to steps of 1/255 and its points to ~0.5 px: the demo's
-    landmarker measured NME 0.0285 -> 0.136, and 0.0298 with the readout in float); with float_ends, the first Conv
-    and every Gemm / MatMul as well."""
+    landmarker measured NME 0.0285 -> 0.136, and 0.0298 with the readout in float); the first Conv, which reads the
+    raw crop (in int8 the demo's 20-epoch mobilenet_v3_small lost 0.020 rank-1, with it in float 0.002, at the same
+    file size); with float_ends every Gemm / MatMul as well."""
     nodes = list(graph.node)  # in topological order
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
     names = [n.name for n in nodes[convs[-1] + 1:]] if graph.output[0].name == "landmarks" else []
+    names += [nodes[i].name for i in convs[:1]]
     if float_ends:
-        names += [nodes[i].name for i in convs[:1]] + [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
+        names += [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
     return names
 
 
@@ -359,8 +361,9 @@ def get_parser() -> argparse.ArgumentParser:
                    "model, with a landmarks CSV beside it, NME / PCK@0.1")
     p.add_argument("--calib", default=None, help="training ears (.npy) that calibrate the int8 model (none: no int8)")
     p.add_argument("--calib-images", type=positive_int, default=512, help="the first N of --calib")
-    p.add_argument("--int8-float-ends", action="store_true", help="keep the first convolution and the head's linear "
-                   "layers in float in model_int8.onnx (a landmark model's soft-argmax readout always is)")
+    p.add_argument("--int8-float-ends", action="store_true", help="keep the head's linear layers in float in "
+                   "model_int8.onnx too (its first convolution, and a landmark model's soft-argmax readout, always "
+                   "are)")
     p.add_argument("--table", action="store_true", help="the edge table: every model's size, latency at batch 1 on "
                    "one thread and recognition on --data (labelled), beside the pixels; needs --out and --calib")
     p.add_argument("--runs", type=positive_int, default=200, help="timed runs per latency (--table; the median)")
