@@ -41,11 +41,15 @@ def load_backbone(cfg: VAEConfig) -> nn.Module:
         config = config_cls(**{"initializer_range": 0.02, **(cfg.encoder_config or {})})
         config._attn_implementation = attn
         return model_cls(config)
+    if Path(cfg.weights).is_absolute() or cfg.weights.startswith((".", "~")):  # a path, never a hub id
+        if not Path(cfg.weights).expanduser().is_dir():
+            raise WeightsUnavailableError(f"{cfg.weights}: no such folder of {cfg.encoder} weights (the "
+                                          f"save_pretrained layout: config.json + model.safetensors)")
     try:
         model, info = model_cls.from_pretrained(cfg.weights, attn_implementation=attn,
                                                 use_safetensors=True, output_loading_info=True)
     except OSError as e:
-        reason = str(e).strip().splitlines()[0]
+        reason = str(e).strip().splitlines()[0].rstrip(".")
         if Path(cfg.weights).exists():  # a user's folder: the fix is in it, not on the hub
             raise WeightsUnavailableError(
                 f"could not load {cfg.encoder} weights from the local directory {cfg.weights!r}: {reason}. It needs "

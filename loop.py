@@ -292,9 +292,9 @@ def resolve_run(parser: argparse.ArgumentParser, script: str, argv: list[str] | 
 
 
 def check_new(args: argparse.Namespace) -> None:
-    """TrainingError if a new run's folders hold an earlier run's last.pt, best.pt or metrics.csv. A metrics.csv of
-    only its header, beside no checkpoint, is a run stopped (killed) before its first log row: it holds nothing, and
-    the new run writes it afresh (MetricsLog)."""
+    """TrainingError if a new run's folders hold an earlier run's last.pt, best.pt or metrics.csv. An empty
+    metrics.csv or one of only its header, beside no checkpoint, is a run stopped (killed) before its first log row:
+    it holds nothing, and the new run writes it afresh (MetricsLog)."""
     last, best = Path(args.ckpt_dir) / "last.pt", Path(args.ckpt_dir) / "best.pt"
     metrics = Path(args.log_dir) / "metrics.csv"
     for f in (last, best):

@@ -325,6 +325,11 @@ def test_a_run_killed_before_its_first_log_row_is_no_earlier_run(synth_dir, tmp_
     train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--max-steps", "1"))
     lines = metrics.read_text().splitlines()
     assert lines[0].startswith("step,epoch,split,lr,loss,pixel") and sum(x.startswith("step,") for x in lines) == 1
+    empty = tmp_path / "empty"  # killed before even the header was flushed
+    (empty / "logs").mkdir(parents=True)
+    (empty / "logs" / "metrics.csv").write_text("")
+    train.main(tiny_train_args(synth_dir, empty, "--epochs", "1", "--max-steps", "1"))
+    assert (empty / "logs" / "metrics.csv").read_text().startswith("step,epoch,split,lr,loss,pixel")
     other = tmp_path / "other"
     (other / "logs").mkdir(parents=True)
     (other / "logs" / "metrics.csv").write_text("step,epoch,split,lr,loss\n25,0,train,0.001,0.5\n")
