@@ -325,6 +325,15 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     return supcon(torch.cat([z1, z2]), torch.cat([image, image]), temperature)
 
 
+def point_features(maps: Tensor, points: Tensor, size: int) -> Tensor:
+    """maps (B, C, h, w) of size x size images, points (B, N, 2) (x, y) in their pixels (centres at 0.5) -> the maps'
+    bilinear sample at each point, L2-normalised: (B, N, C) float32. A NaN point reads the image centre (callers
+    leave it out)."""
+    u = (2.0 * points.float() / size - 1.0).nan_to_num(0.0)  # (B, N, 2) grid_sample's [-1, 1], align_corners=False
+    q = F.grid_sample(maps.float(), u[:, :, None], mode="bilinear", align_corners=False)  # (B, C, N, 1)
+    return F.normalize(q[..., 0].transpose(1, 2), dim=-1)
+
+
 def dense_nce(f1: Tensor, f2: Tensor, p1: Tensor, p2: Tensor, size: int, temperature: float) -> Tensor:
     """Dense InfoNCE between two views of the same images at known correspondences: PixContrast (Xie et al., CVPR
     2021, "Propagate Yourself", sec. 3.1), the pixel-level contrast of VADeR (Pinheiro et al., NeurIPS 2020), with
@@ -349,12 +358,7 @@ def dense_nce(f1: Tensor, f2: Tensor, p1: Tensor, p2: Tensor, size: int, tempera
     with torch.autocast(f1.device.type, enabled=False):
         valid = ~(p1.isnan().any(-1) | p2.isnan().any(-1))  # (B, N)
 
-        def sample(f: Tensor, p: Tensor) -> Tensor:  # (B, C, h, w), (B, N, 2) pixels -> (B, N, C) unit vectors
-            u = (2.0 * p.float() / size - 1.0).nan_to_num(0.0)  # (B, N, 2) normalised, align_corners=False
-            q = F.grid_sample(f.float(), u[:, :, None], mode="bilinear", align_corners=False)  # (B, C, N, 1)
-            return F.normalize(q[..., 0].transpose(1, 2), dim=-1)
-
-        s = sample(f1, p1) @ sample(f2, p2).transpose(1, 2) / temperature  # (B, N, N)
+        s = point_features(f1, p1, size) @ point_features(f2, p2, size).transpose(1, 2) / temperature  # (B, N, N)
         target = torch.arange(n, device=f1.device).repeat(b)  # (B * N,)
         # invalid points leave the denominators (a finite fill: their own rows stay finite, and are weighted 0)
         out = valid[:, None, :]  # (B, 1, N) columns

@@ -39,6 +39,7 @@ from errors import DataError, OutputError
 from files import check_output_dir, check_replace, save_json, save_text, write_outputs
 from inference import (add_inference_args, autocast, checkpoint_info, data_file, max_invalid, run_command,
                        setup)
+from losses import point_features
 from model import build_model
 
 GRID = 16  # every source's maps are put on this grid (8 px cells of the 128x128 crop)
@@ -186,14 +187,13 @@ def correspondence_pck(maps: torch.Tensor, points: torch.Tensor, seed: int, chun
     prediction -> pck() against the other image's points. `chunk` images at a time (memory)."""
     n = len(maps)
     perm = (torch.arange(n) + 1 + torch.randint(n - 1, (1,), generator=torch.Generator().manual_seed(seed))) % n
-    where = points / 64.0 - 1.0  # grid_sample's [-1, 1] coordinates, align_corners=False
-    src = F.normalize(F.grid_sample(maps, where[:, :, None], align_corners=False)[..., 0], dim=1)  # (N, C, K)
+    src = point_features(maps, points, 128)  # (N, K, C)
     g = maps.shape[-1] * MATCH_UPSAMPLE
     best = []
     for i in range(0, n, chunk):
         other = F.interpolate(maps[perm[i:i + chunk]], size=(g, g), mode="bilinear", align_corners=False)
         other = F.normalize(other.flatten(2), dim=1)  # (b, C, g*g)
-        best.append(torch.einsum("nck,ncp->nkp", src[i:i + chunk], other).argmax(-1))  # (b, K)
+        best.append(torch.einsum("nkc,ncp->nkp", src[i:i + chunk], other).argmax(-1))  # (b, K)
     best = torch.cat(best)  # (N, K)
     pred = torch.stack([best % g, best // g], -1).float().add(0.5).mul(128 / g)  # (N, K, 2)
     return pck(pred, points[perm])
