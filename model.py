@@ -45,7 +45,7 @@ EXPORT_FORMAT = "ear-teacher-vae/1"  # config.json's "format" in a saved teacher
 class VAEConfig:
     MINIMA: ClassVar[dict[str, int]] = {  # the smallest value of each size and index a saved config may hold
         "input_size": 1, "freeze_blocks": 0, "feature_blocks": 0, "fuse_channels": 1, "head_pool": 1,
-        "latent_dim": 1, "identity_dims": 0, "embed_dim": 0, "decoder_channels": 1, "image_size": 1}
+        "latent_dim": 1, "identity_dims": 0, "embed_dim": 0, "dense_dim": 0, "decoder_channels": 1, "image_size": 1}
     encoder: str = "sam"                      # "sam" (SAM ViT-B vision encoder) or "dinov2"
     weights: str = "facebook/sam-vit-base"    # hub id or local directory (save_pretrained layout) of the backbone
     pretrained: bool = True                   # False: random backbone (explicit; never a silent fallback)
@@ -61,6 +61,8 @@ class VAEConfig:
                                               # or all of mu where an eighth is under 2)
     embed_dim: int = 0                        # identity embedding: 0 = those entries of mu, L2-normalised;
                                               # E > 0: an MLP head over them -> E (SimCLR's projection head)
+    dense_dim: int = 0                        # the dense term's map: 0 = the encoder's last map itself; D > 0: a
+                                              # 1x1-conv MLP of it -> D channels (DenseCL's dense projection head)
     decoder_channels: tuple[int, ...] = (512, 256, 128, 64, 32)  # per stage, 8x8 -> 16 -> 32 -> 64 -> 128
     image_size: int = 128                     # ear crop side, input and output
     attn_implementation: str = "sdpa"         # "sdpa" (fused kernels), "eager" (the original's) or "flex" (SAM only:
@@ -81,6 +83,9 @@ class VAEConfig:
         if self.embed_dim < 0 or self.embed_dim == 1:
             raise ConfigError(f"embed_dim must be 0 (no head) or >= 2, got {self.embed_dim}"
                               + (one if self.embed_dim == 1 else ""))
+        if self.dense_dim < 0 or self.dense_dim == 1:
+            raise ConfigError(f"dense_dim must be 0 (no head) or >= 2, got {self.dense_dim}: one channel, "
+                              f"L2-normalised, is +1 or -1 at every point and tells no point apart")
 
     @property
     def embedding_dim(self) -> int:
@@ -190,6 +195,9 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         cfg.check()
         d, e = cfg.identity_dims or cfg.latent_dim, cfg.embed_dim
         self.embed_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, e)) if e > 0 else None
+        c = encoder.feature_channels[encoder.final_name]
+        self.dense_head = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, cfg.dense_dim, 1)) \
+            if cfg.dense_dim > 0 else None  # trained by the dense term only (train.py --dense-dim)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, 3, 128, 128) in [0, 1] -> mu, logvar (B, latent_dim)."""
@@ -221,11 +229,15 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         (B, E) the identity embedding of mu, "features": x's pyramid {name: (B, C, g, g)}}. In training
         z = mu + sigma * eps, with eps (B, latent_dim) given (train.py keys it by sample) or drawn here. extra
         (B2, 3, 128, 128): images that are only encoded, in the same encoder pass (the dense term's views, train.py);
-        their pyramid is out["extra_features"]."""
+        their pyramid is out["extra_features"], and out["dense"] = ((B, C, g, g), (B2, C, g, g)) the dense term's maps
+        of x and of extra: the last map, or its dense_head's projection (C = cfg.dense_dim)."""
         feats = self.encoder.features(x if extra is None else torch.cat([x, extra]))
         out = {}
         if extra is not None:
             out["extra_features"] = {k: f[len(x):] for k, f in feats.items()}
+            last = feats[self.encoder.final_name]  # (B + B2, C, g, g)
+            dense = last if self.dense_head is None else self.dense_head(last)
+            out["dense"] = (dense[:len(x)], dense[len(x):])
             feats = {k: f[:len(x)] for k, f in feats.items()}
         mu, logvar = self.head(feats)
         if self.training:
@@ -238,9 +250,10 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters: {"encoder": the trainable ViT blocks + neck, "vae": head + decoder (+ embedding
-        head)}."""
+        head, dense head)}."""
+        heads = (self.head, self.decoder, self.embed_head, self.dense_head)
         return {"encoder": [p for p in self.encoder.parameters() if p.requires_grad],
-                "vae": [p for m in (self.head, self.decoder, self.embed_head) if m is not None for p in m.parameters()]}
+                "vae": [p for m in heads if m is not None for p in m.parameters()]}
 
     # -- sharing through huggingface_hub's mixin (hub.SharedOnHub)
 

@@ -235,6 +235,27 @@ def test_extra_images_are_encoded_in_the_same_pass_and_change_nothing_else():
     for k, f in extra_alone.items():
         assert both["extra_features"][k].shape[0] == 3
         torch.testing.assert_close(both["extra_features"][k], f)
+    last = model.encoder.final_name  # the dense term's maps without a head: the last map of x and of extra
+    torch.testing.assert_close(both["dense"][0], alone["features"][last])
+    torch.testing.assert_close(both["dense"][1], extra_alone[last])
+    assert "dense" not in alone
+
+
+def test_dense_head_projects_the_last_map_and_trains_with_the_vae_group():
+    """dense_dim D > 0: the dense term's maps are dense_head(last map), D channels on the same grid (DenseCL's
+    projection head); the head's parameters are in the "vae" optimizer group and nowhere else."""
+    model = build_model(tiny_config(dense_dim=8)).eval()
+    x, extra = tiny_batch(2), tiny_batch(3)[2:]
+    with torch.no_grad():
+        out = model(x, extra=extra)
+        last = model.encoder.features(torch.cat([x, extra]))[model.encoder.final_name]  # (3, C, g, g)
+        want = model.dense_head(last)
+    assert want.shape == (3, 8, *last.shape[2:])
+    torch.testing.assert_close(torch.cat(out["dense"]), want)
+    groups = model.parameter_groups()
+    head = {id(p) for p in model.dense_head.parameters()}
+    assert head <= {id(p) for p in groups["vae"]} and not head & {id(p) for p in groups["encoder"]}
+    assert build_model(tiny_config()).dense_head is None
 
 
 def test_pyramid_shapes_full_vit_b_and_tiny():

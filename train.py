@@ -64,6 +64,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--embed-dim", type=non_negative_int, default=VAEConfig.embed_dim, help="0: the embedding is those "
                    "entries of mu; E > 0: an MLP head over them -> E (over all of mu it measured worse on the demo: "
                    "README)")
+    g.add_argument("--dense-dim", type=non_negative_int, default=VAEConfig.dense_dim, help="0: the dense term acts on "
+                   "the encoder's last map; D > 0: on a 1x1-conv MLP of it -> D channels (DenseCL's projection head)")
     g.add_argument("--attn", choices=["sdpa", "eager", "flex"], default="sdpa", help="attention implementation "
                    "(flex: SAM's relative-position bias inside a FlexAttention kernel; CUDA only, see BENCHMARKS.md)")
     g = p.add_argument_group("loss")
@@ -101,14 +103,17 @@ def get_parser() -> argparse.ArgumentParser:
 
 def model_config(args: argparse.Namespace) -> VAEConfig:
     """The VAEConfig a new run builds from the flags (the factories' defaults where a flag is not given); its ranges
-    are checked where the model is built (VAEConfig.check)."""
+    are checked where the model is built (VAEConfig.check). A dense head without the dense term is a ConfigError."""
+    if args.dense_dim > 0 and args.dense_weight == 0:  # its parameters would get no gradient
+        raise ConfigError(f"--dense-dim {args.dense_dim}: a dense projection head needs the dense term that trains "
+                          f"it (--dense-weight > 0)")
     if args.tiny and not args.no_pretrained and args.weights is None:
         raise WeightsUnavailableError("--tiny has no published weights: add --no-pretrained (random tiny backbone) "
                                       "or --weights DIR of a tiny backbone")
     make = tiny_config if args.tiny else (sam_config if args.encoder == "sam" else dinov2_config)
     kw = dict(weights=args.weights or DEFAULT_WEIGHTS[args.encoder], pretrained=not args.no_pretrained,
               latent_dim=args.latent_dim, identity_dims=args.identity_dims, embed_dim=args.embed_dim,
-              attn_implementation=args.attn,
+              dense_dim=args.dense_dim, attn_implementation=args.attn,
               grad_checkpointing=args.grad_checkpointing)
     if args.input_size is not None:
         kw["input_size"] = args.input_size
@@ -295,8 +300,8 @@ class TeacherObjective:
             points = self.points.expand(len(keys), -1, -1)  # (B, N, 2) in the original crop
             p1 = points if self.aug is None else augment_points(points, size, keys, args.seed, epoch, self.aug)
             p2 = augment_points(points, size, keys, args.seed, epoch, DENSE_AUG, view=views)
-            last = self.model.encoder.final_name
-            dense = (out["features"][last][:len(keys)], out["extra_features"][last], p1, p2)  # view 0, dense view
+            d1, d2 = out["dense"]  # the dense term's maps of x's views (views * B, C, g, g) and of the dense view
+            dense = (d1[:len(keys)], d2, p1, p2)  # view 0's and the dense view's maps (B, C, g, g), their points
         return self.criterion(out["recon"], x, out["mu"], out["logvar"], views=views, embedding=out["embedding"],
                               labels=labels, dense=dense)
 

@@ -65,6 +65,7 @@ RANGES = [
     ("synth", "--first-identity", ["-1"], ["0"]),
     ("train", "--images-per-identity", ["1", "0"], ["2"]),
     ("train", "--embed-dim", ["-1"], ["0"]),
+    ("train", "--dense-dim", ["-1"], ["0"]),
     ("train", "--identity-dims", ["-1"], ["0"]),
     ("bench", "--sizes", ["0", "-16", "24"], ["16", "1024"]),
     ("bench", "--batch-sizes", ["0"], ["1"]),

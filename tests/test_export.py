@@ -85,6 +85,22 @@ def test_embedding_of_an_exported_model_equals_that_of_the_checkpoint(identity_d
     torch.testing.assert_close(got, torch.nn.functional.normalize(read, dim=1))
 
 
+def test_a_dense_head_is_exported_and_reloaded_with_the_model(tmp_path):
+    """--dense-dim's projection head is part of the model: an export and a checkpoint written before the field
+    existed (no dense_dim: no head) both reload with the keys they hold."""
+    model = random_tiny(dense_dim=8)
+    export_model(model, tmp_path / "out")
+    loaded, cfg = load_model(tmp_path / "out")
+    assert cfg.dense_dim == 8 and any(k.startswith("dense_head.") for k in loaded.state_dict())
+    assert_same_state(loaded.state_dict(), model.state_dict())
+    old = random_tiny()
+    config = asdict(old.cfg)
+    del config["dense_dim"]
+    torch.save({"model": old.state_dict(), "model_config": config, "step": 7}, tmp_path / "old.pt")
+    loaded, cfg = load_model(tmp_path / "old.pt")
+    assert cfg.dense_dim == 0 and loaded.dense_head is None
+
+
 def test_a_checkpoint_saved_before_identity_dims_embeds_all_of_mu(tmp_path):
     """Configs written before the field existed have no identity_dims: their embedding was all of mu, and stays so
     (the field's default, an eighth of the latent, would silently change what such a model's embed returns)."""

@@ -13,7 +13,7 @@ import loop
 import train
 from errors import ConfigError, DataError
 from inference import resolve_precision
-from model import tiny_config
+from model import build_model, config_from_checkpoint, tiny_config
 from conftest import ROOT, tiny_train_args
 
 
@@ -154,7 +154,9 @@ def test_identity_dims_default_to_an_eighth_of_the_latent_and_cannot_exceed_it()
     identity = r"identity_dims must be 0 or in 2..latent_dim \(64\), got "
     one = ": one entry, L2-normalised, is \\+1 or -1 for every image and tells no identity apart"
     for flags, message in ((["--identity-dims", "65"], identity + "65"), (["--identity-dims", "1"], identity + "1" + one),
-                           (["--embed-dim", "1"], r"embed_dim must be 0 \(no head\) or >= 2, got 1" + one)):
+                           (["--embed-dim", "1"], r"embed_dim must be 0 \(no head\) or >= 2, got 1" + one),
+                           (["--dense-weight", "1", "--dense-dim", "1"], r"dense_dim must be 0 \(no head\) or >= 2, "
+                            r"got 1: one channel, L2-normalised, is \+1 or -1 at every point and tells no point apart")):
         cfg = train.model_config(parse([*tiny, *flags]))
         with pytest.raises(ConfigError, match=f"^{message}$"):
             cfg.check()
@@ -259,6 +261,7 @@ def test_out_of_memory_is_one_line_naming_the_batch_size_and_the_ways_out(synth_
     (["--input-size", "100"], "input_size 100"),
     (["--freeze-blocks", "9"], "freeze_blocks"),
     (["--identity-dims", "1"], "identity_dims must be 0 or in 2..latent_dim (64), got 1: one entry"),
+    (["--dense-dim", "8"], "--dense-dim 8: a dense projection head needs the dense term that trains it"),
     pytest.param(["--attn", "flex"], "CUDA only", marks=pytest.mark.skipif(torch.cuda.is_available(),
                                                                            reason="flex trains on CUDA")),
 ])
@@ -320,19 +323,35 @@ def test_nt_xent_views_keep_the_identity_and_other_runs_augment_fully(synth_dir,
 def test_dense_term_encodes_a_further_view_and_logs_its_loss(synth_dir, tmp_path, monkeypatch):
     """--dense-weight: each step augments a DENSE_AUG view of every image (the view index after the training
     views, so its draws are its own) that the encoder reads beside the training view; metrics.csv logs the term,
-    which starts near chance (log of the grid's points) and is finite."""
+    which starts near chance (log of the grid's points) and is finite; --dense-dim's projection head is trained."""
     used, real = [], train.augment
     monkeypatch.setattr(train, "augment", lambda x, keys, seed, epoch, cfg, view: used.append((cfg, view)) or
                         real(x, keys, seed, epoch, cfg, view))
     monkeypatch.setattr(train, "tiny_config", smallest_tiny)
     train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--max-steps", "2", "--latent-dim", "16",
-                               "--dense-weight", "1"))
+                               "--dense-weight", "1", "--dense-dim", "8"))
     assert [u for i, u in enumerate(used) if u not in used[:i]] == [(train.DENSE_AUG, 1), (data.AugConfig(), 0)]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    torch.manual_seed(0)  # the run's seed: the model as the run built it
+    init = build_model(config_from_checkpoint(ckpt)).dense_head.state_dict()
+    trained = ckpt["model"]
+    assert all(not torch.equal(trained[f"dense_head.{k}"], v) for k, v in init.items())
     rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv")) if r["split"] == "train"]
     dense = [float(r["dense"]) for r in rows]
     assert len(dense) == 2 and all(0 < d < 2 * math.log(train.DENSE_GRID ** 2) for d in dense)
     assert all(r["dense"] == "" for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv"))
                if r["split"] == "val")  # validation has no second view
+
+
+@pytest.mark.slow
+def test_dense_term_with_nt_xent_compares_the_first_view(synth_dir, tmp_path, monkeypatch):
+    """With NT-Xent's two views per image the dense term takes view 0's maps (the first B of 2B) beside the dense
+    view's B."""
+    monkeypatch.setattr(train, "tiny_config", smallest_tiny)
+    train.main(tiny_train_args(synth_dir, tmp_path, "--epochs", "1", "--max-steps", "1", "--latent-dim", "16",
+                               "--contrastive-weight", "0.1", "--contrastive", "nt-xent", "--dense-weight", "1"))
+    row = next(r for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv")) if r["split"] == "train")
+    assert 0 < float(row["dense"]) < 2 * math.log(train.DENSE_GRID ** 2) and float(row["contrastive"]) > 0
 
 
 def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, tmp_path):
@@ -369,6 +388,15 @@ def test_contrastive_mode_supcon_where_labels_exist_nt_xent_without(synth_dir, t
         train.contrastive_mode(args("--batch-size", "4", "--contrastive", "supcon"), labelled, world=2)
     with pytest.raises(ConfigError, match="--embed-dim 8: an embedding head needs the contrastive term"):
         train.contrastive_mode(args("--contrastive-weight", "0", "--embed-dim", "8"), labelled)
+
+
+def test_a_dense_head_needs_the_dense_term():
+    parse = train.get_parser().parse_args
+    with pytest.raises(ConfigError, match=r"^--dense-dim 16: a dense projection head needs the dense term that trains "
+                                          r"it \(--dense-weight > 0\)$"):
+        train.model_config(parse(["--tiny", "--no-pretrained", "--dense-dim", "16"]))
+    assert train.model_config(parse(["--tiny", "--no-pretrained", "--dense-dim", "16", "--dense-weight", "1"])
+                              ).dense_dim == 16
 
 
 @pytest.mark.parametrize("batch, k", [(4, 2), (6, 3), (8, 4), (10, 2), (16, 4), (2, None), (5, None)])
