@@ -229,12 +229,11 @@ class EarVAE(nn.Module, SharedOnHub, library_name="ear-teacher",
         (B, E) the identity embedding of mu, "features": x's pyramid {name: (B, C, g, g)}}. In training
         z = mu + sigma * eps, with eps (B, latent_dim) given (train.py keys it by sample) or drawn here. extra
         (B2, 3, 128, 128): images that are only encoded, in the same encoder pass (the dense term's views, train.py);
-        their pyramid is out["extra_features"], and out["dense"] = ((B, C, g, g), (B2, C, g, g)) the dense term's maps
-        of x and of extra: the last map, or its dense_head's projection (C = cfg.dense_dim)."""
+        out["dense"] = ((B, C, g, g), (B2, C, g, g)) is the dense term's maps of x and of extra: the last map, or its
+        dense_head's projection (C = cfg.dense_dim)."""
         feats = self.encoder.features(x if extra is None else torch.cat([x, extra]))
         out = {}
         if extra is not None:
-            out["extra_features"] = {k: f[len(x):] for k, f in feats.items()}
             last = feats[self.encoder.final_name]  # (B + B2, C, g, g)
             dense = last if self.dense_head is None else self.dense_head(last)
             out["dense"] = (dense[:len(x)], dense[len(x):])
