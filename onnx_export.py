@@ -218,13 +218,11 @@ def read_images(path: Path) -> tuple[np.ndarray, EarDataset]:
     return np.stack([ds[i][0].permute(1, 2, 0).numpy() for i in range(len(ds))]), ds
 
 
-def parity(model: nn.Module, onnx_path: Path, images: np.ndarray, labels: np.ndarray | None) -> dict:
-    """The ONNX model against PyTorch on the same images: min and mean cosine of the embeddings, and (with labels)
-    the recognition figures of both (recognition_metrics)."""
-    ref, _ = torch_outputs(model, images)
-    emb, _ = onnx_outputs(onnx_path, images)
+def parity(ref: np.ndarray, emb: np.ndarray, labels: np.ndarray | None) -> dict:
+    """An ONNX model's embeddings emb (N, E) against PyTorch's ref (N, E) of the same images: min and mean cosine,
+    and (with labels (N,)) the recognition figures of both (recognition_metrics)."""
     c = cosines(ref, emb)
-    out = {"images": len(images), "cosine_min": float(c.min()), "cosine_mean": float(c.mean())}
+    out = {"images": len(emb), "cosine_min": float(c.min()), "cosine_mean": float(c.mean())}
     if labels is not None:
         keys = ("rank1", "rank5", "eer", "tar@far=0.01", "tar@far=0.001")
         out["pytorch"] = {k: recognition_metrics(ref, labels)[k] for k in keys}
@@ -293,16 +291,15 @@ def edge_row(model: nn.Module, folder: Path, images: np.ndarray, labels: np.ndar
     report's "int8" is {"refused": the reason}."""
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("decoder."))
     export(model, folder / "model.onnx")
-    report = {"fp32": parity(model, folder / "model.onnx", images, labels)}
+    ref, fp32 = torch_outputs(model, images)[0], onnx_outputs(folder / "model.onnx", images)[0]  # (N, E) each
+    report = {"fp32": parity(ref, fp32, labels)}
     try:
         quantize(folder / "model.onnx", folder / "model_int8.onnx", calibration, float_ends=float_ends)
     except DataError as e:
         report["int8"] = {"refused": str(e).removeprefix(f"{folder / 'model.onnx'}: ")}
     else:
-        report["int8"] = parity(model, folder / "model_int8.onnx", images, labels)
-        ref, _ = onnx_outputs(folder / "model.onnx", images)
-        int8, _ = onnx_outputs(folder / "model_int8.onnx", images)
-        report["int8"]["cosine_vs_fp32_min"] = float(cosines(ref, int8).min())
+        int8 = onnx_outputs(folder / "model_int8.onnx", images)[0]
+        report["int8"] = {**parity(ref, int8, labels), "cosine_vs_fp32_min": float(cosines(fp32, int8).min())}
     one = images[:1]
     report["bytes"] = {f: os.path.getsize(folder / f) for f in FILES[:2] if (folder / f).exists()}
     report["latency_ms"] = {"pytorch": torch_latency_ms(model, one, runs),
@@ -397,7 +394,9 @@ def main(argv: list[str] | None = None) -> dict:
     labels = read_identities(ds.path, ds)
     if labels is not None and label_problem(labels) is not None:
         labels = None
-    report = write_onnx(model, out, calibration, args.int8_float_ends, lambda f: parity(model, f, images, labels), head)
+    ref = torch_outputs(model, images)[0]  # (N, E)
+    report = write_onnx(model, out, calibration, args.int8_float_ends,
+                        lambda f: parity(ref, onnx_outputs(f, images)[0], labels), head)
     fp32 = report["fp32"]
     print(f"model.onnx: {report['bytes']['model.onnx'] / 1e6:.2f} MB, embedding cosine against PyTorch min "
           f"{fp32['cosine_min']:.6f} over {fp32['images']} images")
