@@ -54,8 +54,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=positive_int, default=None, help="side the crop is resized to for the encoder "
                    f"(SAM: {sam.input_size} original, 512 or 256 for 4x / 16x fewer tokens; DINOv2: "
                    f"{dinov2.input_size})")
-    g.add_argument("--freeze-blocks", type=non_negative_int, default=None, help=f"frozen first blocks (default: "
-                   f"{sam.freeze_blocks}, tiny {tiny.freeze_blocks})")
+    g.add_argument("--freeze-blocks", type=non_negative_int, default=None, help=f"frozen first blocks of the "
+                   f"pretrained backbone (default: {sam.freeze_blocks}, tiny {tiny.freeze_blocks}); with --no-pretrained "
+                   f"0 unless given (on the demo, freezing 2 random blocks cost the probe 0.57x -> 0.69x: docs/probe.md)")
     g.add_argument("--latent-dim", type=positive_int, default=VAEConfig.latent_dim, help="latent size")
     g.add_argument("--identity-dims", type=non_negative_int, default=VAEConfig.identity_dims, help="the identity "
                    "embedding that the contrastive term trains is the first N entries of mu (L2-normalised); the rest "
@@ -119,6 +120,8 @@ def model_config(args: argparse.Namespace) -> VAEConfig:
         kw["input_size"] = args.input_size
     if args.freeze_blocks is not None:
         kw["freeze_blocks"] = args.freeze_blocks
+    elif args.no_pretrained:  # frozen random blocks are fixed random features: a random backbone trains them all
+        kw["freeze_blocks"] = 0
     return make(args.encoder, **kw) if args.tiny else make(**kw)
 
 

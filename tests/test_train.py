@@ -134,10 +134,16 @@ def test_default_flags_are_the_model_factories_and_the_loss_config():
     """train.py repeats no default: with no flags it builds exactly the factory configs and LossConfig()."""
     import inspect
     from losses import LossConfig, VAELoss
-    from model import dinov2_config, sam_config
+    from model import dinov2_config, sam_config, tiny_config
     parse = train.get_parser().parse_args
-    assert train.model_config(parse(["--no-pretrained"])) == sam_config(pretrained=False)
-    assert train.model_config(parse(["--no-pretrained", "--encoder", "dinov2"])) == dinov2_config(pretrained=False)
+    assert train.model_config(parse([])) == sam_config()
+    assert train.model_config(parse(["--encoder", "dinov2"])) == dinov2_config()
+    # a random backbone trains every block unless --freeze-blocks says otherwise (frozen random blocks learn nothing)
+    assert train.model_config(parse(["--no-pretrained"])) == sam_config(pretrained=False, freeze_blocks=0)
+    assert train.model_config(parse(["--no-pretrained", "--encoder", "dinov2"])) == \
+        dinov2_config(pretrained=False, freeze_blocks=0)
+    assert train.model_config(parse(["--no-pretrained", "--freeze-blocks", "3"])).freeze_blocks == 3
+    assert train.model_config(parse(["--tiny", "--weights", "dir"])).freeze_blocks == tiny_config().freeze_blocks == 2
     assert train.loss_config(parse([])) == LossConfig()
     defaults = {k: p.default for k, p in inspect.signature(VAELoss).parameters.items() if k != "image_size"}
     assert defaults == vars(LossConfig())
