@@ -45,7 +45,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: refused: {detail} (a pickle can run code); only the checkpoints "
                               f"train.py, distill.py and landmarker.py write load") from e
     except Exception as e:  # anything else the parser raises on a damaged file (EOFError, IndexError, ...)
-        reason = " ".join(str(e).split())[:160] or "no detail"
+        reason = " ".join(str(e).split()).split(". ")[0][:160] or "no detail"  # the first sentence (torch's zip
+        # reader adds an apology and a bug-report request)
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: {reason})") from e
     configs = ("model_config", "student_config", "landmark_config")  # a teacher's, a student's, a landmarker's
     if not isinstance(ckpt, dict) or "model" not in ckpt or not any(k in ckpt for k in configs):
