@@ -28,7 +28,8 @@ BATCH = 16  # the training batch: 4 identities x 4 views (SupCon's P x K)
 VIEWS = 4  # images per synthetic identity, in training and in the new identities
 CONTRASTIVE_WEIGHT = 0.1  # the contrastive term of the demo's training
 # the dense term through a projection head: the probe's landmark NME 0.69x / 0.72x the random-init encoder's (0.82x /
-# 0.87x without), rank-1 kept, +0.2 dB, ~13% more training time (two seeds: docs/probe.md, "Through a projection head")
+# 0.87x without), rank-1 kept, +0.2 dB, ~13% more training time (two seeds: docs/probe.md, "Through a projection head");
+# with every block of the random backbone trained (train.py's --no-pretrained default): 0.57x / 0.55x ("Every block")
 DENSE = ("--dense-weight", "0.3", "--dense-dim", "32")
 VAL_IDENTITIES = 100  # the val split, validated every epoch: 400 ears (2000 took a fifth of the demo's time)
 STUDENT = ("--student-arch", "mobilenet_v3_small", "--student-input-size", "128")  # random trunk (--no-pretrained)
