@@ -284,9 +284,9 @@ def test_the_same_data_in_reverse_order_gives_the_same_table_and_figures(single,
     flat, flat_ref = leaves(s), leaves(ref)
     assert flat.keys() == flat_ref.keys()
     assert ref["n_available"] == ref["n_fit"] - 1  # the rank of the centred fit data: no null direction reported
-    for k, v in flat.items():
+    for k, v in flat.items():  # float32 sums in another order: the correlations' 1e-5 (a misaligned row moves ~0.1)
         if k not in ("fit_data", "eval_data"):
-            assert v == (pytest.approx(flat_ref[k], rel=1e-5, abs=1e-6) if isinstance(v, float) else flat_ref[k]), k
+            assert v == (pytest.approx(flat_ref[k], rel=1e-5, abs=1e-5) if isinstance(v, float) else flat_ref[k]), k
     assert eg.report(s).splitlines()[2:] == eg.report(ref).splitlines()[2:]  # all but the two lines naming files
     for name in FIGURES:
         a, b = plt.imread(out / name), plt.imread(single.out / name)
