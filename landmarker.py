@@ -101,10 +101,10 @@ def get_parser() -> argparse.ArgumentParser:
     start.add_argument("--student", default=None, metavar="PATH", help="a distill.py checkpoint whose trunk starts "
                        "the model (its arch and input size)")
     start.add_argument("--scratch", action="store_true", help="start from a random trunk of --student-arch")
-    g.add_argument("--student-arch", choices=list(ARCHS), default=LandmarkConfig.arch, help="the trunk with "
-                   "--scratch")
-    g.add_argument("--student-input-size", type=int_range(32, 1024), default=LandmarkConfig.input_size,
-                   help="side the crop is resized to, with --scratch")
+    g.add_argument("--student-arch", choices=list(ARCHS), default=None, help="the trunk with --scratch (default: "
+                   f"{LandmarkConfig.arch}; --student PATH brings its own)")
+    g.add_argument("--student-input-size", type=int_range(32, 1024), default=None,
+                   help=f"side the crop is resized to, with --scratch (default: {LandmarkConfig.input_size})")
     g.add_argument("--labels", type=positive_int, default=None, help="train on the first N training images with "
                    "every landmark in the crop (default: all of them)")
     g.add_argument("--epoch-images", type=positive_int, default=1000, help="an epoch is the N images repeated "
@@ -127,7 +127,11 @@ def landmark_config(run: loop.Run) -> tuple[LandmarkConfig, nn.Sequential | None
     if args.student is None and not args.scratch:
         raise ConfigError("--student PATH (a distill.py checkpoint) or --scratch (a random trunk) is needed")
     if args.scratch:
-        return LandmarkConfig(arch=args.student_arch, input_size=args.student_input_size), None
+        return LandmarkConfig(arch=args.student_arch or LandmarkConfig.arch,
+                              input_size=args.student_input_size or LandmarkConfig.input_size), None
+    if args.student_arch is not None or args.student_input_size is not None:
+        raise ConfigError("--student-arch / --student-input-size are for --scratch: --student PATH brings its "
+                          "trunk's own")
     student = load_student(args.student)
     return LandmarkConfig(arch=student.cfg.arch, input_size=student.cfg.input_size, init=str(args.student)), \
         student.trunk.train()

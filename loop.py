@@ -302,8 +302,8 @@ def check_new(args: argparse.Namespace) -> None:
             resume = f"continue it with --resume {last}, or " if last.exists() else ""
             raise TrainingError(f"{f} exists from an earlier run: {resume}choose another --ckpt-dir / --log-dir")
     if metrics.exists() and len(metrics.read_bytes().splitlines()) > 1:
-        raise TrainingError(f"{metrics} holds the log of an earlier run that stopped before it saved a checkpoint: "
-                            f"delete it, or choose another --log-dir")
+        raise TrainingError(f"{metrics} holds the log of an earlier run (with no checkpoint in {args.ckpt_dir}): "
+                            f"choose another --log-dir, or delete it if that run is of no use")
 
 
 def check_output_dirs(args: argparse.Namespace) -> None:

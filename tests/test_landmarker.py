@@ -58,7 +58,7 @@ def test_a_landmarker_starts_from_a_students_trunk(tmp_path):
     assert model(torch.rand(2, 3, 128, 128)).shape == (2, 8, 2)
 
 
-def test_a_landmark_run_refuses_a_missing_csv_a_flip_and_no_start(synth_dir, tmp_path):
+def test_a_landmark_run_refuses_a_missing_csv_a_flip_no_start_and_scratch_flags_on_a_student(synth_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth_dir, data)
     (data / "train_landmarks.csv").unlink()
@@ -68,6 +68,8 @@ def test_a_landmark_run_refuses_a_missing_csv_a_flip_and_no_start(synth_dir, tmp
         landmarker.main(lm_args(synth_dir, tmp_path / "b", "--hflip"))
     with pytest.raises(ConfigError, match=re.escape("--student PATH (a distill.py checkpoint) or --scratch")):
         landmarker.main(lm_args(synth_dir, tmp_path / "c")[1:])
+    with pytest.raises(ConfigError, match=re.escape("--student-arch / --student-input-size are for --scratch")):
+        landmarker.main([*lm_args(synth_dir, tmp_path / "d")[1:], "--student", str(tmp_path / "student.pt")])
 
 
 def test_a_landmark_model_has_a_heatmap_per_landmark_of_its_data_and_other_commands_name_its_checkpoint(synth_dir,
