@@ -242,7 +242,7 @@ def fingerprint(path: str | os.PathLike, arr: np.ndarray) -> dict:
     """A data file's identity: {"bytes": its size, "shape": arr's shape, "dtype": arr's dtype, "sha256": of the
     whole file up to FINGERPRINT_WHOLE bytes, else of its header and FINGERPRINT_CHUNKS evenly spaced chunks of 64
     KiB (the first and last included): ~4 MiB read whatever the size, "labels": {the identity CSV beside it: its
-    sha256}}. Equal fingerprints: the same file for any
+    sha256}, "landmarks": {the landmarks CSV beside it: its sha256}}. Equal fingerprints: the same file for any
     realistic edit (rows removed, added, replaced or reordered change the size or the sampled bytes)."""
     size, h = os.path.getsize(path), hashlib.sha256()
     with open(path, "rb") as f:
@@ -252,10 +252,15 @@ def fingerprint(path: str | os.PathLike, arr: np.ndarray) -> dict:
             for i in range(FINGERPRINT_CHUNKS):
                 f.seek((size - (64 << 10)) * i // (FINGERPRINT_CHUNKS - 1))
                 h.update(f.read(64 << 10))
-    labels = {csv.name: hashlib.sha256(csv.read_bytes()).hexdigest() for csv, _ in identity_files(Path(path))
-              if csv.is_file()}  # the identity labels beside it (a resume's SupCon batches read them)
+    npy = Path(path)
     return {"bytes": size, "shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": h.hexdigest(),
-            "labels": labels}
+            "labels": _sha256s(csv for csv, _ in identity_files(npy)),  # a resume's SupCon batches read them
+            "landmarks": _sha256s([landmarks_file(npy)])}  # a resumed landmarker's targets
+
+
+def _sha256s(paths) -> dict[str, str]:
+    """{name: sha256 of its bytes} of those of `paths` that exist."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file()}
 
 
 def fingerprint_change(saved: dict, now: dict) -> str | None:
@@ -268,12 +273,13 @@ def fingerprint_change(saved: dict, now: dict) -> str | None:
              if k == "shape" else f"{saved[k]} -> {now[k]}" for k in ("bytes", "shape", "dtype") if saved[k] != now[k]]
     if not parts and saved["sha256"] != now["sha256"]:
         parts.append("other content, same size and shape")
-    new = now.get("labels", {})
-    old = saved.get("labels", new)  # checkpoints before labels were kept: no change to report
-    for name in sorted(set(old) | set(new)):
-        if old.get(name) != new.get(name):
-            parts.append(f"its identity labels {name} " + ("removed" if name not in new else "added" if name not in old
-                                                             else "changed"))
+    for key, what in (("labels", "identity labels"), ("landmarks", "landmarks")):
+        new = now.get(key, {})
+        old = saved.get(key, new)  # checkpoints from before this key was kept: no change to report
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                parts.append(f"its {what} {name} " + ("removed" if name not in new else "added" if name not in old
+                                                      else "changed"))
     return ", ".join(parts) or None
 
 
@@ -854,7 +860,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             loaded.append(rel)
             changes.append(changed)
             maps.append(to_output)
-    used = {rel.with_suffix(PTS) for rel in loaded} & set(pts)
+    pts_of = _pts_of(src, loaded, pts)  # {image: its .pts}
+    used = set(pts_of.values())
     skipped += [(rel, "landmarks (.pts) of no converted image (none of the same name beside it, or it is skipped)")
                 for rel in pts if rel not in used]
     skipped.sort(key=lambda item: item[0].parts)
@@ -864,7 +871,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if n_ok < 2:
         raise DataError(f"{path_text(src)}: {n_ok} usable images ({len(skipped):,} of {n_entries:,} entries "
                         f"skipped); need at least 2")
-    points = _photo_landmarks(src, loaded, maps, pts, args.size, args.square) if used else None  # (n_ok, K, 2)
+    points = _photo_landmarks(src, loaded, maps, pts, pts_of, args.size, args.square) if used else None  # (n_ok, K, 2)
 
     subjects = [subject_of(rel, args.subject_depth) for rel in loaded]
     named = sorted(set(subjects) - {""})
@@ -938,30 +945,41 @@ def _read_all_pts(src: Path, files: list[Path]) -> dict[Path, np.ndarray]:
     return found
 
 
-def _photo_landmarks(src: Path, loaded: list[Path], maps: list[np.ndarray], pts: dict[Path, np.ndarray], size: int,
-                     square: str) -> np.ndarray:
+def _pts_of(src: Path, loaded: list[Path], pts: dict[Path, np.ndarray]) -> dict[Path, Path]:
+    """{image: the .pts beside it} for those of `loaded` that have one: the same name with the suffix .pts in any
+    case (s01/3.png -> s01/3.pts or s01/3.PTS). DataError when two .pts share a name (3.pts and 3.PTS)."""
+    by_name: dict[Path, Path] = {}
+    for rel in pts:
+        if (other := by_name.setdefault(rel.with_suffix(""), rel)) != rel:
+            raise DataError(f"{path_text(src / rel)}: a second landmarks file beside {path_text(other)}; one .pts "
+                            f"per image")
+    return {rel: by_name[rel.with_suffix("")] for rel in loaded if rel.with_suffix("") in by_name}
+
+
+def _photo_landmarks(src: Path, loaded: list[Path], maps: list[np.ndarray], pts: dict[Path, np.ndarray],
+                     pts_of: dict[Path, Path], size: int, square: str) -> np.ndarray:
     """The landmarks of each converted image in pixels of its crop at 128 px (read_landmarks' frame, whatever --size)
     -> float64 (n, K, 2), rounded to the CSV's 3 decimals. loaded: the images; maps: their (3, 3) position maps from
-    the stored photo to the `size` px crop (photos.load_image); pts: _read_all_pts. DataError when an image has no
-    .pts while others have (naming the first), when two images share one .pts, or when points leave the crop (naming
-    the first image and counting them)."""
-    missing = [rel for rel in loaded if rel.with_suffix(PTS) not in pts]
+    the stored photo to the `size` px crop (photos.load_image); pts: _read_all_pts; pts_of: _pts_of. DataError when
+    an image has no .pts while others have (naming the first), when two images share one .pts, or when points leave
+    the crop (naming the first image and counting them)."""
+    missing = [rel for rel in loaded if rel not in pts_of]
     if missing:
         raise DataError(f"{path_text(src / missing[0])}: no landmarks {path_text(missing[0].with_suffix(PTS))} beside "
                         f"it, while {len(loaded) - len(missing):,} of the {len(loaded):,} images have theirs "
                         f"({len(missing):,} without); give every image a .pts, or none")
     owner: dict[Path, Path] = {}
     for rel in loaded:
-        if (other := owner.setdefault(rel.with_suffix(PTS), rel)) != rel:
-            raise DataError(f"{path_text(src / rel.with_suffix(PTS))}: the landmarks of two images ({path_text(other)},"
+        if (other := owner.setdefault(pts_of[rel], rel)) != rel:
+            raise DataError(f"{path_text(src / pts_of[rel])}: the landmarks of two images ({path_text(other)},"
                             f" {path_text(rel)}); one .pts per image, of the same name")
     to_128 = np.diag([IMAGE_SIZE / size, IMAGE_SIZE / size, 1.0])
-    points = np.round(np.stack([map_points(pts[rel.with_suffix(PTS)], to_128 @ m) for rel, m in zip(loaded, maps)]),
+    points = np.round(np.stack([map_points(pts[pts_of[rel]], to_128 @ m) for rel, m in zip(loaded, maps)]),
                       3)
     outside = ((points < 0) | (points > IMAGE_SIZE)).any(axis=2)  # (n, K)
     if outside.any():
         i, k = np.argwhere(outside)[0]
-        raise DataError(f"{path_text(src / loaded[i].with_suffix(PTS))}: point p{k + 1} lands at ({points[i, k, 0]:g}, "
+        raise DataError(f"{path_text(src / pts_of[loaded[i]])}: point p{k + 1} lands at ({points[i, k, 0]:g}, "
                         f"{points[i, k, 1]:g}), outside the {IMAGE_SIZE} px crop of {path_text(loaded[i])} after "
                         f"--square {square} ({int(outside.any(axis=1).sum()):,} of {len(loaded):,} images have points "
                         f"outside it){'; --square pad keeps the whole photo' if square == 'crop' else ''}")

@@ -371,8 +371,8 @@ def training_overlap(train: Path | None, data: Path, trained_on: dict | None = N
     str | None, "identities": int | None, "shared": int | None (None: unknown), "note": a console line, "card": the
     model card's value}."""
     changed = None
-    if train is not None and trained_on is not None and train.is_file():  # the images; labels may be renamed
-        images = lambda fp: {k: v for k, v in fp.items() if k != "labels"}  # noqa: E731
+    if train is not None and trained_on is not None and train.is_file():  # the images; the CSVs beside may change
+        images = lambda fp: {k: v for k, v in fp.items() if k not in ("labels", "landmarks")}  # noqa: E731
         changed = fingerprint_change(images(trained_on), images(fingerprint(train, open_npy(train))))
     found = None if train is None or changed else shared_identities(train, data)
     if found is None:

@@ -135,12 +135,18 @@ def max_invalid(args: argparse.Namespace, info: dict) -> float:
 
 def data_file(given: str | None, info: dict, split: str, ckpt_path: str | Path, flag: str) -> Path:
     """`given`, else the run's file of `split` ("train" or "val") from checkpoint_info(); CheckpointError naming the
-    command-line `flag` that gives it when the checkpoint does not name one (an export)."""
+    command-line `flag` that gives it when the checkpoint does not name one (an export), DataError when the file it
+    names is not there (a relative path is read from the current folder, not the one the run started in)."""
     if given is not None:
         return Path(given)
     if info[split] is None:
         raise CheckpointError(f"{ckpt_path}: holds no run config naming its {split} file; give it with {flag}")
-    return info[split]
+    path = info[split]
+    if not path.exists():
+        where = f" (from {Path.cwd()}: run this where the run started, or" if not path.is_absolute() else " ("
+        raise DataError(f"{path}: file not found, the {split} file of the run that wrote {ckpt_path}{where} give "
+                        f"the file with {flag})")
+    return path
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cli import HelpFormatter, positive_int, safe_console
+from cli import HelpFormatter, fraction, positive_int, safe_console
 from data import EarDataset, landmarks_file, read_identities, read_landmarks, whole_landmarks
 from errors import CheckpointError, DataError, OutputError
 from files import atomic_write, check_output_dir, claim, release, save_json
@@ -212,9 +212,10 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def read_images(path: Path) -> tuple[np.ndarray, EarDataset]:
-    """The valid images of an ear file as uint8 (N, 128, 128, 3), the graph's input layout."""
-    ds = EarDataset(path)
+def read_images(path: Path, max_invalid: float) -> tuple[np.ndarray, EarDataset]:
+    """The valid images of an ear file as uint8 (N, 128, 128, 3), the graph's input layout; DataError when more than
+    `max_invalid` of them are invalid (EarDataset)."""
+    ds = EarDataset(path, max_invalid=max_invalid)
     return np.stack([ds[i][0].permute(1, 2, 0).numpy() for i in range(len(ds))]), ds
 
 
@@ -358,6 +359,8 @@ def get_parser() -> argparse.ArgumentParser:
                    "model, with a landmarks CSV beside it, NME / PCK@0.1")
     p.add_argument("--calib", default=None, help="training ears (.npy) that calibrate the int8 model (none: no int8)")
     p.add_argument("--calib-images", type=positive_int, default=512, help="the first N of --calib")
+    p.add_argument("--max-invalid", type=fraction, default=0.05, help="largest fraction of invalid images (NaN, out "
+                   "of range, blank) --data or --calib may hold; they are left out, as in train.py")
     p.add_argument("--int8-float-ends", action="store_true", help="keep the head's linear layers in float in "
                    "model_int8.onnx too (its first convolution, and a landmark model's soft-argmax readout, always "
                    "are)")
@@ -382,8 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise CheckpointError(f"{model_path}: a checkpoint file; give --out FOLDER for the ONNX files")
     check_free(out)
     model = load_any(model_path)
-    images, ds = read_images(Path(args.data))
-    calibration = read_images(Path(args.calib))[0][:args.calib_images] if args.calib else None  # read before writing
+    images, ds = read_images(Path(args.data), args.max_invalid)
+    calibration = (read_images(Path(args.calib), args.max_invalid)[0][:args.calib_images] if args.calib
+                   else None)  # read before writing
     head = {"model": str(model_path), "data": str(args.data)}
     if isinstance(model, Landmarker):
         points = read_points(ds, model.cfg.landmarks)
@@ -502,11 +506,11 @@ def table_main(args: argparse.Namespace, argv: list[str]) -> dict:
     models = {name: model for name, (_, _, model) in zip(names, loaded)}
     for name in models:
         check_free(Path(args.out) / name)
-    images, ds = read_images(Path(args.data))
+    images, ds = read_images(Path(args.data), args.max_invalid)
     labels = read_identities(ds.path, ds)
     if labels is None or (problem := label_problem(labels)):
         raise DataError(f"{args.data}: no identity labels to score" + (f" ({problem})" if labels is not None else ""))
-    calibration = read_images(Path(args.calib))[0][:args.calib_images]
+    calibration = read_images(Path(args.calib), args.max_invalid)[0][:args.calib_images]
     rows = {}
     for name, model in models.items():
         with staged(Path(args.out) / name) as tmp:
@@ -549,6 +553,8 @@ def check_free(out: Path) -> None:
     except ValueError as e:
         raise DataError(f"--out {e}") from e
     claim(out)
+    for stale in out.glob(".onnx-export-*"):  # a killed export's staging folder (none works here: out is claimed)
+        shutil.rmtree(stale)
     if taken := [f for f in FILES if (out / f).exists()]:
         release([out])
         raise DataError(f"{out}: holds {', '.join(taken)} already (never written over): choose another --out")

@@ -239,10 +239,11 @@ def read_pts(path: str | os.PathLike) -> np.ndarray:
     (0.5, 0.5), so x - 0.5, y - 0.5.
 
     Raises ValueError naming the line and the reason for: a file that is not text, no or another version than 1,
-    no n_points, no `{` or `}`, a point line that is not two numbers, a coordinate that is not finite, a count of
-    points other than n_points. OSError when the file cannot be read."""
+    no n_points or n_points 0, no `{` or `}`, text after the `}`, a point line that is not two numbers, a coordinate
+    that is not finite, a count of points other than n_points. A UTF-8 byte-order mark is read as none. OSError when
+    the file cannot be read."""
     try:
-        lines = Path(path).read_bytes().decode("utf-8").splitlines()
+        lines = Path(path).read_bytes().decode("utf-8-sig").splitlines()  # -sig: a byte-order mark is dropped
     except UnicodeDecodeError:
         raise ValueError("not a text file (an iBUG .pts is `version: 1`, `n_points: K`, `{`, K lines `x y`, `}`)"
                          ) from None
@@ -256,13 +257,18 @@ def read_pts(path: str | os.PathLike) -> np.ndarray:
         header[key.strip()] = value.strip()
     if header.get("version") != "1":
         raise ValueError(f"version {header.get('version', '(none)')!r}, expected `version: 1` before `{{`")
-    if not header.get("n_points", "").isdigit():
-        raise ValueError(f"n_points {header.get('n_points', '(none)')!r}, expected `n_points: K` before `{{`")
+    if not header.get("n_points", "").isdigit() or int(header["n_points"]) == 0:
+        raise ValueError(f"n_points {header.get('n_points', '(none)')!r}, expected `n_points: K` (K >= 1) before "
+                         f"`{{`")
     if not numbered:
         raise ValueError("no `{` opening the points")
-    if numbered[-1][1] != "}":
+    end = next((i for i, (_, line) in enumerate(numbered) if line == "}"), None)
+    if end is None:
         raise ValueError("no `}` closing the points (a truncated file?)")
-    body = numbered[1:-1]  # (line number, 'x y')
+    if end + 1 < len(numbered):
+        k, line = numbered[end + 1]
+        raise ValueError(f"line {k}: {line[:40]!r} after the `}}` that closes the points (line {numbered[end][0]})")
+    body = numbered[1:end]  # (line number, 'x y')
     points = np.empty((len(body), 2))
     for row, (k, line) in enumerate(body):
         try:

@@ -241,6 +241,9 @@ PTS_FAULTS = {  # case -> (content of s2/b.pts, fragment of the one-line error)
     "truncated": ("version: 1\nn_points: 3\n{\n1 1\n2 2\n", "no `}` closing the points"),
     "count": ("version: 1\nn_points: 2\n{\n1 1\n2 2\n}\n", "2 points, but s1/a.pts (the first .pts) has 3"),
     "short": ("version: 1\nn_points: 3\n{\n1 1\n2 2\n}\n", "2 points between `{` and `}`, but n_points: 3"),
+    "text after": ("version: 1\nn_points: 3\n{\n1 1\n2 2\n3 3\n}\n# by hand\n",
+                   "line 8: '# by hand' after the `}` that closes the points (line 7)"),
+    "no points": ("version: 1\nn_points: 0\n{\n}\n", "n_points '0', expected `n_points: K` (K >= 1)"),
 }
 
 
@@ -295,6 +298,23 @@ def test_images_without_pts_among_images_with_them_and_points_cut_off_are_named(
 def test_read_pts_takes_ibug_one_based_pixel_centres(tmp_path):
     write_pts(tmp_path / "a.pts", [(1, 1), (10.25, 3)])
     np.testing.assert_array_equal(read_pts(tmp_path / "a.pts"), [[0.5, 0.5], [9.75, 2.5]])
+    (tmp_path / "b.pts").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.pts").read_bytes())  # a UTF-8 byte-order mark
+    np.testing.assert_array_equal(read_pts(tmp_path / "b.pts"), [[0.5, 0.5], [9.75, 2.5]])
+
+
+def test_an_upper_case_pts_pairs_with_its_image_and_two_of_one_name_are_refused(tmp_path, capsys):
+    src = tmp_path / "ears"
+    for s in ("s1", "s2"):
+        (src / s).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 99, np.uint8)).save(src / s / "x.png")
+    write_pts(src / "s1" / "x.PTS", [(1, 1), (8, 8)])
+    write_pts(src / "s2" / "x.pts", [(2, 2), (7, 7)])
+    assert main(["convert", str(src), "--out", str(tmp_path / "out"), "--size", "8"]) == 0
+    assert "2 .pts landmark files read" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "skipped.csv").read_text().strip().splitlines()[1:]  # nothing skipped
+    write_pts(src / "s2" / "x.Pts", [(2, 2), (7, 7)])
+    assert_last_line_error(run_main(["convert", str(src), "--out", str(tmp_path / "out2"), "--size", "8"], capsys),
+                           f"{src}/s2/x.pts: a second landmarks file beside s2/x.Pts; one .pts per image")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -655,7 +655,7 @@ def test_fingerprint_hashes_a_small_file_whole_and_a_large_one_at_evenly_spaced_
     fp = lambda: data.fingerprint(path, shape)  # noqa: E731
     raw = path.read_bytes()
     assert fp() == {"bytes": len(raw), "shape": [40, 128, 128, 3], "dtype": "uint8",
-                    "sha256": hashlib.sha256(raw).hexdigest(), "labels": {}}
+                    "sha256": hashlib.sha256(raw).hexdigest(), "labels": {}, "landmarks": {}}
     monkeypatch.setattr(data, "FINGERPRINT_WHOLE", 1 << 20)  # the file is now a large one: sampled
     chunk, n = 64 << 10, data.FINGERPRINT_CHUNKS
     reference = hashlib.sha256(b"".join(raw[o:o + chunk] for o in ((len(raw) - chunk) * i // (n - 1)
@@ -692,6 +692,22 @@ def test_fingerprint_covers_the_identity_labels_beside_the_file(tmp_path):
     assert data.fingerprint_change(before, data.fingerprint(path, arr)) == "its identity labels x_factors.csv changed"
     labels.unlink()
     assert data.fingerprint_change(before, data.fingerprint(path, arr)) == "its identity labels x_factors.csv removed"
+
+
+def test_fingerprint_covers_the_landmarks_beside_the_file_and_a_checkpoint_from_before_them_resumes(tmp_path):
+    """A resumed landmarker must notice moved points; a checkpoint saved before landmarks were kept reports none."""
+    path = tmp_path / "x_teacher.npy"
+    np.save(path, np.zeros((2, 16, 16, 3), np.uint8))
+    points = tmp_path / "x_landmarks.csv"
+    points.write_text("index,canal_x,canal_y\n0,3.0,4.0\n1,5.0,6.0\n")
+    arr = np.load(path, mmap_mode="r")
+    before = data.fingerprint(path, arr)
+    points.write_text("index,canal_x,canal_y\n0,3.0,4.0\n1,5.0,7.0\n")
+    assert data.fingerprint_change(before, data.fingerprint(path, arr)) == "its landmarks x_landmarks.csv changed"
+    old = {k: v for k, v in before.items() if k != "landmarks"}  # as checkpoints before this change kept it
+    assert data.fingerprint_change(old, data.fingerprint(path, arr)) is None
+    points.unlink()
+    assert data.fingerprint_change(before, data.fingerprint(path, arr)) == "its landmarks x_landmarks.csv removed"
 
 
 LANDMARK_CSV_CASES = {  # how the CSV is spoiled -> what the one line says (beside the file's name)

@@ -35,13 +35,21 @@ def test_a_landmark_run_learns_writes_best_and_last_and_resumes_bit_exactly(synt
     assert best["best_neg_nme"] == pytest.approx(max(float(r["neg_nme"]) for r in val), rel=1e-5)  # csv: 6 digits
     assert best["landmark_config"]["init"] == "scratch"
 
-    landmarker.main(lm_args(synth_dir, cut, "--max-steps", "3"))
+    shutil.copytree(synth_dir, data := tmp_path / "data")  # the same data in a folder of the test's own
+    landmarker.main(lm_args(data, cut, "--max-steps", "3"))
     landmarker.main(["--resume", "--ckpt-dir", str(cut / "checkpoints"), "--log-dir", str(cut / "logs"),
                     "--max-steps", "8"])
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, cut))
     assert a["step"] == b["step"] == 8 and a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+    rows = (data / "train_landmarks.csv").read_text().splitlines()  # one point moved: a resume says so
+    cells = rows[1].split(",")
+    (data / "train_landmarks.csv").write_text("\n".join([rows[0], ",".join([*cells[:-1], "1.5"]), *rows[2:]]) + "\n")
+    with pytest.raises(DataError, match=re.escape("its landmarks train_landmarks.csv changed")):
+        landmarker.main(["--resume", "--ckpt-dir", str(cut / "checkpoints"), "--log-dir", str(cut / "logs"),
+                         "--max-steps", "9"])
 
 
 def test_a_landmarker_starts_from_a_students_trunk(tmp_path):

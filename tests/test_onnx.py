@@ -181,6 +181,27 @@ def test_an_interrupted_export_leaves_no_file_and_the_folder_free(tmp_path):
     assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"whole"
 
 
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export_into_the_folder(tmp_path):
+    """SIGKILL skips staged's cleanup; the next check_free, which holds the folder's claim, removes what it left."""
+    out = tmp_path / "onnx"
+    (stale := out / ".onnx-export-abc123").mkdir(parents=True)
+    (stale / "model.onnx").write_bytes(b"half")
+    (out / "notes.txt").write_text("the user's")
+    onnx_export.check_free(out)
+    onnx_export.release([out])
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_invalid_images_beyond_max_invalid_are_one_line_naming_the_flag_the_command_has(ids, tmp_path):
+    images = np.load(ids / "val_teacher.npy")
+    images[:2] = 0  # 2 blank of 18: 11%
+    np.save(bad := tmp_path / "val_teacher.npy", images)
+    with pytest.raises(DataError, match=re.escape("more than the 5% allowed (--max-invalid)")):
+        onnx_export.read_images(bad, 0.05)
+    assert "--max-invalid" in onnx_export.get_parser().format_help()
+    assert len(onnx_export.read_images(bad, 0.2)[0]) == 16
+
+
 @pytest.fixture(scope="module")
 def landmark_export(synth_dir, tmp_path_factory) -> SimpleNamespace:
     """A landmarker trained for 4 steps by landmarker.py (test_landmarker's CPU-sized run: mobilenet_v3_small at input
@@ -205,7 +226,7 @@ def test_a_landmarker_exports_with_the_points_of_its_pytorch_readout_and_the_sam
     r, out = landmark_export.report, landmark_export.out
     assert {p.name for p in out.iterdir()} == set(onnx_export.FILES)
     assert json.loads((out / "onnx.json").read_text()) == json.loads(json.dumps(r))
-    images, ds = onnx_export.read_images(landmark_export.val)
+    images, ds = onnx_export.read_images(landmark_export.val, 0.05)
     points = read_landmarks(landmark_export.val)[1]  # (N, K, 2)
     rows = whole_landmarks(points, ds.keep)
     assert 0 < len(rows) and r["fp32"]["images"] == len(images) == 16
