@@ -16,6 +16,13 @@ crop is left out of that image's loss. --no-augment trains on the images as they
 turns a left ear into a right one). An epoch is the N images repeated --epoch-images // N times (at least once), so
 that an epoch is about the same number of steps whatever N is.
 
+--consistency-weight W adds equivariance consistency on unlabelled images (the equivariant landmark transformation
+of Honari et al., "Improving Landmark Localization with Semi-Supervised Learning", CVPR 2018): each step also draws
+a batch of the training images, labels unread, predicts their landmarks on the image as it is and on a warped copy
+(data.augment with AugConfig's zoom, shift, rotation and colour), and adds W x the mean distance in pixels between the
+second prediction and the first moved by the same warp (data.augment_points). The draw comes from (seed, epoch, the
+labelled batch's keys), so a resumed run draws the same images. A step costs about 3x the forward passes.
+
 Validation: NME (the point error over the square root of the landmarks' box area), the error in pixels and PCK@0.1
 on the val images with every landmark in the crop (probe.landmark_scores, the probe's metrics). The loop keeps the
 highest score as best.pt, so the score is `neg_nme` = -NME: best.pt is the lowest NME.
@@ -25,6 +32,7 @@ load_landmarker(path) loads best.pt or last.pt for use (onnx_export.py ships it 
 from __future__ import annotations
 
 import argparse
+import copy
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -35,9 +43,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import read_checkpoint
-from cli import HelpFormatter, int_range, positive_int
-from data import (AugConfig, ResumableSampler, augment, augment_points, make_loader, read_landmarks, to_float,
-                  whole_landmarks)
+from cli import HelpFormatter, int_range, non_negative, positive_int
+from data import (AugConfig, ResumableSampler, augment, augment_points, make_loader, read_landmarks,
+                  sample_seed, to_float, whole_landmarks)
 from distill import PRECISE_BN_IMAGES, precise_bn
 from encoders import IMAGENET_MEAN, IMAGENET_STD
 from errors import CheckpointError, ConfigError, DataError
@@ -109,6 +117,9 @@ def get_parser() -> argparse.ArgumentParser:
                    "every landmark in the crop (default: all of them)")
     g.add_argument("--epoch-images", type=positive_int, default=1000, help="an epoch is the N images repeated "
                    "EPOCH_IMAGES // N times, at least once (validation runs after each epoch)")
+    g.add_argument("--consistency-weight", type=non_negative, default=0.0, help="weight of the equivariance "
+                   "consistency on a batch of unlabelled training images each step (0: off; about 3x the step's "
+                   "compute; docs/landmarks.md)")
     loop.add_run_flags(p)
     return p
 
@@ -176,13 +187,14 @@ class LandmarkObjective:
     with their landmarks unless --no-augment; best.pt is the lowest validation NME (score neg_nme = -NME)."""
     score, score_text = "neg_nme", "-NME {:.4f}"
     score_axis = {"ylabel": "-NME", "title": "validation -NME (higher is better)"}
-    log_fields = ("nme", "error_px", "pck", "neg_nme")
+    log_fields = ("point", "consistency", "nme", "error_px", "pck", "neg_nme")
 
     def __init__(self, run: loop.Run, setup: loop.Setup) -> None:
         args, device = run.args, setup.device
         cfg, trunk = landmark_config(run)
         self.args, self.setup = args, setup
         self.aug = AugConfig() if not args.no_augment else None
+        self.warp = AugConfig()  # the consistency's warps (--consistency-weight), --no-augment or not
         train_ds, val_ds = loop.read_data(args)
         train_points, val_points = read_landmarks(train_ds.path)[1], read_landmarks(val_ds.path)[1]  # (N, K, 2)
         rows = whole_landmarks(train_points, train_ds.keep)[:args.labels]
@@ -196,6 +208,7 @@ class LandmarkObjective:
                             f"{val_points.shape[1]}, the model has {cfg.landmarks}")
         self.n_labels = len(rows)
         repeats = max(1, args.epoch_images // len(rows))
+        self.pool = copy.copy(train_ds)  # every valid training image, labels unread: the consistency's draws
         train_ds.keep = np.tile(train_ds.keep[rows], repeats)  # the N labelled images, `repeats` times an epoch
         val_ds.keep = val_ds.keep[whole_landmarks(val_points, val_ds.keep)]
         self.data = loop.make_data(args, setup, train_ds, val_ds)
@@ -210,7 +223,8 @@ class LandmarkObjective:
     def loss(self, model: nn.Module, x: torch.Tensor, keys: torch.Tensor,
              epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x uint8 (B, 3, 128, 128), keys (B,) file indices -> the mean distance (pixels) between the predicted and
-        the labelled landmarks (point_loss), both augmented alike in float32 outside the run's autocast."""
+        the labelled landmarks (point_loss), both augmented alike in float32 outside the run's autocast; with
+        --consistency-weight W, + W x consistency()."""
         true = self.train_points[keys.to(x.device)]  # (B, K, 2)
         if self.aug is None:
             x = to_float(x)
@@ -219,7 +233,27 @@ class LandmarkObjective:
                 x = augment(x, keys, self.args.seed, epoch, self.aug)
             true = augment_points(true, x.shape[-1], keys, self.args.seed, epoch, self.aug)  # NaN: out of the crop
         loss = point_loss(model(x), true)  # model(x): (B, K, 2)
-        return loss, {"loss": loss.detach()}
+        logs = {"point": loss.detach()}
+        if self.args.consistency_weight:
+            consistency = self.consistency(model, keys, epoch)
+            loss = loss + self.args.consistency_weight * consistency
+            logs["consistency"] = consistency.detach()
+        return loss, {"loss": loss.detach(), **logs}
+
+    def consistency(self, model: nn.Module, keys: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Equivariance consistency (Honari et al. 2018) on len(keys) training images drawn from (seed, epoch, keys):
+        the mean distance (pixels) between the landmarks predicted on a warped copy of each and those predicted on
+        the image, moved by the same warp (NaN where the warp moves a point out of the crop: left out). Gradients
+        flow through both predictions."""
+        g = torch.Generator().manual_seed(sample_seed(self.args.seed, epoch, *keys.tolist()))
+        draw = torch.randint(len(self.pool), (len(keys),), generator=g)  # (B,) positions in the pool
+        warps = torch.randint(1 << 62, (len(keys),), generator=g)  # (B,) each draw's own warp: augment's sample key
+        x = torch.stack([self.pool[int(i)][0] for i in draw]).to(self.setup.device)  # (B, 3, 128, 128)
+        with torch.autocast(x.device.type, enabled=False):
+            warped = augment(x, warps, self.args.seed, epoch, self.warp)
+        pred = model(torch.cat([to_float(x), warped]))  # (2B, K, 2): as it is, then warped
+        moved = augment_points(pred[:len(x)], x.shape[-1], warps, self.args.seed, epoch, self.warp)  # (B, K, 2)
+        return point_loss(pred[len(x):], moved)
 
     @torch.no_grad()
     def validate(self, model: nn.Module, max_batches: int | None = None) -> dict[str, float]:
@@ -250,7 +284,9 @@ class LandmarkObjective:
         return [parameter_report({"Landmarker": self.model}),
                 f"Landmarks: {cfg.arch} trunk at input {cfg.input_size} from {cfg.init}, heatmap head on strides 8 "
                 f"and 16, soft-argmax; trained on the first {self.n_labels} labelled images, "
-                f"{'not augmented' if self.aug is None else 'augmented with their landmarks (no flip)'}"]
+                f"{'not augmented' if self.aug is None else 'augmented with their landmarks (no flip)'}"
+                + (f"; equivariance consistency on {len(self.pool):,} unlabelled training images, weight "
+                   f"{self.args.consistency_weight:g}" if self.args.consistency_weight else "")]
 
     def postfix(self, row: dict[str, float]) -> dict[str, float]:
         return {}

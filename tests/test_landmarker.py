@@ -1,17 +1,21 @@
 """landmarker.py: a landmark student trained through the loop on synthetic ears learns (its loss falls), writes
 best.pt and last.pt, resumes bit-exactly, starts from a distilled student's trunk, augments its images and their
-landmarks alike unless --no-augment, and refuses what it cannot use."""
+landmarks alike unless --no-augment, adds equivariance consistency on unlabelled images, and refuses what it cannot
+use."""
 import csv
 import re
 import shutil
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import landmarker
+from data import AugConfig
 from errors import ConfigError, DataError
+from probe import soft_argmax
 from student import Student, StudentConfig
 
 
@@ -138,3 +142,38 @@ def test_point_loss_leaves_out_landmarks_outside_the_crop():
     torch.testing.assert_close(loss, (pred - true).norm(dim=-1)[keep].sum() / 26)
     loss.backward()  # the landmarks left out get no gradient, and their NaN reach no other
     assert pred.grad.isfinite().all() and (pred.grad[~keep] == 0).all() and (pred.grad[keep] != 0).all()
+
+
+def test_consistency_is_near_zero_for_an_equivariant_model_and_the_warps_displacement_for_a_fixed_one():
+    """A 'model' that finds the one bright spot of each image follows every warp: ~0 px. One that answers the same
+    points whatever the image pays the distance the warp moves them (zoom, shift, rotation: several px)."""
+    images = []
+    for i, (r, c) in enumerate([(40, 50), (64, 64), (80, 30), (30, 90)]):
+        x = torch.zeros(3, 128, 128, dtype=torch.uint8)
+        x[:, r - 2:r + 3, c - 2:c + 3] = 255  # a 5 x 5 white spot on black
+        images.append((x, i))
+    objective = SimpleNamespace(pool=images, warp=AugConfig(), args=SimpleNamespace(seed=0),
+                                setup=SimpleNamespace(device=torch.device("cpu")))
+    finds_the_spot = lambda x: soft_argmax(200.0 * x.mean(1, keepdim=True))  # noqa: E731  (B, 1, 2)
+    fixed = lambda x: torch.full((len(x), 1, 2), 64.0) + 0 * x.mean()  # noqa: E731
+    keys = torch.arange(16)
+    assert landmarker.LandmarkObjective.consistency(objective, finds_the_spot, keys, 0) < 0.5  # 0.23 measured
+    assert landmarker.LandmarkObjective.consistency(objective, fixed, keys, 0) > 2.0
+    a, b = (landmarker.LandmarkObjective.consistency(objective, fixed, k, 0) for k in (keys, keys + 1))
+    assert a != b and a == landmarker.LandmarkObjective.consistency(objective, fixed, keys, 0)  # drawn from the keys
+
+
+def test_a_run_with_consistency_logs_both_terms_and_resumes_bit_exactly(synth_dir, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    flags = ("--consistency-weight", "1", "--epochs", "1", "--labels", "8")
+    landmarker.main(lm_args(synth_dir, whole, *flags))
+    rows = [r for r in csv.DictReader(open(whole / "logs" / "metrics.csv")) if r["split"] == "train"]
+    assert len(rows) == 4 and all(float(r["consistency"]) > 0 for r in rows)
+    assert all(float(r["loss"]) == pytest.approx(float(r["point"]) + float(r["consistency"]), rel=1e-4) for r in rows)
+    landmarker.main(lm_args(synth_dir, cut, *flags, "--max-steps", "2"))
+    landmarker.main(["--resume", "--ckpt-dir", str(cut / "checkpoints"), "--log-dir", str(cut / "logs"), "--max-steps",
+                     "4"])
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, cut))
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
