@@ -802,10 +802,18 @@ class MetricsLog:
     the objective's `fields`, then grad_norm, skipped, img_per_s, time."""
 
     def __init__(self, log_dir: Path, fields: tuple[str, ...], log: Callable[[str], None], fresh: bool) -> None:
-        new_csv = fresh or not (log_dir / "metrics.csv").exists()
-        self.csv_file = open(log_dir / "metrics.csv", "w" if fresh else "a", newline="")
+        path = log_dir / "metrics.csv"
+        new_csv = fresh or not path.exists()
         columns = ["step", "epoch", "split", "lr", "loss", *fields, "grad_norm", "skipped", "img_per_s", "time"]
-        self.csv = csv.DictWriter(self.csv_file, fieldnames=columns)
+        if not new_csv:  # a resume appends under the file's own header, which an earlier version may have written
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), columns)
+            if header != columns:
+                log(f"note: {path} has the columns of an earlier version; appending under them (not logged: "
+                    f"{', '.join(c for c in columns if c not in header) or 'nothing'})")
+                columns = header
+        self.csv_file = open(path, "w" if fresh else "a", newline="")
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=columns, extrasaction="ignore")
         if new_csv:
             self.csv.writeheader()
         self.writer = None

@@ -305,6 +305,21 @@ def test_a_resume_over_changed_data_stops_naming_the_file_unless_accepted(synth_
         train.main(resume)
 
 
+def test_a_resume_appends_under_the_header_an_earlier_version_wrote(tmp_path):
+    """A run resumed after its objective logs a new column keeps metrics.csv's rows under their header, with a note."""
+    (tmp_path / "metrics.csv").write_text("step,epoch,split,lr,loss,nme,grad_norm,skipped,img_per_s,time\n"
+                                          "1,0,train,0.001,2.5,,0.4,0,100,1.0\n")
+    notes = []
+    log = loop.MetricsLog(tmp_path, ("point", "nme"), notes.append, fresh=False)
+    log.write_row({"step": 2, "epoch": 0, "split": "train", "lr": 0.001, "loss": 2.0, "point": 2.0, "time": 2.0})
+    log.close()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["loss"] for r in rows] == ["2.5", "2"] and [r["time"] for r in rows] == ["1.0", "2"]
+    assert all(None not in r for r in rows)  # no row longer than the header
+    assert notes == [f"note: {tmp_path / 'metrics.csv'} has the columns of an earlier version; appending under them "
+                     f"(not logged: point)"]
+
+
 def test_a_new_run_never_writes_over_an_earlier_best_pt(synth_dir, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints/best.pt").write_text(EARLIER)
