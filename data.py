@@ -353,13 +353,23 @@ def _identity_column(npy: Path) -> tuple[Path, str, list[str]] | None:
     return None
 
 
+def csv_rows(path: Path) -> list[list[str]]:
+    """The rows of CSV `path` (header first), read as UTF-8; a byte-order mark before the header (a spreadsheet's) is
+    dropped. DataError naming the file and the byte for text in another encoding (UTF-16, cp1252)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save it as "
+                        f"a UTF-8 CSV") from None
+
+
 def _read_column(path: Path, column: str) -> list[str] | None:
     """The values of `column` in CSV `path` (header + rows), None when the file or the column does not exist; a row
     whose field count is not the header's -> DataError naming the file and line."""
     if not path.is_file():
         return None
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows = csv_rows(path)
     if not rows or column not in rows[0]:
         return None
     header, rows = rows[0], rows[1:]
@@ -433,9 +443,7 @@ def read_landmarks(npy: Path) -> tuple[list[str], np.ndarray]:
         raise DataError(f"{path}: no landmarks for {npy.name} (synth.py writes them; a landmarks CSV has the header "
                         f"index,<name>_x,<name>_y,...)")
     n = len(open_npy(npy))
-    # utf-8-sig: the byte-order mark a spreadsheet writes before the header is no part of "index"
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows = csv_rows(path)
     header = rows[0] if rows else []
     names = [h.removesuffix("_x") for h in header[1::2]]
     if (len(header) < 3 or len(header) % 2 == 0 or header[0] != "index"

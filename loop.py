@@ -281,8 +281,12 @@ def resolve_run(parser: argparse.ArgumentParser, script: str, argv: list[str] | 
             f"process(es) x {was[2]} accum steps), this command's is {math.prod(now)} ({now[0]} x {now[1]} x "
             f"{now[2]}); choose --batch-size and --accum-steps whose product with {setup.world} process(es) is "
             f"{math.prod(was)}")
-    check_output_dirs(args)
     target = Path(args.ckpt_dir) / "last.pt"  # where this run will save: the checkpoint's own run folder by default
+    if "ckpt_dir" not in changed and not target.exists() and target.parent.resolve() != resume_path.resolve().parent:
+        raise TrainingError(f"{resume_path}: its run's folder {saved['ckpt_dir']} is not found from {Path.cwd()} (a "
+                            f"run's folders are kept as given, relative to where it started): resume there, or pass "
+                            f"--ckpt-dir and --log-dir to continue {resume_path} in other folders")
+    check_output_dirs(args)
     if target.exists() and not target.samefile(resume_path):  # a copy, or an older last.pt of that run
         raise TrainingError(f"{resume_path}: resuming would write over {target}, another checkpoint (the run's "
                             f"own or an earlier copy's): pass --ckpt-dir and --log-dir to new folders to continue "

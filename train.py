@@ -26,6 +26,7 @@ from data import (UNLABELLED, AugConfig, EarDataset, IdentitySampler, augment, a
                   read_identities, sample_seed, to_float)
 from errors import CheckpointError, ConfigError, DataError, TrainingError, WeightsUnavailableError  # noqa: F401
 from files import atomic_write
+from hub import checkpoint_kind
 from losses import LossConfig, VAELoss, psnr, ssim
 from model import (EarVAE, VAEConfig, build_model, config_from_checkpoint, dinov2_config, parameter_report,
                    sam_config, tiny_config)
@@ -51,8 +52,8 @@ def get_parser() -> argparse.ArgumentParser:
                    f"or {dinov2.weights})")
     g.add_argument("--no-pretrained", action="store_true", help="random backbone initialisation (explicit)")
     g.add_argument("--tiny", action="store_true", help="tiny backbone and decoder: same code path, CPU speed")
-    g.add_argument("--input-size", type=positive_int, default=None, help="side the crop is resized to for the encoder "
-                   f"(SAM: {sam.input_size} original, 512 or 256 for 4x / 16x fewer tokens; DINOv2: "
+    g.add_argument("--input-size", type=int_range(1, 4096), default=None, help="side the crop is resized to for the "
+                   f"encoder (SAM: {sam.input_size} original, 512 or 256 for 4x / 16x fewer tokens; DINOv2: "
                    f"{dinov2.input_size})")
     g.add_argument("--freeze-blocks", type=non_negative_int, default=None, help=f"frozen first blocks of the "
                    f"pretrained backbone (default: {sam.freeze_blocks}, tiny {tiny.freeze_blocks}); with --no-pretrained "
@@ -241,9 +242,9 @@ class TeacherObjective:
         if run.ckpt is None:
             cfg = model_config(args)
             pretrained = cfg.pretrained
-        elif "student_config" in run.ckpt:
-            raise CheckpointError(f"{run.ckpt_path}: a student's run; continue it with distill.py --resume "
-                                  f"{run.ckpt_path}")
+        elif (kind := checkpoint_kind(run.ckpt))[1] != "train.py":  # a student's or a landmark model's run
+            whose, again = kind
+            raise CheckpointError(f"{run.ckpt_path}: {whose} run; continue it with {again} --resume {run.ckpt_path}")
         else:
             cfg = replace(config_from_checkpoint(run.ckpt), grad_checkpointing=args.grad_checkpointing)
             pretrained = run.ckpt["model_config"]["pretrained"]  # whether the backbone started pretrained

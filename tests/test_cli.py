@@ -37,7 +37,7 @@ COUNTS = ["--epochs", "--batch-size", "--accum-steps", "--max-steps", "--save-ev
 RANGES = [
     ("train", "--max-invalid", ["-0.01", "1.01", "nan"], ["0", "1"]),
     ("train", "--workers", ["-1", "1.5", "two"], ["0"]),
-    ("train", "--input-size", ["0", "-16"], ["1", "1024"]),
+    ("train", "--input-size", ["0", "-16", "4097"], ["1", "1024", "4096"]),
     ("train", "--freeze-blocks", ["-1"], ["0"]),
     ("train", "--latent-dim", ["0"], ["1"]),
     *[("train", flag, ["-0.001", "inf", "nan"], ["0", "2.5"]) for flag in WEIGHTS],

@@ -793,3 +793,18 @@ def test_a_landmark_outside_the_crop_is_two_empty_fields_read_as_nan(tmp_path):
     path.write_text("\n".join([*lines[:3], ",".join(fields), *lines[4:]]) + "\n")
     with pytest.raises(DataError, match=r"line 4: helix_top has one empty coordinate \(both empty: outside the crop\)"):
         data.read_landmarks(npy)
+
+
+def test_a_csv_in_another_encoding_is_one_line_naming_it(tmp_path):
+    """A spreadsheet's UTF-16 or cp1252 CSV: DataError naming the file and the byte, not a UnicodeDecodeError."""
+    path = tmp_path / "x_teacher.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    (tmp_path / "x_factors.csv").write_bytes("identity\n0\n1\n".encode("utf-16"))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'x_factors.csv'}: not UTF-8 text (byte 0: b'\\xff'); "
+                                                  f"save it as a UTF-8 CSV")):
+        data.read_identities(path, EarDataset(path))
+    (tmp_path / "x_landmarks.csv").write_bytes("index,caf\u00e9_x,caf\u00e9_y\n0,1,1\n1,2,2\n".encode("cp1252"))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'x_landmarks.csv'}: not UTF-8 text (byte 9")):
+        data.read_landmarks(path)
+    (tmp_path / "x_factors.csv").write_bytes(b"\xef\xbb\xbfidentity\n0\n1\n")  # UTF-8 with a byte-order mark: read
+    assert data.read_identities(path, EarDataset(path)).tolist() == [0, 1]

@@ -134,6 +134,12 @@ def test_each_command_resumes_only_its_own_runs(tiny_run, tmp_path):
     with pytest.raises(CheckpointError, match=re.escape(f"{student}: a student's run; continue it with distill.py "
                                                         f"--resume")):
         train.main(["--resume", str(student), "--ckpt-dir", str(tmp_path / "t"), "--log-dir", str(tmp_path / "tl")])
+    del ckpt["student_config"], ckpt["model_config"]  # a landmark model's run holds no model_config
+    ckpt["landmark_config"] = {}
+    torch.save(ckpt, landmarks := tmp_path / "landmarks.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"{landmarks}: a landmark model's run; continue it with "
+                                                        f"landmarker.py --resume")):
+        train.main(["--resume", str(landmarks), "--ckpt-dir", str(tmp_path / "t"), "--log-dir", str(tmp_path / "tl")])
 
 
 def test_a_teacher_loader_refuses_a_student_and_a_student_loader_a_teacher(tiny_run, tmp_path):

@@ -227,6 +227,24 @@ def test_resuming_a_copy_never_writes_over_its_run_folders_other_checkpoint(tiny
     assert not (new / "logs/metrics.csv").exists() and all(p.read_bytes() == b for p, b in before.items())
 
 
+def test_a_run_with_relative_folders_resumed_from_elsewhere_is_refused_and_not_forked(synth_dir, tmp_path,
+                                                                                         monkeypatch):
+    """Its folders are kept as given: from another folder they would be new ones, a second copy of the run."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    train.main(tiny_train_args(synth_dir, "run", "--epochs", "1", "--max-steps", "2"))
+    last = tmp_path / "a" / "run" / "checkpoints" / "last.pt"
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(TrainingError, match=re.escape(f"{last}: its run's folder run/checkpoints is not found from "
+                                                      f"{tmp_path / 'b'}")):
+        train.main(["--resume", str(last), "--max-steps", "3"])
+    assert list((tmp_path / "b").iterdir()) == []
+    monkeypatch.chdir(tmp_path / "a")
+    train.main(["--resume", str(last), "--max-steps", "3"])
+    assert torch.load(last, weights_only=True)["step"] == 3
+
+
 @pytest.mark.slow
 def test_a_copy_resumed_into_a_new_ckpt_dir_logs_there_and_never_touches_the_runs_log_folder(synth_dir, tmp_path):
     train.main(tiny_train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--max-steps", "2"))
