@@ -365,12 +365,14 @@ def csv_rows(path: Path) -> list[list[str]]:
 
 
 def _read_column(path: Path, column: str) -> list[str] | None:
-    """The values of `column` in CSV `path` (header + rows), None when the file or the column does not exist; a row
-    whose field count is not the header's -> DataError naming the file and line."""
+    """The values of `column` in CSV `path` (header + rows), None when the file or the column does not exist; an
+    empty file or a row whose field count is not the header's -> DataError naming the file (and line)."""
     if not path.is_file():
         return None
     rows = csv_rows(path)
-    if not rows or column not in rows[0]:
+    if not rows:  # a truncated file, not one without the column
+        raise DataError(f"{path}: empty; a CSV starts with its header line")
+    if column not in rows[0]:
         return None
     header, rows = rows[0], rows[1:]
     for line, row in enumerate(rows, start=2):

@@ -226,7 +226,7 @@ def build_torchvision(cfg: StudentConfig) -> nn.Module:
         fixes = (f"Fixes: (1) while online run `python -c \"import torchvision; torchvision.models.{cfg.arch}"
                  f"(weights='IMAGENET1K_V1')\"` to fill the cache, or copy {Path(imagenet.url).name} into "
                  f"$TORCH_HOME/hub/checkpoints/; (2) give a local {cfg.arch} state dict (.pth or .safetensors) as "
-                 f"the student's weights; (3) start from random weights on purpose: pretrained=False "
+                 f"the student's weights (StudentConfig.weights; distill.py --student-weights PATH); (3) start from random weights on purpose: pretrained=False "
                  f"(--no-pretrained).")
         load_torchvision_weights(model, cfg.weights, imagenet, cfg.arch, "the student", fixes)
     return model

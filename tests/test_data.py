@@ -795,7 +795,7 @@ def test_a_landmark_outside_the_crop_is_two_empty_fields_read_as_nan(tmp_path):
         data.read_landmarks(npy)
 
 
-def test_a_csv_in_another_encoding_is_one_line_naming_it(tmp_path):
+def test_a_csv_in_another_encoding_or_empty_is_one_line_naming_it(tmp_path):
     """A spreadsheet's UTF-16 or cp1252 CSV: DataError naming the file and the byte, not a UnicodeDecodeError."""
     path = tmp_path / "x_teacher.npy"
     np.save(path, np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
@@ -808,3 +808,6 @@ def test_a_csv_in_another_encoding_is_one_line_naming_it(tmp_path):
         data.read_landmarks(path)
     (tmp_path / "x_factors.csv").write_bytes(b"\xef\xbb\xbfidentity\n0\n1\n")  # UTF-8 with a byte-order mark: read
     assert data.read_identities(path, EarDataset(path)).tolist() == [0, 1]
+    (tmp_path / "x_factors.csv").write_bytes(b"")  # empty: truncated, not "no labels"
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'x_factors.csv'}: empty; a CSV starts with its header")):
+        data.read_identities(path, EarDataset(path))
