@@ -417,6 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     student_folder = is_student_folder(args.ckpt)
     ckpt = {"model": None, "run_config": None} if student_folder else read_checkpoint(args.ckpt)
+    if "landmark_config" in ckpt:
+        raise CheckpointError(f"{args.ckpt}: a landmark model's checkpoint (landmarker.py); eval.py measures teachers "
+                              f"and students. Its NME and PCK: its run's metrics.csv, or onnx_export.py {args.ckpt} "
+                              f"--out DIR --data VAL.npy")
     if student_folder or "student_config" in ckpt:
         if args.lpips:
             parser.error("--lpips measures reconstructions, and a student has none")

@@ -135,8 +135,6 @@ def landmark_config(run: loop.Run) -> tuple[LandmarkConfig, nn.Sequential | None
         raise ConfigError("--hflip: a flip turns a left ear into a right one; landmarker.py augments without it")
     if args.batch_size < 2:
         raise ConfigError("--batch-size 1: the trunk's BatchNorm layers need 2 images or more per micro-batch")
-    if args.student is None and not args.scratch:
-        raise ConfigError("--student PATH (a distill.py checkpoint) or --scratch (a random trunk) is needed")
     if args.scratch:
         return LandmarkConfig(arch=args.student_arch or LandmarkConfig.arch,
                               input_size=args.student_input_size or LandmarkConfig.input_size), None
@@ -298,6 +296,9 @@ class LandmarkObjective:
 
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.resume is None and args.student is None and not args.scratch:  # before any folder is looked at
+        raise ConfigError("--student PATH (a distill.py checkpoint) or --scratch (a random trunk) is needed")
     setup = loop.setup_processes(parser, argv)
     run = loop.resolve_run(parser, "landmarker.py", argv, setup)
     loop.fit(LandmarkObjective, run, setup)

@@ -78,6 +78,8 @@ def test_a_landmark_run_refuses_a_missing_csv_a_flip_no_start_and_scratch_flags_
         landmarker.main(lm_args(data, tmp_path / "a"))
     with pytest.raises(ConfigError, match="--hflip: a flip turns a left ear into a right one"):
         landmarker.main(lm_args(synth_dir, tmp_path / "b", "--hflip"))
+    (tmp_path / "c" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "c" / "checkpoints" / "last.pt").write_bytes(b"an earlier run's")  # the flags are checked first
     with pytest.raises(ConfigError, match=re.escape("--student PATH (a distill.py checkpoint) or --scratch")):
         landmarker.main(lm_args(synth_dir, tmp_path / "c")[1:])
     with pytest.raises(ConfigError, match=re.escape("--student-arch / --student-input-size are for --scratch")):
@@ -106,6 +108,11 @@ def test_a_landmark_model_has_a_heatmap_per_landmark_of_its_data_and_other_comma
         load_model(best)
     with pytest.raises(CheckpointError, match=re.escape(f"{best}: a landmark model's checkpoint (landmarker.py)")):
         load_student(best)
+    import eval as evaluate
+    with pytest.raises(CheckpointError, match=re.escape(f"{best}: a landmark model's checkpoint (landmarker.py); "
+                                                        f"eval.py measures teachers and students")):
+        evaluate.main([str(best), "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
 
 
 @pytest.mark.parametrize("no_augment", [False, True])
