@@ -275,6 +275,17 @@ def test_the_int8_landmarker_is_smaller_keeps_its_readout_in_float_and_reports_t
     assert f"(NME {change:+.4f} against model.onnx)" in landmark_export.printed
 
 
+@pytest.mark.parametrize("mean_px, warned", [(0.51, False), (3.0, True)])
+def test_int8_landmarks_far_from_pytorchs_get_a_warning_line(tmp_path, capsys, mean_px, warned):
+    report = {"bytes": {"model.onnx": 1e6, "model_int8.onnx": 3e5}, "fp32": {"point_diff_px_max": 1e-5,
+              "point_diff_px_mean": 1e-6, "images": 4}, "int8": {"point_diff_px_max": 2 * mean_px,
+                                                                  "point_diff_px_mean": mean_px}}
+    onnx_export.print_landmark_report(report, tmp_path)
+    err = capsys.readouterr().err
+    assert (err == f"warning: {tmp_path / 'model_int8.onnx'}: its landmarks are 3.00 px from PyTorch's on average "
+                   f"(> 1.0 px): deploy model.onnx\n") if warned else err == ""
+
+
 def test_a_landmark_export_is_never_written_over_and_not_part_of_the_edge_table(landmark_export, tmp_path):
     before = {p.name: p.read_bytes() for p in landmark_export.out.iterdir()}
     with pytest.raises(DataError, match=r"holds model\.onnx, model_int8\.onnx, onnx\.json already"):
