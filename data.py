@@ -415,6 +415,16 @@ def landmarks_file(npy: Path) -> Path:
     return sidecar(npy, "landmarks")
 
 
+def check_landmark_names(names: list[str] | tuple[str, ...], expected: list[str] | tuple[str, ...], npy: Path,
+                         other: str) -> None:
+    """DataError naming npy's landmarks CSV when its landmark names (read_landmarks) are not `expected`, in that
+    order: `other` says whose those are (another CSV, a model). Points are matched by position, so a CSV with the
+    same landmarks in another order would be scored against the wrong ones."""
+    if list(names) != list(expected):
+        raise DataError(f"{landmarks_file(npy)}: landmarks {', '.join(names)}; {other} has {', '.join(expected)}: "
+                        f"the same names in the same column order are needed")
+
+
 def masks_file(npy: Path) -> Path:
     """X_teacher.npy -> X_masks.npy: uint8 (N, 128, 128), 1 on the ear, 0 elsewhere."""
     return npy.with_name(f"{npy.stem.removesuffix('_teacher')}_masks.npy")
@@ -451,6 +461,9 @@ def read_landmarks(npy: Path) -> tuple[list[str], np.ndarray]:
     if (len(header) < 3 or len(header) % 2 == 0 or header[0] != "index"
             or header[1:] != [f"{name}_{axis}" for name in names for axis in "xy"]):
         raise DataError(f"{path}: line 1: the header is not index,<name>_x,<name>_y,... ({','.join(header)[:80]!r})")
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"{path}: line 1: the landmark {twice!r} comes twice; each landmark is one pair of columns")
     points = np.full((n, len(names), 2), np.nan, np.float32)
     seen = np.zeros(n, bool)
     for line, row in enumerate(rows[1:], start=2):

@@ -139,6 +139,8 @@ def config_problem(d: object, config_class: type) -> str | None:
             ok = value is None or isinstance(value, dict)
         elif name == "identity_dims":
             ok = value is None or type(value) is int
+        elif name == "names":  # LandmarkConfig's landmark names
+            ok = isinstance(value, (list, tuple)) and all(type(v) is str for v in value)
         elif isinstance(default, tuple):
             ok = isinstance(value, (list, tuple)) and all(type(v) is int for v in value)  # JSON list, or a .pt's tuple
         else:

@@ -44,12 +44,12 @@ import torch.nn.functional as F
 
 from checkpoints import read_checkpoint
 from cli import HelpFormatter, int_range, non_negative, positive_int
-from data import (AugConfig, ResumableSampler, augment, augment_points, make_loader, read_landmarks,
-                  sample_seed, to_float, whole_landmarks)
+from data import (AugConfig, ResumableSampler, augment, augment_points, check_landmark_names, landmarks_file,
+                  make_loader, read_landmarks, sample_seed, to_float, whole_landmarks)
 from distill import PRECISE_BN_IMAGES, precise_bn
 from encoders import IMAGENET_MEAN, IMAGENET_STD
 from errors import CheckpointError, ConfigError, DataError
-from hub import config_problem, load_state
+from hub import checkpoint_kind, config_problem, load_state
 from model import parameter_report
 from probe import landmark_scores, soft_argmax
 from student import ARCHS, StudentConfig, build_torchvision, load_student, stride_channels, trunk_input, trunk_maps
@@ -63,6 +63,7 @@ class LandmarkConfig:
     input_size: int = 128  # side the crop is resized to before the trunk (a student's: its own)
     landmarks: int = 8  # K heatmaps: a new run takes its training data's K (synth.LANDMARKS: 8)
     init: str = "scratch"  # the distill.py checkpoint the trunk started from, or "scratch" (random)
+    names: tuple[str, ...] = ()  # output k's landmark: the training CSV's names in column order (() before kept)
 
 
 class Landmarker(nn.Module):
@@ -150,10 +151,14 @@ def checkpoint_config(ckpt: dict, path: str | Path) -> LandmarkConfig:
     """The LandmarkConfig of a checkpoint (read_checkpoint's dict). CheckpointError naming `path` when it holds none
     (another kind of run) or one that does not fit LandmarkConfig."""
     if "landmark_config" not in ckpt:
-        raise CheckpointError(f"{path}: not a landmarker.py run (no landmark_config)")
+        whose, command = checkpoint_kind(ckpt)
+        raise CheckpointError(f"{path}: {whose} checkpoint ({command}), not a landmarker.py run")
     if problem := config_problem(ckpt["landmark_config"], LandmarkConfig):
         raise CheckpointError(f"{path}: landmark_config {problem}")
-    return LandmarkConfig(**ckpt["landmark_config"])
+    cfg = LandmarkConfig(**ckpt["landmark_config"])
+    if cfg.names and len(cfg.names) != cfg.landmarks:
+        raise CheckpointError(f"{path}: landmark_config names {len(cfg.names)} landmarks, its head {cfg.landmarks}")
+    return replace(cfg, names=tuple(cfg.names))
 
 
 def load_landmarker(path: str | Path, map_location: str | torch.device = "cpu",
@@ -194,13 +199,16 @@ class LandmarkObjective:
         self.aug = AugConfig() if not args.no_augment else None
         self.warp = AugConfig()  # the consistency's warps (--consistency-weight), --no-augment or not
         train_ds, val_ds = loop.read_data(args)
-        train_points, val_points = read_landmarks(train_ds.path)[1], read_landmarks(val_ds.path)[1]  # (N, K, 2)
+        (names, train_points), (val_names, val_points) = read_landmarks(train_ds.path), read_landmarks(val_ds.path)
+        check_landmark_names(val_names, names, val_ds.path, f"the training data's {landmarks_file(train_ds.path).name}")
+        if run.ckpt is not None and cfg.names:  # a resume: the model's outputs are these landmarks
+            check_landmark_names(names, cfg.names, train_ds.path, f"the model ({run.ckpt_path})")
         rows = whole_landmarks(train_points, train_ds.keep)[:args.labels]
         if args.labels is not None and len(rows) < args.labels:
             raise DataError(f"{train_ds.path}: {len(rows)} valid images with every landmark in the crop, fewer than "
                             f"--labels {args.labels}")
         if run.ckpt is None:  # a new run: one heatmap per landmark of the data (synth's 8, iBUG's 55, ...)
-            cfg = replace(cfg, landmarks=train_points.shape[1])
+            cfg = replace(cfg, landmarks=train_points.shape[1], names=tuple(names))
         if train_points.shape[1] != cfg.landmarks or val_points.shape[1] != cfg.landmarks:
             raise DataError(f"{train_ds.path}: {train_points.shape[1]} landmarks, {val_ds.path}: "
                             f"{val_points.shape[1]}, the model has {cfg.landmarks}")

@@ -51,6 +51,8 @@ from inference import PRECISIONS, autocast, resolve_device, resolve_precision
 
 SANE_GROWTH = 1000.0  # a weight tensor whose max |value| passes this x max(its initial one, 1) has diverged
 RESUMABLE = "run (may change on --resume)"  # the title of the argument group of the flags a resume may change
+DATA_PATHS = {"data_dir", "train_npy", "val_npy"}  # where the data lies may change on --resume (the same files moved,
+# or a relative path from another folder): data_fingerprints refuses other content
 STOP_SIGNALS: list[int] = []  # filled by the SIGINT / SIGTERM handlers that command() installs
 
 
@@ -137,7 +139,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     flags a resume may change (RESUMABLE), for the command's own such flags; every other flag comes from the
     checkpoint when resuming."""
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="data", help="folder with train_teacher.npy and val_teacher.npy")
+    g.add_argument("--data-dir", default="data", help="folder with train_teacher.npy and val_teacher.npy (it, "
+                   "--train-npy and --val-npy may change on --resume: the same files moved, checked by fingerprint)")
     g.add_argument("--train-npy", default=None, help="training file (default DATA_DIR/train_teacher.npy)")
     g.add_argument("--val-npy", default=None, help="validation file (default DATA_DIR/val_teacher.npy)")
     g.add_argument("--max-invalid", type=fraction, default=0.05,
@@ -256,7 +259,7 @@ def resolve_run(parser: argparse.ArgumentParser, script: str, argv: list[str] | 
     ckpt = read_checkpoint(resume_path)  # missing / truncated / unsafe -> CheckpointError; never a silent fresh start
     if "run_config" not in ckpt or "optimizer" not in ckpt:
         raise CheckpointError(f"{resume_path}: holds model weights only (no optimizer state); cannot resume from it")
-    saved, resumable = ckpt["run_config"], resumable_flags(parser)
+    saved, resumable = ckpt["run_config"], resumable_flags(parser) | DATA_PATHS
     changed = typed_flags(parser, argv, args)
     for k in sorted(changed - resumable):
         if k not in saved:

@@ -49,10 +49,10 @@ import torch
 import torch.nn as nn
 
 from cli import HelpFormatter, fraction, positive_int, safe_console
-from data import EarDataset, landmarks_file, read_identities, read_landmarks, whole_landmarks
+from data import EarDataset, check_landmark_names, landmarks_file, read_identities, read_landmarks, whole_landmarks
 from errors import CheckpointError, DataError, OutputError
 from files import atomic_write, check_output_dir, claim, release, save_json
-from landmarker import Landmarker, load_landmarker
+from landmarker import LandmarkConfig, Landmarker, load_landmarker
 from probe import landmark_scores
 from recognition import label_problem, recognition_metrics
 from student import Student, is_student_folder, load_student
@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
                    else None)  # read before writing
     head = {"model": str(model_path), "data": str(args.data)}
     if isinstance(model, Landmarker):
-        points = read_points(ds, model.cfg.landmarks)
+        points = read_points(ds, model.cfg)
+        head["landmarks"] = list(model.cfg.names)  # output k's name (empty: a checkpoint from before names were kept)
         report = write_onnx(model, out, calibration, args.int8_float_ends,
                             lambda f: landmark_parity(model, f, images, points), head)
         print_landmark_report(report, out)
@@ -438,15 +439,18 @@ def write_onnx(model: nn.Module, out: Path, calibration: np.ndarray | None, floa
     return report
 
 
-def read_points(ds: EarDataset, landmarks: int) -> np.ndarray | None:
+def read_points(ds: EarDataset, cfg: LandmarkConfig) -> np.ndarray | None:
     """The true landmarks of ds's images (N, K, 2), (x, y) in pixels of the 128 crop, NaN outside it, from the CSV
     beside its file (data.read_landmarks), or None where there is none. DataError for a CSV that read_landmarks
-    refuses, or one with another number of landmarks than the model's `landmarks`."""
+    refuses, or one with other landmarks than the model's (cfg.names, in order; their count where a checkpoint
+    predates the names)."""
     if not landmarks_file(ds.path).is_file():
         return None
-    points = read_landmarks(ds.path)[1]  # (N_total, K, 2)
-    if points.shape[1] != landmarks:
-        raise DataError(f"{landmarks_file(ds.path)}: {points.shape[1]} landmarks, the model has {landmarks}")
+    names, points = read_landmarks(ds.path)  # (N_total, K, 2)
+    if cfg.names:
+        check_landmark_names(names, cfg.names, ds.path, "the model")
+    elif points.shape[1] != cfg.landmarks:
+        raise DataError(f"{landmarks_file(ds.path)}: {points.shape[1]} landmarks, the model has {cfg.landmarks}")
     return points[ds.keep]
 
 

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from checkpoints import load_model, read_checkpoint
 from cli import HelpFormatter, positive_int, seed_int
-from data import EarDataset, read_landmarks, read_masks, to_float, whole_landmarks
+from data import (EarDataset, check_landmark_names, landmarks_file, read_landmarks, read_masks, to_float,
+                  whole_landmarks)
 from errors import DataError, OutputError
 from files import check_output_dir, check_replace, save_json, save_text, write_outputs
 from inference import (add_inference_args, autocast, checkpoint_info, data_file, max_invalid, run_command,
@@ -228,13 +229,13 @@ def mean_baseline(data: dict) -> dict:
 # -----------------------------------------------------------------------------
 # data, the whole probe, the table
 
-def load_split(path: Path, n: int, max_bad: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_split(path: Path, n: int, max_bad: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """The first n valid images of an .npy whose landmarks all lie in the crop, with their landmarks and masks ->
-    uint8 (n, 3, 128, 128), float32 (n, K, 2) pixels, bool (n, 128, 128); how many images before them had a landmark
-    outside the crop (NaN) is printed. DataError (from data.read_landmarks / read_masks) where they are missing or
-    bad, or fewer than 2 images are left."""
+    uint8 (n, 3, 128, 128), float32 (n, K, 2) pixels, bool (n, 128, 128), the landmarks' names; how many images
+    before them had a landmark outside the crop (NaN) is printed. DataError (from data.read_landmarks / read_masks)
+    where they are missing or bad, or fewer than 2 images are left."""
     ds = EarDataset(path, max_invalid=max_bad)
-    _, points = read_landmarks(path)  # (N_total, K, 2)
+    names, points = read_landmarks(path)  # (N_total, K, 2)
     masks = read_masks(path)  # (N_total, 128, 128)
     rows = whole_landmarks(points, ds.keep)[:n]  # positions in ds
     if len(rows) < 2:
@@ -243,7 +244,7 @@ def load_split(path: Path, n: int, max_bad: float) -> tuple[torch.Tensor, torch.
         print(f"{path}: left out {cut} image(s) with a landmark outside the crop")
     images = torch.stack([ds[int(i)][0] for i in rows])
     keep = ds.keep[rows]
-    return images, torch.from_numpy(points[keep]), torch.from_numpy(masks[keep]).bool()
+    return images, torch.from_numpy(points[keep]), torch.from_numpy(masks[keep]).bool(), names
 
 
 def run_probe(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
@@ -252,10 +253,9 @@ def run_probe(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     fit_path = data_file(args.fit_data, info, "train", args.ckpt, "--fit-data")
     test_path = data_file(args.data, info, "val", args.ckpt, "--data")
     bad = max_invalid(args, info)
-    fit_images, fit_points, fit_masks = load_split(fit_path, args.fit_images, bad)
-    test_images, test_points, test_masks = load_split(test_path, args.images, bad)
-    if fit_points.shape[1] != test_points.shape[1]:
-        raise DataError(f"{fit_path} and {test_path}: {fit_points.shape[1]} and {test_points.shape[1]} landmarks")
+    fit_images, fit_points, fit_masks, fit_names = load_split(fit_path, args.fit_images, bad)
+    test_images, test_points, test_masks, test_names = load_split(test_path, args.images, bad)
+    check_landmark_names(test_names, fit_names, test_path, f"the fit data's {landmarks_file(fit_path).name}")
     out = Path(args.out) / "probe.json"
     inputs = {"checkpoint": str(args.ckpt), "fit_data": str(fit_path), "data": str(test_path),
               "fit_images": args.fit_images, "images": args.images, "steps": args.steps,

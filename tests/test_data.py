@@ -811,3 +811,11 @@ def test_a_csv_in_another_encoding_or_empty_is_one_line_naming_it(tmp_path):
     (tmp_path / "x_factors.csv").write_bytes(b"")  # empty: truncated, not "no labels"
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'x_factors.csv'}: empty; a CSV starts with its header")):
         data.read_identities(path, EarDataset(path))
+
+
+def test_a_landmark_named_twice_is_refused(tmp_path):
+    path = tmp_path / "x_teacher.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8))
+    (tmp_path / "x_landmarks.csv").write_text("index,a_x,a_y,a_x,a_y\n0,1,1,2,2\n")
+    with pytest.raises(DataError, match=re.escape("line 1: the landmark 'a' comes twice")):
+        data.read_landmarks(path)

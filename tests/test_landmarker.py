@@ -184,3 +184,21 @@ def test_a_run_with_consistency_logs_both_terms_and_resumes_bit_exactly(synth_di
     assert a["step"] == b["step"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_landmarks_are_matched_by_name_and_the_model_keeps_their_names(synth_dir, tmp_path):
+    """Points are matched by column position: a val CSV with the same landmarks in another order is refused, not
+    scored against the wrong ones; a new model keeps the training CSV's names (its output order)."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    rows = list(csv.reader(open(data / "val_landmarks.csv", newline="")))
+    swapped = [[r[0], r[3], r[4], r[1], r[2], *r[5:]] for r in rows]  # the first two landmarks' columns swapped
+    with open(data / "val_landmarks.csv", "w", newline="") as f:
+        csv.writer(f).writerows(swapped)
+    with pytest.raises(DataError, match=re.escape(f"{data / 'val_landmarks.csv'}: landmarks tragus, ear_canal")):
+        landmarker.main(lm_args(data, tmp_path / "a", "--max-steps", "1", "--epochs", "1"))
+    assert not (tmp_path / "a").exists()
+    landmarker.main(lm_args(synth_dir, tmp_path / "b", "--max-steps", "1", "--epochs", "1"))
+    model = landmarker.load_landmarker(tmp_path / "b" / "checkpoints" / "best.pt")
+    assert model.cfg.names == tuple(h.removesuffix("_x") for h in rows[0][1::2])  # ear_canal, tragus, ... (synth's)
+    assert len(model.cfg.names) == 8 and model.cfg.names[:2] == ("ear_canal", "tragus")

@@ -2,10 +2,12 @@
 equal to PyTorch image by image and on the benchmark (recognition; NME / PCK), an int8 model that keeps the embedding
 or the points, and nothing written over."""
 import contextlib
+import csv
 import io
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -286,6 +288,19 @@ def test_int8_landmarks_far_from_pytorchs_get_a_warning_line(tmp_path, capsys, m
                    f"(> 1.0 px): deploy model.onnx\n") if warned else err == ""
 
 
+def test_a_landmark_export_names_its_outputs_and_refuses_data_whose_landmarks_are_in_another_order(
+        landmark_export, tmp_path):
+    assert landmark_export.report["landmarks"][:2] == ["ear_canal", "tragus"]
+    val = tmp_path / "val_teacher.npy"
+    shutil.copy(landmark_export.val, val)
+    rows = list(csv.reader(open(landmark_export.val.with_name("val_landmarks.csv"), newline="")))
+    with open(tmp_path / "val_landmarks.csv", "w", newline="") as f:
+        csv.writer(f).writerows([[r[0], r[3], r[4], r[1], r[2], *r[5:]] for r in rows])
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'val_landmarks.csv'}: landmarks tragus, ear_canal")):
+        onnx_export.main([str(landmark_export.ckpt), "--out", str(tmp_path / "o"), "--data", str(val)])
+    assert not (tmp_path / "o" / "model.onnx").exists()
+
+
 def test_a_landmark_export_is_never_written_over_and_not_part_of_the_edge_table(landmark_export, tmp_path):
     before = {p.name: p.read_bytes() for p in landmark_export.out.iterdir()}
     with pytest.raises(DataError, match=r"holds model\.onnx, model_int8\.onnx, onnx\.json already"):
@@ -309,7 +324,8 @@ def test_a_damaged_or_foreign_landmarker_is_one_line_naming_it(landmark_export, 
                         str(landmark_export.val)], capture_output=True, text=True, timeout=120)
     assert_one_line_error(r, str(truncated))
     ckpt = torch.load(landmark_export.ckpt, weights_only=True)
-    for name, config, message in [("foreign.pt", {"landmarks": 5}, "weights do not fit the model"),
+    for name, config, message in [("foreign.pt", {"landmarks": 5, "names": []}, "weights do not fit the model"),
+                                  ("names.pt", {"landmarks": 5}, "landmark_config names 8 landmarks, its head 5"),
                                   ("arch.pt", {"arch": "vgg16"}, "its landmark_config cannot be built")]:
         torch.save({**ckpt, "landmark_config": {**ckpt["landmark_config"], **config}}, tmp_path / name)
         with pytest.raises(CheckpointError, match=f"{tmp_path / name}: {message}"):

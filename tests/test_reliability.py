@@ -245,6 +245,21 @@ def test_a_run_with_relative_folders_resumed_from_elsewhere_is_refused_and_not_f
     assert torch.load(last, weights_only=True)["step"] == 3
 
 
+def test_a_run_whose_data_moved_resumes_from_the_new_place_and_only_on_the_same_files(synth_dir, tmp_path):
+    shutil.copytree(synth_dir, before := tmp_path / "d1")
+    train.main(tiny_train_args(before, tmp_path / "run", "--epochs", "1", "--max-steps", "2"))
+    before.rename(moved := tmp_path / "d2")
+    resume = ["--resume", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--max-steps", "3"]
+    with pytest.raises(DataError, match=re.escape(f"{before / 'train_teacher.npy'}: file not found")):
+        train.main(resume)
+    other = np.load(moved / "val_teacher.npy")
+    np.save(tmp_path / "other_val.npy", other[::-1].copy())  # the same images in another order: other data
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'other_val.npy'}: changed since")):
+        train.main([*resume, "--data-dir", str(moved), "--val-npy", str(tmp_path / "other_val.npy")])
+    train.main([*resume, "--data-dir", str(moved)])
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+
+
 @pytest.mark.slow
 def test_a_copy_resumed_into_a_new_ckpt_dir_logs_there_and_never_touches_the_runs_log_folder(synth_dir, tmp_path):
     train.main(tiny_train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--max-steps", "2"))
