@@ -1,4 +1,4 @@
-"""The whole job on the built-in synthetic ears, CPU-sized (about 20 minutes on 2 quiet cores here):
+"""The whole job on the built-in synthetic ears, CPU-sized (20-23 minutes on 2 quiet cores here):
 synthesise identity-labelled ears -> train the tiny model (reconstruction + SupCon on the identities + a dense term
 that asks its pyramid for positions) -> evaluate
 it -> draw its eigenears -> probe its pyramid for landmarks and masks, beside the pixels and a random-init encoder ->
