@@ -263,6 +263,10 @@ def _sha256s(paths) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file()}
 
 
+FINGERPRINT_SIDECARS = {"labels": "identity labels", "landmarks": "landmarks"}  # fingerprint's keys of the CSVs
+# beside the file (-> their words in fingerprint_change), apart from the images
+
+
 def fingerprint_change(saved: dict, now: dict) -> str | None:
     """How a data file changed between two fingerprints ('98,304,128 -> 73,728,128 bytes, (2000, 128, 128, 3) ->
     (1500, 128, 128, 3)', 'other content, same size and shape', 'its identity labels X_factors.csv changed'), or
@@ -273,7 +277,7 @@ def fingerprint_change(saved: dict, now: dict) -> str | None:
              if k == "shape" else f"{saved[k]} -> {now[k]}" for k in ("bytes", "shape", "dtype") if saved[k] != now[k]]
     if not parts and saved["sha256"] != now["sha256"]:
         parts.append("other content, same size and shape")
-    for key, what in (("labels", "identity labels"), ("landmarks", "landmarks")):
+    for key, what in FINGERPRINT_SIDECARS.items():
         new = now.get(key, {})
         old = saved.get(key, new)  # checkpoints from before this key was kept: no change to report
         for name in sorted(set(old) | set(new)):

@@ -43,8 +43,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cli import HelpFormatter  # noqa: E402
-from data import (UNLABELLED, EarDataset, fingerprint, fingerprint_change, missing_labels, open_npy,  # noqa: E402
-                  read_identities, shared_identities, to_float)
+from data import (FINGERPRINT_SIDECARS, UNLABELLED, EarDataset, fingerprint, fingerprint_change,  # noqa: E402
+                  missing_labels, open_npy, read_identities, shared_identities, to_float)
 from errors import CheckpointError, DataError, OutputError  # noqa: E402
 from files import (Writer, check_output_dir, check_output_file, check_replace, save_figure, save_json,  # noqa: E402
                    save_npy, write_outputs)
@@ -372,7 +372,7 @@ def training_overlap(train: Path | None, data: Path, trained_on: dict | None = N
     model card's value}."""
     changed = None
     if train is not None and trained_on is not None and train.is_file():  # the images; the CSVs beside may change
-        images = lambda fp: {k: v for k, v in fp.items() if k not in ("labels", "landmarks")}  # noqa: E731
+        images = lambda fp: {k: v for k, v in fp.items() if k not in FINGERPRINT_SIDECARS}  # noqa: E731
         changed = fingerprint_change(images(trained_on), images(fingerprint(train, open_npy(train))))
     found = None if train is None or changed else shared_identities(train, data)
     if found is None:

@@ -161,6 +161,16 @@ def checkpoint_config(ckpt: dict, path: str | Path) -> LandmarkConfig:
     return replace(cfg, names=tuple(cfg.names))
 
 
+def check_data_landmarks(names: list[str], cfg: LandmarkConfig, npy: Path, model: str) -> None:
+    """DataError naming npy's landmarks CSV when its landmark names (data.read_landmarks) are not the outputs of the
+    model of `cfg`: cfg.names in that order, or their count where a checkpoint predates the names. `model` names the
+    model in the message."""
+    if cfg.names:
+        check_landmark_names(names, cfg.names, npy, model)
+    elif len(names) != cfg.landmarks:
+        raise DataError(f"{landmarks_file(npy)}: {len(names)} landmarks, {model} has {cfg.landmarks}")
+
+
 def load_landmarker(path: str | Path, map_location: str | torch.device = "cpu",
                     ckpt: dict | None = None) -> Landmarker:
     """A trained landmark model in eval mode from a landmarker.py checkpoint (best.pt, last.pt; its EMA weights when
@@ -201,17 +211,14 @@ class LandmarkObjective:
         train_ds, val_ds = loop.read_data(args)
         (names, train_points), (val_names, val_points) = read_landmarks(train_ds.path), read_landmarks(val_ds.path)
         check_landmark_names(val_names, names, val_ds.path, f"the training data's {landmarks_file(train_ds.path).name}")
-        if run.ckpt is not None and cfg.names:  # a resume: the model's outputs are these landmarks
-            check_landmark_names(names, cfg.names, train_ds.path, f"the model ({run.ckpt_path})")
         rows = whole_landmarks(train_points, train_ds.keep)[:args.labels]
         if args.labels is not None and len(rows) < args.labels:
             raise DataError(f"{train_ds.path}: {len(rows)} valid images with every landmark in the crop, fewer than "
                             f"--labels {args.labels}")
         if run.ckpt is None:  # a new run: one heatmap per landmark of the data (synth's 8, iBUG's 55, ...)
             cfg = replace(cfg, landmarks=train_points.shape[1], names=tuple(names))
-        if train_points.shape[1] != cfg.landmarks or val_points.shape[1] != cfg.landmarks:
-            raise DataError(f"{train_ds.path}: {train_points.shape[1]} landmarks, {val_ds.path}: "
-                            f"{val_points.shape[1]}, the model has {cfg.landmarks}")
+        else:  # a resume: the model's outputs are these landmarks (the val CSV's are the same, checked above)
+            check_data_landmarks(names, cfg, train_ds.path, f"the model ({run.ckpt_path})")
         self.n_labels = len(rows)
         repeats = max(1, args.epoch_images // len(rows))
         self.pool = copy.copy(train_ds)  # every valid training image, labels unread: the consistency's draws

@@ -49,10 +49,10 @@ import torch
 import torch.nn as nn
 
 from cli import HelpFormatter, fraction, positive_int, safe_console
-from data import EarDataset, check_landmark_names, landmarks_file, read_identities, read_landmarks, whole_landmarks
+from data import EarDataset, landmarks_file, read_identities, read_landmarks, whole_landmarks
 from errors import CheckpointError, DataError, OutputError
 from files import atomic_write, check_output_dir, claim, release, save_json
-from landmarker import LandmarkConfig, Landmarker, load_landmarker
+from landmarker import LandmarkConfig, Landmarker, check_data_landmarks, load_landmarker
 from probe import landmark_scores
 from recognition import label_problem, recognition_metrics
 from student import Student, is_student_folder, load_student
@@ -447,10 +447,7 @@ def read_points(ds: EarDataset, cfg: LandmarkConfig) -> np.ndarray | None:
     if not landmarks_file(ds.path).is_file():
         return None
     names, points = read_landmarks(ds.path)  # (N_total, K, 2)
-    if cfg.names:
-        check_landmark_names(names, cfg.names, ds.path, "the model")
-    elif points.shape[1] != cfg.landmarks:
-        raise DataError(f"{landmarks_file(ds.path)}: {points.shape[1]} landmarks, the model has {cfg.landmarks}")
+    check_data_landmarks(names, cfg, ds.path, "the model")
     return points[ds.keep]
 
 
